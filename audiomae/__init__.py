@@ -1,0 +1,25 @@
+"""Drop-in AudioMAE and MAE-AST models whose slow parts run as fused kernels."""
+from .backends import BACKENDS, BackendUnavailableError, available_backends, backend_status
+from .checkpoint import CheckpointMismatchError, from_pretrained, load_pretrained_encoder
+from .mae import MaskedAutoencoderViT, mae_vit_base_patch16, mae_vit_large_patch16, mae_vit_small_patch16
+from .vit import VisionTransformer, vit_base_patch16, vit_large_patch16, vit_small_patch16
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKENDS",
+    "BackendUnavailableError",
+    "CheckpointMismatchError",
+    "MaskedAutoencoderViT",
+    "VisionTransformer",
+    "available_backends",
+    "backend_status",
+    "from_pretrained",
+    "load_pretrained_encoder",
+    "mae_vit_base_patch16",
+    "mae_vit_large_patch16",
+    "mae_vit_small_patch16",
+    "vit_base_patch16",
+    "vit_large_patch16",
+    "vit_small_patch16",
+]

@@ -1,0 +1,210 @@
+"""Loading official AudioMAE checkpoints and saving our own, with the architecture read off the keys.
+
+Official ``.pth`` files hold ``{"model", "optimizer", "epoch", "scaler", "args"}`` where ``args`` is
+an ``argparse.Namespace``: they are read with ``torch.load(weights_only=True)`` and that one class
+allow-listed, never with unpickling opened wide. ``.safetensors`` files written by
+``save_pretrained`` carry the model's config in their metadata.
+
+What a file is, is told by its keys: ``decoder_embed.weight`` marks a pretraining checkpoint, and a
+Swin decoder (mode 1) has ``decoder_blocks.N.attn.tau``; ``head.weight`` marks a fine-tuning one.
+Loading is strict: a mismatch raises with every missing, unexpected and mis-shaped key listed
+(the official code loads a mode-1 file into a mode-0 model by silently dropping half of it).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from .mae import MaskedAutoencoderViT
+from .vit import VisionTransformer
+
+_HEADS_BY_WIDTH = {384: 6, 768: 12, 1024: 16, 1280: 16}
+_HEADS_BY_NAME = {"small": 6, "base": 12, "large": 16, "huge": 16}
+_MEL_BINS = 128  # every official recipe uses 128-bin fbanks, which fixes the frequency side of img_size
+
+
+class CheckpointMismatchError(RuntimeError):
+    """A state dict does not fit the model; the message lists every offending key."""
+
+
+def read_checkpoint(path) -> tuple[dict, dict]:
+    """(state_dict, extra) from an official ``.pth`` or our ``.safetensors``; extra holds ``args``/config."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+        state = load_file(str(path))
+        config = json.loads(metadata["audiomae_config"]) if "audiomae_config" in metadata else {}
+        return state, {"config": config, "class": metadata.get("audiomae_class")}
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        blob = torch.load(str(path), map_location="cpu", weights_only=True)
+    if isinstance(blob, dict) and "model" in blob and isinstance(blob["model"], dict):
+        args = blob.get("args")
+        return blob["model"], {"args": vars(args) if isinstance(args, argparse.Namespace) else {}}
+    if isinstance(blob, dict) and all(isinstance(v, torch.Tensor) for v in blob.values()):
+        return blob, {}
+    raise ValueError(f"{path} holds neither a state dict nor an official checkpoint dict with a 'model' entry")
+
+
+def _strip_prefix(state: dict) -> dict:
+    """Checkpoints saved from DistributedDataParallel prefix every key with ``module.``."""
+    if state and all(k.startswith("module.") for k in state):
+        return {k[len("module."):]: v for k, v in state.items()}
+    return dict(state)
+
+
+def _count(state: dict, prefix: str) -> int:
+    pattern = re.compile(rf"^{re.escape(prefix)}\.(\d+)\.")
+    indices = {int(m.group(1)) for k in state if (m := pattern.match(k))}
+    return max(indices) + 1 if indices else 0
+
+
+def _heads(width: int, args: dict) -> int | None:
+    """Heads are not in the weights: read them off the official model name, else the width."""
+    name = str(args.get("model", ""))
+    for size, heads in _HEADS_BY_NAME.items():
+        if f"_{size}_" in name or name.endswith(f"_{size}"):
+            return heads
+    return _HEADS_BY_WIDTH.get(width)
+
+
+def infer_config(state: dict, args: dict | None = None) -> tuple[type, dict]:
+    """(model class, constructor kwargs) for a state dict with official key names."""
+    args = args or {}
+    proj = state["patch_embed.proj.weight"]
+    embed_dim, in_chans, patch, _ = proj.shape
+    num_patches = state["pos_embed"].shape[1] - 1
+    freq_patches = _MEL_BINS // patch
+    if num_patches % freq_patches:
+        raise ValueError(f"pos_embed has {num_patches} patch rows, not a multiple of {freq_patches} frequency patches")
+    img_size = (int(args.get("target_length", num_patches // freq_patches * patch)), _MEL_BINS)
+    config = dict(
+        img_size=img_size, patch_size=patch, in_chans=in_chans, embed_dim=embed_dim,
+        depth=_count(state, "blocks"), num_heads=_heads(embed_dim, args),
+        mlp_ratio=state["blocks.0.mlp.fc1.weight"].shape[0] / embed_dim,
+    )
+    if "decoder_embed.weight" in state:
+        decoder_mode = 1 if any(k.startswith("decoder_blocks.") and k.endswith("attn.tau") for k in state) else 0
+        config.update(
+            decoder_embed_dim=state["decoder_embed.weight"].shape[0],
+            decoder_depth=_count(state, "decoder_blocks"), decoder_num_heads=16, decoder_mode=decoder_mode,
+        )
+        for key in ("norm_pix_loss", "mask_2d", "mask_t_prob", "mask_f_prob", "no_shift", "pos_trainable"):
+            if key in args:
+                config[key] = args[key]
+        return MaskedAutoencoderViT, config
+    if "head.weight" in state or "fc_norm.weight" in state or "norm.weight" in state:
+        config.update(
+            num_classes=state["head.weight"].shape[0] if "head.weight" in state else 0,
+            global_pool="fc_norm.weight" in state,
+        )
+        return VisionTransformer, config
+    raise ValueError("the state dict is neither an AudioMAE pretraining nor a fine-tuning checkpoint")
+
+
+def check_state_dict(model: nn.Module, state: dict) -> None:
+    """Raise ``CheckpointMismatchError`` listing missing, unexpected and mis-shaped keys, if any."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    misshaped = sorted(
+        f"{k}: checkpoint {list(state[k].shape)} vs model {list(expected[k].shape)}"
+        for k in set(state) & set(expected) if state[k].shape != expected[k].shape
+    )
+    if missing or unexpected or misshaped:
+        lines = [f"the checkpoint does not fit {type(model).__name__}:"]
+        for title, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
+            if keys:
+                lines.append(f"  {title} ({len(keys)}): " + ", ".join(keys))
+        raise CheckpointMismatchError("\n".join(lines))
+
+
+def _build(cls: type, config: dict, overrides: dict) -> nn.Module:
+    config = {**config, **overrides}
+    if config.get("num_heads") is None:
+        raise ValueError(f"cannot tell the number of heads of a width-{config['embed_dim']} encoder; pass num_heads=")
+    eps = config.pop("norm_eps", 1e-6)
+    config.setdefault("norm_layer", partial(nn.LayerNorm, eps=eps))
+    if "img_size" in config:
+        config["img_size"] = tuple(config["img_size"])
+    return cls(**config)
+
+
+def from_pretrained(path, **overrides) -> nn.Module:
+    """Build the model a checkpoint describes and load it strictly.
+
+    ``overrides`` are constructor keywords that replace what was read from the file
+    (``backend="triton"``, ``norm_pix_loss=True``, ``num_heads=...`` for an unusual width...).
+    """
+    state, extra = read_checkpoint(path)
+    state = _strip_prefix(state)
+    classes = {"MaskedAutoencoderViT": MaskedAutoencoderViT, "VisionTransformer": VisionTransformer}
+    if extra.get("class") in classes:
+        cls, config = classes[extra["class"]], extra["config"]
+    else:
+        cls, config = infer_config(state, extra.get("args"))
+    model = _build(cls, config, overrides)
+    check_state_dict(model, state)
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def load_pretrained_encoder(model: VisionTransformer, path) -> VisionTransformer:
+    """Initialise a fine-tuning model's encoder from a pretraining checkpoint (decoder keys dropped,
+    ``fc_norm`` and ``head`` left as initialised, every encoder key required)."""
+    state, _ = read_checkpoint(path)
+    state = _strip_prefix(state)
+    expected = model.state_dict()
+    encoder = {k: v for k, v in state.items() if k in expected and not k.startswith(("head.", "fc_norm."))}
+    for key in ("head.weight", "head.bias", "fc_norm.weight", "fc_norm.bias", "norm.weight", "norm.bias"):
+        if key in expected and key not in encoder:
+            encoder[key] = expected[key]
+    check_state_dict(model, encoder)
+    model.load_state_dict(encoder, strict=True)
+    return model
+
+
+def model_config(model: nn.Module) -> dict:
+    """The constructor keywords that rebuild ``model`` (norm eps as ``norm_eps``)."""
+    blocks = model.blocks
+    config = dict(
+        img_size=list(model.patch_embed.img_size), patch_size=model.patch_embed.patch_size[0],
+        in_chans=model.patch_embed.in_chans, embed_dim=model.embed_dim, depth=len(blocks),
+        num_heads=blocks[0].attn.num_heads, mlp_ratio=blocks[0].mlp.fc1.out_features / model.embed_dim,
+        norm_eps=blocks[0].norm1.eps, backend=model.backend,
+    )
+    if isinstance(model, MaskedAutoencoderViT):
+        decoder_heads = model.decoder_blocks[0].attn.num_heads
+        config.update(
+            decoder_embed_dim=model.decoder_embed_dim, decoder_depth=len(model.decoder_blocks),
+            decoder_num_heads=decoder_heads if model.decoder_mode == 0 else 16, decoder_mode=model.decoder_mode,
+            norm_pix_loss=model.norm_pix_loss, mask_2d=model.mask_2d, mask_t_prob=model.mask_t_prob,
+            mask_f_prob=model.mask_f_prob, no_shift=model.no_shift, contextual_depth=model.contextual_depth,
+            pos_trainable=model.pos_embed.requires_grad,
+        )
+    else:
+        config.update(num_classes=model.num_classes, global_pool=model.global_pool, mask_2d=model.mask_2d)
+    return config
+
+
+def save_pretrained(model: nn.Module, path) -> Path:
+    """Write the weights as safetensors with the config in the metadata; ``from_pretrained`` reads it back."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    metadata = {"format": "pt", "audiomae_class": type(model).__name__, "audiomae_config": json.dumps(model_config(model))}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(path), metadata=metadata)
+    return path

@@ -1,0 +1,77 @@
+"""Mask generation: which tokens the encoder keeps, and the permutation that puts them back.
+
+Semantics follow the official code exactly (same noise -> same ``ids_keep``, ``ids_restore`` and
+``mask``), with fewer passes: the inverse permutation is one scatter instead of a second argsort,
+the mask comes from ``ids_restore`` instead of a gather, and the 2-D mask is built from per-axis
+counts instead of an ``[B, T*F]`` float index that the official code argsorts.
+
+Conventions: ``mask`` is 1 for removed tokens and 0 for kept ones; ``ids_restore[b, i]`` is the
+position of token ``i`` in the kept-first order, so ``ids_restore[b, i] < len_keep`` iff token ``i``
+is kept; ``ids_keep[b, j]`` is the token index of the ``j``-th kept token.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def _check_noise(noise: torch.Tensor, shape: tuple[int, int], name: str) -> None:
+    if tuple(noise.shape) != shape:
+        raise ValueError(f"{name} must have shape {list(shape)}, got {list(noise.shape)}")
+    if not noise.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {noise.dtype}")
+
+
+def inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
+    """[B, L] permutations -> their inverses (``argsort(perm)`` in one scatter)."""
+    arange = torch.arange(perm.shape[1], device=perm.device).expand_as(perm)
+    return torch.empty_like(perm).scatter_(1, perm, arange)
+
+
+def random_masking_ids(noise: torch.Tensor, len_keep: int):
+    """Per-sample random masking from ``noise`` [B, L]: the ``len_keep`` smallest noise values are kept.
+
+    Returns ``ids_keep`` [B, len_keep], ``ids_restore`` [B, L] (int64) and ``mask`` [B, L] (float).
+    """
+    ids_shuffle = torch.argsort(noise, dim=1)
+    ids_restore = inverse_permutation(ids_shuffle)
+    mask = (ids_restore >= len_keep).to(noise.dtype)
+    return ids_shuffle[:, :len_keep], ids_restore, mask
+
+
+def kept_along_axis(noise: torch.Tensor, len_keep: int) -> torch.Tensor:
+    """[B, n] noise -> [B, n] bool, True for the ``len_keep`` smallest values of each row."""
+    return inverse_permutation(torch.argsort(noise, dim=1)) < len_keep
+
+
+def structured_masking_ids(noise_t: torch.Tensor, noise_f: torch.Tensor, len_keep_t: int, len_keep_f: int):
+    """2-D time x frequency masking of a ``(T, F)`` grid: a token is kept iff its time row and its
+    frequency column are both kept. Kept tokens come first in token order, then the masked ones in
+    token order, as in the official code.
+
+    Returns ``ids_keep`` [B, Kt*Kf], ``ids_restore`` [B, T*F] (int64) and ``mask`` [B, T*F] (float).
+    """
+    B, T = noise_t.shape
+    F = noise_f.shape[1]
+    keep_t = kept_along_axis(noise_t, len_keep_t)  # [B, T]
+    keep_f = kept_along_axis(noise_f, len_keep_f)  # [B, F]
+    kept_rows_before = torch.cumsum(keep_t, 1) - keep_t.long()  # kept time rows above each row
+    kept_cols_before = torch.cumsum(keep_f, 1) - keep_f.long()  # kept frequency columns left of each
+    keep = keep_t[:, :, None] & keep_f[:, None, :]  # [B, T, F]
+    kept_before = kept_rows_before[:, :, None] * len_keep_f + torch.where(
+        keep_t[:, :, None], kept_cols_before[:, None, :], 0
+    )
+    token = torch.arange(T * F, device=noise_t.device).view(1, T, F)
+    ids_restore = torch.where(keep, kept_before, len_keep_t * len_keep_f + token - kept_before).flatten(1)
+    rows = torch.argsort(noise_t, dim=1)[:, :len_keep_t].sort(dim=1).values
+    cols = torch.argsort(noise_f, dim=1)[:, :len_keep_f].sort(dim=1).values
+    ids_keep = (rows[:, :, None] * F + cols[:, None, :]).flatten(1)
+    mask = (~keep).flatten(1).to(noise_t.dtype)
+    return ids_keep, ids_restore, mask
+
+
+def draw_noise(batch: int, length: int, device: torch.device, noise: torch.Tensor | None, name: str = "noise"):
+    """``noise`` if given (checked), else a fresh ``torch.rand`` draw like the official code's."""
+    if noise is None:
+        return torch.rand(batch, length, device=device)
+    _check_noise(noise, (batch, length), name)
+    return noise.to(device)

@@ -1,0 +1,153 @@
+"""The decoder's Swin-V2-style blocks (AudioMAE decoder mode 1), with timm-patch parameter names.
+
+Post-norm residual branches, scaled cosine attention with a learned per-head temperature ``tau``
+(clamped at 0.01), a log-spaced continuous relative position bias from a 2-layer meta MLP
+(dropout 0.1 while training), and a cyclic shift with ``-100`` added between tokens that the
+wrap-around brought together. The attention core is computed in token order by the backend:
+see ``window_attention_core``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .backends import BackendUnavailableError, check_backend
+from .layers import Mlp, to_2tuple
+
+
+def fit_window(grid, window, shift) -> tuple[tuple[int, int], tuple[int, int]]:
+    """The official clamp: a window no larger than the grid, and no shift along an axis it spans."""
+    window = tuple(min(g, w) for g, w in zip(grid, window))
+    shift = tuple(0 if g <= w else s for g, w, s in zip(grid, window, shift))
+    return window, shift
+
+
+def relative_coordinates_log(window: tuple[int, int]) -> torch.Tensor:
+    """[N*N, 2] signed log(1 + |delta|) of (row, col) offsets between every pair of window cells."""
+    coords = torch.stack(torch.meshgrid(torch.arange(window[0]), torch.arange(window[1]), indexing="ij")).flatten(1)
+    relative = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0).reshape(-1, 2).float()
+    return torch.sign(relative) * torch.log1p(relative.abs())
+
+
+def window_attention_sdpa(qkv, *, grid, window, shift, num_heads, tau, bias, mask_value=-100.0, use_xformers=False):
+    """The window attention through SDPA (or xformers) on rolled, partitioned windows, with the
+    position bias and shift mask as one additive mask. Cosine attention normalises q and k each
+    (norms clamped at 1e-3, so their product clamps at 1e-6 as the official one does whenever both
+    norms are small; the two differ only for a near-zero vector beside a large one)."""
+    from kernels.reference.window_attention import shift_window_mask, window_partition, window_reverse
+
+    B, L, C3 = qkv.shape
+    C, area = C3 // 3, window[0] * window[1]
+    head_dim = C // num_heads
+    x = qkv.reshape(B, *grid, C3)
+    if any(shift):
+        x = torch.roll(x, shifts=(-shift[0], -shift[1]), dims=(1, 2))
+    x = window_partition(x, window).view(B, -1, area, 3, num_heads, head_dim)
+    q, k, v = x.permute(3, 0, 1, 4, 2, 5).unbind(0)  # each [B, windows, heads, area, head_dim]
+    scale = head_dim**-0.5
+    if tau is not None:
+        q = q / q.norm(dim=-1, keepdim=True).clamp(min=1e-3)
+        k = k / k.norm(dim=-1, keepdim=True).clamp(min=1e-3)
+        q = q / tau.clamp(min=0.01).to(q.dtype).view(num_heads, 1, 1)
+        scale = 1.0
+    mask = torch.zeros(1, num_heads, area, area, device=qkv.device, dtype=q.dtype)
+    if bias is not None:
+        mask = mask + bias.to(q.dtype)
+    if any(shift):
+        mask = mask + shift_window_mask(grid, window, shift, mask_value, device=qkv.device, dtype=q.dtype)[:, None]
+    num_windows = q.shape[1]
+    if use_xformers:
+        import xformers.ops as xops
+
+        def heads_last(t):
+            return t.reshape(B * num_windows, num_heads, area, head_dim).transpose(1, 2)
+
+        full_mask = mask.expand(B, num_windows, num_heads, area, area).reshape(-1, num_heads, area, area)
+        out = xops.memory_efficient_attention(heads_last(q), heads_last(k), heads_last(v), attn_bias=full_mask,
+                                              scale=scale)
+        out = out.view(B, num_windows, area, C)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+        out = out.permute(0, 1, 3, 2, 4).reshape(B, num_windows, area, C)
+    out = window_reverse(out.reshape(-1, *window, C), window, grid)
+    if any(shift):
+        out = torch.roll(out, shifts=tuple(shift), dims=(1, 2))
+    return out.reshape(B, L, C)
+
+
+def window_attention_core(qkv, *, backend, grid, window, shift, num_heads, tau, bias, mask_value=-100.0):
+    """[B, L, 3C] qkv in token order -> [B, L, C] attention output in token order."""
+    kwargs = dict(grid=grid, window=window, shift=shift, num_heads=num_heads, tau=tau, bias=bias,
+                  mask_value=mask_value)
+    if backend == "reference":
+        from kernels.reference.window_attention import window_attention_reference
+
+        return window_attention_reference(qkv, **kwargs)
+    if backend == "triton":
+        from kernels.window_attention import window_attention
+
+        return window_attention(qkv, **kwargs)
+    if backend == "sdpa":
+        return window_attention_sdpa(qkv, **kwargs)
+    if backend == "xformers":
+        if qkv.device.type != "cuda":
+            raise BackendUnavailableError(f"backend 'xformers' runs on CUDA tensors only, got {qkv.device}")
+        return window_attention_sdpa(qkv, use_xformers=True, **kwargs)
+    raise ValueError(f"unknown backend {backend!r}")
+
+
+class WindowMultiHeadAttention(nn.Module):
+    """Scaled cosine window attention with the meta-MLP position bias (keys ``qkv``, ``proj``,
+    ``meta_mlp.fc1``, ``meta_mlp.fc2``, ``tau``)."""
+
+    def __init__(self, dim, num_heads, window_size, meta_hidden_dim=384, drop_attn=0.0, drop_proj=0.0,
+                 backend="reference"):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim={dim} is not divisible by num_heads={num_heads}")
+        if drop_attn:
+            raise ValueError("attention-map dropout is not supported in the fused window attention; use drop_attn=0")
+        self.num_heads = num_heads
+        self.window_size = to_2tuple(window_size)
+        self.qkv = nn.Linear(dim, dim * 3, bias=True)
+        self.proj = nn.Linear(dim, dim, bias=True)
+        self.proj_drop = nn.Dropout(drop_proj)
+        self.meta_mlp = Mlp(2, hidden_features=meta_hidden_dim, out_features=num_heads, act_layer=nn.ReLU, drop=0.1)
+        self.tau = nn.Parameter(torch.ones(num_heads))
+        self.register_buffer("relative_coordinates_log", relative_coordinates_log(self.window_size), persistent=False)
+        self.backend = check_backend(backend)
+
+    def position_bias(self) -> torch.Tensor:
+        """[heads, N, N], computed once per call and shared by every window."""
+        n = self.window_size[0] * self.window_size[1]
+        return self.meta_mlp(self.relative_coordinates_log).transpose(0, 1).reshape(self.num_heads, n, n)
+
+    def forward(self, x: torch.Tensor, grid: tuple[int, int], shift: tuple[int, int]) -> torch.Tensor:
+        qkv = self.qkv(x)
+        out = window_attention_core(
+            qkv, backend=self.backend, grid=grid, window=self.window_size, shift=shift,
+            num_heads=self.num_heads, tau=self.tau, bias=self.position_bias().to(qkv.dtype),
+        )
+        return self.proj_drop(self.proj(out))
+
+
+class SwinTransformerBlock(nn.Module):
+    """Post-norm Swin-V2 block on a ``feat_size=(T, F)`` token grid: ``x + norm1(attn(x))``, ``x + norm2(mlp(x))``."""
+
+    def __init__(self, dim, num_heads, feat_size, window_size=(4, 4), shift_size=(0, 0), mlp_ratio=4.0,
+                 drop=0.0, norm_layer=nn.LayerNorm, backend="reference"):
+        super().__init__()
+        self.feat_size = to_2tuple(feat_size)
+        self.window_size, self.shift_size = fit_window(self.feat_size, to_2tuple(window_size), to_2tuple(shift_size))
+        for axis, (g, w) in enumerate(zip(self.feat_size, self.window_size)):
+            if g % w:
+                raise ValueError(f"the patch grid {self.feat_size} is not tiled by window {self.window_size} (axis {axis})")
+        self.attn = WindowMultiHeadAttention(dim, num_heads, self.window_size, drop_proj=drop, backend=backend)
+        self.norm1 = norm_layer(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
+        self.norm2 = norm_layer(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.norm1(self.attn(x, self.feat_size, self.shift_size))
+        return x + self.norm2(self.mlp(x))

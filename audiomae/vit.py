@@ -1,0 +1,138 @@
+"""AudioMAE fine-tuning model, a drop-in for the official ``models_vit.VisionTransformer``.
+
+timm's ViT with the official audio changes: a 1-channel ``img_size=(1024, 128)`` patch embedding,
+fixed sin-cos position embeddings (official layout), global average pooling over the patch tokens
+with ``fc_norm`` (``global_pool=True``) or the cls token after ``norm``, and structured time x
+frequency masking during fine-tuning through ``forward(x, v=None, mask_t_prob, mask_f_prob)``.
+"""
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+import torch.nn as nn
+
+from .backends import check_backend
+from .layers import Block, PatchEmbed
+from .mae import ModelMixin, init_vit_weights
+from .masking import draw_noise
+from .pos_embed import sincos_2d_official
+
+
+class VisionTransformer(ModelMixin, nn.Module):
+    def __init__(
+        self,
+        img_size=(1024, 128),
+        patch_size=16,
+        in_chans=1,
+        num_classes=527,
+        embed_dim=768,
+        depth=12,
+        num_heads=12,
+        mlp_ratio=4.0,
+        qkv_bias=True,
+        drop_rate=0.0,
+        attn_drop_rate=0.0,
+        drop_path_rate=0.0,
+        norm_layer=None,
+        global_pool=True,
+        mask_2d=True,
+        use_custom_patch=False,
+        backend="reference",
+    ):
+        super().__init__()
+        if use_custom_patch:
+            raise NotImplementedError("use_custom_patch=True (overlapping patches) is not supported")
+        norm_layer = norm_layer or partial(nn.LayerNorm, eps=1e-6)
+        self.num_classes = num_classes
+        self.embed_dim = self.num_features = embed_dim
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        self.grid = self.patch_embed.grid_size
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + 1, embed_dim), requires_grad=False)
+        self.pos_drop = nn.Dropout(drop_rate)
+        rates = torch.linspace(0, drop_path_rate, depth).tolist()
+        self.blocks = nn.ModuleList(
+            [Block(embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, drop=drop_rate, attn_drop=attn_drop_rate,
+                   drop_path=rate, norm_layer=norm_layer, backend=backend)
+             for rate in rates]
+        )
+        self.global_pool = global_pool
+        if global_pool:
+            self.fc_norm = norm_layer(embed_dim)
+        else:
+            self.norm = norm_layer(embed_dim)
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.mask_2d = mask_2d
+        self.use_custom_patch = False
+        self.backend = check_backend(backend)
+
+        self.pos_embed.data.copy_(sincos_2d_official(embed_dim, self.grid).unsqueeze(0))
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        self.apply(init_vit_weights)
+
+    def no_weight_decay(self):
+        return {"pos_embed", "cls_token"}
+
+    def _embed(self, x):
+        return self.patch_embed(x) + self.pos_embed[:, 1:, :]
+
+    def _encode(self, x):
+        cls_tokens = (self.cls_token + self.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
+        x = self.pos_drop(torch.cat((cls_tokens, x), dim=1))
+        for blk in self.blocks:
+            x = blk(x)
+        if self.global_pool:
+            return self.fc_norm(x[:, 1:, :].mean(dim=1))
+        return self.norm(x)[:, 0]
+
+    def forward_features(self, x):
+        """[B, C, T, F] spectrogram -> [B, embed_dim] pooled features, no masking."""
+        return self._encode(self._embed(x))
+
+    def structured_masking_ids(self, batch, mask_t_prob, mask_f_prob, device, noise=None):
+        """Kept time rows and frequency columns, each in random order as the official code keeps them."""
+        T, F = self.grid
+        noise_t, noise_f = (None, None) if noise is None else noise
+        noise_t = draw_noise(batch, T, device, noise_t, "noise[0] (time)")
+        noise_f = draw_noise(batch, F, device, noise_f, "noise[1] (frequency)")
+        ids_keep_t = torch.argsort(noise_t, dim=1)[:, : int(T * (1 - mask_t_prob))]
+        ids_keep_f = torch.argsort(noise_f, dim=1)[:, : int(F * (1 - mask_f_prob))]
+        return ids_keep_t, ids_keep_f
+
+    def forward_features_mask(self, x, mask_t_prob, mask_f_prob, noise=None):
+        """Pooled features of the tokens left after dropping random time rows and frequency columns."""
+        x = self._embed(x)
+        ids_keep_t, ids_keep_f = self.structured_masking_ids(x.shape[0], mask_t_prob, mask_f_prob, x.device, noise)
+        if self.backend == "triton":
+            from kernels.gather_tokens import gather_tokens_2d
+
+            x = gather_tokens_2d(x, ids_keep_t, ids_keep_f, self.grid)
+        else:
+            T, F = self.grid
+            B, _, D = x.shape
+            x = x.reshape(B, T, F, D)
+            x = torch.gather(x, 1, ids_keep_t[:, :, None, None].expand(-1, -1, F, D))
+            x = torch.gather(x, 2, ids_keep_f[:, None, :, None].expand(-1, x.shape[1], -1, D))
+            x = x.reshape(B, -1, D)
+        return self._encode(x)
+
+    def forward(self, x, v=None, mask_t_prob=0.0, mask_f_prob=0.0, noise=None):
+        """Logits [B, num_classes]; with ``mask_t_prob`` or ``mask_f_prob`` > 0, structured masking first."""
+        if mask_t_prob > 0.0 or mask_f_prob > 0.0:
+            x = self.forward_features_mask(x, mask_t_prob, mask_f_prob, noise)
+        else:
+            x = self.forward_features(x)
+        return self.head(x)
+
+
+def vit_small_patch16(**kwargs):
+    return VisionTransformer(**{"embed_dim": 384, "depth": 12, "num_heads": 6, **kwargs})
+
+
+def vit_base_patch16(**kwargs):
+    return VisionTransformer(**{"embed_dim": 768, "depth": 12, "num_heads": 12, **kwargs})
+
+
+def vit_large_patch16(**kwargs):
+    return VisionTransformer(**{"embed_dim": 1024, "depth": 24, "num_heads": 16, **kwargs})

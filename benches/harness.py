@@ -1,0 +1,114 @@
+"""Timing, memory and floor measurement shared by every benchmark.
+
+GPU timings use CUDA events after warm-up and report the median of many runs; CPU timings use
+``time.perf_counter`` and say nothing about GPU speed. Floors are measured on the same device in
+the same process: a large device-to-device copy for bandwidth and a large bf16 matmul for
+arithmetic rate, so every figure can be reported as a fraction of what the machine can do.
+"""
+from __future__ import annotations
+
+import functools
+import statistics
+import time
+from dataclasses import dataclass, asdict
+from typing import Callable
+
+import torch
+
+
+@dataclass
+class Timing:
+    median_ms: float
+    min_ms: float
+    reps: int
+    peak_mem_bytes: int | None  # peak allocated during one call, beyond what was live before it
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_fn(fn: Callable[[], object], device: torch.device | str, *, warmup: int = 5, reps: int = 30) -> Timing:
+    """Median wall time of ``fn()`` on ``device``, and the extra memory one call peaks at."""
+    device = torch.device(device)
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    peak = None
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        _sync(device)
+        peak = torch.cuda.max_memory_allocated(device) - base
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+        for s, e in zip(starts, ends):
+            s.record()
+            fn()
+            e.record()
+        _sync(device)
+        times = [s.elapsed_time(e) for s, e in zip(starts, ends)]
+    else:
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return Timing(statistics.median(times), min(times), reps, peak)
+
+
+@functools.lru_cache(maxsize=None)
+def copy_bandwidth_gbps(device: str = "cuda", nbytes: int = 1 << 30) -> float:
+    """Measured device copy bandwidth in GB/s, counting the bytes read plus the bytes written."""
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        nbytes = 1 << 26
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=dev).uniform_()
+    dst = torch.empty_like(src)
+    t = time_fn(lambda: dst.copy_(src), dev, warmup=3, reps=20)
+    return 2 * nbytes / (t.median_ms * 1e-3) / 1e9
+
+
+@functools.lru_cache(maxsize=None)
+def matmul_tflops(device: str = "cuda", n: int = 8192, dtype: torch.dtype = torch.bfloat16) -> float:
+    """Measured dense matmul rate in TFLOP/s (bf16 on the GPU, fp32 on the CPU)."""
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        n, dtype = 1024, torch.float32
+    a = torch.randn(n, n, device=dev, dtype=dtype)
+    b = torch.randn(n, n, device=dev, dtype=dtype)
+    t = time_fn(lambda: a @ b, dev, warmup=3, reps=10)
+    return 2 * n**3 / (t.median_ms * 1e-3) / 1e12
+
+
+def memory_floor_ms(nbytes: int, device: str = "cuda") -> float:
+    """The time to move ``nbytes`` at the measured copy bandwidth."""
+    return nbytes / (copy_bandwidth_gbps(device) * 1e9) * 1e3
+
+
+def device_info(device: torch.device | str) -> dict:
+    import platform
+
+    import triton
+
+    device = torch.device(device)
+    info = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+    }
+    try:
+        import torchaudio
+
+        info["torchaudio"] = torchaudio.__version__
+    except ImportError:
+        pass
+    return info

@@ -1,0 +1,1 @@
+"""Eager references: the math every kernel in ``kernels`` must equal."""

@@ -1,0 +1,129 @@
+import argparse
+from functools import partial
+
+import pytest
+import torch
+import torch.nn as nn
+
+import audiomae
+from audiomae.checkpoint import CheckpointMismatchError, infer_config, read_checkpoint
+
+LN = partial(nn.LayerNorm, eps=1e-6)
+
+
+def small_mae(decoder_mode=1, **kw):
+    return audiomae.MaskedAutoencoderViT(img_size=(128, 128), patch_size=16, in_chans=1, embed_dim=64, depth=2,
+                                         num_heads=4, decoder_embed_dim=256, decoder_depth=2, decoder_num_heads=16,
+                                         mlp_ratio=4.0, norm_layer=LN, decoder_mode=decoder_mode, **kw)
+
+
+def write_official_pth(path, net, **args):
+    """An official-format checkpoint: model, optimizer state, epoch, scaler and an argparse Namespace."""
+    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    net(torch.randn(1, 1, *net.patch_embed.img_size))[0].backward()
+    optimizer.step()
+    torch.save({"model": net.state_dict(), "optimizer": optimizer.state_dict(), "epoch": 3,
+                "scaler": {"scale": 65536.0}, "args": argparse.Namespace(**args)}, path)
+
+
+def assert_same_weights(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+
+
+@pytest.mark.parametrize("decoder_mode", [0, 1])
+def test_official_pth_round_trip(tmp_path, decoder_mode):
+    model = small_mae(decoder_mode, norm_pix_loss=True)
+    path = tmp_path / "checkpoint-3.pth"
+    write_official_pth(path, model, model="mae_vit_small_patch16", norm_pix_loss=True, mask_2d=False,
+                       target_length=128, decoder_mode=decoder_mode)
+    loaded = audiomae.from_pretrained(path, num_heads=4)
+    assert isinstance(loaded, audiomae.MaskedAutoencoderViT)
+    assert loaded.decoder_mode == decoder_mode and loaded.norm_pix_loss
+    assert_same_weights(model, loaded)
+    for backend in audiomae.available_backends():
+        loaded.set_backend(backend)
+        loss = loaded(torch.randn(2, 1, 128, 128), noise=torch.rand(2, 64))[0]
+        loss.backward()
+        assert torch.isfinite(loss), backend
+
+
+def test_keys_tell_pretraining_modes_and_finetuning():
+    state = small_mae(1).state_dict()
+    cls, config = infer_config(state, {"target_length": 128})
+    assert cls is audiomae.MaskedAutoencoderViT and config["decoder_mode"] == 1 and config["img_size"] == (128, 128)
+    cls, config = infer_config(small_mae(0).state_dict(), {})
+    assert config["decoder_mode"] == 0 and config["decoder_depth"] == 2 and config["img_size"] == (128, 128)
+    vit = audiomae.VisionTransformer(img_size=(128, 128), embed_dim=64, depth=2, num_heads=4, num_classes=7)
+    cls, config = infer_config(vit.state_dict(), {})
+    assert cls is audiomae.VisionTransformer and config["num_classes"] == 7 and config["global_pool"]
+
+
+def test_mode1_file_into_mode0_model_lists_keys(tmp_path):
+    path = tmp_path / "mode1.pth"
+    torch.save({"model": small_mae(1).state_dict()}, path)
+    with pytest.raises(CheckpointMismatchError) as err:
+        audiomae.from_pretrained(path, num_heads=4, decoder_mode=0, decoder_depth=2)
+    message = str(err.value)
+    assert "unexpected" in message and "decoder_blocks.0.attn.tau" in message
+    assert "mis-shaped" not in message or "decoder_blocks" in message
+
+
+def test_misshaped_and_missing_keys_are_listed(tmp_path):
+    state = small_mae(0).state_dict()
+    state["decoder_pred.weight"] = torch.zeros(3, 3)
+    del state["norm.bias"]
+    path = tmp_path / "bad.pth"
+    torch.save({"model": state}, path)
+    with pytest.raises(CheckpointMismatchError) as err:
+        audiomae.from_pretrained(path, num_heads=4)
+    assert "missing (1): norm.bias" in str(err.value)
+    assert "decoder_pred.weight: checkpoint [3, 3] vs model [256, 256]" in str(err.value)
+
+
+def test_safetensors_round_trip_keeps_config(tmp_path):
+    model = small_mae(1, no_shift=True, mask_2d=True, mask_t_prob=0.25)
+    path = model.save_pretrained(tmp_path / "m.safetensors")
+    loaded = audiomae.from_pretrained(path)
+    assert loaded.no_shift and loaded.mask_2d and loaded.mask_t_prob == 0.25
+    assert loaded.blocks[0].attn.num_heads == 4
+    assert_same_weights(model, loaded)
+    vit = audiomae.VisionTransformer(img_size=(128, 128), embed_dim=64, depth=2, num_heads=4, num_classes=3,
+                                     global_pool=False)
+    loaded_vit = audiomae.from_pretrained(vit.save_pretrained(tmp_path / "v.safetensors"))
+    assert not loaded_vit.global_pool and loaded_vit.num_classes == 3
+    assert_same_weights(vit, loaded_vit)
+
+
+def test_ddp_prefix_and_bare_state_dict(tmp_path):
+    model = small_mae(0)
+    path = tmp_path / "ddp.pth"
+    torch.save({f"module.{k}": v for k, v in model.state_dict().items()}, path)
+    assert_same_weights(model, audiomae.from_pretrained(path, num_heads=4))
+
+
+def test_encoder_from_pretraining_checkpoint(tmp_path):
+    model = small_mae(1)
+    path = tmp_path / "pre.pth"
+    torch.save({"model": model.state_dict()}, path)
+    vit = audiomae.VisionTransformer(img_size=(128, 128), embed_dim=64, depth=2, num_heads=4, num_classes=3)
+    audiomae.load_pretrained_encoder(vit, path)
+    assert torch.equal(vit.blocks[1].mlp.fc2.weight, model.blocks[1].mlp.fc2.weight)
+    wrong = audiomae.VisionTransformer(img_size=(128, 128), embed_dim=64, depth=3, num_heads=4, num_classes=3)
+    with pytest.raises(CheckpointMismatchError, match="blocks.2"):
+        audiomae.load_pretrained_encoder(wrong, path)
+
+
+class Custom:
+    pass
+
+
+def test_pickle_beyond_namespace_is_refused(tmp_path):
+    path = tmp_path / "evil.pth"
+    torch.save({"model": {}, "args": Custom()}, path)
+    with pytest.raises(Exception, match="(?i)weights_only|unsupported global"):
+        read_checkpoint(path)
+    with pytest.raises(FileNotFoundError):
+        read_checkpoint(tmp_path / "nothing.pth")

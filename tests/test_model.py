@@ -1,0 +1,221 @@
+"""The AudioMAE models against independent oracles (timm's blocks, explicit float64 math) and
+across backends."""
+import math
+from functools import partial
+
+import pytest
+import torch
+import torch.nn as nn
+
+import audiomae
+from audiomae.backends import BackendUnavailableError
+from audiomae.layers import Block
+from audiomae.swin import SwinTransformerBlock, relative_coordinates_log
+
+timm_vit = pytest.importorskip("timm.models.vision_transformer")
+timm_swin = pytest.importorskip("timm.models.swin_transformer_v2_cr")
+
+LN = partial(nn.LayerNorm, eps=1e-6)
+
+
+def tiny_mae(decoder_mode=1, img_size=(128, 64), **kw):
+    config = dict(img_size=img_size, patch_size=16, in_chans=1, embed_dim=64, depth=2, num_heads=4,
+                  decoder_embed_dim=256, decoder_depth=2, decoder_num_heads=16, mlp_ratio=2.0, norm_layer=LN,
+                  decoder_mode=decoder_mode)
+    config.update(kw)
+    return audiomae.MaskedAutoencoderViT(**config)
+
+
+def tiny_vit(**kw):
+    config = dict(img_size=(128, 64), patch_size=16, embed_dim=64, depth=2, num_heads=4, num_classes=5)
+    config.update(kw)
+    return audiomae.VisionTransformer(**config)
+
+
+def test_encoder_block_matches_timm():
+    ours = Block(64, 4, mlp_ratio=4.0, qkv_bias=True, norm_layer=LN).double()
+    theirs = timm_vit.Block(64, 4, mlp_ratio=4.0, qkv_bias=True, norm_layer=LN).double()
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(3, 17, 64, dtype=torch.float64)
+    torch.testing.assert_close(ours(x), theirs(x), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("grid,shift", [((8, 8), (0, 0)), ((8, 8), (2, 0)), ((8, 8), (2, 2)), ((16, 4), (2, 0))])
+def test_swin_block_matches_timm_v2cr(grid, shift):
+    ours = SwinTransformerBlock(64, 4, feat_size=grid, window_size=(4, 4), shift_size=shift, norm_layer=LN).double()
+    theirs = timm_swin.SwinTransformerV2CrBlock(64, 4, feat_size=grid, window_size=(4, 4), shift_size=shift,
+                                                 norm_layer=LN).double()
+    # timm resets any non-zero shift to half the window on both axes; AudioMAE shifts (2, 0)
+    theirs.shift_size = shift
+    theirs.attn_mask = theirs.get_attn_mask(dtype=torch.float64)
+    with torch.no_grad():
+        ours.attn.tau.uniform_(0.005, 2.0)  # some below the 0.01 clamp
+        for p in ours.parameters():
+            if p.dim() == 1 and p is not ours.attn.tau:
+                p.normal_(0, 0.1)
+    state = {k: v for k, v in ours.state_dict().items() if k != "attn.tau"}
+    state["attn.logit_scale"] = torch.log(1.0 / ours.attn.tau.detach())
+    theirs.load_state_dict(state)
+    ours.eval(), theirs.eval()
+    torch.testing.assert_close(theirs.attn.relative_coordinates_log.double(),
+                               relative_coordinates_log((4, 4)).double())
+    x = torch.randn(2, grid[0] * grid[1], 64, dtype=torch.float64)
+    torch.testing.assert_close(ours(x), theirs(x.view(2, *grid, 64)).reshape(2, -1, 64), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("img_size", [(1024, 128), (512, 128), (128, 128)])
+@pytest.mark.parametrize("decoder_mode", [0, 1])
+def test_mae_forward_backward_any_grid(img_size, decoder_mode):
+    model = tiny_mae(decoder_mode=decoder_mode, img_size=img_size, decoder_depth=1)
+    T, F = img_size[0] // 16, img_size[1] // 16
+    imgs = torch.randn(2, 1, *img_size)
+    loss, pred, mask, loss_contrastive = model(imgs, mask_ratio=0.8)
+    assert pred.shape == (2, T * F, 256)
+    assert mask.shape == (2, T * F) and torch.equal(mask.sum(1), torch.full((2,), float(T * F - int(T * F * 0.2))))
+    assert loss_contrastive.shape == (1,) and loss_contrastive.item() == 0.0
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad)
+
+
+def test_mae_official_defaults_and_preset():
+    model = audiomae.mae_vit_base_patch16(decoder_mode=1)
+    assert model.grid == (64, 8)
+    assert len(model.decoder_blocks) == 16
+    assert [blk.shift_size for blk in model.decoder_blocks[:4]] == [(0, 0), (2, 0), (0, 0), (2, 0)]
+    assert all(blk.attn.num_heads == 16 and blk.window_size == (4, 4) for blk in model.decoder_blocks)
+    assert model.blocks[0].norm1.eps == 1e-6
+    assert not model.pos_embed.requires_grad
+    assert audiomae.mae_vit_base_patch16(no_shift=True).decoder_blocks[1].attn.num_heads == 16
+    assert all(b.shift_size == (0, 0) for b in audiomae.mae_vit_base_patch16(decoder_mode=1, no_shift=True).decoder_blocks)
+
+
+def test_forward_loss_matches_float64_formula():
+    model = tiny_mae(decoder_mode=0).double()
+    imgs = torch.randn(2, 1, 128, 64, dtype=torch.float64)
+    pred = torch.randn(2, 32, 256, dtype=torch.float64)
+    mask = (torch.rand(2, 32) > 0.5).double()
+    target = imgs.reshape(2, 8, 16, 4, 16).permute(0, 1, 3, 2, 4).reshape(2, 32, 256)
+    mean, std = target.mean(-1, keepdim=True), (target.var(-1, keepdim=True) + 1e-6).sqrt()
+    for norm_pix, t in ((False, target), (True, (target - mean) / std)):
+        expected = (((pred - t) ** 2).mean(-1) * mask).sum() / mask.sum()
+        torch.testing.assert_close(model.forward_loss(imgs, pred, mask, norm_pix_loss=norm_pix), expected)
+    torch.testing.assert_close(model.unpatchify(model.patchify(imgs)), imgs)
+
+
+def test_noise_makes_masking_reproducible():
+    model = tiny_mae().eval()
+    imgs = torch.randn(2, 1, 128, 64)
+    noise = torch.rand(2, 32)
+    a = model(imgs, noise=noise)
+    b = model(imgs, noise=noise)
+    torch.testing.assert_close(a[1], b[1], rtol=0, atol=0)
+    torch.manual_seed(3)
+    c = model(imgs)
+    torch.manual_seed(3)
+    d = model(imgs)
+    torch.testing.assert_close(c[1], d[1], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="noise must have shape"):
+        model(imgs, noise=torch.rand(2, 31))
+
+
+def test_mask_2d_pretraining_uses_model_grid():
+    model = tiny_mae(mask_2d=True, mask_t_prob=0.5, mask_f_prob=0.5)
+    imgs = torch.randn(2, 1, 128, 64)
+    noise = (torch.rand(2, 8), torch.rand(2, 4))
+    latent, mask, ids_restore, _ = model.forward_encoder(imgs, 0.8, mask_2d=True, noise=noise)
+    assert latent.shape == (2, 1 + 4 * 2, 64)
+    assert torch.equal(mask.sum(1), torch.full((2,), 32.0 - 8))
+    loss, pred, mask2, _ = model(imgs, noise=noise)
+    assert torch.equal(mask, mask2) and torch.isfinite(loss)
+
+
+def test_forward_encoder_no_mask():
+    model = tiny_mae(depth=4, contextual_depth=1)
+    x = torch.randn(2, 1, 128, 64)
+    out = model.forward_encoder_no_mask(x)
+    assert out.shape == (2, 33, 64)
+    with pytest.raises(ValueError, match="contextual_depth"):
+        tiny_mae(depth=2, contextual_depth=8).forward_encoder_no_mask(x)
+
+
+def test_bad_input_shape():
+    with pytest.raises(ValueError, match=r"expected input of shape \[B, 1, 128, 64\]"):
+        tiny_mae()(torch.randn(2, 1, 64, 64))
+    with pytest.raises(ValueError, match="not a multiple of patch_size"):
+        tiny_mae(img_size=(100, 64))
+    with pytest.raises(ValueError, match="not tiled by window"):
+        tiny_mae(img_size=(96, 64))  # 6 x 4 grid, 4 x 4 windows
+
+
+def test_unknown_and_unavailable_backends():
+    with pytest.raises(ValueError, match="unknown backend 'flash'"):
+        tiny_mae(backend="flash")
+    model = tiny_mae()
+    with pytest.raises(ValueError, match="unknown backend"):
+        model.set_backend("nope")
+    available, reason = audiomae.backend_status("xformers")
+    if not available:
+        with pytest.raises(BackendUnavailableError, match="xformers"):
+            model.set_backend("xformers")
+        assert model.backend == "reference"  # a refused switch changes nothing
+
+
+def _backends():
+    return [b for b in audiomae.BACKENDS if audiomae.backend_status(b)[0]]
+
+
+@pytest.mark.parametrize("decoder_mode,mask_2d", [(0, False), (1, False), (1, True)])
+def test_backends_agree_forward_and_backward(decoder_mode, mask_2d):
+    torch.manual_seed(0)
+    model = tiny_mae(decoder_mode=decoder_mode, mask_2d=mask_2d).eval()
+    imgs = torch.randn(2, 1, 128, 64)
+    noise = (torch.rand(2, 8), torch.rand(2, 4)) if mask_2d else torch.rand(2, 32)
+    results = {}
+    for backend in _backends():
+        model.set_backend(backend)
+        model.zero_grad()
+        loss, pred, mask, _ = model(imgs, noise=noise)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results[backend] = (loss.detach(), pred.detach(), mask, grads)
+    ref = results.pop("reference")
+    for backend, (loss, pred, mask, grads) in results.items():
+        assert torch.equal(mask, ref[2]), backend
+        torch.testing.assert_close(pred, ref[1], rtol=1e-4, atol=1e-4, msg=backend)
+        torch.testing.assert_close(loss, ref[0], rtol=1e-4, atol=1e-5, msg=backend)
+        for name, g in ref[3].items():
+            torch.testing.assert_close(grads[name], g, rtol=1e-3, atol=1e-4, msg=f"{backend} {name}")
+
+
+def test_vit_forward_and_structured_masking_match_explicit_math():
+    torch.manual_seed(0)
+    model = tiny_vit().eval().double()
+    x = torch.randn(2, 1, 128, 64, dtype=torch.float64)
+    assert model(x).shape == (2, 5)
+    noise = (torch.rand(2, 8), torch.rand(2, 4))
+    out = model(x, mask_t_prob=0.5, mask_f_prob=0.25, noise=noise)
+    tokens = (model.patch_embed(x) + model.pos_embed[:, 1:]).view(2, 8, 4, 64)
+    keep_t = torch.argsort(noise[0], 1)[:, :4]
+    keep_f = torch.argsort(noise[1], 1)[:, :3]
+    kept = torch.stack([tokens[b][keep_t[b]][:, keep_f[b]].reshape(-1, 64) for b in range(2)])
+    expected = model.head(model._encode(kept))
+    torch.testing.assert_close(out, expected)
+    for backend in _backends():
+        model.set_backend(backend)
+        torch.testing.assert_close(model(x.float().double(), mask_t_prob=0.5, mask_f_prob=0.25, noise=noise), expected,
+                                   rtol=1e-5, atol=1e-6, msg=backend)
+        model.set_backend("reference")
+
+
+def test_vit_matches_timm_vit_without_masking():
+    ours = tiny_vit(global_pool=False).double().eval()
+    theirs = timm_vit.VisionTransformer(img_size=(128, 64), patch_size=16, in_chans=1, num_classes=5, embed_dim=64,
+                                         depth=2, num_heads=4, mlp_ratio=4.0, qkv_bias=True, norm_layer=LN,
+                                         class_token=True, global_pool="token").double().eval()
+    missing, unexpected = theirs.load_state_dict(ours.state_dict(), strict=False)
+    assert not unexpected and all("norm" not in k for k in missing) or not missing
+    x = torch.randn(2, 1, 128, 64, dtype=torch.float64)
+    # timm adds pos_embed to cls and patches alike, as the official forward_features does
+    torch.testing.assert_close(ours(x), theirs(x), rtol=1e-10, atol=1e-10)
+    assert math.isclose(ours.blocks[0].norm1.eps, 1e-6)
