@@ -107,7 +107,7 @@ class VisionTransformer(ModelMixin, nn.Module):
         if self.backend == "triton":
             from kernels.gather_tokens import gather_tokens_2d
 
-            x = gather_tokens_2d(x, ids_keep_t, ids_keep_f, self.grid)
+            x = gather_tokens_2d(x, ids_keep_t, ids_keep_f, self.grid, check_indices=False)
         else:
             T, F = self.grid
             B, _, D = x.shape

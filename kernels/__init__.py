@@ -1,1 +1,12 @@
-"""Fused kernels for AudioMAE and MAE-AST: each op beside its eager reference."""
+"""Fused kernels for AudioMAE and MAE-AST: each op beside its eager reference.
+
+Triton ops run on CUDA tensors, and on CPU tensors through Triton's interpreter when
+``TRITON_INTERPRET=1`` is set before this package is imported; otherwise CPU tensors take the
+eager reference in ``kernels.reference``. ``fbank`` has a CUDA C++ kernel (``csrc/fbank``) and a
+batched torch path.
+"""
+from .fbank import FbankOptions, fbank
+from .gather_tokens import gather_tokens, gather_tokens_2d
+from .unshuffle_tokens import unshuffle_tokens
+
+__all__ = ["FbankOptions", "fbank", "gather_tokens", "gather_tokens_2d", "unshuffle_tokens"]

@@ -1,0 +1,148 @@
+"""Kaldi fbank for a batch of clips: the CUDA kernel against the torch paths and torchaudio.
+
+Workload (CUDA): the issue's, 256 ten-second 16 kHz clips, float32, AudioMAE's options (hanning,
+128 Mel bins, 25 ms / 10 ms, htk_compat, no energy); quick: 32 clips. On the CPU (smoke test and the
+CPU target) 16 ten-second clips, quick: 4 one-second clips; CPU figures say nothing about the GPU.
+
+Implementations:
+- ``cuda_kernel``: ``kernels.fbank(backend="cuda")``, one launch, float64 arithmetic inside.
+- ``torch_path``: ``kernels.fbank(backend="torch")``, batched torch in float64 (the public torch path).
+- ``torch_path_fp32`` / ``torch_path_fp32_compiled``: the same pipeline in float32 (not within 1e-3 on
+  tones, see kernels/fbank.py), eager and under ``torch.compile``: the plain vectorised baseline.
+- ``torchaudio_loop``: ``torchaudio.compliance.kaldi.fbank`` clip by clip on the same device (the
+  ratios are against it); on CUDA also ``torchaudio_loop_cpu_1thread``, clips per second of one CPU
+  thread, timed on a few clips.
+- ``torchaudio_melspectrogram``: torchaudio's batched MelSpectrogram + log, same frame geometry, not
+  Kaldi-compatible (different filters and windowing): a reference point for a batched FFT pipeline.
+
+Floor: samples read once plus features written once, over the copy bandwidth measured in the same
+run. ``scratch_over_output`` is the peak memory a call allocates beyond its output, over the output.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from benches.harness import copy_bandwidth_gbps, device_info, memory_floor_ms, time_fn
+from kernels.fbank import FbankOptions, fbank, fbank_torch
+
+SUITE = "fbank"
+SAMPLE_RATE = 16000
+AUDIOMAE_OPTIONS = dict(htk_compat=True, use_energy=False, window_type="hanning", num_mel_bins=128, dither=0.0, frame_shift=10.0)
+
+
+def _workload(device: str, quick: bool) -> tuple[int, int]:
+    """(clips, samples per clip)."""
+    if device == "cuda":
+        return (32 if quick else 256), 10 * SAMPLE_RATE
+    return (4, SAMPLE_RATE) if quick else (16, 10 * SAMPLE_RATE)
+
+
+def _torchaudio_loop(waveforms):
+    from torchaudio.compliance import kaldi
+
+    return [kaldi.fbank(clip.unsqueeze(0), sample_frequency=SAMPLE_RATE, **AUDIOMAE_OPTIONS) for clip in waveforms]
+
+
+def _melspectrogram(device):
+    import torchaudio
+
+    transform = torchaudio.transforms.MelSpectrogram(
+        sample_rate=SAMPLE_RATE, n_fft=512, win_length=400, hop_length=160, n_mels=128, center=False
+    ).to(device)
+    return lambda x: transform(x).clamp_min(torch.finfo(torch.float32).eps).log()
+
+
+def _impls(waveforms: torch.Tensor, device: str, quick: bool) -> dict:
+    opts = FbankOptions(sample_frequency=SAMPLE_RATE, **AUDIOMAE_OPTIONS)
+    num_frames = opts.num_frames(waveforms.shape[1])
+
+    def fp32_path(x):
+        return fbank_torch(x, None, num_frames, opts, compute_dtype=torch.float32)
+
+    impls = {
+        "torchaudio_loop": lambda: _torchaudio_loop(waveforms),
+        "torch_path": lambda: fbank(waveforms, backend="torch", sample_frequency=SAMPLE_RATE, **AUDIOMAE_OPTIONS),
+        "torch_path_fp32": lambda: fp32_path(waveforms),
+        "torchaudio_melspectrogram": (lambda transform: lambda: transform(waveforms))(_melspectrogram(device)),
+    }
+    if device == "cuda":
+        compiled = torch.compile(fp32_path)
+        impls["torch_path_fp32_compiled"] = lambda: compiled(waveforms)
+        impls["cuda_kernel"] = lambda: fbank(waveforms, backend="cuda", sample_frequency=SAMPLE_RATE, **AUDIOMAE_OPTIONS)
+    return impls
+
+
+def run(device: str = "cuda", quick: bool = False) -> list[dict]:
+    device = str(torch.device(device))
+    num_clips, num_samples = _workload(device, quick)
+    waveforms = 0.1 * torch.randn(num_clips, num_samples, device=device)
+    num_frames = FbankOptions(**AUDIOMAE_OPTIONS).num_frames(num_samples)
+    output_bytes = num_clips * num_frames * 128 * 4
+    nbytes = waveforms.numel() * 4 + output_bytes
+    floor = memory_floor_ms(nbytes, device)
+    info = device_info(device)
+    shape = f"B={num_clips} N={num_samples} F={num_frames} bins=128"
+    common = {"suite": SUITE, "shape": shape, "dtype": "float32", "bytes": nbytes, "floor_ms": floor,
+              "copy_gbps": copy_bandwidth_gbps(device), **info}  # fmt: skip
+
+    rows, loop_ms = [], None
+    for impl, fn in _impls(waveforms, device, quick).items():
+        slow = impl == "torchaudio_loop"
+        t = time_fn(fn, device, warmup=1 if slow or quick else 5, reps=3 if slow or quick else 30)
+        loop_ms = t.median_ms if slow else loop_ms
+        rows.append({
+            **common, "name": "fbank AudioMAE options", "impl": impl, "median_ms": t.median_ms, "min_ms": t.min_ms,
+            "peak_mem_bytes": t.peak_mem_bytes, "clips_per_s": num_clips / (t.median_ms * 1e-3),
+            "fraction_of_floor": floor / t.median_ms, "speedup_vs_torchaudio_loop": loop_ms / t.median_ms,
+            "scratch_over_output": None if t.peak_mem_bytes is None else (t.peak_mem_bytes - output_bytes) / output_bytes,
+            "threads": torch.get_num_threads(),
+        })  # fmt: skip
+    if device == "cuda":
+        rows.append(_cpu_thread_row(waveforms[: 2 if quick else 8].cpu(), common))
+    return rows
+
+
+def _cpu_thread_row(waveforms: torch.Tensor, common: dict) -> dict:
+    """torchaudio's loop on one CPU thread: the per-thread rate a data loader worker gets."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        t = time_fn(lambda: _torchaudio_loop(waveforms), "cpu", warmup=1, reps=3)
+    finally:
+        torch.set_num_threads(threads)
+    return {**common, "name": "fbank AudioMAE options", "impl": "torchaudio_loop_cpu_1thread", "median_ms": t.median_ms,
+            "min_ms": t.min_ms, "peak_mem_bytes": None, "clips_per_s": len(waveforms) / (t.median_ms * 1e-3),
+            "fraction_of_floor": None, "speedup_vs_torchaudio_loop": None, "scratch_over_output": None,
+            "shape": f"B={len(waveforms)} (of the batch) on one CPU thread", "threads": 1}  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------
+# pytest-benchmark: the same implementations, timed by the fixture on CUDA
+# ------------------------------------------------------------------------------------------------
+IMPLS = ("cuda_kernel", "torch_path", "torch_path_fp32", "torch_path_fp32_compiled", "torchaudio_loop", "torchaudio_melspectrogram")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("impl", IMPLS)
+def test_fbank(benchmark, impl):
+    num_clips, num_samples = _workload("cuda", quick=False)
+    waveforms = 0.1 * torch.randn(num_clips, num_samples, device="cuda")
+    fn = _impls(waveforms, "cuda", quick=False)[impl]
+
+    def synced():
+        fn()
+        torch.cuda.synchronize()
+
+    benchmark.group = "fbank"
+    benchmark.pedantic(synced, warmup_rounds=1, rounds=3 if impl == "torchaudio_loop" else 20)
+
+
+if __name__ == "__main__":
+    import sys
+
+    dev = sys.argv[1] if len(sys.argv) > 1 else ("cuda" if torch.cuda.is_available() else "cpu")
+    for row in run(dev, quick="--quick" in sys.argv):
+        ratio = row["speedup_vs_torchaudio_loop"]
+        print(f"{row['impl']:28s} {row['median_ms']:10.3f} ms {row['clips_per_s']:12.1f} clips/s"
+              + (f"  x{ratio:.1f} vs torchaudio loop" if ratio else ""))

@@ -1,0 +1,183 @@
+"""Masked-token gather, 2-D gather and decoder unshuffle: the official torch path against the kernels.
+
+Shapes (CUDA): the issue's targets, bf16, B=64, L=512, 80 % masked (K=102), C=768 for the gathers
+and 512 for the unshuffle; the 2-D gather keeps 51 of 64 time rows and 6 of 8 frequency columns.
+On the CPU (smoke test) small fp32 shapes, and the figures say nothing about GPU speed.
+
+Implementations: ``official`` is the eager code the models replace (``kernels.reference``:
+add the positional embedding to every token, repeat the index over the channels, gather; for
+the decoder also repeat the mask token and concatenate). ``kernel`` is the public op as called,
+index range check included (one reduction and one host sync per call); ``kernel_unchecked`` is
+the same with ``check_indices=False``, as the models call it on indices they built. On CUDA,
+``official_graph`` and ``kernel_graph`` replay the same work captured in a CUDA graph (the index
+check is skipped under capture): at these sizes a kernel moves its bytes in a few microseconds,
+less than eager PyTorch spends dispatching a custom op, so the graphed rows are the ones that
+measure the kernels against the copy bandwidth, and the eager rows what a caller sees.
+
+Fewest bytes (the ``floor_ms`` figure divides them by the copy bandwidth measured in the same
+run, which counts bytes read plus bytes written): each tensor element the op must read or write,
+once. The positional-embedding rows a gather reads count once per distinct row (the batch
+re-reads them from L2). ``pos_embed`` is a fixed buffer as in both AudioMAE models, so the
+backward passes compute the gradients of ``x`` and ``mask_token`` only: the gather backward
+reads ``grad_out`` and the index and writes the whole of ``grad_x`` (zeros included); the
+unshuffle backward reads every row of ``grad_out`` once (kept rows for ``x``, masked rows for
+the mask token) and the index, and writes ``grad_x`` and one [C] row.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from benches.harness import copy_bandwidth_gbps, device_info, memory_floor_ms, time_fn
+from kernels.gather_tokens import gather_tokens, gather_tokens_2d
+from kernels.reference import gather_tokens as gather_reference
+from kernels.reference import unshuffle_tokens as unshuffle_reference
+from kernels.unshuffle_tokens import unshuffle_tokens
+
+SUITE = "tokens"
+
+
+def _shapes(device: str, quick: bool) -> dict:
+    if device == "cuda":
+        return {"B": 64, "L": 512, "mask_ratio": 0.8, "C_gather": 768, "C_unshuffle": 512, "grid": (64, 8), "keep_2d": (51, 6), "dtype": torch.bfloat16}
+    return {"B": 2, "L": 48, "mask_ratio": 0.8, "C_gather": 40, "C_unshuffle": 24, "grid": (8, 6), "keep_2d": (6, 4), "dtype": torch.float32}
+
+
+def _random_ids(B: int, n: int, keep: int, device: str) -> torch.Tensor:
+    return torch.rand(B, n, device=device).argsort(dim=1)[:, :keep]
+
+
+def _cases(device: str, quick: bool):
+    """(op, shape, fwd bytes, bwd bytes, {impl: (forward fn, inputs needing grad)})."""
+    s = _shapes(device, quick)
+    B, L, dtype = s["B"], s["L"], s["dtype"]
+    K = int(L * (1 - s["mask_ratio"]))
+    size = torch.finfo(dtype).bits // 8
+    idx = 8
+
+    C = s["C_gather"]
+    x = torch.randn(B, L, C, device=device, dtype=dtype, requires_grad=True)
+    pos = torch.randn(1, L, C, device=device, dtype=dtype)
+    ids_keep = _random_ids(B, L, K, device)
+    pos_rows = ids_keep.unique().numel()
+    fwd = (B * K * C + pos_rows * C + B * K * C) * size + B * K * idx
+    bwd = (B * K * C + B * L * C) * size + B * K * idx
+    yield "gather", f"B={B} L={L} K={K} C={C}", fwd, bwd, {
+        "official": (lambda: gather_reference.gather_tokens(x, ids_keep, pos), (x,)),
+        "kernel": (lambda: gather_tokens(x, ids_keep, pos), (x,)),
+        "kernel_unchecked": (lambda: gather_tokens(x, ids_keep, pos, check_indices=False), (x,)),
+    }
+
+    (T, F), (Kt, Kf) = s["grid"], s["keep_2d"]
+    x2 = torch.randn(B, T * F, C, device=device, dtype=dtype, requires_grad=True)
+    pos2 = torch.randn(1, T * F, C, device=device, dtype=dtype)
+    ids_t, ids_f = _random_ids(B, T, Kt, device), _random_ids(B, F, Kf, device)
+    K2 = Kt * Kf
+    pos_rows = (ids_t[:, :, None] * F + ids_f[:, None, :]).unique().numel()
+    fwd = (B * K2 * C + pos_rows * C + B * K2 * C) * size + B * (Kt + Kf) * idx
+    bwd = (B * K2 * C + B * T * F * C) * size + B * (Kt + Kf) * idx
+    yield "gather_2d", f"B={B} T={T} F={F} Kt={Kt} Kf={Kf} C={C}", fwd, bwd, {
+        "official": (lambda: gather_reference.gather_tokens_2d(x2, ids_t, ids_f, (T, F), pos2), (x2,)),
+        "kernel": (lambda: gather_tokens_2d(x2, ids_t, ids_f, (T, F), pos2), (x2,)),
+        "kernel_unchecked": (lambda: gather_tokens_2d(x2, ids_t, ids_f, (T, F), pos2, check_indices=False), (x2,)),
+    }
+
+    C = s["C_unshuffle"]
+    kept = torch.randn(B, K, C, device=device, dtype=dtype, requires_grad=True)
+    mask_token = torch.randn(1, 1, C, device=device, dtype=dtype, requires_grad=True)
+    pos = torch.randn(1, L, C, device=device, dtype=dtype)
+    ids_restore = torch.rand(B, L, device=device).argsort(dim=1).argsort(dim=1)
+    fwd = (B * K * C + C + L * C + B * L * C) * size + B * L * idx
+    bwd = (B * L * C + B * K * C + C) * size + B * L * idx
+    yield "unshuffle", f"B={B} L={L} K={K} C={C}", fwd, bwd, {
+        "official": (lambda: unshuffle_reference.unshuffle_tokens(kept, ids_restore, mask_token, pos), (kept, mask_token)),
+        "kernel": (lambda: unshuffle_tokens(kept, ids_restore, mask_token, pos), (kept, mask_token)),
+        "kernel_unchecked": (lambda: unshuffle_tokens(kept, ids_restore, mask_token, pos, check_indices=False), (kept, mask_token)),
+    }
+
+
+def _forward_backward(forward, inputs):
+    def step():
+        out = forward()
+        torch.autograd.grad(out, inputs, torch.ones_like(out))
+
+    return step
+
+
+def _graphed(fn):
+    """``fn`` captured once in a CUDA graph (after warm-up on a side stream); returns its replay."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def _timed_impls(impls: dict, pass_name: str, device: str):
+    for impl, (forward, inputs) in impls.items():
+        fn = forward if pass_name == "fwd" else _forward_backward(forward, inputs)
+        yield impl, fn
+        if device.startswith("cuda") and impl in ("official", "kernel_unchecked"):
+            yield impl.replace("_unchecked", "") + "_graph", _graphed(fn)
+
+
+def run(device: str = "cuda", quick: bool = False) -> list[dict]:
+    device = str(torch.device(device))
+    warmup, reps = (2, 5) if quick else (10, 100)
+    bandwidth = copy_bandwidth_gbps(device)
+    info = device_info(device)
+    rows = []
+    for op, shape, fwd_bytes, bwd_bytes, impls in _cases(device, quick):
+        for pass_name, nbytes in (("fwd", fwd_bytes), ("fwd+bwd", fwd_bytes + bwd_bytes)):
+            floor = memory_floor_ms(nbytes, device)
+            official_ms = {}  # eager kernels against eager official, graphed against graphed
+            with torch.no_grad() if pass_name == "fwd" else torch.enable_grad():
+                for impl, fn in _timed_impls(impls, pass_name, device):
+                    t = time_fn(fn, device, warmup=warmup, reps=reps)
+                    mode = "graph" if impl.endswith("_graph") else "eager"
+                    official_ms.setdefault(mode, t.median_ms)
+                    rows.append({
+                        "suite": SUITE, "name": f"{op} {pass_name}", "impl": impl, "shape": shape,
+                        "dtype": str(_shapes(device, quick)["dtype"]).removeprefix("torch."),
+                        "median_ms": t.median_ms, "min_ms": t.min_ms, "peak_mem_bytes": t.peak_mem_bytes,
+                        "bytes": nbytes, "floor_ms": floor, "fraction_of_copy_bandwidth": floor / t.median_ms,
+                        "achieved_gbps": nbytes / (t.median_ms * 1e-3) / 1e9, "copy_gbps": bandwidth,
+                        "speedup_vs_official": official_ms[mode] / t.median_ms, **info,
+                    })
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------
+# pytest-benchmark: the same cases, timed by the fixture on CUDA
+# ------------------------------------------------------------------------------------------------
+def _case_ids():
+    return [(op, impl, p) for op in ("gather", "gather_2d", "unshuffle") for impl in ("official", "kernel", "kernel_unchecked") for p in ("fwd", "fwd+bwd")]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("op,impl,pass_name", _case_ids())
+def test_tokens(benchmark, op, impl, pass_name):
+    cases = {name: impls for name, _, _, _, impls in _cases("cuda", quick=False)}
+    forward, inputs = cases[op][impl]
+    fn = forward if pass_name == "fwd" else _forward_backward(forward, inputs)
+
+    def synced():
+        fn()
+        torch.cuda.synchronize()
+
+    benchmark.group = f"{op} {pass_name}"
+    benchmark(synced)
+
+
+if __name__ == "__main__":
+    import sys
+
+    dev = sys.argv[1] if len(sys.argv) > 1 else ("cuda" if torch.cuda.is_available() else "cpu")
+    for row in run(dev, quick="--quick" in sys.argv):
+        print(f"{row['name']:18s} {row['impl']:17s} {row['median_ms']:8.4f} ms  "
+              f"{row['fraction_of_copy_bandwidth']:6.1%} of copy bw  x{row['speedup_vs_official']:.1f} vs official")

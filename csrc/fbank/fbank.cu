@@ -1,0 +1,122 @@
+// Batched Kaldi fbank in one launch: one warp per frame, one block per (clip, group of frames).
+//
+// Each warp copies its frame's samples into shared memory as doubles, removes the DC offset,
+// pre-emphasises and windows them, runs the FFT in shared memory (radix-8/4/2 Stockham passes,
+// registers in between), takes the power spectrum and sums it through the sparse Mel table
+// straight into the output row. Device memory sees the samples once and the features once; the
+// frames and spectra live only in shared memory. The arithmetic is fbank_frame.cuh's.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include <algorithm>
+
+#include "fbank_frame.cuh"
+
+namespace fbank {
+namespace {
+
+constexpr int kWarp = 32;
+constexpr int kMaxFramesPerBlock = 8;
+constexpr int kSharedBudget = 64 * 1024;  // bytes per block; a 4096-point frame alone needs 64 KiB
+
+struct WarpTeam {
+  int lane;
+  __device__ int rank() const { return lane; }
+  __device__ int size() const { return kWarp; }
+  __device__ void sync() const { __syncwarp(); }
+  __device__ double sum(double v) const {
+    for (int offset = kWarp / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
+    return v;
+  }
+};
+
+template <class scalar_t>
+__global__ void fbank_kernel(const scalar_t* __restrict__ waveforms, int64_t num_clips, int64_t num_samples,
+                             const int64_t* __restrict__ lengths, int64_t num_frames, int num_features,
+                             int frames_per_block, FrameConfig config, scalar_t* __restrict__ out) {
+  extern __shared__ __align__(16) unsigned char shared[];
+  const int warp = threadIdx.x / kWarp;
+  const int64_t frame = static_cast<int64_t>(blockIdx.x) * frames_per_block + warp;
+  if (frame >= num_frames) return;
+  double* a = reinterpret_cast<double*>(shared) + static_cast<int64_t>(warp) * 2 * config.padded_size;
+  double* b = a + config.padded_size;
+  const WarpTeam team{static_cast<int>(threadIdx.x % kWarp)};
+  for (int64_t clip = blockIdx.y; clip < num_clips; clip += gridDim.y) {
+    compute_frame(team, config, waveforms + clip * num_samples, lengths[clip], frame, a, b,
+                  out + (clip * num_frames + frame) * num_features);
+    __syncwarp();  // the next clip reuses a and b
+  }
+}
+
+void check_table(const at::Tensor& t, const char* name, at::ScalarType dtype, const at::Device& device) {
+  TORCH_CHECK(t.device() == device, "fbank_cuda: ", name, " is on ", t.device(), ", expected ", device);
+  TORCH_CHECK(t.scalar_type() == dtype, "fbank_cuda: ", name, " must be ", dtype, ", got ", t.scalar_type());
+  TORCH_CHECK(t.is_contiguous(), "fbank_cuda: ", name, " must be contiguous");
+}
+
+}  // namespace
+}  // namespace fbank
+
+at::Tensor fbank_cuda(const at::Tensor& waveforms, const at::Tensor& lengths, int64_t num_frames,
+                      const at::Tensor& window, const at::Tensor& fft_twiddles, const at::Tensor& real_twiddles,
+                      const at::Tensor& mel_start, const at::Tensor& mel_len, const at::Tensor& mel_weights,
+                      int64_t window_shift, int64_t reflect_pad, bool snip_edges, bool remove_dc_offset,
+                      double preemphasis_coefficient, bool raw_energy, double energy_floor, bool use_energy,
+                      bool htk_compat, bool use_log_fbank, bool use_power) {
+  using namespace fbank;
+  TORCH_CHECK(waveforms.is_cuda(), "fbank_cuda: waveforms must be a CUDA tensor, got ", waveforms.device());
+  TORCH_CHECK(waveforms.dim() == 2 && waveforms.is_contiguous(), "fbank_cuda: waveforms must be contiguous [B, N]");
+  TORCH_CHECK(waveforms.scalar_type() == at::kFloat || waveforms.scalar_type() == at::kDouble,
+              "fbank_cuda: waveforms must be float32 or float64, got ", waveforms.scalar_type());
+  const at::Device device = waveforms.device();
+  const int64_t num_clips = waveforms.size(0);
+  check_table(lengths, "lengths", at::kLong, device);
+  TORCH_CHECK(lengths.numel() == num_clips, "fbank_cuda: lengths must have one entry per clip");
+  check_table(window, "window", at::kDouble, device);
+  check_table(fft_twiddles, "fft_twiddles", at::kDouble, device);
+  check_table(real_twiddles, "real_twiddles", at::kDouble, device);
+  check_table(mel_start, "mel_start", at::kInt, device);
+  check_table(mel_len, "mel_len", at::kInt, device);
+  check_table(mel_weights, "mel_weights", at::kDouble, device);
+  const int64_t half = fft_twiddles.size(0);
+  TORCH_CHECK(half >= 1 && (half & (half - 1)) == 0 && 2 * half <= 4096,
+              "fbank_cuda: the padded window must be a power of two <= 4096, got ", 2 * half);
+  TORCH_CHECK(window.numel() <= 2 * half, "fbank_cuda: window longer than the padded window");
+  TORCH_CHECK(real_twiddles.size(0) == half, "fbank_cuda: fft_twiddles and real_twiddles differ in length");
+  TORCH_CHECK(mel_weights.dim() == 2 && mel_weights.size(0) == mel_start.numel() && mel_len.numel() == mel_start.numel(),
+              "fbank_cuda: Mel tables disagree in size");
+  TORCH_CHECK(window_shift >= 1, "fbank_cuda: window_shift must be >= 1");
+
+  const int num_mel_bins = static_cast<int>(mel_start.numel());
+  const int num_features = num_mel_bins + (use_energy ? 1 : 0);
+  at::Tensor out = at::empty({num_clips, num_frames, num_features}, waveforms.options());
+  if (num_clips == 0 || num_frames == 0) return out;
+
+  const FrameConfig config = make_frame_config(
+      static_cast<int>(window.numel()), static_cast<int>(2 * half), window_shift, reflect_pad, snip_edges,
+      remove_dc_offset, preemphasis_coefficient, raw_energy, energy_floor, use_energy, htk_compat, use_log_fbank,
+      use_power, num_mel_bins, static_cast<int>(mel_weights.size(1)), window.data_ptr<double>(),
+      fft_twiddles.data_ptr<double>(), real_twiddles.data_ptr<double>(), mel_start.data_ptr<int>(),
+      mel_len.data_ptr<int>(), mel_weights.data_ptr<double>());
+
+  const int frame_bytes = 2 * config.padded_size * static_cast<int>(sizeof(double));
+  const int frames_per_block = std::max(1, std::min(kMaxFramesPerBlock, kSharedBudget / frame_bytes));
+  const int shared_bytes = frames_per_block * frame_bytes;
+  const dim3 grid(static_cast<unsigned>((num_frames + frames_per_block - 1) / frames_per_block),
+                  static_cast<unsigned>(std::min<int64_t>(num_clips, 65535)));
+  const c10::cuda::CUDAGuard guard(device);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(waveforms.scalar_type(), "fbank_cuda", [&] {
+    auto kernel = fbank_kernel<scalar_t>;
+    if (shared_bytes > 48 * 1024) {
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, shared_bytes));
+    }
+    kernel<<<grid, kWarp * frames_per_block, shared_bytes, stream>>>(
+        waveforms.data_ptr<scalar_t>(), num_clips, waveforms.size(1), lengths.data_ptr<int64_t>(), num_frames,
+        num_features, frames_per_block, config, out.data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}

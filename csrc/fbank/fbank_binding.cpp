@@ -1,0 +1,13 @@
+// Python binding of the fbank launcher (fbank.cu); kernels/fbank.py wraps it as audiomae::fbank_cuda.
+#include <torch/extension.h>
+
+at::Tensor fbank_cuda(const at::Tensor& waveforms, const at::Tensor& lengths, int64_t num_frames,
+                      const at::Tensor& window, const at::Tensor& fft_twiddles, const at::Tensor& real_twiddles,
+                      const at::Tensor& mel_start, const at::Tensor& mel_len, const at::Tensor& mel_weights,
+                      int64_t window_shift, int64_t reflect_pad, bool snip_edges, bool remove_dc_offset,
+                      double preemphasis_coefficient, bool raw_energy, double energy_floor, bool use_energy,
+                      bool htk_compat, bool use_log_fbank, bool use_power);
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("fbank_cuda", &fbank_cuda, "Batched Kaldi fbank features [B, frames, bins] of waveforms [B, N] (CUDA)");
+}

@@ -1,0 +1,58 @@
+// Host build of the kernel's per-frame arithmetic (fbank_frame.cuh) for tests without a GPU.
+//
+// tests/test_fbank.py compiles this file with g++ into a shared library, calls it through ctypes
+// with the tables kernels/fbank.py builds for the kernel, and compares the result with torchaudio.
+// The loop over (clip, frame) is the kernel's grid; SerialTeam stands in for the warp.
+#include <cstdint>
+#include <vector>
+
+#include "fbank_frame.cuh"
+
+namespace {
+
+template <class scalar_t>
+void run(const scalar_t* waveforms, int64_t num_clips, int64_t num_samples, const int64_t* lengths,
+         int64_t num_frames, fbank::FrameConfig config, scalar_t* out) {
+  const int num_features = config.num_mel_bins + (config.use_energy ? 1 : 0);
+  std::vector<double> scratch(2 * static_cast<size_t>(config.padded_size) + 2);
+  double* a = scratch.data() + (reinterpret_cast<uintptr_t>(scratch.data()) % 16 ? 1 : 0);
+  for (int64_t clip = 0; clip < num_clips; ++clip) {
+    for (int64_t frame = 0; frame < num_frames; ++frame) {
+      fbank::compute_frame(fbank::SerialTeam{}, config, waveforms + clip * num_samples, lengths[clip], frame, a,
+                           a + config.padded_size, out + (clip * num_frames + frame) * num_features);
+    }
+  }
+}
+
+}  // namespace
+
+#define FBANK_HOST_ARGS                                                                                      \
+  int64_t num_clips, int64_t num_samples, const int64_t *lengths, int64_t num_frames, int window_size,       \
+      int padded_size, int64_t window_shift, int64_t reflect_pad, int snip_edges, int remove_dc_offset,      \
+      double preemphasis_coefficient, int raw_energy, double energy_floor, int use_energy, int htk_compat,   \
+      int use_log_fbank, int use_power, int num_mel_bins, int mel_width, const double *window,               \
+      const double *fft_twiddles, const double *real_twiddles, const int *mel_start, const int *mel_len,     \
+      const double *mel_weights
+#define FBANK_HOST_CONFIG                                                                                    \
+  fbank::make_frame_config(window_size, padded_size, window_shift, reflect_pad, snip_edges, remove_dc_offset,            \
+              preemphasis_coefficient, raw_energy, energy_floor, use_energy, htk_compat, use_log_fbank,     \
+              use_power, num_mel_bins, mel_width, window, fft_twiddles, real_twiddles, mel_start, mel_len,   \
+              mel_weights)
+
+extern "C" void fbank_host_float(const float* waveforms, float* out, FBANK_HOST_ARGS) {
+  run(waveforms, num_clips, num_samples, lengths, num_frames, FBANK_HOST_CONFIG, out);
+}
+
+extern "C" void fbank_host_double(const double* waveforms, double* out, FBANK_HOST_ARGS) {
+  run(waveforms, num_clips, num_samples, lengths, num_frames, FBANK_HOST_CONFIG, out);
+}
+
+// The bare complex FFT, to test the Stockham passes against numpy for every power of two.
+extern "C" void fft_host(double* data, double* scratch, int n, const double* twiddles) {
+  auto* a = reinterpret_cast<fbank::Complex*>(data);
+  auto* b = reinterpret_cast<fbank::Complex*>(scratch);
+  const fbank::Complex* result = fbank::fft(fbank::SerialTeam{}, a, b, n, reinterpret_cast<const fbank::Complex*>(twiddles));
+  if (result != a) {
+    for (int k = 0; k < n; ++k) a[k] = result[k];
+  }
+}

@@ -1,0 +1,50 @@
+"""Build and load the CUDA extensions under ``csrc/``.
+
+Each extension ``<name>`` is the ``.cu`` and ``.cpp`` files of ``csrc/<name>/`` other than host test
+harnesses (``*_host_test.cpp``). ``setup.py`` builds them ahead of time as
+``torch.utils.cpp_extension.CUDAExtension("kernels._<name>_cuda", ...)`` from
+``extension_sources``/``NVCC_FLAGS``; without that, the first use builds them just in time with ninja
+and caches the result in torch's extension directory (``TORCH_EXTENSIONS_DIR``).
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+from pathlib import Path
+
+CSRC = Path(__file__).resolve().parent.parent / "csrc"
+CXX_FLAGS = ["-O3", "-std=c++17"]
+# No --use_fast_math: the kernel's float64 FFT is what keeps quiet bins within 1e-3 of Kaldi.
+NVCC_FLAGS = ["-O3", "-std=c++17", "-lineinfo"]
+
+
+def extension_sources(name: str) -> list[str]:
+    """The files compiled into extension ``name``: csrc/<name>/*.cu and *.cpp, harnesses excluded."""
+    folder = CSRC / name
+    files = sorted(folder.glob("*.cu")) + sorted(p for p in folder.glob("*.cpp") if not p.stem.endswith("_host_test"))
+    if not files:
+        raise FileNotFoundError(f"no CUDA sources under {folder}")
+    return [str(p) for p in files]
+
+
+def extension_names() -> list[str]:
+    """Every extension under csrc/ (one per folder)."""
+    return sorted(p.name for p in CSRC.iterdir() if p.is_dir() and any(p.glob("*.cu")))
+
+
+@functools.lru_cache(maxsize=None)
+def load_extension(name: str):
+    """The compiled extension ``name``: the one setup.py installed, else a cached just-in-time build."""
+    try:
+        return importlib.import_module(f"kernels._{name}_cuda")
+    except ImportError:
+        pass
+    from torch.utils.cpp_extension import load
+
+    return load(
+        name=f"audiomae_{name}_cuda",
+        sources=extension_sources(name),
+        extra_cflags=CXX_FLAGS,
+        extra_cuda_cflags=NVCC_FLAGS,
+        verbose=False,
+    )

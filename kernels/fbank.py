@@ -1,0 +1,516 @@
+"""Batched Kaldi-compatible log-Mel filterbanks (``torchaudio.compliance.kaldi.fbank`` for a batch).
+
+Contract
+--------
+``fbank(waveforms, *, lengths=None, backend="auto", **options)``
+
+* ``waveforms``: ``[N]`` (one clip, returns ``[frames, bins]``) or ``[B, N]`` (a batch of clips, not
+  channels, returns ``[B, frames, bins]``); float32 or float64; the output has the input's dtype.
+* ``lengths``: optional ``[B]`` integer tensor or sequence, the number of valid samples of each clip of
+  a zero-padded batch. Then the result is a pair ``(features, num_frames)``: ``features`` has as many
+  frames as the longest clip, frames past a clip's end are 0.0, and ``num_frames`` ``[B]`` (int64, on
+  the waveforms' device) holds each clip's frame count. Without ``lengths`` only the features return.
+* ``options``: torchaudio's keyword names, defaults and meaning: ``blackman_coeff``, ``dither``,
+  ``energy_floor``, ``frame_length``, ``frame_shift``, ``high_freq``, ``htk_compat``, ``low_freq``,
+  ``num_mel_bins``, ``preemphasis_coefficient``, ``raw_energy``, ``remove_dc_offset``,
+  ``round_to_power_of_two``, ``sample_frequency``, ``snip_edges``, ``subtract_mean``, ``use_energy``,
+  ``use_log_fbank``, ``use_power``, ``vtln_high``, ``vtln_low``, ``vtln_warp``, ``window_type``.
+  ``channel`` and ``min_duration`` do not exist here (rows are clips, and every clip gives features).
+  Extra keywords: ``check_finite=True`` rejects NaN/Inf samples (one device sync); ``generator`` seeds
+  the dither noise. Unknown keywords are a TypeError.
+* Precision: each clip is framed, DC-corrected, pre-emphasised, windowed and transformed in float64
+  whatever the input dtype, because the log of a bin 1e11 below the frame's peak (tones, sweeps)
+  is only right to 1e-3 when the FFT's rounding error is that far down: float32 arithmetic, like
+  torchaudio's own float32 run, is off by up to 1e-2 there. Both backends are within 1e-3 (absolute,
+  on log features) of torchaudio run in float64, with the same frame count. The Mel filterbank is
+  built exactly as torchaudio builds it (in the default dtype), the log floor is float32's epsilon.
+
+Backends
+--------
+* ``"torch"``: batched, vectorised torch (unfold, DC removal, pre-emphasis, window, rfft, power, Mel
+  matmul, log) on any device, differentiable; scratch memory grows with batch x frames x FFT size.
+* ``"cuda"``: ``csrc/fbank/fbank.cu``, one launch for the whole batch, one warp per frame, the FFT in
+  shared memory; nothing but the samples and the features touch device memory. It serves CUDA
+  tensors with a power-of-two padded window (2 to 4096 samples), no dither, no ``subtract_mean`` and
+  no gradient; anything else is a ValueError naming the option.
+* ``"auto"``: the kernel for CUDA tensors when the options allow it and the extension builds;
+  otherwise the torch path, with a warning (once per reason) when a CUDA tensor did not get the kernel.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import warnings
+from dataclasses import dataclass, replace
+from typing import Sequence
+
+import torch
+
+# numeric_limits<float>::epsilon(): Kaldi's and torchaudio's floor before every log.
+LOG_FLOOR = torch.finfo(torch.float32).eps
+WINDOW_TYPES = ("hamming", "hanning", "povey", "rectangular", "blackman")
+MAX_CUDA_PADDED_WINDOW = 4096
+
+
+@dataclass(frozen=True)
+class FbankOptions:
+    """torchaudio.compliance.kaldi.fbank's options and defaults (hashable: tables are cached on it)."""
+
+    blackman_coeff: float = 0.42
+    dither: float = 0.0
+    energy_floor: float = 1.0
+    frame_length: float = 25.0
+    frame_shift: float = 10.0
+    high_freq: float = 0.0
+    htk_compat: bool = False
+    low_freq: float = 20.0
+    num_mel_bins: int = 23
+    preemphasis_coefficient: float = 0.97
+    raw_energy: bool = True
+    remove_dc_offset: bool = True
+    round_to_power_of_two: bool = True
+    sample_frequency: float = 16000.0
+    snip_edges: bool = True
+    subtract_mean: bool = False
+    use_energy: bool = False
+    use_log_fbank: bool = True
+    use_power: bool = True
+    vtln_high: float = -500.0
+    vtln_low: float = 100.0
+    vtln_warp: float = 1.0
+    window_type: str = "povey"
+
+    @property
+    def window_shift(self) -> int:
+        return int(self.sample_frequency * self.frame_shift * 0.001)
+
+    @property
+    def window_size(self) -> int:
+        return int(self.sample_frequency * self.frame_length * 0.001)
+
+    @property
+    def padded_window_size(self) -> int:
+        size = self.window_size
+        return 1 << (size - 1).bit_length() if self.round_to_power_of_two else size
+
+    @property
+    def num_features(self) -> int:
+        return self.num_mel_bins + int(self.use_energy)
+
+    def reflect_pad(self) -> int:
+        """Samples reflected before the first frame when ``snip_edges`` is False (negative: skipped)."""
+        return 0 if self.snip_edges else self.window_size // 2 - self.window_shift // 2
+
+    def num_frames(self, num_samples):
+        """Frames of a clip of ``num_samples`` samples (int or int64 tensor), as Kaldi counts them."""
+        if self.snip_edges:
+            return 1 + (num_samples - self.window_size) // self.window_shift
+        return (num_samples + self.window_shift // 2) // self.window_shift
+
+    def validate(self) -> None:
+        if self.window_type not in WINDOW_TYPES:
+            raise ValueError(f"window_type must be one of {WINDOW_TYPES}, got {self.window_type!r}")
+        if not self.sample_frequency > 0:
+            raise ValueError(f"sample_frequency must be > 0, got {self.sample_frequency}")
+        if self.window_size < 2:
+            raise ValueError(f"frame_length={self.frame_length} ms gives a window of {self.window_size} samples; need >= 2")
+        if self.window_shift < 1:
+            raise ValueError(f"frame_shift={self.frame_shift} ms gives a shift of {self.window_shift} samples; need >= 1")
+        if self.padded_window_size % 2:
+            raise ValueError(
+                f"the padded window ({self.padded_window_size} samples) must be even: "
+                "use round_to_power_of_two=True or change frame_length"
+            )
+        if not 0.0 <= self.preemphasis_coefficient <= 1.0:
+            raise ValueError(f"preemphasis_coefficient must be in [0, 1], got {self.preemphasis_coefficient}")
+        if self.num_mel_bins <= 3:
+            raise ValueError(f"num_mel_bins must be > 3, got {self.num_mel_bins}")
+        if self.energy_floor < 0.0:
+            raise ValueError(f"energy_floor must be >= 0 (0 disables it), got {self.energy_floor}")
+        if self.dither < 0.0:
+            raise ValueError(f"dither must be >= 0, got {self.dither}")
+        nyquist = 0.5 * self.sample_frequency
+        high = self._high_freq()
+        if not (0.0 <= self.low_freq < nyquist and 0.0 < high <= nyquist and self.low_freq < high):
+            raise ValueError(
+                f"low_freq={self.low_freq} and high_freq={self.high_freq} (-> {high}) must satisfy "
+                f"0 <= low_freq < high_freq <= nyquist={nyquist}"
+            )
+        vtln_high = self.vtln_high + nyquist if self.vtln_high < 0.0 else self.vtln_high
+        if self.vtln_warp != 1.0 and not (
+            self.low_freq < self.vtln_low < high and 0.0 < vtln_high < high and self.vtln_low < vtln_high
+        ):
+            raise ValueError(
+                f"vtln_low={self.vtln_low} and vtln_high={self.vtln_high} (-> {vtln_high}) must satisfy "
+                f"low_freq < vtln_low < vtln_high < high_freq={high}"
+            )
+
+    def _high_freq(self) -> float:
+        return self.high_freq + 0.5 * self.sample_frequency if self.high_freq <= 0.0 else self.high_freq
+
+    def cuda_unsupported(self) -> str | None:
+        """Why the CUDA kernel cannot compute these options, or None."""
+        padded = self.padded_window_size
+        if padded & (padded - 1) or padded > MAX_CUDA_PADDED_WINDOW:
+            return f"padded window of {padded} samples (the kernel needs a power of two <= {MAX_CUDA_PADDED_WINDOW})"
+        if self.dither != 0.0:
+            return "dither != 0"
+        if self.subtract_mean:
+            return "subtract_mean=True"
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Tables shared by both backends (built once per option set and device).
+
+
+def window_function(opts: FbankOptions, device=None) -> torch.Tensor:
+    """The analysis window ``[window_size]`` in float64, as torchaudio defines each type."""
+    size, f64 = opts.window_size, torch.float64
+    if opts.window_type == "hanning":
+        return torch.hann_window(size, periodic=False, dtype=f64, device=device)
+    if opts.window_type == "hamming":
+        return torch.hamming_window(size, periodic=False, alpha=0.54, beta=0.46, dtype=f64, device=device)
+    if opts.window_type == "povey":
+        return torch.hann_window(size, periodic=False, dtype=f64, device=device).pow(0.85)
+    if opts.window_type == "rectangular":
+        return torch.ones(size, dtype=f64, device=device)
+    a = 2 * math.pi / (size - 1)
+    n = torch.arange(size, dtype=f64, device=device)
+    c = opts.blackman_coeff
+    return c - 0.5 * torch.cos(a * n) + (0.5 - c) * torch.cos(2 * a * n)
+
+
+def _mel(freq):
+    return 1127.0 * (1.0 + freq / 700.0).log()
+
+
+def _inverse_mel(mel):
+    return 700.0 * ((mel / 1127.0).exp() - 1.0)
+
+
+def _vtln_warp_freq(opts: FbankOptions, high_freq: float, vtln_high: float, freq: torch.Tensor) -> torch.Tensor:
+    """Kaldi's piecewise-linear VTLN warp of ``freq`` (Hz), identity outside [low_freq, high_freq]."""
+    low_freq, factor = opts.low_freq, opts.vtln_warp
+    lower = opts.vtln_low * max(1.0, factor)
+    upper = vtln_high * min(1.0, factor)
+    scale = 1.0 / factor
+    scale_left = (scale * lower - low_freq) / (lower - low_freq)
+    scale_right = (high_freq - scale * upper) / (high_freq - upper)
+    warped = torch.where(freq >= upper, high_freq + scale_right * (freq - high_freq), scale * freq)
+    warped = torch.where(freq < lower, low_freq + scale_left * (freq - low_freq), warped)
+    return torch.where((freq < low_freq) | (freq > high_freq), freq, warped)
+
+
+def mel_banks(opts: FbankOptions) -> torch.Tensor:
+    """Triangular Mel filters ``[num_mel_bins, padded_window_size // 2]`` in the default dtype.
+
+    The same arithmetic, in the same dtype, as torchaudio's ``get_mel_banks``, so the weights agree
+    bit for bit; the Nyquist bin has no weight, which is why it is left out.
+    """
+    num_bins, padded = opts.num_mel_bins, opts.padded_window_size
+    nyquist = 0.5 * opts.sample_frequency
+    high_freq = opts._high_freq()
+    mel_low, mel_high = math.log(1.0 + opts.low_freq / 700.0) * 1127.0, math.log(1.0 + high_freq / 700.0) * 1127.0
+    mel_delta = (mel_high - mel_low) / (num_bins + 1)
+    bin_index = torch.arange(num_bins).unsqueeze(1)
+    left = mel_low + bin_index * mel_delta
+    center = mel_low + (bin_index + 1.0) * mel_delta
+    right = mel_low + (bin_index + 2.0) * mel_delta
+    if opts.vtln_warp != 1.0:
+        vtln_high = opts.vtln_high + nyquist if opts.vtln_high < 0.0 else opts.vtln_high
+        left, center, right = (
+            _mel(_vtln_warp_freq(opts, high_freq, vtln_high, _inverse_mel(m))) for m in (left, center, right)
+        )
+    fft_mel = _mel(opts.sample_frequency / padded * torch.arange(padded / 2)).unsqueeze(0)
+    up = (fft_mel - left) / (center - left)
+    down = (right - fft_mel) / (right - center)
+    if opts.vtln_warp == 1.0:
+        return torch.max(torch.zeros(1), torch.min(up, down))
+    rising = (fft_mel > left) & (fft_mel <= center)
+    falling = (fft_mel > center) & (fft_mel < right)
+    return torch.where(rising, up, torch.where(falling, down, torch.zeros(1)))
+
+
+@dataclass(frozen=True)
+class KernelTables:
+    """What the CUDA kernel reads besides the samples: all small, all built on the host."""
+
+    window: torch.Tensor  # [window_size] float64
+    fft_twiddles: torch.Tensor  # [P/2, 2] float64: exp(-2 pi i k / (P/2)), the complex FFT's
+    real_twiddles: torch.Tensor  # [P/2, 2] float64: exp(-2 pi i k / P), to split the real spectrum
+    mel_start: torch.Tensor  # [num_mel_bins] int32: first FFT bin with weight
+    mel_len: torch.Tensor  # [num_mel_bins] int32: number of FFT bins from mel_start
+    mel_weights: torch.Tensor  # [num_mel_bins, max(mel_len)] float64, zero past mel_len
+
+
+def _unit_circle(count: int, period: int) -> torch.Tensor:
+    angle = torch.arange(count, dtype=torch.float64) * (-2.0 * math.pi / period)
+    return torch.stack([angle.cos(), angle.sin()], dim=1)
+
+
+@functools.lru_cache(maxsize=32)
+def kernel_tables(opts: FbankOptions, device: torch.device, default_dtype: torch.dtype) -> KernelTables:
+    """The kernel's tables: the Mel filters stored sparsely as one contiguous run per Mel bin."""
+    half = opts.padded_window_size // 2
+    banks = mel_banks(opts).double()
+    nonzero = banks != 0
+    has_any = nonzero.any(dim=1)
+    first = torch.where(has_any, nonzero.int().argmax(dim=1), torch.zeros_like(has_any, dtype=torch.int64))
+    last = torch.where(has_any, half - 1 - nonzero.flip(1).int().argmax(dim=1), first - 1)
+    length = last - first + 1
+    width = max(int(length.max()), 1)
+    columns = first.unsqueeze(1) + torch.arange(width)
+    weights = banks.gather(1, columns.clamp(max=half - 1)) * (torch.arange(width) < length.unsqueeze(1))
+    to = functools.partial(torch.Tensor.to, device=device)
+    return KernelTables(
+        window=to(window_function(opts)),
+        fft_twiddles=to(_unit_circle(half, half)),
+        real_twiddles=to(_unit_circle(half, 2 * half)),
+        mel_start=to(first.int()),
+        mel_len=to(length.int()),
+        mel_weights=to(weights.contiguous()),
+    )
+
+
+@functools.lru_cache(maxsize=32)
+def _torch_tables(opts, device, compute_dtype, default_dtype):
+    return window_function(opts, device).to(compute_dtype), mel_banks(opts).to(device, compute_dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Torch backend.
+
+
+def _frames(x: torch.Tensor, lengths: torch.Tensor | None, num_frames: int, opts: FbankOptions) -> torch.Tensor:
+    """``[B, num_frames, window_size]`` frames of ``x`` ``[B, N]`` (a view when edges are snipped)."""
+    size, shift = opts.window_size, opts.window_shift
+    if not opts.snip_edges:
+        # Reflect each clip about its own ends: sample -1 is sample 0, sample L is sample L - 1.
+        position = torch.arange((num_frames - 1) * shift + size, device=x.device) - opts.reflect_pad()
+        clip_length = x.shape[1] if lengths is None else lengths.unsqueeze(1)
+        position = torch.where(position < 0, -position - 1, position)
+        position = torch.where(position >= clip_length, 2 * clip_length - 1 - position, position)
+        position = position.clamp(0, x.shape[1] - 1)
+        x = x[:, position] if lengths is None else x.gather(1, position)
+    return x.unfold(1, size, shift)[:, :num_frames]
+
+
+def _log_energy(frames: torch.Tensor, energy_floor: float) -> torch.Tensor:
+    log_energy = frames.pow(2).sum(-1).clamp_min(LOG_FLOOR).log()
+    return log_energy.clamp_min(math.log(energy_floor)) if energy_floor > 0.0 else log_energy
+
+
+def fbank_torch(
+    waveforms: torch.Tensor,
+    lengths: torch.Tensor | None,
+    num_frames: int,
+    opts: FbankOptions,
+    *,
+    compute_dtype: torch.dtype = torch.float64,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Features ``[B, num_frames, num_features]`` of ``waveforms`` ``[B, N]``, every clip at once.
+
+    Inputs are assumed validated (``fbank`` does it). ``compute_dtype=float32`` is the plain float32
+    pipeline (as fast as it gets, not within 1e-3 on tones): benchmarks compare against it.
+    """
+    window, banks = _torch_tables(opts, waveforms.device, compute_dtype, torch.get_default_dtype())
+    frames = _frames(waveforms.to(compute_dtype), lengths, num_frames, opts)
+    if opts.dither != 0.0:
+        noise = torch.randn(frames.shape, generator=generator, device=frames.device, dtype=compute_dtype)
+        frames = frames + opts.dither * noise
+    if opts.remove_dc_offset:
+        frames = frames - frames.mean(-1, keepdim=True)
+    if opts.raw_energy:
+        log_energy = _log_energy(frames, opts.energy_floor)
+    if opts.preemphasis_coefficient != 0.0:
+        previous = torch.cat([frames[..., :1], frames[..., :-1]], dim=-1)
+        frames = frames - opts.preemphasis_coefficient * previous
+    frames = frames * window
+    if not opts.raw_energy:
+        log_energy = _log_energy(frames, opts.energy_floor)
+    spectrum = torch.fft.rfft(frames, n=opts.padded_window_size).abs()
+    if opts.use_power:
+        spectrum = spectrum.pow(2)
+    features = spectrum[..., : opts.padded_window_size // 2] @ banks.T
+    if opts.use_log_fbank:
+        features = features.clamp_min(LOG_FLOOR).log()
+    if opts.use_energy:
+        energy = log_energy.unsqueeze(-1)
+        features = torch.cat([features, energy] if opts.htk_compat else [energy, features], dim=-1)
+    if lengths is not None:
+        valid = torch.arange(num_frames, device=features.device) < opts.num_frames(lengths).unsqueeze(1)
+        features = features.masked_fill(~valid.unsqueeze(-1), 0.0)
+    if opts.subtract_mean:
+        count = opts.num_frames(lengths) if lengths is not None else torch.tensor([num_frames], device=features.device)
+        mean = features.sum(1, keepdim=True) / count.view(-1, 1, 1).to(features.dtype)
+        features = features - mean
+        if lengths is not None:
+            features = features.masked_fill(~valid.unsqueeze(-1), 0.0)
+    return features.to(waveforms.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA backend: the extension's launcher as a custom op so torch.compile can trace through it.
+
+
+@torch.library.custom_op("audiomae::fbank_cuda", mutates_args=())
+def _fbank_cuda_op(
+    waveforms: torch.Tensor,
+    lengths: torch.Tensor,
+    num_frames: int,
+    window: torch.Tensor,
+    fft_twiddles: torch.Tensor,
+    real_twiddles: torch.Tensor,
+    mel_start: torch.Tensor,
+    mel_len: torch.Tensor,
+    mel_weights: torch.Tensor,
+    window_shift: int,
+    reflect_pad: int,
+    snip_edges: bool,
+    remove_dc_offset: bool,
+    preemphasis_coefficient: float,
+    raw_energy: bool,
+    energy_floor: float,
+    use_energy: bool,
+    htk_compat: bool,
+    use_log_fbank: bool,
+    use_power: bool,
+) -> torch.Tensor:
+    from kernels._cuda_extension import load_extension
+
+    return load_extension("fbank").fbank_cuda(
+        waveforms, lengths, num_frames, window, fft_twiddles, real_twiddles, mel_start, mel_len, mel_weights,
+        window_shift, reflect_pad, snip_edges, remove_dc_offset, preemphasis_coefficient, raw_energy,
+        energy_floor, use_energy, htk_compat, use_log_fbank, use_power,
+    )  # fmt: skip
+
+
+@_fbank_cuda_op.register_fake
+def _(waveforms, lengths, num_frames, window, fft_twiddles, real_twiddles, mel_start, mel_len, mel_weights, *args):
+    num_features = mel_start.shape[0] + int(args[6])  # args[6] is use_energy
+    return waveforms.new_empty(waveforms.shape[0], num_frames, num_features)
+
+
+def fbank_cuda(waveforms: torch.Tensor, lengths: torch.Tensor, num_frames: int, opts: FbankOptions) -> torch.Tensor:
+    """The kernel on ``waveforms`` ``[B, N]`` (contiguous CUDA) and ``lengths`` ``[B]`` int64."""
+    t = kernel_tables(opts, waveforms.device, torch.get_default_dtype())
+    return _fbank_cuda_op(
+        waveforms, lengths, num_frames, t.window, t.fft_twiddles, t.real_twiddles, t.mel_start, t.mel_len,
+        t.mel_weights, opts.window_shift, opts.reflect_pad(), opts.snip_edges, opts.remove_dc_offset,
+        opts.preemphasis_coefficient, opts.raw_energy, opts.energy_floor, opts.use_energy, opts.htk_compat,
+        opts.use_log_fbank, opts.use_power,
+    )  # fmt: skip
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel_builds() -> str | None:
+    """None when the CUDA extension loads (building it the first time), else why not."""
+    from kernels._cuda_extension import load_extension
+
+    try:
+        load_extension("fbank")
+    except Exception as error:  # noqa: BLE001 - any build failure means "use the torch path"
+        return f"the CUDA extension did not build ({type(error).__name__}: {error})"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(reason: str) -> None:
+    warnings.warn(f"kernels.fbank: {reason}; ran the torch path", stacklevel=3)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public entry point.
+
+
+def _check_lengths(lengths, batch: int, num_samples: int, device: torch.device) -> torch.Tensor:
+    lengths = torch.as_tensor(lengths)
+    if lengths.is_floating_point() or lengths.is_complex() or lengths.dtype == torch.bool:
+        raise TypeError(f"lengths must hold integers, got dtype {lengths.dtype}")
+    if lengths.shape != (batch,):
+        raise ValueError(f"lengths must have shape [{batch}] (one per clip), got {list(lengths.shape)}")
+    if batch and (int(lengths.min()) < 0 or int(lengths.max()) > num_samples):
+        raise ValueError(f"lengths must lie in [0, {num_samples}] (the padded clip length), got {lengths.tolist()}")
+    return lengths.to(device=device, dtype=torch.int64)
+
+
+def fbank(
+    waveforms: torch.Tensor,
+    *,
+    lengths: torch.Tensor | Sequence[int] | None = None,
+    backend: str = "auto",
+    check_finite: bool = False,
+    generator: torch.Generator | None = None,
+    **options,
+):
+    """Kaldi fbank features of one clip ``[N]`` or a batch of clips ``[B, N]``; see the module docstring."""
+    if backend not in ("auto", "torch", "cuda"):
+        raise ValueError(f"backend must be 'auto', 'torch' or 'cuda', got {backend!r}")
+    unknown = sorted(set(options) - set(FbankOptions.__dataclass_fields__))
+    if unknown:
+        raise TypeError(f"fbank() got unknown option(s) {unknown}; torchaudio's names are {sorted(FbankOptions.__dataclass_fields__)}")
+    opts = replace(FbankOptions(), **options)
+    opts.validate()
+    if not isinstance(waveforms, torch.Tensor):
+        raise TypeError(f"waveforms must be a torch.Tensor, got {type(waveforms).__name__}")
+    if waveforms.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"waveforms must be float32 or float64, got {waveforms.dtype}")
+    if waveforms.dim() not in (1, 2):
+        raise ValueError(f"waveforms must be [N] or [B, N] (a batch of clips), got shape {list(waveforms.shape)}")
+    single = waveforms.dim() == 1
+    if single and lengths is not None:
+        raise ValueError("lengths is for a batch [B, N]; a single clip [N] is its own length")
+    batch = waveforms.unsqueeze(0) if single else waveforms
+    num_samples = batch.shape[1]
+    if lengths is not None:
+        lengths = _check_lengths(lengths, batch.shape[0], num_samples, batch.device)
+        shortest = int(lengths.min()) if batch.shape[0] else num_samples
+    else:
+        shortest = num_samples
+    if shortest < opts.window_size:
+        raise ValueError(
+            f"a clip of {shortest} samples is shorter than one frame ({opts.window_size} samples = "
+            f"{opts.frame_length} ms at {opts.sample_frequency} Hz)"
+        )
+    if check_finite:
+        valid = batch if lengths is None else batch.masked_fill(torch.arange(num_samples, device=batch.device) >= lengths.unsqueeze(1), 0.0)
+        if not bool(torch.isfinite(valid).all()):
+            raise ValueError("waveforms contain NaN or Inf samples")
+    num_frames = opts.num_frames(num_samples if lengths is None else int(lengths.max()))
+
+    use_kernel = _choose_backend(backend, batch, opts)
+    if num_frames == 0:  # possible only without snip_edges, when the shift exceeds twice the clip
+        features = batch.new_zeros(batch.shape[0], 0, opts.num_features)
+    elif use_kernel:
+        clip_lengths = lengths if lengths is not None else torch.full((batch.shape[0],), num_samples, device=batch.device)
+        features = fbank_cuda(batch.contiguous(), clip_lengths, num_frames, opts)
+    else:
+        features = fbank_torch(batch, lengths, num_frames, opts, generator=generator)
+    if single:
+        return features[0]
+    if lengths is None:
+        return features
+    return features, opts.num_frames(lengths)
+
+
+def _choose_backend(backend: str, waveforms: torch.Tensor, opts: FbankOptions) -> bool:
+    """True for the kernel; raises for ``backend="cuda"`` when the kernel cannot serve the call."""
+    if backend == "torch":
+        return False
+    if waveforms.device.type != "cuda":
+        if backend == "cuda":
+            raise ValueError(f"backend='cuda' needs CUDA waveforms, got device {waveforms.device}")
+        return False
+    reason = opts.cuda_unsupported()
+    if reason is None and waveforms.requires_grad and torch.is_grad_enabled():
+        reason = "waveforms require grad (the kernel has no backward)"
+    if reason is None:
+        reason = _kernel_builds()
+    if reason is None:
+        return True
+    if backend == "cuda":
+        raise ValueError(f"backend='cuda' cannot serve this call: {reason}")
+    _warn_once(reason)
+    return False

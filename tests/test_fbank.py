@@ -1,0 +1,381 @@
+"""kernels.fbank against torchaudio.compliance.kaldi.fbank run in float64.
+
+The torch backend runs here; the CUDA kernel's arithmetic (csrc/fbank/fbank_frame.cuh) runs here
+through csrc/fbank/fbank_host_test.cpp, compiled with g++ and called through ctypes; the kernel
+itself runs in the ``gpu`` tests.
+"""
+import ctypes
+import math
+import shutil
+import subprocess
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torchaudio.compliance import kaldi
+
+from kernels.fbank import FbankOptions, _fbank_cuda_op, _unit_circle, _warn_once, fbank, kernel_tables
+
+ATOL = 1e-3
+CSRC = Path(__file__).resolve().parent.parent / "csrc" / "fbank"
+
+
+def make_clip(kind: str, num_samples: int, sample_rate: float, seed: int = 0) -> torch.Tensor:
+    """float32 test clips: speech-like, noise, tone, sweep, silent."""
+    g = torch.Generator().manual_seed(seed)
+    t = torch.arange(num_samples, dtype=torch.float64) / sample_rate
+    nyquist = sample_rate / 2
+    if kind == "noise":
+        x = 0.1 * torch.randn(num_samples, generator=g, dtype=torch.float64)
+    elif kind == "tone":
+        x = 0.5 * torch.sin(2 * math.pi * 440.0 * t + 0.3)
+    elif kind == "sweep":
+        f0, f1, duration = 50.0, 0.9 * nyquist, num_samples / sample_rate
+        x = 0.5 * torch.sin(2 * math.pi * (f0 * t + (f1 - f0) / (2 * duration) * t * t))
+    elif kind == "speech":
+        # Voiced harmonics of a wobbling 120 Hz pitch under a 4 Hz syllable envelope, plus breath noise.
+        pitch = 120.0 + 20.0 * torch.sin(2 * math.pi * 3.0 * t)
+        phase = 2 * math.pi * torch.cumsum(pitch, 0) / sample_rate
+        harmonics = sum(torch.sin(h * phase) / h for h in range(1, 20) if 120 * h < nyquist)
+        envelope = 0.5 * (1 - torch.cos(2 * math.pi * 4.0 * t)) ** 2
+        x = 0.2 * envelope * harmonics + 0.01 * torch.randn(num_samples, generator=g, dtype=torch.float64)
+    elif kind == "silent":
+        x = torch.zeros(num_samples, dtype=torch.float64)
+    else:
+        raise ValueError(kind)
+    return x.float()
+
+
+CLIP_KINDS = ("speech", "noise", "tone", "sweep", "silent")
+
+
+def reference(clip: torch.Tensor, **options) -> torch.Tensor:
+    return kaldi.fbank(clip.double().unsqueeze(0), **options)
+
+
+# Option sets: every window type, both edge modes, every energy/log/power switch, frequency limits,
+# sample rates. Each runs on every clip kind.
+OPTION_SETS = {
+    "defaults": {},
+    "audiomae": dict(htk_compat=True, use_energy=False, window_type="hanning", num_mel_bins=128, dither=0.0, frame_shift=10),
+    "hamming": dict(window_type="hamming"),
+    "rectangular": dict(window_type="rectangular", num_mel_bins=40),
+    "blackman": dict(window_type="blackman", blackman_coeff=0.4),
+    "no_snip_edges": dict(snip_edges=False, window_type="hanning"),
+    "no_snip_long_shift": dict(snip_edges=False, frame_length=20.0, frame_shift=30.0),
+    "no_preemphasis_no_dc": dict(preemphasis_coefficient=0.0, remove_dc_offset=False),
+    "full_preemphasis": dict(preemphasis_coefficient=1.0),
+    "no_round_pow2": dict(round_to_power_of_two=False),
+    "energy": dict(use_energy=True),
+    "energy_htk_windowed": dict(use_energy=True, htk_compat=True, raw_energy=False, energy_floor=0.0),
+    "energy_floor_high": dict(use_energy=True, energy_floor=50.0),
+    "linear_fbank": dict(use_log_fbank=False),
+    "magnitude": dict(use_power=False, num_mel_bins=64),
+    "freq_band": dict(low_freq=300.0, high_freq=3400.0, num_mel_bins=30),
+    "negative_high_freq": dict(high_freq=-400.0, low_freq=0.0),
+    "vtln": dict(vtln_warp=0.9, num_mel_bins=40),
+    "subtract_mean": dict(subtract_mean=True),
+    "rate_8k": dict(sample_frequency=8000.0, num_mel_bins=40),
+    "rate_22k": dict(sample_frequency=22050.0, num_mel_bins=80),
+    "rate_44k": dict(sample_frequency=44100.0, num_mel_bins=128, frame_length=50.0),
+    "short_frames": dict(frame_length=5.0, frame_shift=2.5, num_mel_bins=8),
+}
+
+
+def clips_for(options, num_samples=None):
+    rate = options.get("sample_frequency", 16000.0)
+    num_samples = num_samples or int(rate * 0.25)
+    return torch.stack([make_clip(kind, num_samples, rate, seed) for seed, kind in enumerate(CLIP_KINDS)])
+
+
+def assert_matches_reference(features, clips, options, lengths=None):
+    for i, clip in enumerate(clips):
+        clip = clip if lengths is None else clip[: int(lengths[i])]
+        expected = reference(clip, **options)
+        got = features[i, : expected.shape[0]].double()
+        if options.get("use_log_fbank", True) is False:
+            # Linear energies: compare relative to each frame's scale, in log terms.
+            got, expected = got.clamp_min(1e-30).log(), expected.clamp_min(1e-30).log()
+        torch.testing.assert_close(got, expected, atol=ATOL, rtol=0, msg=lambda m: f"{CLIP_KINDS[i]}: {m}")
+
+
+@pytest.mark.parametrize("name", OPTION_SETS)
+def test_torch_backend_matches_torchaudio_float64(name):
+    options = OPTION_SETS[name]
+    clips = clips_for(options)
+    features = fbank(clips, backend="torch", **options)
+    assert features.dtype == torch.float32
+    assert features.shape[:2] == (len(clips), reference(clips[0], **options).shape[0])
+    assert_matches_reference(features, clips, options)
+
+
+def test_float64_input_is_float64_exact():
+    clips = clips_for({}).double()
+    features = fbank(clips, backend="torch", num_mel_bins=40)
+    assert features.dtype == torch.float64
+    for clip, got in zip(clips, features):
+        torch.testing.assert_close(got, reference(clip, num_mel_bins=40), atol=1e-9, rtol=1e-9)
+
+
+def test_single_clip_and_noncontiguous_batch():
+    clips = clips_for({}, num_samples=3000)
+    one = fbank(clips[2], backend="torch")
+    torch.testing.assert_close(one.double(), reference(clips[2]), atol=ATOL, rtol=0)
+    strided = torch.stack([clips, clips], dim=2).reshape(len(clips), -1)[:, ::2]  # non-contiguous view
+    assert not strided.is_contiguous()
+    torch.testing.assert_close(fbank(strided, backend="torch"), fbank(clips, backend="torch"))
+
+
+@pytest.mark.parametrize("num_samples", [400, 401, 559, 560])
+@pytest.mark.parametrize("snip_edges", [True, False])
+def test_very_short_clips(num_samples, snip_edges):
+    clips = clips_for({}, num_samples=num_samples)
+    features = fbank(clips, backend="torch", snip_edges=snip_edges)
+    assert_matches_reference(features, clips, dict(snip_edges=snip_edges))
+
+
+@pytest.mark.parametrize("snip_edges", [True, False])
+def test_padded_batch_with_lengths(snip_edges):
+    options = dict(snip_edges=snip_edges, num_mel_bins=40, use_energy=True)
+    clips = clips_for({}, num_samples=4000)
+    lengths = torch.tensor([4000, 400, 1234, 3999, 2500])
+    padded = clips.clone()
+    padded[torch.arange(4000) >= lengths.unsqueeze(1)] = 123.0  # junk past each end must not leak in
+    features, num_frames = fbank(padded, lengths=lengths, backend="torch", **options)
+    expected_frames = [reference(c[:n], **options).shape[0] for c, n in zip(clips, lengths)]
+    assert num_frames.tolist() == expected_frames
+    assert features.shape[1] == max(expected_frames)
+    assert_matches_reference(features, clips, options, lengths)
+    for i, n in enumerate(expected_frames):
+        assert (features[i, n:] == 0).all()
+
+
+def test_lengths_as_list_and_subtract_mean_over_valid_frames():
+    options = dict(subtract_mean=True, num_mel_bins=30)
+    clips = clips_for({}, num_samples=3000)
+    lengths = [3000, 1000, 2000, 800, 2999]
+    features, num_frames = fbank(clips, lengths=lengths, backend="torch", **options)
+    assert_matches_reference(features, clips, options, lengths)
+    assert num_frames.dtype == torch.int64
+
+
+def test_dither_is_random_and_reproducible():
+    clip = clips_for({})[4:5]  # silent: without dither every bin sits at the log floor
+    seeded = [fbank(clip, dither=1.0, generator=torch.Generator().manual_seed(7)) for _ in range(2)]
+    torch.testing.assert_close(seeded[0], seeded[1], rtol=0, atol=0)
+    other = fbank(clip, dither=1.0, generator=torch.Generator().manual_seed(8))
+    assert not torch.equal(seeded[0], other)
+    # Unit-variance noise through the povey window: the mean log-Mel energy is far above the floor.
+    assert seeded[0].mean() > 0.0 > fbank(clip).mean()
+
+
+# --- bad input ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "call, error, match",
+    [
+        (lambda x: fbank(x.to(torch.int16)), TypeError, "float32 or float64"),
+        (lambda x: fbank(x.half()), TypeError, "float32 or float64"),
+        (lambda x: fbank(x[:, :399]), ValueError, "shorter than one frame"),
+        (lambda x: fbank(x, lengths=[1000, 1000, 399, 1000, 1000]), ValueError, "shorter than one frame"),
+        (lambda x: fbank(x, lengths=[1000, 1000]), ValueError, r"shape \[5\]"),
+        (lambda x: fbank(x, lengths=[1000, 1000, 1001, 1000, 1000]), ValueError, r"lengths must lie in"),
+        (lambda x: fbank(x, lengths=torch.full((5,), 500.0)), TypeError, "integers"),
+        (lambda x: fbank(x[0], lengths=[500]), ValueError, "single clip"),
+        (lambda x: fbank(x.unsqueeze(0)), ValueError, r"\[N\] or \[B, N\]"),
+        (lambda x: fbank(x, num_mel_bin=40), TypeError, "num_mel_bin"),
+        (lambda x: fbank(x, channel=0), TypeError, "channel"),
+        (lambda x: fbank(x, window_type="hann"), ValueError, "window_type"),
+        (lambda x: fbank(x, backend="triton"), ValueError, "backend"),
+        (lambda x: fbank(x, backend="cuda"), ValueError, "CUDA waveforms"),
+        (lambda x: fbank(x, high_freq=9000.0), ValueError, "high_freq"),
+        (lambda x: fbank(x, num_mel_bins=3), ValueError, "num_mel_bins"),
+        (lambda x: fbank(x, preemphasis_coefficient=1.5), ValueError, "preemphasis"),
+        (lambda x: fbank(x, frame_length=25.0625, round_to_power_of_two=False), ValueError, "even"),
+        (lambda x: fbank(x, energy_floor=-1.0), ValueError, "energy_floor"),
+        (lambda x: fbank(x, vtln_warp=1.1, vtln_low=10.0), ValueError, "vtln_low"),
+        (lambda x: fbank(x.tolist()), TypeError, "torch.Tensor"),
+    ],
+)
+def test_bad_input_is_a_clear_error(call, error, match):
+    with pytest.raises(error, match=match):
+        call(clips_for({}, num_samples=1000))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_check_finite(bad):
+    clips = clips_for({}, num_samples=1000)
+    clips[3, 500] = bad
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        fbank(clips, check_finite=True)
+    fbank(clips, lengths=[1000, 1000, 1000, 500, 1000], check_finite=True)  # the bad sample is padding
+
+
+# --- the kernel's arithmetic on the host ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def host_lib(tmp_path_factory):
+    compiler = shutil.which("g++")
+    if compiler is None:
+        pytest.skip("g++ not found")
+    library = tmp_path_factory.mktemp("fbank_host") / "fbank_host.so"
+    source = CSRC / "fbank_host_test.cpp"
+    subprocess.run([compiler, "-O2", "-std=c++17", "-shared", "-fPIC", "-o", str(library), str(source)], check=True)
+    return ctypes.CDLL(str(library))
+
+
+def _ptr(t):
+    return ctypes.c_void_p(t.data_ptr())
+
+
+def host_fbank(lib, waveforms, lengths, opts: FbankOptions):
+    """The kernel's per-frame pipeline over a batch, on the CPU, with the kernel's own tables."""
+    t = kernel_tables(opts, torch.device("cpu"), torch.get_default_dtype())
+    num_frames = opts.num_frames(int(lengths.max()))
+    out = torch.full((len(waveforms), num_frames, opts.num_features), float("nan"), dtype=waveforms.dtype)
+    function = lib.fbank_host_float if waveforms.dtype == torch.float32 else lib.fbank_host_double
+    i64, i32, f64 = ctypes.c_int64, ctypes.c_int, ctypes.c_double
+    function(
+        _ptr(waveforms), _ptr(out), i64(len(waveforms)), i64(waveforms.shape[1]), _ptr(lengths), i64(num_frames),
+        i32(opts.window_size), i32(opts.padded_window_size), i64(opts.window_shift), i64(opts.reflect_pad()),
+        i32(opts.snip_edges), i32(opts.remove_dc_offset), f64(opts.preemphasis_coefficient), i32(opts.raw_energy),
+        f64(opts.energy_floor), i32(opts.use_energy), i32(opts.htk_compat), i32(opts.use_log_fbank),
+        i32(opts.use_power), i32(opts.num_mel_bins), i32(t.mel_weights.shape[1]), _ptr(t.window),
+        _ptr(t.fft_twiddles), _ptr(t.real_twiddles), _ptr(t.mel_start), _ptr(t.mel_len), _ptr(t.mel_weights),
+    )  # fmt: skip
+    return out
+
+
+KERNEL_OPTION_SETS = [name for name, o in OPTION_SETS.items() if FbankOptions(**o).cuda_unsupported() is None]
+
+
+@pytest.mark.parametrize("name", KERNEL_OPTION_SETS)
+def test_kernel_arithmetic_matches_torchaudio_float64(host_lib, name):
+    options = OPTION_SETS[name]
+    clips = clips_for(options)
+    lengths = torch.tensor([clips.shape[1]] * len(clips))
+    features = host_fbank(host_lib, clips, lengths, FbankOptions(**options))
+    assert features.isfinite().all()
+    assert_matches_reference(features, clips, options)
+
+
+def test_kernel_arithmetic_padded_batch_float64(host_lib):
+    options = dict(snip_edges=False, use_energy=True, num_mel_bins=40)
+    clips = clips_for({}, num_samples=3000).double()
+    lengths = torch.tensor([3000, 400, 1111, 2999, 2000])
+    features = host_fbank(host_lib, clips, lengths, FbankOptions(**options))
+    torch.testing.assert_close(features, fbank(clips, lengths=lengths, backend="torch", **options)[0], atol=1e-9, rtol=0)
+
+
+@pytest.mark.parametrize("padded", [2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096])
+def test_kernel_arithmetic_every_fft_size(host_lib, padded):
+    # frame_length so that the window is exactly `padded` samples at 16 kHz (round_to_power_of_two=True).
+    options = dict(frame_length=padded / 16.0, frame_shift=max(padded / 32.0, 0.0625), num_mel_bins=4 if padded < 64 else 23)
+    if padded < 64:
+        options.update(low_freq=0.0)
+    clips = clips_for({}, num_samples=max(2 * padded, 800))
+    lengths = torch.tensor([clips.shape[1]] * len(clips))
+    features = host_fbank(host_lib, clips.double(), lengths, FbankOptions(**options))
+    assert_matches_reference(features, clips, options)
+
+
+@pytest.mark.parametrize("n", [1 << k for k in range(12)])
+def test_stockham_fft_matches_numpy(host_lib, n):
+    rng = np.random.default_rng(n)
+    x = rng.standard_normal(n) + 1j * rng.standard_normal(n)
+    data = torch.from_numpy(np.stack([x.real, x.imag], axis=1).copy())
+    scratch = torch.empty_like(data)
+    twiddles = _unit_circle(n, n)
+    host_lib.fft_host(_ptr(data), _ptr(scratch), ctypes.c_int(n), _ptr(twiddles))
+    np.testing.assert_allclose(data[:, 0].numpy() + 1j * data[:, 1].numpy(), np.fft.fft(x), atol=1e-11 * n, rtol=0)
+
+
+def test_kernel_mel_table_equals_dense_banks():
+    opts = FbankOptions(num_mel_bins=128, sample_frequency=44100.0, vtln_warp=1.1)
+    t = kernel_tables(opts, torch.device("cpu"), torch.get_default_dtype())
+    dense = torch.zeros(opts.num_mel_bins, opts.padded_window_size // 2, dtype=torch.float64)
+    for m in range(opts.num_mel_bins):
+        start, length = int(t.mel_start[m]), int(t.mel_len[m])
+        dense[m, start : start + length] = t.mel_weights[m, :length]
+    expected, _ = kaldi.get_mel_banks(128, opts.padded_window_size, 44100.0, 20.0, 0.0, 100.0, -500.0, 1.1)
+    assert torch.equal(dense, expected.double())
+
+
+# --- backend selection and the CUDA kernel -------------------------------------------------------
+
+
+def test_auto_on_cpu_runs_torch_without_warning():
+    clips = clips_for({}, num_samples=1000)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch.testing.assert_close(fbank(clips), fbank(clips, backend="torch"))
+
+
+def test_differentiable_through_torch_backend():
+    clips = clips_for({}, num_samples=1000).double().requires_grad_()
+    fbank(clips, backend="torch", num_mel_bins=20).sum().backward()
+    assert clips.grad is not None and clips.grad.isfinite().all()
+
+
+gpu = pytest.mark.gpu
+
+
+@gpu
+@pytest.mark.parametrize("name", KERNEL_OPTION_SETS)
+def test_cuda_kernel_matches_torchaudio_float64(name):
+    options = OPTION_SETS[name]
+    clips = clips_for(options)
+    features = fbank(clips.cuda(), backend="cuda", **options)
+    assert features.isfinite().all()
+    assert_matches_reference(features.cpu(), clips, options)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cuda_kernel_padded_batch_equals_torch_backend(dtype):
+    options = dict(snip_edges=False, use_energy=True, htk_compat=True, num_mel_bins=128, window_type="hanning")
+    clips = clips_for({}, num_samples=16000).to(dtype)
+    clips = torch.cat([clips] * 20).cuda()  # 100 clips
+    lengths = torch.randint(400, 16001, (len(clips),), generator=torch.Generator().manual_seed(0)).cuda()
+    got, frames = fbank(clips, lengths=lengths, backend="cuda", **options)
+    want, want_frames = fbank(clips, lengths=lengths, backend="torch", **options)
+    assert torch.equal(frames, want_frames)
+    torch.testing.assert_close(got, want, atol=1e-4 if dtype == torch.float32 else 1e-9, rtol=0)
+
+
+@gpu
+def test_cuda_every_fft_size_and_noncontiguous():
+    clips = clips_for({}, num_samples=9000)
+    for padded in [2, 16, 256, 1024, 4096]:
+        options = dict(frame_length=padded / 16.0, frame_shift=max(padded / 32.0, 0.0625), num_mel_bins=4, low_freq=0.0)
+        strided = torch.stack([clips, clips], dim=2).reshape(len(clips), -1)[:, ::2].cuda()
+        assert_matches_reference(fbank(strided, backend="cuda", **options).cpu(), clips, options)
+
+
+@gpu
+def test_cuda_unsupported_options():
+    clips = clips_for({}, num_samples=1000).cuda()
+    with pytest.raises(ValueError, match="dither"):
+        fbank(clips, backend="cuda", dither=1.0)
+    with pytest.raises(ValueError, match="power of two"):
+        fbank(clips, backend="cuda", round_to_power_of_two=False)
+    _warn_once.cache_clear()
+    with pytest.warns(UserWarning, match="subtract_mean.*torch path"):
+        fbank(clips, subtract_mean=True)
+
+
+@gpu
+def test_cuda_op_registration():
+    opts = FbankOptions(num_mel_bins=40, use_energy=True)
+    clips = clips_for({}, num_samples=2000).cuda()
+    lengths = torch.full((len(clips),), 2000, device="cuda")
+    t = kernel_tables(opts, clips.device, torch.get_default_dtype())
+    args = (clips, lengths, opts.num_frames(2000), t.window, t.fft_twiddles, t.real_twiddles, t.mel_start, t.mel_len,
+            t.mel_weights, opts.window_shift, opts.reflect_pad(), True, True, 0.97, True, 1.0, True, False, True, True)  # fmt: skip
+    torch.library.opcheck(_fbank_cuda_op, args)
+    compiled = torch.compile(lambda x: _fbank_cuda_op(x, *args[1:]), fullgraph=True)
+    torch.testing.assert_close(compiled(clips), fbank(clips, backend="cuda", num_mel_bins=40, use_energy=True))

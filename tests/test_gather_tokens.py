@@ -1,0 +1,400 @@
+"""gather_tokens, gather_tokens_2d and unshuffle_tokens against their float64 eager references.
+
+On the CPU the Triton kernels run through the interpreter (conftest sets TRITON_INTERPRET=1), so
+shapes stay small and odd; the ``gpu`` tests repeat the checks at the issue's sizes on CUDA.
+Every kernel output is allocated by a poisoned ``torch.empty`` (NaN-filled), so a row a kernel
+forgets to write shows up as NaN instead of as lucky zeros.
+"""
+import os
+
+import pytest
+import torch
+
+from kernels.gather_tokens import gather_tokens, gather_tokens_2d
+from kernels.reference import gather_tokens as gather_reference
+from kernels.reference import unshuffle_tokens as unshuffle_reference
+from kernels.unshuffle_tokens import unshuffle_tokens
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float64: 1e-12}
+LOW_PRECISION = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.fixture(autouse=True)
+def poisoned_empty(monkeypatch):
+    real_empty = torch.empty
+
+    def nan_empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", nan_empty)
+
+
+def assert_matches(actual: torch.Tensor, expected64: torch.Tensor, dtype: torch.dtype) -> None:
+    assert actual.dtype == dtype
+    tol = TOLERANCE[dtype]
+    torch.testing.assert_close(actual.double(), expected64, rtol=tol, atol=tol)
+
+
+def leaves(*tensors, dtype):
+    """The inputs in ``dtype`` and, separately, the same values in float64, all requiring grad."""
+    low = [t.to(dtype).requires_grad_() if t is not None else None for t in tensors]
+    high = [t.detach().double().requires_grad_() if t is not None else None for t in low]
+    return low, high
+
+
+def grads(out, inputs, grad_out):
+    wanted = [t for t in inputs if t is not None]
+    return torch.autograd.grad(out, wanted, grad_out)
+
+
+def random_ids(B, L, K, generator=None):
+    return torch.stack([torch.randperm(L, generator=generator)[:K] for _ in range(B)]).to(DEVICE)
+
+
+def check_gather(x, ids_keep, pos_embed, dtype, **kw):
+    (xl, pl), (xh, ph) = leaves(x, pos_embed, dtype=dtype)
+    out = gather_tokens(xl, ids_keep, pl, **kw)
+    ref = gather_reference.gather_tokens(xh, ids_keep, ph)
+    assert_matches(out, ref, dtype)
+    g = torch.randn(out.shape, device=DEVICE).to(dtype)
+    for got, want in zip(grads(out, (xl, pl), g), grads(ref, (xh, ph), g.double())):
+        assert_matches(got, want, dtype)
+
+
+def check_unshuffle(x, ids_restore, mask_token, pos_embed, dtype):
+    (xl, ml, pl), (xh, mh, ph) = leaves(x, mask_token, pos_embed, dtype=dtype)
+    out = unshuffle_tokens(xl, ids_restore, ml, pl)
+    ref = unshuffle_reference.unshuffle_tokens(xh, ids_restore, mh, ph)
+    assert_matches(out, ref, dtype)
+    g = torch.randn(out.shape, device=DEVICE).to(dtype)
+    for got, want in zip(grads(out, (xl, ml, pl), g), grads(ref, (xh, mh, ph), g.double())):
+        assert_matches(got, want, dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# gather_tokens
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("B,L,K,C", [(1, 7, 3, 5), (2, 19, 6, 33), (3, 40, 9, 70), (2, 13, 13, 8)])
+@pytest.mark.parametrize("pos_shape", [None, "LC", "1LC"])
+def test_gather_float32(seed, B, L, K, C, pos_shape):
+    x = torch.randn(B, L, C, device=DEVICE)
+    pos = None if pos_shape is None else torch.randn((L, C) if pos_shape == "LC" else (1, L, C), device=DEVICE)
+    check_gather(x, random_ids(B, L, K), pos, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION + [torch.float64])
+def test_gather_dtypes(seed, dtype):
+    B, L, K, C = 3, 21, 5, 37
+    check_gather(torch.randn(B, L, C, device=DEVICE), random_ids(B, L, K), torch.randn(L, C, device=DEVICE), dtype)
+
+
+def test_gather_repeated_indices_sum_their_gradients(seed):
+    B, L, C = 3, 11, 9
+    ids = torch.tensor([[4, 4, 4, 0, 10], [1, 2, 3, 2, 1], [7, 7, 7, 7, 7]], device=DEVICE)
+    check_gather(torch.randn(B, L, C, device=DEVICE), ids, torch.randn(L, C, device=DEVICE), torch.float32)
+
+
+def test_gather_non_contiguous_inputs(seed):
+    B, L, K, C = 3, 17, 6, 23
+    x = torch.randn(C, L, B, device=DEVICE).permute(2, 1, 0)  # channels not innermost
+    ids = random_ids(B, L, K).repeat_interleave(2, 1)[:, ::2]  # strided index rows
+    pos = torch.randn(L, 2 * C, device=DEVICE)[:, ::2]
+    assert not (x.is_contiguous() or ids.is_contiguous() or pos.is_contiguous())
+    (xl, pl), (xh, ph) = leaves(x, pos, dtype=torch.float32)
+    out = gather_tokens(xl, ids, pl)
+    ref = gather_reference.gather_tokens(xh, ids, ph)
+    assert_matches(out, ref, torch.float32)
+    # A transposed view makes the incoming gradient non-contiguous too.
+    g = torch.randn(K, B, C, device=DEVICE)
+    got = torch.autograd.grad(out.transpose(0, 1), (xl, pl), g)
+    want = torch.autograd.grad(ref.transpose(0, 1), (xh, ph), g.double())
+    for a, b in zip(got, want):
+        assert_matches(a, b, torch.float32)
+
+
+def test_gather_mixed_dtypes_promote(seed):
+    B, L, K, C = 2, 9, 4, 12
+    x = torch.randn(B, L, C, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    pos = torch.randn(L, C, device=DEVICE, requires_grad=True)
+    ids = random_ids(B, L, K)
+    out = gather_tokens(x, ids, pos)
+    ref = gather_reference.gather_tokens(x.detach().double(), ids, pos.detach().double())
+    assert out.dtype == torch.float32
+    assert_matches(out, ref, torch.float32)
+    gx, gp = torch.autograd.grad(out, (x, pos), torch.ones_like(out))
+    assert gx.dtype == torch.bfloat16 and gp.dtype == torch.float32
+
+
+def test_gather_only_pos_embed_needs_grad(seed):
+    B, L, K, C = 3, 15, 5, 10
+    x = torch.randn(B, L, C, device=DEVICE)
+    pos = torch.randn(1, L, C, device=DEVICE, requires_grad=True)
+    ids = random_ids(B, L, K)
+    out = gather_tokens(x, ids, pos)
+    (gp,) = torch.autograd.grad(out, pos, torch.ones_like(out))
+    ref = torch.zeros(L, device=DEVICE).index_add_(0, ids.flatten(), torch.ones(B * K, device=DEVICE))
+    assert gp.shape == pos.shape
+    torch.testing.assert_close(gp[0], ref[:, None].expand(L, C))
+
+
+@pytest.mark.parametrize("B,L,K,C", [(2, 6, 0, 4), (0, 6, 3, 4), (2, 6, 3, 0)])
+def test_gather_empty_sizes(B, L, K, C):
+    x = torch.randn(B, L, C, device=DEVICE, requires_grad=True)
+    pos = torch.randn(L, C, device=DEVICE, requires_grad=True)
+    ids = torch.zeros(B, K, dtype=torch.int64, device=DEVICE)
+    out = gather_tokens(x, ids, pos)
+    assert out.shape == (B, K, C)
+    gx, gp = torch.autograd.grad(out.sum() + 0 * (x.sum() + pos.sum()), (x, pos))
+    assert torch.equal(gx, torch.zeros_like(x)) and torch.equal(gp, torch.zeros_like(pos))
+
+
+# ------------------------------------------------------------------------------------------------
+# gather_tokens_2d
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
+@pytest.mark.parametrize("B,T,F,Kt,Kf,C", [(1, 5, 3, 2, 2, 7), (2, 8, 5, 5, 3, 33)])
+def test_gather_2d(seed, dtype, B, T, F, Kt, Kf, C):
+    x = torch.randn(B, T * F, C, device=DEVICE)
+    pos = torch.randn(1, T * F, C, device=DEVICE)
+    ids_t, ids_f = random_ids(B, T, Kt), random_ids(B, F, Kf)
+    (xl, pl), (xh, ph) = leaves(x, pos, dtype=dtype)
+    out = gather_tokens_2d(xl, ids_t, ids_f, (T, F), pl)
+    ref = gather_reference.gather_tokens_2d(xh, ids_t, ids_f, (T, F), ph)
+    assert_matches(out, ref, dtype)
+    # The issue's formula, independently of the reference's two-step gather.
+    i, j = 1 % Kt, Kf - 1
+    token = ids_t[0, i] * F + ids_f[0, j]
+    assert_matches(out[0, i * Kf + j], (xh[0, token] + ph[0, token]).detach(), dtype)
+    g = torch.randn(out.shape, device=DEVICE).to(dtype)
+    for got, want in zip(grads(out, (xl, pl), g), grads(ref, (xh, ph), g.double())):
+        assert_matches(got, want, dtype)
+
+
+def test_gather_2d_repeated_rows(seed):
+    B, T, F, C = 2, 4, 3, 6
+    ids_t = torch.tensor([[1, 1, 3], [0, 2, 0]], device=DEVICE)
+    ids_f = torch.tensor([[2, 2], [0, 1]], device=DEVICE)
+    (xl,), (xh,) = leaves(torch.randn(B, T * F, C, device=DEVICE), dtype=torch.float32)
+    out = gather_tokens_2d(xl, ids_t, ids_f, (T, F))
+    ref = gather_reference.gather_tokens_2d(xh, ids_t, ids_f, (T, F))
+    g = torch.randn(out.shape, device=DEVICE)
+    assert_matches(torch.autograd.grad(out, xl, g)[0], torch.autograd.grad(ref, xh, g.double())[0], torch.float32)
+
+
+# ------------------------------------------------------------------------------------------------
+# unshuffle_tokens
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("B,L,K,C", [(1, 7, 2, 5), (2, 19, 4, 33), (3, 40, 8, 70), (2, 9, 9, 6), (2, 9, 0, 6)])
+@pytest.mark.parametrize("with_pos", [False, True])
+def test_unshuffle_float32(seed, B, L, K, C, with_pos):
+    x = torch.randn(B, K, C, device=DEVICE)
+    pos = torch.randn(1, L, C, device=DEVICE) if with_pos else None
+    check_unshuffle(x, random_ids(B, L, L), torch.randn(C, device=DEVICE), pos, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION + [torch.float64])
+def test_unshuffle_dtypes(seed, dtype):
+    B, L, K, C = 3, 23, 5, 37
+    x = torch.randn(B, K, C, device=DEVICE)
+    check_unshuffle(x, random_ids(B, L, L), torch.randn(1, 1, C, device=DEVICE), torch.randn(L, C, device=DEVICE), dtype)
+
+
+def test_unshuffle_index_that_is_not_a_permutation(seed):
+    # Kept row 1 read three times, row 0 never, two positions take the mask token.
+    B, L, K, C = 2, 6, 3, 7
+    ids = torch.tensor([[1, 1, 5, 2, 1, 3], [0, 1, 2, 4, 4, 4]], device=DEVICE)
+    check_unshuffle(torch.randn(B, K, C, device=DEVICE), ids, torch.randn(C, device=DEVICE), torch.randn(L, C, device=DEVICE), torch.float32)
+
+
+def test_unshuffle_non_contiguous_inputs(seed):
+    B, L, K, C = 3, 17, 5, 23
+    x = torch.randn(C, K, B, device=DEVICE).permute(2, 1, 0)
+    ids = random_ids(B, L, L).repeat_interleave(2, 1)[:, ::2]
+    mask = torch.randn(2 * C, device=DEVICE)[::2]
+    pos = torch.randn(L, 2 * C, device=DEVICE)[:, ::2]
+    assert not any(t.is_contiguous() for t in (x, ids, mask, pos))
+    (xl, ml, pl), (xh, mh, ph) = leaves(x, mask, pos, dtype=torch.float32)
+    out = unshuffle_tokens(xl, ids, ml, pl)
+    ref = unshuffle_reference.unshuffle_tokens(xh, ids, mh, ph)
+    assert_matches(out, ref, torch.float32)
+    g = torch.randn(L, B, C, device=DEVICE)
+    got = torch.autograd.grad(out.transpose(0, 1), (xl, ml, pl), g)
+    want = torch.autograd.grad(ref.transpose(0, 1), (xh, mh, ph), g.double())
+    for a, b in zip(got, want):
+        assert_matches(a, b, torch.float32)
+
+
+def test_unshuffle_grad_of_mask_token_only(seed):
+    B, L, K, C = 3, 12, 4, 9
+    ids = random_ids(B, L, L)
+    x = torch.randn(B, K, C, device=DEVICE)
+    mask = torch.randn(1, 1, C, device=DEVICE, requires_grad=True)
+    g = torch.randn(B, L, C, device=DEVICE)
+    (got,) = torch.autograd.grad(unshuffle_tokens(x, ids, mask, torch.randn(L, C, device=DEVICE)), mask, g)
+    want = (g * (ids >= K).unsqueeze(-1)).sum((0, 1))
+    assert got.shape == mask.shape
+    torch.testing.assert_close(got.flatten(), want)
+
+
+def test_unshuffle_empty_batch():
+    x = torch.randn(0, 3, 4, device=DEVICE, requires_grad=True)
+    mask = torch.randn(4, device=DEVICE, requires_grad=True)
+    pos = torch.randn(5, 4, device=DEVICE, requires_grad=True)
+    out = unshuffle_tokens(x, torch.zeros(0, 5, dtype=torch.int64, device=DEVICE), mask, pos)
+    assert out.shape == (0, 5, 4)
+    gm, gp = torch.autograd.grad(out.sum() + 0 * (mask.sum() + pos.sum()), (mask, pos))
+    assert torch.equal(gm, torch.zeros_like(mask)) and torch.equal(gp, torch.zeros_like(pos))
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad input
+# ------------------------------------------------------------------------------------------------
+def test_gather_rejects_bad_input():
+    x = torch.randn(2, 8, 4, device=DEVICE)
+    ids = torch.tensor([[0, 7], [3, 1]], device=DEVICE)
+    with pytest.raises(TypeError, match="ids_keep must be int64"):
+        gather_tokens(x, ids.int())
+    with pytest.raises(ValueError, match=r"ids_keep holds values in \[1, 8\]; they must lie in \[0, 8\)"):
+        gather_tokens(x, ids + 1)
+    with pytest.raises(ValueError, match=r"ids_keep holds values in \[-1, 6\]"):
+        gather_tokens(x, ids - 1)
+    with pytest.raises(ValueError, match=r"ids_keep must be \[B=2, N\]"):
+        gather_tokens(x, ids[:1])
+    with pytest.raises(ValueError, match="pos_embed must be"):
+        gather_tokens(x, ids, torch.randn(7, 4, device=DEVICE))
+    with pytest.raises(ValueError, match=r"x must be \[B, L, C\]"):
+        gather_tokens(x[0], ids)
+    with pytest.raises(TypeError, match="x has dtype torch.int64"):
+        gather_tokens(x.long(), ids)
+    with pytest.raises(TypeError, match="float64 does not mix"):
+        gather_tokens(x.double(), ids, torch.randn(8, 4, device=DEVICE))
+    with pytest.raises(ValueError, match=r"grid \(3, 3\) holds 9 tokens"):
+        gather_tokens_2d(x, ids, ids, (3, 3))
+    with pytest.raises(ValueError, match=r"ids_keep_f holds values in \[0, 7\]; they must lie in \[0, 4\)"):
+        gather_tokens_2d(x, ids % 2, ids, (2, 4))
+
+
+def test_unshuffle_rejects_bad_input():
+    x = torch.randn(2, 3, 4, device=DEVICE)
+    ids = random_ids(2, 6, 6)
+    mask = torch.randn(4, device=DEVICE)
+    with pytest.raises(TypeError, match="ids_restore must be int64"):
+        unshuffle_tokens(x, ids.float(), mask)
+    with pytest.raises(ValueError, match=r"ids_restore holds values in \[1, 6\]"):
+        unshuffle_tokens(x, torch.where(ids == 0, 6, ids), mask)
+    with pytest.raises(ValueError, match="restores L=2 < K positions"):
+        unshuffle_tokens(x, ids[:, :2], mask)
+    with pytest.raises(ValueError, match=r"mask_token must be \[4\] or \[1, 1, 4\]"):
+        unshuffle_tokens(x, ids, mask[:3])
+    with pytest.raises(ValueError, match="pos_embed must be"):
+        unshuffle_tokens(x, ids, mask, torch.randn(5, 4, device=DEVICE))
+    with pytest.raises(TypeError, match="mask_token has dtype torch.int32"):
+        unshuffle_tokens(x, ids, mask.int())
+
+
+def test_unchecked_out_of_range_indices_stay_in_bounds():
+    # check_indices=False promises only memory safety: out-of-range rows read nothing.
+    x = torch.randn(2, 5, 3, device=DEVICE)
+    ids = torch.tensor([[0, 99], [-7, 4]], device=DEVICE)
+    assert torch.isfinite(gather_tokens(x, ids, check_indices=False)).all()
+    restore = torch.tensor([[0, 1, 99, 3, 4], [-2, 1, 2, 3, 4]], device=DEVICE)
+    assert torch.isfinite(unshuffle_tokens(x[:, :2], restore, torch.randn(3, device=DEVICE), check_indices=False)).all()
+
+
+def test_cpu_without_interpreter_uses_the_reference(monkeypatch):
+    monkeypatch.setitem(os.environ, "TRITON_INTERPRET", "0")
+    x = torch.randn(2, 8, 4)
+    ids = torch.tensor([[0, 7], [3, 1]])
+    torch.testing.assert_close(gather_tokens(x, ids), gather_reference.gather_tokens(x, ids))
+    with pytest.raises(ValueError, match="ids_keep holds values"):
+        gather_tokens(x, ids + 1)
+
+
+# ------------------------------------------------------------------------------------------------
+# torch.library and torch.compile
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("with_pos", [False, True])
+def test_opcheck_gather(seed, with_pos):
+    x = torch.randn(2, 6, 5, device=DEVICE, requires_grad=True)
+    pos = torch.randn(6, 5, device=DEVICE, requires_grad=True) if with_pos else None
+    torch.library.opcheck(torch.ops.audiomae.gather_tokens.default, (x, random_ids(2, 6, 3), pos))
+    g = torch.randn(2, 3, 5, device=DEVICE)
+    args = (g, random_ids(2, 6, 3), 6, torch.float32, torch.float32 if with_pos else None)
+    torch.library.opcheck(torch.ops.audiomae.gather_tokens_backward.default, args)
+
+
+@pytest.mark.parametrize("with_pos", [False, True])
+def test_opcheck_unshuffle(seed, with_pos):
+    x = torch.randn(2, 2, 5, device=DEVICE, requires_grad=True)
+    mask = torch.randn(5, device=DEVICE, requires_grad=True)
+    pos = torch.randn(6, 5, device=DEVICE, requires_grad=True) if with_pos else None
+    torch.library.opcheck(torch.ops.audiomae.unshuffle_tokens.default, (x, random_ids(2, 6, 6), mask, pos))
+    args = (torch.randn(2, 6, 5, device=DEVICE), random_ids(2, 6, 6), 2, torch.float32, torch.float32, torch.float32 if with_pos else None)
+    torch.library.opcheck(torch.ops.audiomae.unshuffle_tokens_backward.default, args)
+
+
+def test_compiles_without_graph_breaks(seed):
+    B, T, F, C = 2, 4, 3, 5
+    x = torch.randn(B, T * F, C, device=DEVICE, requires_grad=True)
+    pos = torch.randn(1, T * F, C, device=DEVICE)
+    mask = torch.randn(1, 1, C, device=DEVICE, requires_grad=True)
+    ids_shuffle, ids_t, ids_f = random_ids(B, T * F, T * F), random_ids(B, T, 2), random_ids(B, F, 2)
+    ids_keep, ids_restore = ids_shuffle[:, :4], torch.argsort(ids_shuffle, 1)
+
+    def encoder_and_decoder(x, mask):
+        kept = gather_tokens(x, ids_keep, pos)
+        return unshuffle_tokens(kept, ids_restore, mask, pos).sum() + gather_tokens_2d(x, ids_t, ids_f, (T, F)).sum()
+
+    backend = "inductor" if DEVICE == "cuda" else "aot_eager"  # inductor on CPU needs a C++ toolchain
+    compiled = torch.compile(encoder_and_decoder, fullgraph=True, backend=backend)
+    got = torch.autograd.grad(compiled(x, mask), (x, mask))
+    want = torch.autograd.grad(encoder_and_decoder(x, mask), (x, mask))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU: the issue's sizes
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
+def test_gpu_gather_at_target_shape(seed, dtype):
+    B, L, K, C = 8, 512, 102, 768
+    check_gather(torch.randn(B, L, C, device=DEVICE), random_ids(B, L, K), torch.randn(1, L, C, device=DEVICE), dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
+def test_gpu_unshuffle_at_target_shape(seed, dtype):
+    B, L, K, C = 8, 512, 102, 512
+    check_unshuffle(torch.randn(B, K, C, device=DEVICE), random_ids(B, L, L), torch.randn(C, device=DEVICE), torch.randn(L, C, device=DEVICE), dtype)
+
+
+@pytest.mark.gpu
+def test_gpu_gather_2d_and_repeats(seed):
+    B, T, F, C = 16, 64, 8, 768
+    x = torch.randn(B, T * F, C, device=DEVICE)
+    (xl,), (xh,) = leaves(x, dtype=torch.bfloat16)
+    ids_t, ids_f = random_ids(B, T, 51), random_ids(B, F, 6)
+    ids_t[:, 1] = ids_t[:, 0]
+    out = gather_tokens_2d(xl, ids_t, ids_f, (T, F))
+    ref = gather_reference.gather_tokens_2d(xh, ids_t, ids_f, (T, F))
+    assert_matches(out, ref, torch.bfloat16)
+    g = torch.randn(out.shape, device=DEVICE).bfloat16()
+    assert_matches(torch.autograd.grad(out, xl, g)[0], torch.autograd.grad(ref, xh, g.double())[0], torch.bfloat16)
+
+
+@pytest.mark.gpu
+def test_gpu_backward_is_deterministic(seed):
+    B, L, K, C = 64, 512, 102, 512
+    x = torch.randn(B, K, C, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    mask = torch.randn(C, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    pos = torch.randn(L, C, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    ids = random_ids(B, L, L)
+    g = torch.randn(B, L, C, device=DEVICE, dtype=torch.bfloat16)
+    first = torch.autograd.grad(unshuffle_tokens(x, ids, mask, pos), (x, mask, pos), g)
+    for _ in range(3):
+        again = torch.autograd.grad(unshuffle_tokens(x, ids, mask, pos), (x, mask, pos), g)
+        assert all(torch.equal(a, b) for a, b in zip(first, again))
