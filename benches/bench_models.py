@@ -1,0 +1,268 @@
+"""Whole-model steps per backend: AudioMAE pretraining, fine-tuning and embedding extraction.
+
+Steps (GPU: the issue's targets, batch 64 of 1024 x 128 spectrograms, bf16 autocast):
+- ``pretrain``: ``audiomae.mae_vit_base_patch16(decoder_mode=1, norm_pix_loss=True)`` at mask ratio
+  0.8: forward, backward and an AdamW update (the official betas (0.9, 0.95), weight decay 0.05);
+- ``finetune``: ``audiomae.vit_base_patch16`` as the official AudioSet fine-tuning builds it
+  (527 classes, drop path 0.1, global pooling) with structured masking ``mask_t_prob=0.2``,
+  ``mask_f_prob=0.2`` (``ft_as.sh``), BCE-with-logits on multi-hot targets, AdamW (decay 5e-4);
+- ``embed``: inference-only embedding extraction, the fine-tuning model's ``forward_features``
+  (pooled [B, 768]) under ``torch.inference_mode``.
+
+Variants: ``reference`` (the official eager math), ``reference+compile`` (the same model under
+``torch.compile``), ``sdpa`` and ``triton``. Each row reports ``median_ms`` (CUDA events, median
+after warm-up, the input batch alternating between two random draws), ``samples_per_s``,
+``peak_mem_bytes`` (the absolute peak allocated while stepping: weights, gradients and AdamW
+state included, as the official 15.8 GiB figure), ``speedup_vs_reference`` and
+``mem_fraction_of_reference`` (both against ``reference`` measured in the same run), and
+``flops`` (``torch.utils.flop_counter`` over one eager reference forward and backward) with
+``flop_floor_ms`` = flops over the bf16 matmul rate measured in the same run.
+
+On the CPU the models are tiny, float32, batch 2 (1 with ``quick``, one timed step), and the
+timings say nothing about GPU speed. There ``reference+compile`` is skipped (its first build takes minutes on two
+cores) and so is the pretraining step on ``triton``: the 16-block Swin decoder's window attention
+through Triton's interpreter takes tens of seconds a step; both are SKIP rows, not numbers.
+
+``profile_step`` prints where a step's GPU time goes (``torch.profiler``); the GPU check calls it.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+from functools import partial
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from benches.harness import matmul_tflops, time_fn
+
+STEPS = ("pretrain", "finetune", "embed")
+VARIANTS = ("reference", "reference+compile", "sdpa", "triton")
+GPU_BATCH = 64
+CPU_BATCH = 2
+TARGET = "pretrain triton: >= 3x reference samples/s at <= 0.5x its peak memory (issue 6)"
+
+
+def build_model(step: str, device: torch.device, backend: str) -> nn.Module:
+    import audiomae
+
+    if device.type == "cuda":
+        if step == "pretrain":
+            model = audiomae.mae_vit_base_patch16(decoder_mode=1, norm_pix_loss=True, backend=backend)
+        else:
+            model = audiomae.vit_base_patch16(num_classes=527, drop_path_rate=0.1, global_pool=True, mask_2d=True,
+                                              backend=backend)
+    elif step == "pretrain":
+        model = audiomae.MaskedAutoencoderViT(
+            img_size=(64, 64), embed_dim=64, depth=2, num_heads=4, decoder_embed_dim=256, decoder_num_heads=16,
+            mlp_ratio=2.0, norm_layer=partial(nn.LayerNorm, eps=1e-6), decoder_mode=1, norm_pix_loss=True,
+            backend=backend)
+    else:
+        model = audiomae.VisionTransformer(img_size=(64, 64), embed_dim=64, depth=2, num_heads=4, num_classes=10,
+                                           drop_path_rate=0.1, backend=backend)
+    return model.to(device)
+
+
+def _autocast(device: torch.device):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def make_step(step: str, model: nn.Module, batch: int, device: torch.device, compiled: bool = False):
+    """A closure running one ``step``; inputs alternate between two random batches."""
+    inputs = [torch.randn(batch, 1, *model.patch_embed.img_size, device=device) for _ in range(2)]
+    calls = [0]
+
+    def next_input():
+        calls[0] += 1
+        return inputs[calls[0] % 2]
+
+    if step == "embed":
+        model.eval()
+        features = torch.compile(model.forward_features) if compiled else model.forward_features
+
+        def run():
+            with torch.inference_mode(), _autocast(device):
+                return features(next_input())
+
+        return run
+
+    model.train()
+    forward = torch.compile(model) if compiled else model
+    if step == "pretrain":
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1.5e-4, betas=(0.9, 0.95), weight_decay=0.05)
+
+        def loss_fn():
+            return forward(next_input(), mask_ratio=0.8)[0]
+    else:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=2.5e-4, weight_decay=5e-4)
+        targets = (torch.rand(batch, model.num_classes, device=device) < 0.05).float()
+
+        def loss_fn():
+            logits = forward(next_input(), mask_t_prob=0.2, mask_f_prob=0.2)
+            return nn.functional.binary_cross_entropy_with_logits(logits.float(), targets)
+
+    def run():
+        with _autocast(device):
+            loss = loss_fn()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    run.loss_fn = loss_fn
+    return run
+
+
+def step_flops(step: str, batch: int, device: torch.device) -> int:
+    """FLOPs of one eager reference forward (and backward, for training steps)."""
+    model = build_model(step, device, "reference")
+    run = make_step(step, model, batch, device)
+    with FlopCounterMode(display=False) as counter:
+        if step == "embed":
+            run()
+        else:
+            with _autocast(device):
+                loss = run.loss_fn()
+            loss.backward()
+    return counter.get_total_flops()
+
+
+def skip_reason(step: str, variant: str, device: torch.device) -> str | None:
+    import audiomae
+
+    backend = variant.split("+")[0]
+    available, why = audiomae.backend_status(backend)
+    if not available:
+        return why
+    if device.type == "cpu" and variant.endswith("+compile"):
+        return "torch.compile's first build of a step takes minutes on this CPU; measured on the GPU"
+    if device.type == "cpu" and step == "pretrain" and backend == "triton":
+        return "the Swin decoder's window attention through Triton's interpreter takes tens of seconds a step"
+    return None
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def measure(step: str, variant: str, batch: int, device: torch.device, warmup: int, reps: int) -> dict:
+    _free(device)
+    torch.manual_seed(0)
+    model = build_model(step, device, variant.split("+")[0])
+    run = make_step(step, model, batch, device, compiled=variant.endswith("+compile"))
+    timing = time_fn(run, device, warmup=warmup, reps=reps)
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    del model, run
+    _free(device)
+    return {"median_ms": timing.median_ms, "min_ms": timing.min_ms, "reps": timing.reps,
+            "samples_per_s": batch / (timing.median_ms * 1e-3), "peak_mem_bytes": peak,
+            "step_extra_mem_bytes": timing.peak_mem_bytes}
+
+
+def run(device: str = "cuda", quick: bool = False, batch_sizes=None, steps=STEPS, variants=VARIANTS) -> list[dict]:
+    device = torch.device(device)
+    on_gpu = device.type == "cuda"
+    warmup, reps = (3, 10) if on_gpu else ((0, 1) if quick else (1, 3))
+    batch_sizes = batch_sizes or [GPU_BATCH if on_gpu else (1 if quick else CPU_BATCH)]
+    matmul_rate = matmul_tflops(str(device)) * 1e12
+    rows = []
+    for step in steps:
+        for batch in batch_sizes:
+            flops = step_flops(step, batch, device)
+            base = {"suite": f"model_{step}", "name": step, "batch": batch,
+                    "shape": f"B={batch} {'1024x128 base' if on_gpu else '64x64 tiny'}",
+                    "dtype": "bf16-autocast" if on_gpu else "float32", "flops": flops,
+                    "flop_floor_ms": flops / matmul_rate * 1e3}
+            reference = None
+            for variant in variants:
+                reason = skip_reason(step, variant, device)
+                if reason:
+                    rows.append({**base, "impl": variant, "status": "SKIP", "note": reason})
+                    continue
+                try:
+                    row = {**base, "impl": variant, **measure(step, variant, batch, device, warmup, reps)}
+                except Exception as error:  # noqa: BLE001 - e.g. out of memory or a compile failure: report it
+                    _free(device)
+                    rows.append({**base, "impl": variant, "status": "ERROR",
+                                 "note": f"{type(error).__name__}: {error}".splitlines()[0][:300]})
+                    continue
+                reference = reference or (row if variant == "reference" else None)
+                row["fraction_of_floor"] = row["flop_floor_ms"] / row["median_ms"]
+                if reference:
+                    row["speedup_vs_reference"] = reference["median_ms"] / row["median_ms"]
+                    if row["peak_mem_bytes"] and reference["peak_mem_bytes"]:
+                        row["mem_fraction_of_reference"] = row["peak_mem_bytes"] / reference["peak_mem_bytes"]
+                if step == "pretrain" and variant == "triton" and on_gpu and "mem_fraction_of_reference" in row:
+                    met = row["speedup_vs_reference"] >= 3 and row["mem_fraction_of_reference"] <= 0.5
+                    row["note"] = f"{'meets' if met else 'misses'} target: {TARGET}"
+                rows.append(row)
+    return rows
+
+
+def profile_step(step: str = "pretrain", variant: str = "triton", batch: int = GPU_BATCH, steps: int = 3,
+                 row_limit: int = 30) -> str:
+    """The profiler's table of where ``steps`` steps spend their GPU time, costliest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    device = torch.device("cuda")
+    model = build_model(step, device, variant.split("+")[0])
+    run = make_step(step, model, batch, device, compiled=variant.endswith("+compile"))
+    for _ in range(3):
+        run()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            run()
+        torch.cuda.synchronize()
+    title = f"{step} step, {variant}, batch {batch}: {steps} steps profiled"
+    return title + "\n" + prof.key_averages().table(sort_by="cuda_time_total", row_limit=row_limit)
+
+
+# ------------------------------------------------------------------------------- pytest-benchmark
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@needs_cuda
+@pytest.mark.parametrize("step", STEPS)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_model_step(benchmark, step, variant):
+    device = torch.device("cuda")
+    model = build_model(step, device, variant.split("+")[0])
+    run = make_step(step, model, GPU_BATCH, device, compiled=variant.endswith("+compile"))
+
+    def synced():
+        run()
+        torch.cuda.synchronize()
+
+    benchmark.pedantic(synced, rounds=10, warmup_rounds=3)
+    benchmark.extra_info["samples_per_s"] = GPU_BATCH / benchmark.stats.stats.median
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--steps", nargs="+", choices=STEPS, default=list(STEPS))
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    parser.add_argument("--batch-sizes", nargs="+", type=int)
+    parser.add_argument("--profile", choices=STEPS, help="print the profiler's table for this step instead (GPU)")
+    parser.add_argument("--out", help="write the rows as JSON here")
+    args = parser.parse_args()
+    if args.profile:
+        print(profile_step(args.profile, args.variants[-1], (args.batch_sizes or [GPU_BATCH])[0]))
+        return
+    rows = run(args.device, args.quick, args.batch_sizes, args.steps, args.variants)
+    for row in rows:
+        print({k: row.get(k) for k in ("suite", "impl", "median_ms", "samples_per_s", "peak_mem_bytes", "status", "note")})
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

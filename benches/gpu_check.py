@@ -1,0 +1,187 @@
+"""``make gpu-check``: on the GPU machine, build, test, validate and time everything in one call.
+
+Run from the checkout as ``PYTHONPATH=. python3 benches/gpu_check.py`` (no package registry there:
+nothing is installed, the CUDA extension is built in place). Each part runs in its own process
+under its own timeout, inside one overall budget (``--budget``, 450 s by default, so the whole
+check ends inside 8 minutes), most valuable first:
+
+1. ``build``: ``AUDIOMAE_BUILD_CUDA=1 python3 setup.py build_ext --inplace`` (ninja); if that
+   fails, ``build-jit``: the just-in-time loader of ``kernels/_cuda_extension.py``, so the rest
+   can still use the kernel (both outcomes are rows);
+2. ``tests``: ``pytest -m gpu -q`` (every GPU-marked test);
+3. ``parity``: ``audiomae validate`` at the GPU shapes;
+4. ``models-pretrain``: the issue's target, batch 64, then every other ``benches/bench_*.py`` at
+   its target shapes, then ``models-finetune`` and ``models-embed``;
+5. ``profile``: where the ``triton`` pretraining step spends its time (``torch.profiler``).
+
+A part that would start with too little of the budget left is a SKIP row, not a silent gap. The
+end of the output is one table per kind (parity, benchmarks, parts), the parts last. Everything
+goes to ``$OUT`` when set (else ``bench-out/gpu-check``), flat, at most 8 files: ``gpu_check.json``
+(device, date, versions, shapes, parts, test counts, parity and benchmark rows), ``report.md``,
+``log.txt`` (every part's output), ``profile.txt`` and the PNG plots. The exit status is non-zero
+when a part failed, crashed or timed out (a failing test, a parity FAIL/ERROR, a broken build),
+after everything is written.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ElementTree
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from audiomae import report  # noqa: E402
+
+RESERVE_S = 15  # kept back for writing the report
+MIN_PART_S = 20  # a part given less than this would only time out
+MODEL_STEPS = {"pretrain": 180, "finetune": 100, "embed": 70}
+
+
+def plan(work: Path) -> list[dict]:
+    """The parts in priority order: name, argv, timeout, and where the part leaves its rows."""
+    py = sys.executable
+    parts = [
+        {"name": "build", "argv": [py, "setup.py", "build_ext", "--inplace"], "timeout": 240,
+         "env": {"AUDIOMAE_BUILD_CUDA": "1"}},
+        {"name": "tests", "argv": [py, "-m", "pytest", "-m", "gpu", "-q", "-rfE", "-p", "no:cacheprovider",
+                                   f"--junitxml={work / 'junit.xml'}"], "timeout": 150},
+        {"name": "parity", "argv": [py, "-m", "audiomae", "validate", "--json", str(work / "parity.json")],
+         "timeout": 120, "parity": work / "parity.json"},
+    ]
+
+    def models(step):
+        rows = work / f"models_{step}.json"
+        return {"name": f"models-{step}", "argv": [py, "-m", "benches.bench_models", "--steps", step, "--out", str(rows)],
+                "timeout": MODEL_STEPS[step], "rows": rows}
+
+    parts.append(models("pretrain"))
+    for name in report.benchmark_modules():
+        if name != "models":
+            rows = work / f"bench_{name}.json"
+            parts.append({"name": f"bench-{name}", "argv": [py, __file__, "--bench", name, "--json", str(rows)],
+                          "timeout": 120, "rows": rows})
+    parts += [models("finetune"), models("embed")]
+    parts.append({"name": "profile", "argv": [py, "-m", "benches.bench_models", "--profile", "pretrain",
+                                              "--variants", "triton"], "timeout": 60, "profile": True})
+    return parts
+
+
+def run_part(part: dict, timeout: float, log) -> dict:
+    """Run one part; its output goes to the log (and is kept for the profile)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+           "PYTHONUNBUFFERED": "1", **part.get("env", {})}
+    started = time.monotonic()
+    log.write(f"\n===== {part['name']}: {' '.join(part['argv'])} (timeout {timeout:.0f} s)\n")
+    log.flush()
+    try:
+        done = subprocess.run(part["argv"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, timeout=timeout)
+        output, status = done.stdout, "OK" if done.returncode == 0 else "FAIL"
+        code = done.returncode
+    except subprocess.TimeoutExpired as expired:
+        output = expired.stdout.decode(errors="replace") if isinstance(expired.stdout, bytes) else expired.stdout or ""
+        status, code = "TIMEOUT", None
+    log.write(output)
+    log.flush()
+    tail = [line for line in output.strip().splitlines() if line.strip()][-1:] or [""]
+    return {"part": part["name"], "status": status, "returncode": code,
+            "seconds": round(time.monotonic() - started, 1), "summary": tail[0][:160], "output": output}
+
+
+def test_counts(junit: Path) -> dict:
+    if not junit.exists():
+        return {}
+    suite = ElementTree.parse(junit).getroot()
+    suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
+    return {key: int(suite.get(key, 0)) for key in ("tests", "failures", "errors", "skipped")}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--budget", type=float, default=450, help="seconds for all parts together")
+    parser.add_argument("--parts", nargs="+", help="run only these parts (names as in the parts table)")
+    parser.add_argument("--bench", help=argparse.SUPPRESS)  # internal: one bench module in this process
+    parser.add_argument("--json", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.bench:
+        device, _ = report.prepare_runtime()
+        rows = report.run_benchmark(args.bench, report.benchmark_modules()[args.bench], device, quick=False)
+        Path(args.json).write_text(json.dumps(rows, indent=1, default=str))
+        return 0
+
+    started = time.monotonic()
+    out = Path(os.environ.get("OUT") or ROOT / "bench-out" / "gpu-check")
+    out.mkdir(parents=True, exist_ok=True)
+    work = out / "parts"  # intermediate rows; removed at the end so $OUT stays flat
+    work.mkdir(exist_ok=True)
+    device, notes = report.prepare_runtime()
+    info = report.run_info(device, notes, quick=False)
+    print(f"{info['device']['device']}; {info['versions']}", flush=True)
+
+    parts, parity_rows, bench_rows, profile = [], [], [], ""
+    with open(out / "log.txt", "w") as log:
+        for part in plan(work):
+            if args.parts and part["name"] not in args.parts:
+                continue
+            left = args.budget - (time.monotonic() - started) - RESERVE_S
+            if left < MIN_PART_S:
+                parts.append({"part": part["name"], "status": "SKIP", "seconds": 0,
+                              "summary": f"out of budget ({args.budget:.0f} s)"})
+                continue
+            result = run_part(part, min(part["timeout"], left), log)
+            print(f"{result['part']}: {result['status']} in {result['seconds']} s", flush=True)
+            output = result.pop("output")
+            parts.append(result)
+            if part["name"] == "build" and result["status"] != "OK":
+                jit = {"name": "build-jit", "argv": [sys.executable, "-c",
+                       "from kernels._cuda_extension import extension_names, load_extension\n"
+                       "for name in extension_names(): load_extension(name)"], "timeout": 240}
+                left = args.budget - (time.monotonic() - started) - RESERVE_S
+                parts.append({k: v for k, v in run_part(jit, min(240, left), log).items() if k != "output"})
+            if part["name"] == "tests":
+                result.update(test_counts(work / "junit.xml"))
+                if result["status"] == "FAIL" and result["returncode"] == 5:  # no test selected
+                    result["status"] = "OK"
+            if part.get("parity") and part["parity"].exists():
+                parity_rows = json.loads(part["parity"].read_text())["parity"]
+            if part.get("rows") and part["rows"].exists():
+                bench_rows += json.loads(part["rows"].read_text())
+            if part.get("profile"):
+                profile = output
+                (out / "profile.txt").write_text(output)
+
+    info["elapsed_s"] = round(time.monotonic() - started, 1)
+    report.write_results(out / "gpu_check.json", info, parity_rows, bench_rows, parts=parts)
+    for leftover in work.iterdir():
+        leftover.unlink()
+    work.rmdir()
+    plots = report.write_plots(out, bench_rows)
+    parts_table = report.markdown_table(parts, [("part", "part"), ("status", "status"), ("seconds", "seconds"),
+                                                ("tests", "tests"), ("failures", "failures"), ("errors", "errors"),
+                                                ("last line", "summary")])
+    markdown = report.report_markdown(info, parity_rows, bench_rows, plots)
+    (out / "report.md").write_text(markdown + "\n## GPU check parts\n\n" + parts_table + "\n")
+
+    print(report.markdown_table(parity_rows, report.PARITY_COLUMNS))
+    print()
+    print(report.markdown_table(report.table_rows(bench_rows), report.BENCH_COLUMNS))
+    print()
+    if profile:
+        print("\n".join(profile.splitlines()[:16]))
+    print(parts_table)
+    failed = [p["part"] for p in parts if p["status"] in ("FAIL", "TIMEOUT")]
+    failed += ["parity"] if any(r.get("status") in report.FAILING for r in parity_rows) else []
+    print(f"{report.summary(parity_rows, bench_rows)}; {info['elapsed_s']:.0f} s; wrote {out}"
+          + (f"; FAILED: {', '.join(dict.fromkeys(failed))}" if failed else ""))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,70 @@
+"""Render the committed ``benches/results/*.json`` as markdown for the README.
+
+Each file is one measured run: ``{"device": benches.harness.device_info(...), ...}`` with its rows
+under ``benchmarks`` (``audiomae bench``, ``benches/gpu_check.py``) or ``rows`` (a bench module's
+own ``--out``), and optionally a ``parity`` table. One section per file: device, date and
+versions, then the benchmark table (``audiomae.report``'s columns) and the parity verdicts.
+
+``python benches/render_results.py [FILES...] [--out PATH]`` (default: every file, to stdout).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from audiomae import report  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def render_file(path: Path) -> str:
+    data = json.loads(path.read_text())
+    rows = data if isinstance(data, list) else data.get("benchmarks") or data.get("rows") or []
+    device = data.get("device", {}) if isinstance(data, dict) else {}
+    if not device and rows:
+        device = rows[0]  # bench rows carry device_info's fields
+    versions = ", ".join(f"{key} {device[key]}" for key in ("torch", "triton", "cuda", "torchaudio", "python")
+                         if device.get(key))
+    lines = [f"### {path.stem}", "", f"{device.get('device', 'unknown device')}, {device.get('date', 'undated')}; "
+             f"{versions or 'versions not recorded'}.", ""]
+    for note in (data.get("notes") or [data.get("note")]) if isinstance(data, dict) else []:
+        if note:
+            lines += [f"> {note}", ""]
+    if rows:
+        lines += [report.markdown_table(report.table_rows(rows), report.BENCH_COLUMNS), ""]
+    parity = data.get("parity") if isinstance(data, dict) else None
+    if parity:
+        lines += [f"Parity: {report.summary(parity, [])}.", ""]
+        failing = [row for row in parity if row.get("status") in report.FAILING]
+        if failing:
+            lines += [report.markdown_table(failing, report.PARITY_COLUMNS), ""]
+    return "\n".join(lines)
+
+
+def render(paths: list[Path]) -> str:
+    return "\n".join(render_file(path) for path in paths)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("files", nargs="*", type=Path)
+    parser.add_argument("--out", type=Path, help="write the markdown here instead of printing it")
+    args = parser.parse_args()
+    paths = args.files or sorted(RESULTS.glob("*.json"))
+    if not paths:
+        raise SystemExit(f"no results to render under {RESULTS}")
+    text = render(paths)
+    if args.out:
+        args.out.write_text(text)
+    else:
+        print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""``audiomae validate`` and ``audiomae bench``: the parity table, its verdicts, and the report files."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from audiomae import report
+from audiomae.cli import main
+from benches import parity
+from benches.render_results import render_file
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def fake_case(op, actual, expected, tolerance=1e-3):
+    return parity.Case(op, lambda device, dtype, quick: [
+        parity.compare("fake", "forward", {"out": actual}, {"out": expected}, tolerance)], dtypes=("float32",))
+
+
+def test_validate_passes_on_cpu(capsys):
+    assert main(["validate", "--quick"]) == 0
+    out = capsys.readouterr().out
+    for op in parity.CASES:
+        assert f"| {op} |" in out
+    assert "| FAIL |" not in out and "| ERROR |" not in out
+    assert "0 FAIL" in out and "0 ERROR" in out
+    if not torch.cuda.is_available():
+        assert "| window_attention | - | bfloat16 | - |" in out and "tl.dot" in out  # a SKIP, not a pass
+
+
+@pytest.mark.parametrize("actual,expected,verdict", [
+    (torch.ones(3), torch.full((3,), 0.5, dtype=torch.float64), "FAIL"),          # far off
+    (torch.tensor([1.0, float("nan")]), torch.ones(2, dtype=torch.float64), "FAIL"),  # NaN never passes
+    (torch.ones(3), torch.ones(3, dtype=torch.float64), "PASS"),
+])
+def test_compare_verdicts(actual, expected, verdict):
+    row = parity.compare("fake", "forward", {"out": actual}, {"out": expected}, 1e-3)
+    assert row["status"] == verdict
+
+
+def test_failing_or_broken_case_makes_validate_fail(monkeypatch, capsys):
+    monkeypatch.setattr(parity, "CASES", {"fake": fake_case("fake", torch.ones(4), torch.zeros(4, dtype=torch.float64) + 0.9)})
+    assert main(["validate", "--ops", "fake"]) == 1
+    assert "| fake | fake | float32 | forward | out | 0.1 |" in capsys.readouterr().out
+
+    def missing(device, dtype, quick):
+        from kernels import no_such_op  # noqa: F401 - an op whose module is not there yet
+
+    monkeypatch.setattr(parity, "CASES", {"absent": parity.Case("absent", missing, dtypes=("float32",))})
+    assert main(["validate"]) == 1
+    assert "| ERROR | ImportError" in capsys.readouterr().out
+
+    def skipped(device, dtype, quick):
+        raise parity.Skip("not on this machine")
+
+    monkeypatch.setattr(parity, "CASES", {"skipped": parity.Case("skipped", skipped, dtypes=("float32",))})
+    assert main(["validate"]) == 0
+
+
+def test_unknown_op_is_an_error():
+    with pytest.raises(SystemExit, match="unknown op nope"):
+        main(["validate", "--ops", "nope"])
+
+
+def test_broken_benchmark_module_is_an_error_row():
+    rows = report.run_benchmark("broken", "benches.no_such_bench", "cpu", quick=True)
+    assert [r["status"] for r in rows] == ["ERROR"] and "ModuleNotFoundError" in rows[0]["note"]
+
+
+def test_batch_size_of_a_row():
+    assert report.batch_size({"shape": "B=64 L=512 K=102 C=768"}) == 64
+    assert report.batch_size({"shape": "B32xT1024x128"}) == 32
+    assert report.batch_size({"batch": 8, "shape": "B=2"}) == 8
+    assert report.batch_size({"shape": "grid 64x8"}) is None
+
+
+def test_bench_quick_writes_report_results_and_plots(tmp_path):
+    """A fresh process without TRITON_INTERPRET: the command must set it itself and say so."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    out = tmp_path / "bench"
+    done = subprocess.run([sys.executable, "-m", "audiomae", "bench", "--quick", "--ops", "gather_tokens", "fbank",
+                           "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert (out / "report.md").exists() and list(out.glob("*.png"))
+    results = json.loads((out / "results.json").read_text())
+    assert {"device", "date", "versions", "shapes", "parity", "benchmarks"} <= set(results)
+    assert results["versions"]["torch"] == torch.__version__
+    assert {r["op"] for r in results["parity"]} == {"gather_tokens", "fbank"}
+    assert {r["suite"] for r in results["benchmarks"]} == {"fbank"}
+    assert all(r.get("status") != "ERROR" for r in results["parity"] + results["benchmarks"])
+    if not torch.cuda.is_available():
+        assert "TRITON_INTERPRET=1" in done.stdout and "say nothing about GPU speed" in done.stdout
+        assert "say nothing about GPU speed" in (out / "report.md").read_text()
+    rendered = render_file(out / "results.json")
+    assert results["device"]["device"] in rendered and "| fbank |" in rendered
