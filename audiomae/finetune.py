@@ -1,0 +1,176 @@
+"""``audiomae finetune``: classification on labelled audio from a pretrained encoder.
+
+Labels come from class folders or from a label column of a CSV/JSON list (``audiomae.data``). A clip
+with several labels makes the task multi-label (sigmoid outputs, binary cross-entropy, mean average
+precision); otherwise it is single-label (softmax, cross-entropy, accuracy). Training uses the
+official recipe's structured time/frequency masking, optional mixup and layer-wise learning-rate
+decay; after every epoch the validation split is scored and logged.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .data import AudioItem, ClipDataset, Collate, EpochBatchSampler, FrontEnd, NoAudioError
+from .train import (UsageError, build_model, family_of, feature_settings, load_items, make_loader, make_trainer,
+                    resolve_backend, setup_run, training_data)
+from .training import Dist, gather_objects, load_checkpoint, say
+
+
+def mean_average_precision(scores: torch.Tensor, targets: torch.Tensor) -> float:
+    """Mean over classes (those with a positive) of average precision: scores, targets [N, C]."""
+    order = scores.argsort(dim=0, descending=True, stable=True)
+    hits = targets.gather(0, order).double()
+    ranks = torch.arange(1, hits.shape[0] + 1, dtype=torch.float64)[:, None]
+    positives = hits.sum(dim=0)
+    average_precision = (hits.cumsum(dim=0) / ranks * hits).sum(dim=0) / positives.clamp(min=1)
+    if not bool((positives > 0).any()):
+        raise ValueError("no class has a positive clip in the validation split; mAP is undefined")
+    return float(average_precision[positives > 0].mean())
+
+
+def accuracy(scores: torch.Tensor, targets: torch.Tensor) -> float:
+    return float((scores.argmax(dim=1) == targets.argmax(dim=1)).double().mean())
+
+
+def pretrained_backbone(path):
+    """(model name, constructor keywords, feature settings or None, state to load or None) of the
+    classifier that starts from the pretraining checkpoint ``path``; the caller adds ``num_classes``.
+
+    Our AudioMAE checkpoints and official ones become a ``VisionTransformer`` of the same encoder
+    (loaded with ``load_pretrained_encoder``); our MAE-AST ones an ``MAEASTClassifier`` over the
+    same backbone (whose state is returned here)."""
+    from .checkpoint import infer_config, read_checkpoint
+
+    if str(path).endswith(".pth"):
+        blob = load_checkpoint(path)
+        config = blob.get("config")
+        if isinstance(config, dict) and "model" in config:  # written by audiomae pretrain
+            if family_of(config["model"]) == "mae_ast":
+                kwargs = {"backbone": config["model"], "backbone_kwargs": config["model_kwargs"]}
+                return "MAEASTClassifier", kwargs, config["features"], blob["model"]
+            with torch.device("meta"):  # the preset's sizes, without allocating its weights
+                preset = build_model(config["model"], config["model_kwargs"], "reference")
+            sizes = {"embed_dim": preset.embed_dim, "depth": len(preset.blocks),
+                     "num_heads": preset.blocks[0].attn.num_heads,
+                     "mlp_ratio": preset.blocks[0].mlp.fc1.out_features / preset.embed_dim,
+                     "patch_size": preset.patch_size}
+            return "VisionTransformer", sizes, config["features"], None
+    state, extra = read_checkpoint(path)
+    _, config = infer_config(state, extra.get("args"))
+    sizes = {k: config[k] for k in ("embed_dim", "depth", "num_heads", "mlp_ratio", "patch_size")}
+    return "VisionTransformer", sizes, {"target_length": config["img_size"][0]}, None
+
+
+def split(items: list[AudioItem], val_data, fraction: float, seed: int, world: Dist):
+    if val_data is not None:
+        return items, load_items(val_data, world, "--val")
+    if not 0.0 <= fraction < 1.0:
+        raise UsageError(f"--val-fraction must be in [0, 1), got {fraction}")
+    if fraction == 0.0:
+        return items, []
+    order = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed)).tolist()
+    count = max(1, round(fraction * len(items)))
+    if count >= len(items):
+        raise UsageError(f"{len(items)} clip(s) are too few to hold out a validation split")
+    return [items[i] for i in order[count:]], [items[i] for i in order[:count]]
+
+
+def label_set(train: list[AudioItem], val: list[AudioItem], multilabel: bool) -> tuple[list[str], bool]:
+    everything = train + val
+    classes = sorted({label for item in everything for label in item.labels})
+    if not classes:
+        raise NoAudioError("finetune needs labels: class folders, or a CSV/JSON list with a labels column")
+    multilabel = multilabel or any(len(item.labels) > 1 for item in everything)
+    if not multilabel:
+        unlabelled = [item.path for item in everything if not item.labels]
+        if unlabelled:
+            raise NoAudioError(f"{len(unlabelled)} clip(s) have no label, e.g. {unlabelled[0]}")
+    if len(classes) < 2 and not multilabel:
+        raise NoAudioError(f"single-label classification needs at least 2 classes, found {classes}")
+    return classes, multilabel
+
+
+def finetune(args) -> int:
+    world, precision, checkpoint = setup_run(args)
+    backend = resolve_backend(args.backend, world.device)
+    name, kwargs, saved_features, backbone_state = pretrained_backbone(args.init)
+    features = feature_settings(args, saved_features)
+    train_items, val_items = split(load_items(args.data, world), args.val, args.val_fraction, args.seed, world)
+    classes, multilabel = label_set(train_items, val_items, args.multilabel)
+    say(world, f"{len(classes)} classes, {'multi' if multilabel else 'single'}-label; "
+               f"{len(train_items)} training and {len(val_items)} validation clips")
+
+    vit = name == "VisionTransformer"
+    kwargs = {**kwargs, "num_classes": len(classes)}
+    if vit:
+        kwargs.update(img_size=[features["target_length"], 128], drop_path_rate=args.drop_path, global_pool=True,
+                      mask_2d=True)
+    model = build_model(name, kwargs, backend)
+    if checkpoint is None and vit:
+        from .checkpoint import load_pretrained_encoder
+
+        load_pretrained_encoder(model, args.init)
+    elif checkpoint is None:
+        model.backbone.load_state_dict(backbone_state)
+
+    front_end = FrontEnd(**features, backend=args.fbank_backend)
+    loader, sampler = training_data(train_items, front_end, args, world, classes)
+    config = {"model": name, "model_kwargs": kwargs, "features": features, "classes": classes,
+              "multilabel": multilabel}
+    # MAE-AST's decoder rides along unused in its classifier; DDP must be told.
+    trainer, log = make_trainer(model, args, world, precision, config, checkpoint, num_clips=len(train_items),
+                                find_unused=not vit, betas=(0.9, 0.999), layer_decay=args.layer_decay)
+
+    def loss_fn(model, batch, autocast):
+        spec = front_end(batch.waves.to(world.device, non_blocking=True), batch.lengths)
+        targets = batch.targets.to(world.device)
+        if args.mixup > 0:
+            lam = float(torch.distributions.Beta(args.mixup, args.mixup).sample())
+            perm = torch.randperm(spec.shape[0]).to(world.device)
+            spec = lam * spec + (1 - lam) * spec[perm]
+            targets = lam * targets + (1 - lam) * targets[perm]
+        with autocast():
+            if vit:
+                logits = model(spec.unsqueeze(1), mask_t_prob=args.mask_t_prob, mask_f_prob=args.mask_f_prob)
+            else:
+                logits = model(spec)
+        logits = logits.float()
+        if multilabel:
+            return F.binary_cross_entropy_with_logits(logits, targets)
+        return F.cross_entropy(logits, targets)
+
+    metric_name = "val_mAP" if multilabel else "val_accuracy"
+    val_set = ClipDataset(val_items, front_end.num_samples, random_crop=False, classes=classes)
+    val_sampler = EpochBatchSampler(len(val_items), args.batch_size, shuffle=False, drop_last=False,
+                                    rank=world.rank, world_size=world.world_size)
+    val_loader = make_loader(val_set, val_sampler, Collate(front_end.num_samples, front_end.min_samples, len(classes)),
+                             args.num_workers, world.device)
+
+    @torch.no_grad()
+    def evaluate(epoch: int) -> dict:
+        trainer.module.eval()
+        scores, targets = [], []
+        for batch in val_loader:
+            if len(batch) == 0:
+                continue
+            spec = front_end(batch.waves.to(world.device), batch.lengths)
+            with trainer.precision.autocast():
+                logits = trainer.module(spec.unsqueeze(1) if vit else spec).float()
+            scores.append((logits.sigmoid() if multilabel else logits.softmax(dim=1)).cpu())
+            targets.append(batch.targets)
+        parts = gather_objects((scores, targets), world)
+        scores = [s for part in parts for s in part[0]]
+        targets = torch.cat([t for part in parts for t in part[1]]) if scores else None
+        if not scores:
+            say(world, f"epoch {epoch}: no validation clip could be read")
+            return {}
+        scores = torch.cat(scores)
+        value = (mean_average_precision if multilabel else accuracy)(scores, targets)
+        say(world, f"epoch {epoch}: {metric_name} {value:.4f} on {len(targets)} clips")
+        return {metric_name: value}
+
+    trainer.fit(loader, sampler, loss_fn, log=log, on_epoch_end=evaluate if val_items else None)
+    log.close()
+    say(world, f"checkpoint: {trainer.checkpoint_path}")
+    return 0

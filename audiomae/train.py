@@ -1,0 +1,312 @@
+"""``audiomae pretrain`` and ``audiomae finetune``: training on your own audio, on one device or many.
+
+    audiomae pretrain DATA --model mae_vit_base_patch16 --out runs/pt [--resume]
+    audiomae finetune DATA --init runs/pt/checkpoint.pth --out runs/ft
+    torchrun --nproc_per_node=8 -m audiomae pretrain DATA ...
+
+DATA is a folder of audio (recursive), or a CSV/JSON list (see ``audiomae.data``). Each run writes
+``OUT/checkpoint.pth`` (every ``--save-every`` steps and at the end), ``OUT/log.csv`` and TensorBoard
+events under ``OUT/tensorboard``. ``--resume`` continues a stopped run exactly where its last
+checkpoint left it (run it with the same arguments).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+MAE_MODELS = ("mae_vit_base_patch16", "mae_vit_small_patch16", "mae_vit_large_patch16")
+MAE_AST_MODELS = ("mae_ast_patch", "mae_ast_frame")
+DATASETS = ("audioset", "esc50", "speechcommands")  # audiomae.features.DATASETS: statistics and clip length
+SIZE_FLAGS = ("embed_dim", "depth", "num_heads", "decoder_embed_dim", "decoder_depth", "decoder_num_heads")
+MAE_AST_NAMES = {"depth": "encoder_depth"}  # where MAE-AST's constructor names a size differently
+
+
+class UsageError(ValueError):
+    """A command-line mistake: reported as one line, exit code 2."""
+
+
+# ------------------------------------------------------------------------------------ arguments
+def add_input_args(p: argparse.ArgumentParser) -> None:
+    """Arguments every command that reads audio shares (pretrain, finetune, embed)."""
+    p.add_argument("data", metavar="DATA", help="folder of audio files (searched recursively) or a CSV/JSON list")
+    p.add_argument("--batch-size", type=int, default=8, help="clips per process per step (default 8)")
+    p.add_argument("--num-workers", type=int, default=4, help="audio decoding processes per rank (default 4)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    p.add_argument("--backend", default="auto", choices=("auto", "reference", "sdpa", "xformers", "triton"),
+                   help="model kernels (audiomae.backends); auto = triton on CUDA, sdpa on the CPU")
+    p.add_argument("--fbank-backend", default="auto", choices=("auto", "torch", "cuda"),
+                   help="fbank implementation (kernels.fbank); auto = the CUDA kernel for CUDA tensors when built")
+
+
+def add_feature_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", default=None, choices=DATASETS,
+                   help="fbank normalisation statistics and default clip length of this dataset "
+                        "(default: the checkpoint's, else audioset)")
+    p.add_argument("--target-length", type=int, default=None,
+                   help="frames per clip, 10 ms each (default: the checkpoint's, else the dataset's: "
+                        "1024 audioset, 512 esc50, 128 speechcommands); longer clips are cropped, shorter padded")
+    p.add_argument("--pad-mode", default=None, choices=("official", "silence"),
+                   help="padding of short clips: official (0 in the log domain, as the released models; the default) "
+                        "or silence")
+
+
+def add_training_args(p: argparse.ArgumentParser, *, epochs: int, warmup: float, blr: float, min_lr: float,
+                      weight_decay: float) -> None:
+    p.add_argument("--out", type=Path, required=True, help="run folder: checkpoint.pth, log.csv, tensorboard/")
+    add_feature_args(p)
+    p.add_argument("--epochs", type=int, default=epochs, help=f"epochs (default {epochs}); the schedule spans them")
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="stop (with a checkpoint) after this many optimiser steps; the schedule still spans --epochs")
+    p.add_argument("--warmup-epochs", type=float, default=warmup, help=f"linear warm-up epochs (default {warmup})")
+    p.add_argument("--blr", type=float, default=blr, help=f"base learning rate: lr = blr * effective batch / 256 (default {blr})")
+    p.add_argument("--lr", type=float, default=None, help="absolute learning rate (overrides --blr)")
+    p.add_argument("--min-lr", type=float, default=min_lr, help=f"learning rate at the end of the cosine (default {min_lr})")
+    p.add_argument("--weight-decay", type=float, default=weight_decay, help=f"AdamW weight decay (default {weight_decay})")
+    p.add_argument("--accum-iter", type=int, default=1, help="micro-batches per optimiser step (default 1)")
+    p.add_argument("--clip-grad", type=float, default=None, help="clip the gradient norm to this (default: no clipping)")
+    p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
+                   help="auto = bf16 on CUDA, fp32 on the CPU; fp16 uses a GradScaler (CUDA only)")
+    p.add_argument("--compile", action="store_true", help="run the model under torch.compile")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save-every", type=int, default=1000, help="checkpoint every N optimiser steps (default 1000)")
+    p.add_argument("--log-every", type=int, default=10, help="log the loss every N optimiser steps (default 10)")
+    p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CKPT",
+                   help="continue a stopped run from CKPT (default OUT/checkpoint.pth)")
+
+
+def add_size_args(p: argparse.ArgumentParser) -> None:
+    for flag in SIZE_FLAGS:
+        p.add_argument("--" + flag.replace("_", "-"), type=int, default=None, help=f"override the preset's {flag}")
+    p.add_argument("--model-kwargs", type=json.loads, default={}, metavar="JSON",
+                   help='more constructor keywords, as a JSON object (e.g. \'{"mlp_ratio": 2}\')')
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("pretrain", help="self-supervised pretraining (AudioMAE or MAE-AST)",
+                              description=__doc__.splitlines()[0])
+    add_input_args(p)
+    p.add_argument("--model", default="mae_vit_base_patch16", choices=MAE_MODELS + MAE_AST_MODELS)
+    add_size_args(p)
+    p.add_argument("--mask-ratio", type=float, default=None,
+                   help="fraction of tokens masked (default: 0.8 for AudioMAE as the official recipe, "
+                        "the model's own for MAE-AST)")
+    p.add_argument("--decoder-mode", type=int, default=1, choices=(0, 1),
+                   help="AudioMAE decoder: 0 global attention, 1 shifted-window (Swin) attention as the official AudioSet recipe")
+    p.add_argument("--norm-pix-loss", action=argparse.BooleanOptionalAction, default=True,
+                   help="AudioMAE: reconstruct per-patch normalised targets, as the official recipe")
+    add_training_args(p, epochs=32, warmup=3.0, blr=2e-4, min_lr=0.0, weight_decay=0.05)
+    p.set_defaults(func=run_pretrain)
+
+    p = subparsers.add_parser("finetune", help="classification from a pretrained checkpoint")
+    add_input_args(p)
+    p.add_argument("--init", required=True, type=Path,
+                   help="pretraining checkpoint (ours, or an official AudioMAE .pth / .safetensors)")
+    p.add_argument("--multilabel", action="store_true",
+                   help="multi-label (BCE, mAP) even if every clip has one label; chosen anyway when some clip has several")
+    p.add_argument("--val", default=None, help="validation DATA (default: a --val-fraction split of DATA)")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="share of DATA held out for validation")
+    p.add_argument("--mask-t-prob", type=float, default=0.2, help="structured masking: share of time rows dropped")
+    p.add_argument("--mask-f-prob", type=float, default=0.2, help="structured masking: share of frequency columns dropped")
+    p.add_argument("--mixup", type=float, default=0.5, help="mixup Beta(alpha, alpha) on features and labels (0: off)")
+    p.add_argument("--drop-path", type=float, default=0.1, help="stochastic depth rate")
+    p.add_argument("--layer-decay", type=float, default=0.75, help="layer-wise learning-rate decay")
+    add_training_args(p, epochs=60, warmup=4.0, blr=1e-3, min_lr=1e-6, weight_decay=5e-4)
+    p.set_defaults(func=run_finetune)
+
+
+# ---------------------------------------------------------------------------------------- models
+def family_of(name: str) -> str:
+    if name in MAE_MODELS:
+        return "mae"
+    if name in MAE_AST_MODELS:
+        return "mae_ast"
+    if name == "VisionTransformer":
+        return "vit"
+    if name == "MAEASTClassifier":
+        return "mae_ast_classifier"
+    raise UsageError(f"unknown model {name!r}")
+
+
+def size_overrides(args, family: str) -> dict:
+    kwargs = {}
+    for flag in SIZE_FLAGS:
+        value = getattr(args, flag)
+        if value is not None:
+            kwargs[MAE_AST_NAMES.get(flag, flag) if family == "mae_ast" else flag] = value
+    return {**kwargs, **args.model_kwargs}
+
+
+def build_model(name: str, kwargs: dict, backend: str):
+    """A model from its name and constructor keywords, as our checkpoints store them. An
+    ``MAEASTClassifier``'s keywords are ``backbone`` (a preset name), ``backbone_kwargs`` and
+    ``num_classes``."""
+    import audiomae
+    from audiomae import mae_ast
+
+    family = family_of(name)
+    if family == "mae_ast_classifier":
+        backbone = build_model(kwargs["backbone"], kwargs["backbone_kwargs"], backend)
+        return mae_ast.MAEASTClassifier(backbone, num_classes=kwargs["num_classes"])
+    return getattr(mae_ast if family == "mae_ast" else audiomae, name)(**kwargs, backend=backend)
+
+
+def resolve_backend(name: str, device) -> str:
+    if name == "auto":
+        return "triton" if device.type == "cuda" else "sdpa"
+    return name
+
+
+# ------------------------------------------------------------------------------------------ data
+def load_items(data, world, what: str = "DATA"):
+    """Readable clips of a DATA argument; unreadable and empty files are reported and skipped."""
+    from .data import NoAudioError, list_audio, scan_readable
+    from .training import say
+
+    items = list_audio(data)
+    readable, skipped = scan_readable(items)
+    if skipped:
+        shown = "\n".join(f"  {path}: {reason}" for path, reason in skipped[:10])
+        more = f"\n  ... and {len(skipped) - 10} more" if len(skipped) > 10 else ""
+        say(world, f"skipping {len(skipped)} of {len(items)} file(s) in {what}:\n{shown}{more}")
+    if not readable:
+        raise NoAudioError(f"none of the {len(items)} audio file(s) in {data} could be read")
+    return readable
+
+
+def make_loader(dataset, sampler, collate, num_workers: int, device):
+    import torch
+
+    return torch.utils.data.DataLoader(
+        dataset, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+        generator=torch.Generator(),  # keeps the loader off the global RNG, which checkpoints restore
+    )
+
+
+# ------------------------------------------------------------------------------------- commands
+def command(run):
+    """Wrap a command: bad arguments, data or checkpoints (ValueError, which the library raises for
+    every bad input, FileNotFoundError, CheckpointMismatchError) become one line on stderr and exit 2."""
+    def wrapped(args) -> int:
+        from .checkpoint import CheckpointMismatchError
+        from .training import teardown_distributed
+
+        try:
+            return run(args)
+        except (ValueError, FileNotFoundError, CheckpointMismatchError) as exc:
+            print(f"audiomae {args.command}: error: {exc}", file=sys.stderr)
+            return 2
+        finally:
+            teardown_distributed()
+
+    wrapped.__name__ = run.__name__
+    return wrapped
+
+
+def setup_run(args):
+    """(world, precision name, resume checkpoint or None) for a training command."""
+    from .training import load_checkpoint, seed_everything, setup_distributed
+
+    world = setup_distributed(args.device)
+    precision = args.precision
+    if precision == "auto":
+        precision = "bf16" if world.device.type == "cuda" else "fp32"
+    checkpoint = None
+    if args.resume:
+        checkpoint = load_checkpoint(args.out / "checkpoint.pth" if args.resume == "auto" else args.resume)
+    seed_everything(args.seed + world.rank)
+    return world, precision, checkpoint
+
+
+def feature_settings(args, saved: dict | None = None) -> dict:
+    """The front end's settings: each flag given, else the checkpoint's (``saved``), else the defaults."""
+    from .features import DATASETS as FEATURE_DATASETS
+
+    saved = saved or {}
+    dataset = args.dataset or saved.get("dataset", "audioset")
+    return {"dataset": dataset,
+            "target_length": args.target_length or saved.get("target_length") or FEATURE_DATASETS[dataset][2],
+            "pad_mode": args.pad_mode or saved.get("pad_mode", "official")}
+
+
+def training_data(items, front_end, args, world, classes=None):
+    """(loader, sampler) over ``items``: shuffled per epoch, randomly cropped, sharded over ranks."""
+    from .data import ClipDataset, Collate, EpochBatchSampler
+
+    dataset = ClipDataset(items, front_end.num_samples, random_crop=True, seed=args.seed, classes=classes)
+    sampler = EpochBatchSampler(len(items), args.batch_size, shuffle=True, drop_last=True, seed=args.seed,
+                                rank=world.rank, world_size=world.world_size)
+    collate = Collate(front_end.num_samples, front_end.min_samples, len(classes) if classes else None)
+    return make_loader(dataset, sampler, collate, args.num_workers, world.device), sampler
+
+
+def make_trainer(model, args, world, precision, config, checkpoint, *, num_clips: int, find_unused=False, **extra):
+    """The Trainer and RunLog of a run; a ``checkpoint`` to resume is loaded into them."""
+    from .training import RunLog, Trainer, say
+
+    # What a resumed run must share with the run it continues, for the data position to mean the same.
+    config["run"] = {"clips": num_clips, "batch_size": args.batch_size, "accum_iter": args.accum_iter,
+                     "world_size": world.world_size, "seed": args.seed}
+    effective_batch = args.batch_size * args.accum_iter * world.world_size
+    lr = args.lr if args.lr is not None else args.blr * effective_batch / 256
+    trainer = Trainer(
+        model, world=world, out_dir=args.out, config=config, precision=precision, lr=lr, min_lr=args.min_lr,
+        warmup_epochs=args.warmup_epochs, epochs=args.epochs, weight_decay=args.weight_decay,
+        accum_iter=args.accum_iter, clip_grad=args.clip_grad, save_every=args.save_every,
+        max_steps=args.max_steps, log_every=args.log_every, find_unused_parameters=find_unused,
+        compile=args.compile, **extra)
+    if checkpoint is not None:
+        if checkpoint["config"].get("run") != config["run"]:
+            raise UsageError(
+                "--resume needs the same data, batch size, gradient accumulation, seed and number of processes "
+                f"as the run it continues: it had {checkpoint['config'].get('run')}, this run has {config['run']}")
+        trainer.resume(checkpoint)
+        position = trainer.position
+        say(world, f"resuming at step {position.step} (epoch {position.epoch}, batch {position.batch})")
+    return trainer, RunLog(args.out, world, resume=checkpoint is not None)
+
+
+@command
+def run_pretrain(args) -> int:
+    from .data import FrontEnd
+    from .training import say
+
+    world, precision, checkpoint = setup_run(args)
+    family = family_of(args.model)
+    features = feature_settings(args)
+    kwargs = size_overrides(args, family)
+    if family == "mae":
+        kwargs = {"img_size": [features["target_length"], 128], "decoder_mode": args.decoder_mode,
+                  "norm_pix_loss": args.norm_pix_loss, **kwargs}
+    elif args.mask_ratio is not None:
+        kwargs = {"mask_ratio": args.mask_ratio, **kwargs}
+    model = build_model(args.model, kwargs, resolve_backend(args.backend, world.device))
+    mask_ratio = 0.8 if args.mask_ratio is None else args.mask_ratio
+
+    items = load_items(args.data, world)
+    front_end = FrontEnd(**features, backend=args.fbank_backend)
+    loader, sampler = training_data(items, front_end, args, world)
+    config = {"model": args.model, "model_kwargs": kwargs, "features": features}
+    trainer, log = make_trainer(model, args, world, precision, config, checkpoint, num_clips=len(items),
+                                find_unused=family == "mae_ast")
+
+    def loss_fn(model, batch, autocast):
+        spec = front_end(batch.waves.to(world.device, non_blocking=True), batch.lengths)
+        with autocast():
+            if family == "mae_ast":
+                return model(spec).loss
+            return model(spec.unsqueeze(1), mask_ratio=mask_ratio)[0]
+
+    trainer.fit(loader, sampler, loss_fn, log=log)
+    log.close()
+    say(world, f"checkpoint: {trainer.checkpoint_path}")
+    return 0
+
+
+@command
+def run_finetune(args) -> int:
+    from .finetune import finetune
+
+    return finetune(args)

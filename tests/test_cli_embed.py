@@ -1,0 +1,106 @@
+"""``audiomae embed``: clip embeddings with their file list, in .npy or .safetensors."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+from audiomae.cli import main
+from audiomae.data import FrontEnd, list_audio, load_clip
+from audiomae.embed import embed_batch, load_encoder
+
+from cli_support import QUIET_RUN, TINY_MODEL, make_demo, pretrained_checkpoint
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    return make_demo(tmp_path_factory.mktemp("demo"), num_per_class=2)
+
+
+@pytest.fixture(scope="module")
+def pretrained(demo, tmp_path_factory):
+    return pretrained_checkpoint(demo, tmp_path_factory.mktemp("pretrain"), max_steps=1)
+
+
+def embed(data, ckpt, out, *extra):
+    return main(["embed", str(data), "--ckpt", str(ckpt), "--out", str(out), "--num-workers", "0",
+                 "--batch-size", "3", *extra])
+
+
+def test_npy_with_file_list(demo, pretrained, tmp_path):
+    assert embed(demo, pretrained, tmp_path / "emb.npy") == 0
+    embeddings = np.load(tmp_path / "emb.npy")
+    files = (tmp_path / "emb.files.txt").read_text().splitlines()
+    assert embeddings.shape == (10, 32) and np.isfinite(embeddings).all()
+    assert files == [item.path for item in list_audio(demo)]
+    # each row is the clip's own embedding, whatever batch it was in
+    model, features = load_encoder(pretrained, "sdpa")
+    front_end = FrontEnd(**features)
+    wave = load_clip(files[4])[: front_end.num_samples]
+    padded = torch.zeros(1, front_end.num_samples)
+    padded[0, : wave.shape[0]] = wave
+    with torch.no_grad():
+        alone = embed_batch(model.eval(), front_end(padded, torch.tensor([wave.shape[0]])), None)
+    np.testing.assert_allclose(embeddings[4], alone[0].numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_safetensors_with_layer_and_metadata(demo, pretrained, tmp_path):
+    assert embed(demo, pretrained, tmp_path / "emb.safetensors", "--layer", "1") == 0
+    with safe_open(str(tmp_path / "emb.safetensors"), framework="pt") as f:
+        metadata = f.metadata()
+        layer1 = f.get_tensor("embeddings")
+    assert layer1.shape == (10, 32) and len(json.loads(metadata["files"])) == 10 and metadata["layer"] == "1"
+    assert embed(demo, pretrained, tmp_path / "final.npy") == 0
+    assert not np.allclose(layer1.numpy(), np.load(tmp_path / "final.npy"))
+
+
+def test_layer_hook_matches_a_manual_pass(pretrained):
+    model, _ = load_encoder(pretrained, "reference")
+    spec = torch.randn(2, 32, 128)
+    x = model.patch_embed(spec.unsqueeze(1)) + model.pos_embed[:, 1:, :]
+    x = torch.cat([(model.cls_token + model.pos_embed[:, :1, :]).expand(2, -1, -1), x], dim=1)
+    x = model.blocks[0](x)
+    with torch.no_grad():
+        torch.testing.assert_close(embed_batch(model, spec, 1), x[:, 1:].mean(1).detach())
+
+
+def test_embed_skips_unreadable_and_mae_ast(demo, tmp_path, capsys):
+    (demo / "tone" / "broken.wav").write_bytes(b"nothing")
+    try:
+        pre = tmp_path / "pre"
+        assert main(["pretrain", str(demo), "--out", str(pre), "--model", "mae_ast_patch", *TINY_MODEL, *QUIET_RUN,
+                     "--batch-size", "4", "--max-steps", "1"]) == 0
+        assert embed(demo, pre / "checkpoint.pth", tmp_path / "e.npy", "--layer", "2") == 0
+    finally:
+        (demo / "tone" / "broken.wav").unlink()
+    assert np.load(tmp_path / "e.npy").shape == (10, 32)
+    assert "skipping 1 of 11 file(s)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--layer", "3"], "--layer must be in [1, 2]"),
+    (["--target-length", "48"], "takes 32 frames"),
+])
+def test_bad_options(demo, pretrained, tmp_path, capsys, extra, message):
+    assert embed(demo, pretrained, tmp_path / "e.npy", *extra) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bad_output_name(demo, pretrained, tmp_path, capsys):
+    assert embed(demo, pretrained, tmp_path / "e.csv") == 2
+    assert ".npy or .safetensors" in capsys.readouterr().err
+
+
+def test_official_checkpoint_embeds_and_finetunes(demo, tmp_path):
+    import argparse
+
+    import audiomae
+
+    model = audiomae.mae_vit_small_patch16(depth=1, decoder_depth=1, decoder_embed_dim=64, img_size=(32, 128))
+    args = argparse.Namespace(model="mae_vit_small_patch16", target_length=32)
+    torch.save({"model": model.state_dict(), "args": args, "epoch": 3}, tmp_path / "official.pth")
+    assert embed(demo, tmp_path / "official.pth", tmp_path / "e.npy") == 0
+    assert np.load(tmp_path / "e.npy").shape == (10, 384)
+    assert main(["finetune", str(demo), "--init", str(tmp_path / "official.pth"), "--out", str(tmp_path / "ft"),
+                 *QUIET_RUN, "--batch-size", "4", "--epochs", "1", "--max-steps", "1"]) == 0

@@ -1,0 +1,100 @@
+"""``audiomae finetune``: single- and multi-label classification from our pretraining checkpoints."""
+import csv
+
+import pytest
+import torch
+
+from audiomae.cli import main
+from audiomae.finetune import accuracy, mean_average_precision
+from audiomae.training import load_checkpoint
+
+from cli_support import QUIET_RUN, TINY_MODEL, make_demo, pretrained_checkpoint
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    return make_demo(tmp_path_factory.mktemp("demo"))
+
+
+@pytest.fixture(scope="module")
+def pretrained(demo, tmp_path_factory):
+    return pretrained_checkpoint(demo, tmp_path_factory.mktemp("pretrain"), max_steps=2)
+
+
+def finetune(data, init, out, *extra):
+    return main(["finetune", str(data), "--init", str(init), "--out", str(out), *QUIET_RUN, "--batch-size", "4",
+                 "--epochs", "2", *extra])
+
+
+def rows(out, name):
+    with open(out / "log.csv") as f:
+        return [float(r["value"]) for r in csv.DictReader(f) if r["name"] == name]
+
+
+def test_single_label_from_class_folders(demo, pretrained, tmp_path, capsys):
+    out = tmp_path / "ft"
+    assert finetune(demo, pretrained, out, "--mixup", "0.5", "--val-fraction", "0.2") == 0
+    err = capsys.readouterr().err
+    assert "5 classes, single-label; 12 training and 3 validation clips" in err
+    assert "epoch 1: val_accuracy" in err
+    accuracies = rows(out, "val_accuracy")
+    assert len(accuracies) == 2 and all(0.0 <= a <= 1.0 for a in accuracies)
+    checkpoint = load_checkpoint(out / "checkpoint.pth")
+    assert checkpoint["config"]["classes"] == sorted(["chirp", "click_train", "harmonic_stack", "noise_burst", "tone"])
+    assert checkpoint["model"]["head.weight"].shape == (5, 32)
+    # the encoder started from the pretrained one (layer decay keeps early layers close to it)
+    start = load_checkpoint(pretrained)["model"]["patch_embed.proj.weight"]
+    assert checkpoint["model"]["patch_embed.proj.weight"].shape == start.shape
+
+
+def test_multi_label_from_a_csv_reports_map(demo, pretrained, tmp_path, capsys):
+    labels = tmp_path / "labels.csv"
+    with open(demo / "labels.csv") as f, open(labels, "w", newline="") as g:
+        writer = csv.writer(g)
+        writer.writerow(["path", "labels"])
+        for n, row in enumerate(csv.DictReader(f)):
+            tonal = "tonal" if row["label"] in ("tone", "chirp", "harmonic_stack") else "noisy"
+            writer.writerow([str(demo / row["path"]), f"{row['label']};{tonal}" if n % 2 else row["label"]])
+    out = tmp_path / "ft"
+    assert finetune(labels, pretrained, out, "--val-fraction", "0.4", "--mask-t-prob", "0.5", "--mask-f-prob", "0.25") == 0
+    assert "7 classes, multi-label" in capsys.readouterr().err
+    maps = rows(out, "val_mAP")
+    assert len(maps) == 2 and all(0.0 < m <= 1.0 for m in maps)
+
+
+def test_finetune_resumes_exactly(demo, pretrained, tmp_path):
+    common = ["--epochs", "2", "--mixup", "0.8", "--val-fraction", "0.2", "--batch-size", "2"]
+    assert finetune(demo, pretrained, tmp_path / "a", *common) == 0
+    assert finetune(demo, pretrained, tmp_path / "b", *common, "--max-steps", "4") == 0
+    assert finetune(demo, pretrained, tmp_path / "b", *common, "--resume") == 0
+    a, b = (load_checkpoint(tmp_path / name / "checkpoint.pth")["model"] for name in "ab")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_finetune_from_mae_ast(demo, tmp_path):
+    pre = tmp_path / "pre"
+    assert main(["pretrain", str(demo), "--out", str(pre), "--model", "mae_ast_frame", *TINY_MODEL, *QUIET_RUN,
+                 "--batch-size", "4", "--max-steps", "1"]) == 0
+    assert finetune(demo, pre / "checkpoint.pth", tmp_path / "ft", "--epochs", "1") == 0
+    checkpoint = load_checkpoint(tmp_path / "ft" / "checkpoint.pth")
+    assert checkpoint["config"]["model"] == "MAEASTClassifier" and "head.weight" in checkpoint["model"]
+
+
+def test_unlabelled_data_is_refused(pretrained, tmp_path, capsys):
+    make_demo(tmp_path / "flat", num_per_class=1)
+    for clip in (tmp_path / "flat").rglob("*.wav"):
+        clip.rename(tmp_path / "flat" / clip.name)
+    (tmp_path / "flat" / "labels.csv").unlink()
+    assert finetune(tmp_path / "flat", pretrained, tmp_path / "ft") == 2
+    assert "finetune needs labels" in capsys.readouterr().err
+
+
+def test_metrics_match_hand_computed_values():
+    scores = torch.tensor([[0.9, 0.1], [0.8, 0.7], [0.3, 0.2], [0.1, 0.6]])
+    targets = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0]])
+    # class 0 ranks 0.9(+) 0.8(-) 0.3(+) 0.1(-): AP = (1/1 + 2/3) / 2; class 1: 0.7(+) 0.6(+): AP = 1
+    assert mean_average_precision(scores, targets) == pytest.approx(((1 + 2 / 3) / 2 + 1) / 2)
+    assert accuracy(scores, targets) == pytest.approx(0.75)  # row 1 wrong
+    with_empty_class = torch.cat([targets, torch.zeros(4, 1)], dim=1)
+    assert mean_average_precision(torch.cat([scores, torch.rand(4, 1)], 1), with_empty_class) == pytest.approx(
+        mean_average_precision(scores, targets))

@@ -1,0 +1,181 @@
+"""``audiomae pretrain``: a few steps of each model, exact resume, the schedule, and bad data."""
+import csv
+import math
+
+import numpy as np
+import pytest
+import soundfile
+import torch
+
+import audiomae.data
+from audiomae.cli import main
+from audiomae.training import load_checkpoint, param_groups, scheduled_lr
+
+from cli_support import QUIET_RUN, TINY_MODEL, make_demo, pretrain
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    return make_demo(tmp_path_factory.mktemp("demo"))
+
+
+def log_rows(out):
+    with open(out / "log.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_pretrain_audiomae_writes_checkpoint_and_logs(demo, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert pretrain(demo, out, "--epochs", "1", "--max-steps", "2") == 0
+    checkpoint = load_checkpoint(out / "checkpoint.pth")
+    assert checkpoint["position"] == {"step": 2, "epoch": 0, "batch": 2}
+    assert checkpoint["config"]["model"] == "mae_vit_base_patch16"
+    assert checkpoint["config"]["model_kwargs"]["img_size"] == [32, 128]
+    losses = [float(r["value"]) for r in log_rows(out) if r["name"] == "loss"]
+    assert len(losses) == 2 and all(math.isfinite(v) for v in losses)
+    assert {r["name"] for r in log_rows(out)} == {"loss", "lr", "samples_per_s"}
+    assert any(p.name.startswith("events.out.tfevents") for p in (out / "tensorboard").iterdir())
+    assert not [p for p in out.iterdir() if ".tmp" in p.name]
+    err = capsys.readouterr().err
+    assert "samples_s=" in err and "loss=" in err
+
+
+@pytest.mark.parametrize("model, extra", [
+    ("mae_ast_patch", ["--precision", "bf16"]),
+    ("mae_ast_frame", ["--model-kwargs", '{"masking": "chunk", "mode": "ssast"}']),
+])
+def test_pretrain_mae_ast(demo, tmp_path, model, extra):
+    out = tmp_path / model
+    args = ["pretrain", str(demo), "--out", str(out), "--model", model, *TINY_MODEL, *QUIET_RUN,
+            "--batch-size", "4", "--max-steps", "2", *extra]
+    assert main(args) == 0
+    checkpoint = load_checkpoint(out / "checkpoint.pth")
+    assert checkpoint["config"]["model_kwargs"]["encoder_depth"] == 2
+    assert checkpoint["position"]["step"] == 2
+
+
+def test_stopped_and_resumed_run_matches_an_uninterrupted_one(demo, tmp_path):
+    # 15 clips, batch 2: 7 batches per epoch, 6 used with 2-step accumulation, 3 optimiser steps per
+    # epoch. The stop at step 4 lands mid-epoch (epoch 1, batch 2), mid-schedule (warm-up 1 epoch).
+    common = ["--epochs", "3", "--batch-size", "2", "--accum-iter", "2", "--num-workers", "2"]
+    assert pretrain(demo, tmp_path / "straight", *common) == 0
+    assert pretrain(demo, tmp_path / "stopped", *common, "--max-steps", "4", "--save-every", "3") == 0
+    stopped = load_checkpoint(tmp_path / "stopped" / "checkpoint.pth")
+    assert stopped["position"] == {"step": 4, "epoch": 1, "batch": 2}
+    assert pretrain(demo, tmp_path / "stopped", *common, "--resume") == 0
+    straight = load_checkpoint(tmp_path / "straight" / "checkpoint.pth")
+    resumed = load_checkpoint(tmp_path / "stopped" / "checkpoint.pth")
+    assert resumed["position"] == straight["position"] == {"step": 9, "epoch": 3, "batch": 0}
+    for key, value in straight["model"].items():
+        assert torch.equal(value, resumed["model"][key]), key
+    for state_a, state_b in zip(straight["optimizer"]["state"].values(), resumed["optimizer"]["state"].values()):
+        assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
+    steps = [int(r["step"]) for r in log_rows(tmp_path / "stopped") if r["name"] == "loss"]
+    assert steps == list(range(1, 10))  # the resumed run appends to the log
+
+
+def test_resume_refuses_a_different_run(demo, tmp_path, capsys):
+    assert pretrain(demo, tmp_path / "run", "--max-steps", "1") == 0
+    assert pretrain(demo, tmp_path / "run", "--batch-size", "2", "--resume") == 2
+    assert "--resume needs the same" in capsys.readouterr().err
+
+
+def test_checkpoint_write_is_atomic(demo, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    assert pretrain(demo, out, "--max-steps", "1") == 0
+    good = (out / "checkpoint.pth").read_bytes()
+
+    def dies_mid_write(obj, path):
+        with open(path, "wb") as f:
+            f.write(b"half a checkpoint")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", dies_mid_write)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(demo, out, "--max-steps", "2", "--resume")
+    assert (out / "checkpoint.pth").read_bytes() == good
+    assert sorted(p.name for p in out.iterdir() if p.is_file()) == ["checkpoint.pth", "log.csv"]  # no temp left
+
+
+@pytest.mark.parametrize("setup, message", [
+    (lambda p: p / "nowhere", "does not exist"),
+    (lambda p: p, "holds no audio files"),
+    (lambda p: (p / "junk.wav").write_bytes(b"x" * 100) and p, "none of the 1 audio file"),
+])
+def test_data_without_audio_fails_clearly(tmp_path, capsys, setup, message):
+    data = setup(tmp_path)
+    assert pretrain(data, tmp_path / "out", "--max-steps", "1") == 2
+    err = capsys.readouterr().err
+    assert "audiomae pretrain: error:" in err and message in err and "Traceback" not in err
+
+
+def test_unreadable_and_empty_files_are_skipped_and_counted(demo, tmp_path, capsys):
+    data = make_demo(tmp_path / "data", num_per_class=1)
+    (data / "tone" / "junk.wav").write_bytes(b"RIFF but no audio")
+    soundfile.write(data / "tone" / "empty.wav", np.zeros(0), 16000)
+    assert pretrain(data, tmp_path / "out", "--batch-size", "2", "--max-steps", "2") == 0
+    err = capsys.readouterr().err
+    assert "skipping 2 of 7 file(s)" in err and "junk.wav: unreadable" in err and "empty.wav: empty" in err
+
+
+def test_clip_failing_mid_epoch_is_skipped_not_fatal(demo, tmp_path, capsys, monkeypatch):
+    real_load = audiomae.data.load_clip
+
+    def flaky(path):
+        if path.endswith("chirp_000.wav"):
+            raise OSError("disk went away")
+        return real_load(path)
+
+    monkeypatch.setattr(audiomae.data, "load_clip", flaky)
+    # batch size 1: the failing clip's batch is empty, and a zero-weight stand-in keeps the step.
+    assert pretrain(demo, tmp_path / "out", "--batch-size", "1", "--epochs", "1") == 0
+    err = capsys.readouterr().err
+    assert "chirp_000.wav: OSError: disk went away" in err
+    assert "skipped 1 clip(s) that could not be decoded" in err
+    assert load_checkpoint(tmp_path / "out" / "checkpoint.pth")["position"]["step"] == 15
+
+
+def test_too_few_clips_for_a_step(demo, tmp_path, capsys):
+    assert pretrain(demo, tmp_path / "out", "--batch-size", "8", "--accum-iter", "2", "--max-steps", "1") == 2
+    assert "lower --batch-size or --accum-iter" in capsys.readouterr().err
+
+
+def test_options_that_cannot_run_fail_clearly(demo, tmp_path, capsys):
+    assert pretrain(demo, tmp_path / "out", "--precision", "fp16") == 2
+    assert "fp16 needs a CUDA device" in capsys.readouterr().err
+
+
+def test_schedule_warms_up_then_follows_half_cosine():
+    kw = dict(lr=1.0, min_lr=0.1, warmup_epochs=2, epochs=10)
+    assert scheduled_lr(0, **kw) == 0 and scheduled_lr(1, **kw) == 0.5 and scheduled_lr(2, **kw) == 1.0
+    assert scheduled_lr(6, **kw) == pytest.approx(0.55)
+    assert scheduled_lr(10, **kw) == pytest.approx(0.1)
+    values = [scheduled_lr(e / 4, **kw) for e in range(41)]
+    assert values.index(max(values)) == 8 and all(a >= b for a, b in zip(values[8:], values[9:]))
+
+
+def test_weight_decay_spares_norms_biases_and_tokens():
+    import audiomae
+
+    model = audiomae.mae_vit_base_patch16(embed_dim=32, depth=2, num_heads=2, decoder_embed_dim=16, decoder_depth=1,
+                                          decoder_num_heads=2, img_size=(32, 128))
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = param_groups(model, 0.05)
+    decayed = {names[id(p)] for g in groups if g["weight_decay"] > 0 for p in g["params"]}
+    spared = {names[id(p)] for g in groups if g["weight_decay"] == 0 for p in g["params"]}
+    assert "blocks.0.attn.qkv.weight" in decayed and "patch_embed.proj.weight" in decayed
+    assert {"blocks.0.norm1.weight", "blocks.0.attn.qkv.bias", "cls_token", "mask_token"} <= spared
+    assert "pos_embed" not in decayed | spared  # frozen
+    assert not any(n.endswith(".bias") or "norm" in n for n in decayed)
+    assert decayed | spared == {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_layer_decay_scales_by_depth():
+    import audiomae
+
+    model = audiomae.vit_base_patch16(embed_dim=32, depth=3, num_heads=2, img_size=(32, 128), num_classes=4)
+    names = {id(p): n for n, p in model.named_parameters()}
+    scale = {names[id(p)]: g["lr_scale"] for g in param_groups(model, 0.05, layer_decay=0.5) for p in g["params"]}
+    assert scale["head.weight"] == 1.0 and scale["fc_norm.weight"] == 1.0
+    assert scale["blocks.2.mlp.fc1.weight"] == 0.5 and scale["blocks.0.mlp.fc1.weight"] == 0.125
+    assert scale["patch_embed.proj.weight"] == 0.0625 and scale["cls_token"] == 0.0625
