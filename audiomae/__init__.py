@@ -2,6 +2,7 @@
 from .backends import BACKENDS, BackendUnavailableError, available_backends, backend_status
 from .checkpoint import CheckpointMismatchError, from_pretrained, load_pretrained_encoder
 from .mae import MaskedAutoencoderViT, mae_vit_base_patch16, mae_vit_large_patch16, mae_vit_small_patch16
+from .mae_ast import MAEAST, MAEASTClassifier, MAEASTOutput, mae_ast_frame, mae_ast_patch
 from .vit import VisionTransformer, vit_base_patch16, vit_large_patch16, vit_small_patch16
 
 __version__ = "0.1.0"
@@ -10,12 +11,17 @@ __all__ = [
     "BACKENDS",
     "BackendUnavailableError",
     "CheckpointMismatchError",
+    "MAEAST",
+    "MAEASTClassifier",
+    "MAEASTOutput",
     "MaskedAutoencoderViT",
     "VisionTransformer",
     "available_backends",
     "backend_status",
     "from_pretrained",
     "load_pretrained_encoder",
+    "mae_ast_frame",
+    "mae_ast_patch",
     "mae_vit_base_patch16",
     "mae_vit_large_patch16",
     "mae_vit_small_patch16",

@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 
 from .mae import MaskedAutoencoderViT
+from .mae_ast import MAEAST, MAEASTClassifier
 from .vit import VisionTransformer
 
 _HEADS_BY_WIDTH = {384: 6, 768: 12, 1024: 16, 1280: 16}
@@ -149,7 +150,7 @@ def from_pretrained(path, **overrides) -> nn.Module:
     """
     state, extra = read_checkpoint(path)
     state = _strip_prefix(state)
-    classes = {"MaskedAutoencoderViT": MaskedAutoencoderViT, "VisionTransformer": VisionTransformer}
+    classes = {cls.__name__: cls for cls in (MaskedAutoencoderViT, VisionTransformer, MAEAST, MAEASTClassifier)}
     if extra.get("class") in classes:
         cls, config = classes[extra["class"]], extra["config"]
     else:
@@ -177,6 +178,8 @@ def load_pretrained_encoder(model: VisionTransformer, path) -> VisionTransformer
 
 def model_config(model: nn.Module) -> dict:
     """The constructor keywords that rebuild ``model`` (norm eps as ``norm_eps``)."""
+    if hasattr(model, "config"):
+        return model.config()
     blocks = model.blocks
     config = dict(
         img_size=list(model.patch_embed.img_size), patch_size=model.patch_embed.patch_size[0],

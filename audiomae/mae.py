@@ -40,6 +40,27 @@ class ModelMixin:
 
         return save_pretrained(self, path)
 
+    def gather_tokens(self, x, ids_keep, pos_embed=None):
+        """Kept tokens ``x[b, ids_keep[b]] (+ pos_embed[ids_keep[b]])``: [B, L, C] -> [B, K, C]."""
+        if self.backend == "triton":
+            from kernels.gather_tokens import gather_tokens
+
+            return gather_tokens(x, ids_keep, pos_embed, check_indices=False)  # built by our masking, in range
+        if pos_embed is not None:
+            x = x + pos_embed
+        return torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+    def unshuffle_tokens(self, x, ids_restore, mask_token, pos_embed):
+        """Kept tokens [B, K, C] -> all tokens [B, L, C]: ``mask_token`` at the removed positions, then
+        ``pos_embed`` [L, C] added (the official cat-then-gather)."""
+        if self.backend == "triton":
+            from kernels.unshuffle_tokens import unshuffle_tokens
+
+            return unshuffle_tokens(x, ids_restore, mask_token, pos_embed, check_indices=False)
+        B, K, C = x.shape
+        x = torch.cat([x, mask_token.reshape(1, 1, C).expand(B, ids_restore.shape[1] - K, C)], dim=1)
+        return torch.gather(x, 1, ids_restore.unsqueeze(-1).expand(-1, -1, C)) + pos_embed
+
 
 def init_vit_weights(module: nn.Module) -> None:
     """The official initialisation: xavier-uniform Linear weights, zero biases, unit LayerNorms."""
@@ -186,12 +207,12 @@ class MaskedAutoencoderViT(ModelMixin, nn.Module):
     def random_masking(self, x, mask_ratio, noise=None):
         """Official ``random_masking``: returns ``x_masked`` [B, K, D], ``mask`` [B, L], ``ids_restore`` [B, L]."""
         ids_keep, ids_restore, mask = self._masking_ids(x, mask_ratio, False, noise)
-        return self._gather(x, ids_keep, None), mask, ids_restore
+        return self.gather_tokens(x, ids_keep), mask, ids_restore
 
     def random_masking_2d(self, x, mask_t_prob, mask_f_prob, noise=None):
         """Official ``random_masking_2d`` on the model's grid (not a hard-coded 64 x 8)."""
         ids_keep, ids_restore, mask = self._structured_ids(x, mask_t_prob, mask_f_prob, noise)
-        return self._gather(x, ids_keep, None), mask, ids_restore
+        return self.gather_tokens(x, ids_keep), mask, ids_restore
 
     def _structured_ids(self, x, mask_t_prob, mask_f_prob, noise):
         T, F = self.grid
@@ -207,22 +228,12 @@ class MaskedAutoencoderViT(ModelMixin, nn.Module):
         noise = draw_noise(B, L, x.device, noise)
         return random_masking_ids(noise, int(L * (1 - mask_ratio)))
 
-    def _gather(self, x, ids_keep, pos_embed):
-        """Kept tokens ``x[b, ids_keep[b]] (+ pos_embed[ids_keep[b]])``."""
-        if self.backend == "triton":
-            from kernels.gather_tokens import gather_tokens
-
-            return gather_tokens(x, ids_keep, pos_embed, check_indices=False)  # built by our masking
-        if pos_embed is not None:
-            x = x + pos_embed
-        return torch.gather(x, 1, ids_keep.unsqueeze(-1).repeat(1, 1, x.shape[-1]))
-
     # ------------------------------------------------------------------ encoder
     def forward_encoder(self, x, mask_ratio, mask_2d=False, noise=None):
         """Returns ``(latent [B, 1+K, D], mask [B, L], ids_restore [B, L], None)``."""
         x = self.patch_embed(x)
         ids_keep, ids_restore, mask = self._masking_ids(x, mask_ratio, mask_2d, noise)
-        x = self._gather(x, ids_keep, self.pos_embed[0, 1:, :])
+        x = self.gather_tokens(x, ids_keep, self.pos_embed[0, 1:, :])
         cls_tokens = (self.cls_token + self.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
         x = torch.cat((cls_tokens, x), dim=1)
         for blk in self.blocks:
@@ -247,22 +258,10 @@ class MaskedAutoencoderViT(ModelMixin, nn.Module):
         return torch.stack(contextual, dim=0).mean(dim=0)
 
     # ------------------------------------------------------------------ decoder
-    def _unshuffle(self, x, ids_restore):
-        """Kept tokens [B, K, D] -> all tokens [B, L, D] with mask tokens and position embeddings."""
-        pos_embed = self.decoder_pos_embed[0, 1:, :]
-        if self.backend == "triton":
-            from kernels.unshuffle_tokens import unshuffle_tokens
-
-            return unshuffle_tokens(x, ids_restore, self.mask_token, pos_embed, check_indices=False)
-        mask_tokens = self.mask_token.repeat(x.shape[0], ids_restore.shape[1] - x.shape[1], 1)
-        x = torch.cat([x, mask_tokens], dim=1)
-        x = torch.gather(x, 1, ids_restore.unsqueeze(-1).repeat(1, 1, x.shape[2]))
-        return x + pos_embed
-
     def forward_decoder(self, x, ids_restore):
         """Returns ``(pred [B, L, p*p*C], None, None)``."""
         x = self.decoder_embed(x)
-        tokens = self._unshuffle(x[:, 1:, :], ids_restore)
+        tokens = self.unshuffle_tokens(x[:, 1:, :], ids_restore, self.mask_token, self.decoder_pos_embed[0, 1:, :])
         if self.decoder_mode == 0:
             x = torch.cat([x[:, :1, :] + self.decoder_pos_embed[:, :1, :], tokens], dim=1)
         else:

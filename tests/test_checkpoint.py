@@ -127,3 +127,14 @@ def test_pickle_beyond_namespace_is_refused(tmp_path):
         read_checkpoint(path)
     with pytest.raises(FileNotFoundError):
         read_checkpoint(tmp_path / "nothing.pth")
+
+
+def test_mae_ast_save_and_load(tmp_path):
+    model = audiomae.mae_ast_frame(embed_dim=64, num_heads=4, encoder_depth=2, decoder_depth=1, masking="chunk")
+    loaded = audiomae.from_pretrained(model.save_pretrained(tmp_path / "ast.safetensors"))
+    assert isinstance(loaded, audiomae.MAEAST) and loaded.masking == "chunk" and loaded.tokens == "frame"
+    assert_same_weights(model, loaded)
+    classifier = audiomae.MAEASTClassifier(model, num_classes=4)
+    loaded = audiomae.from_pretrained(classifier.save_pretrained(tmp_path / "cls.safetensors"))
+    assert isinstance(loaded, audiomae.MAEASTClassifier) and loaded.num_classes == 4
+    assert_same_weights(classifier, loaded)

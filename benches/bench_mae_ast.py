@@ -1,0 +1,198 @@
+"""One pretraining step of MAE-AST against its SSAST baseline at equal encoder depth.
+
+The paper (Baade et al., Interspeech 2022) reports MAE-AST pretraining 3x faster and with 2x less
+memory than SSAST at the same encoder depth. A step here is forward, backward and an AdamW update
+(bf16 autocast on the GPU, float32 on the CPU) on 10-second clips (1024 frames x 128 bins, 512
+tokens) at 75 % masking, for encoder depths 6 and 12 (decoder 2 layers, width 768, 12 heads).
+
+Rows per (tokens, depth): ``ssast`` (SDPA attention, the baseline), ``mae`` with SDPA and, on the
+GPU, ``mae`` with the ``"triton"`` backend (gather/unshuffle kernels), timed in alternation (one
+step of each per round) so that a shared machine's load shifts hit all alike. Each row reports
+- ``median_ms`` and ``peak_mem_bytes`` (GPU only: the harness's peak beyond what was live before
+  the step: activations, gradients and optimizer temporaries; weights and Adam state excluded);
+- ``saved_activation_bytes``: the distinct non-parameter tensors autograd saves for backward, a
+  device-independent measure of the activation memory and the only memory figure on the CPU;
+- ``speedup_vs_ssast`` and ``mem_ratio_vs_ssast`` (SSAST's figure over this row's, measured in the
+  same run; the memory ratio uses the peak on the GPU, saved activations on the CPU);
+- ``flops`` (``torch.utils.flop_counter`` over the step's forward and backward) and
+  ``flop_floor_ms`` = flops over the measured matmul rate (``benches.harness.matmul_tflops``:
+  bf16 on the GPU, fp32 on the CPU), with ``fraction_of_floor`` = floor / median.
+
+``python -m benches.bench_mae_ast --device cpu --batch 4 --depths 6 --out benches/results/mae_ast_cpu.json``
+writes rows and ``benches.harness.device_info`` as JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from audiomae.mae_ast import MAEAST
+from benches.harness import device_info, matmul_tflops, time_fn
+
+SUITE = "mae_ast_pretrain_step"
+FULL = dict(batch=32, frames=1024, depths=(6, 12), tokens=("patch", "frame"), embed_dim=768, num_heads=12)
+QUICK = dict(batch=2, frames=128, depths=(2,), tokens=("patch",), embed_dim=64, num_heads=4)
+
+
+def _autocast(device: torch.device):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def _pretraining_step(model: MAEAST, spec: torch.Tensor, optimizer: torch.optim.Optimizer):
+    def step():
+        with _autocast(spec.device):
+            loss = model(spec).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def saved_activation_bytes(model: MAEAST, spec: torch.Tensor) -> int:
+    """Bytes of the distinct non-parameter storages autograd keeps for one step's backward."""
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in parameters:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor  # kept alive by the graph, so no pointer is reused while counting
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), _autocast(spec.device):
+        loss = model(spec).loss
+    del loss
+    return sum(saved.values())
+
+
+def step_flops(model: MAEAST, spec: torch.Tensor) -> int:
+    with FlopCounterMode(display=False) as counter:
+        with _autocast(spec.device):
+            loss = model(spec).loss
+        loss.backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+def build_case(device, *, mode, backend, tokens, depth, batch, frames, embed_dim, num_heads) -> dict:
+    """Model, step and the step's FLOPs and saved activations, measured once."""
+    device = torch.device(device)
+    torch.manual_seed(0)
+    model = MAEAST(tokens=tokens, mode=mode, encoder_depth=depth, embed_dim=embed_dim, num_heads=num_heads,
+                   backend=backend).to(device)
+    spec = torch.randn(batch, frames, 128, device=device) * 0.5
+    flops = step_flops(model, spec)
+    row = {
+        "suite": SUITE, "name": f"{mode}/{backend}", "impl": mode, "backend": backend, "tokens": tokens,
+        "encoder_depth": depth, "decoder_depth": 2 if mode == "mae" else 0, "embed_dim": embed_dim,
+        "shape": f"B{batch}xT{frames}x128", "dtype": "bf16-autocast" if device.type == "cuda" else "fp32",
+        "saved_activation_bytes": saved_activation_bytes(model, spec), "flops": flops,
+        "flop_floor_ms": flops / (matmul_tflops(str(device)) * 1e12) * 1e3,
+    }
+    step = _pretraining_step(model, spec, torch.optim.AdamW(model.parameters(), lr=1e-4))
+    return {"row": row, "step": step}
+
+
+def time_alternating(cases: list[dict], device, warmup: int, reps: int) -> list[dict]:
+    """Times the cases' steps in alternation, one step each per round, so that load changes on a
+    shared machine hit every case alike; the peak memory comes from each case's first timed step."""
+    for case in cases:
+        case["timings"] = [time_fn(case["step"], device, warmup=warmup, reps=1)]
+    for _ in range(reps - 1):
+        for case in cases:
+            case["timings"].append(time_fn(case["step"], device, warmup=0, reps=1))
+    rows = []
+    for case in cases:
+        times = sorted(t.median_ms for t in case["timings"])
+        median = statistics.median(times)
+        rows.append({**case["row"], "median_ms": median, "min_ms": times[0], "reps": len(times),
+                     "peak_mem_bytes": case["timings"][0].peak_mem_bytes,
+                     "fraction_of_floor": case["row"]["flop_floor_ms"] / median})
+    return rows
+
+
+def _with_ratios(rows: list[dict], baseline: dict) -> list[dict]:
+    memory = "peak_mem_bytes" if baseline["peak_mem_bytes"] else "saved_activation_bytes"
+    for row in rows:
+        row["speedup_vs_ssast"] = baseline["median_ms"] / row["median_ms"]
+        row["mem_ratio_vs_ssast"] = baseline[memory] / row[memory]
+        row["mem_ratio_measure"] = memory
+    return rows
+
+
+def measure(device, *, batch, frames, depths, tokens, embed_dim, num_heads, warmup=3, reps=10) -> list[dict]:
+    device = torch.device(device)
+    variants = [("ssast", "sdpa"), ("mae", "sdpa")] + ([("mae", "triton")] if device.type == "cuda" else [])
+    rows = []
+    for token_kind in tokens:
+        for depth in depths:
+            cases = [build_case(device, mode=mode, backend=backend, tokens=token_kind, depth=depth, batch=batch,
+                                frames=frames, embed_dim=embed_dim, num_heads=num_heads)
+                     for mode, backend in variants]
+            case_rows = time_alternating(cases, device, warmup, reps)
+            rows += _with_ratios(case_rows, baseline=case_rows[0])
+    return rows
+
+
+def run(device, quick: bool) -> list[dict]:
+    config = QUICK if quick else FULL
+    warmup, reps = (1, 2) if quick else (3, 10)
+    return measure(device, warmup=warmup, reps=reps, **config)
+
+
+# ------------------------------------------------------------------------------- pytest-benchmark
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@needs_cuda
+@pytest.mark.parametrize("depth", FULL["depths"])
+@pytest.mark.parametrize("mode,backend", [("ssast", "sdpa"), ("mae", "sdpa"), ("mae", "triton")])
+def test_pretraining_step(benchmark, mode, backend, depth):
+    torch.manual_seed(0)
+    model = MAEAST(tokens="patch", mode=mode, encoder_depth=depth, backend=backend).cuda()
+    spec = torch.randn(FULL["batch"], FULL["frames"], 128, device="cuda") * 0.5
+    step = _pretraining_step(model, spec, torch.optim.AdamW(model.parameters(), lr=1e-4))
+
+    def synced_step():
+        step()
+        torch.cuda.synchronize()
+
+    benchmark.pedantic(synced_step, warmup_rounds=3, rounds=10)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch", type=int, default=FULL["batch"])
+    parser.add_argument("--frames", type=int, default=FULL["frames"])
+    parser.add_argument("--depths", type=int, nargs="+", default=list(FULL["depths"]))
+    parser.add_argument("--tokens", nargs="+", default=list(FULL["tokens"]), choices=["patch", "frame"])
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--quick", action="store_true", help="the smoke-test configuration of run(device, True)")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    if args.quick:
+        rows = run(args.device, quick=True)
+    else:
+        rows = measure(args.device, batch=args.batch, frames=args.frames, depths=args.depths, tokens=args.tokens,
+                       embed_dim=FULL["embed_dim"], num_heads=FULL["num_heads"], warmup=args.warmup, reps=args.reps)
+    for row in rows:
+        print(json.dumps({k: row[k] for k in ("name", "tokens", "encoder_depth", "shape", "median_ms",
+                                               "speedup_vs_ssast", "mem_ratio_vs_ssast")}))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        note = ("CPU figures: fp32, no autocast; they say nothing about GPU speed; memory ratio from "
+                "saved activations" if torch.device(args.device).type == "cpu" else "GPU figures, bf16 autocast")
+        args.out.write_text(json.dumps({"device": device_info(args.device), "note": note, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
