@@ -7,6 +7,16 @@ batched torch path.
 """
 from .fbank import FbankOptions, fbank
 from .gather_tokens import gather_tokens, gather_tokens_2d
+from .reference.window_attention import window_attention_reference
 from .unshuffle_tokens import unshuffle_tokens
+from .window_attention import window_attention
 
-__all__ = ["FbankOptions", "fbank", "gather_tokens", "gather_tokens_2d", "unshuffle_tokens"]
+__all__ = [
+    "FbankOptions",
+    "fbank",
+    "gather_tokens",
+    "gather_tokens_2d",
+    "unshuffle_tokens",
+    "window_attention",
+    "window_attention_reference",
+]

@@ -31,8 +31,10 @@ tensors and during CUDA-graph capture. Unchecked out-of-range indices give unspe
 the kernels never touch memory outside their inputs.
 
 Dispatch: CUDA tensors run the Triton kernels; CPU tensors run ``kernels.reference`` unless
-``TRITON_INTERPRET=1``. Both ops are ``torch.library`` custom ops (``audiomae::gather_tokens``
-and its backward) with fake implementations, so ``torch.compile(fullgraph=True)`` traces them.
+``TRITON_INTERPRET=1``. The kernels are ``torch.library`` custom ops (``audiomae::gather_tokens``
+and its backward) with fake implementations, so ``torch.compile(fullgraph=True)`` traces them;
+eager calls reach the same launchers through a plain ``torch.autograd.Function`` instead, because
+the custom-op dispatcher costs more host time than the kernels take (``needs_custom_op``).
 
 This module also holds what ``kernels.unshuffle_tokens`` shares: input checks and
 ``gather_rows_backward``, the adjoint of a row gather.
@@ -89,7 +91,7 @@ def as_table(t: torch.Tensor | None, name: str, rows: int, channels: int) -> tor
         return None
     if tuple(t.shape) not in ((rows, channels), (1, rows, channels)):
         raise ValueError(f"{name} must be [{rows}, {channels}] or [1, {rows}, {channels}], got {tuple(t.shape)}")
-    return t.reshape(rows, channels)
+    return t if t.dim() == 2 else t.reshape(rows, channels)
 
 
 def _values_readable(t: torch.Tensor) -> bool:
@@ -127,10 +129,21 @@ def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
 TL_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64}
 
 
+# Plain-Python twins of triton.cdiv and triton.next_power_of_2: those are constexpr functions,
+# about 1.5 us per host call, and a forward plus backward makes up to a dozen of them.
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n, for n >= 1."""
+    return 1 << (n - 1).bit_length()
+
+
 def row_tile(channels: int) -> tuple[int, int]:
     """(BLOCK_R, BLOCK_C) for a streaming row kernel: 4096-element tiles, up to 256 channels
     wide so a bf16 row segment is 512 contiguous bytes, 16-byte vectors per thread."""
-    block_c = min(256, triton.next_power_of_2(channels))
+    block_c = min(256, next_power_of_2(channels))
     return max(1, min(64, 4096 // block_c)), block_c
 
 
@@ -143,8 +156,8 @@ def batch_splits(batch: int, tiles_per_batch: int, target_programs: int | None) 
     """
     if target_programs is None:
         return batch, 1
-    per_split = triton.cdiv(batch, min(batch, max(1, triton.cdiv(target_programs, tiles_per_batch))))
-    return triton.cdiv(batch, per_split), per_split
+    per_split = cdiv(batch, min(batch, max(1, cdiv(target_programs, tiles_per_batch))))
+    return cdiv(batch, per_split), per_split
 
 
 # ----------------------------------------------------------------------------------------------
@@ -253,7 +266,7 @@ def _gather_forward(x: torch.Tensor, ids_keep: torch.Tensor, pos_embed: torch.Te
     block_r, block_c = row_tile(C)
     pos = pos_embed if pos_embed is not None else x
     pos_strides = pos_embed.stride() if pos_embed is not None else (0, 0)
-    grid = (triton.cdiv(B * K, block_r), triton.cdiv(C, block_c))
+    grid = (cdiv(B * K, block_r), cdiv(C, block_c))
     _gather_kernel[grid](
         x, ids_keep, pos, out,
         B * K, K, L, C,
@@ -288,8 +301,8 @@ def gather_rows_backward(
     if B * M * C == 0 or (grad_table is None and row_sum is None):
         return grad_table, row_sum
     block_m, block_n = 32, 64
-    block_c = min(256, triton.next_power_of_2(C))
-    row_blocks, col_blocks = triton.cdiv(M, block_m), triton.cdiv(C, block_c)
+    block_c = min(256, next_power_of_2(C))
+    row_blocks, col_blocks = cdiv(M, block_m), cdiv(C, block_c)
     splits, per_split = batch_splits(B, row_blocks * col_blocks, REDUCING_PROGRAMS if row_sum is not None else None)
     acc_dtype = accumulate_dtype(grad.dtype)
     partials = row_sum
@@ -308,8 +321,24 @@ def gather_rows_backward(
 
 
 # ----------------------------------------------------------------------------------------------
-# torch.library registration
+# Registration: a torch.library op for tracers, an autograd.Function for eager calls
 # ----------------------------------------------------------------------------------------------
+def needs_custom_op() -> bool:
+    """Whether a call must go through the ``torch.library`` op rather than its eager twin.
+
+    Eager calls skip the custom-op dispatcher: it costs tens of microseconds of host time per call
+    (more with autograd), longer than these kernels run at the models' sizes. The op serves
+    whatever traces or transforms the call: torch.compile, export and compiled autograd (one
+    graph, no breaks), a dispatch mode such as fake tensors or make_fx (the op has a fake
+    implementation, a Triton launch has none) and torch.func transforms.
+    """
+    return (
+        torch.compiler.is_compiling()
+        or torch._C._len_torch_dispatch_stack() > 0
+        or torch._C._are_functorch_transforms_active()
+    )
+
+
 @torch.library.custom_op("audiomae::gather_tokens", mutates_args=())
 def _gather_tokens_op(x: torch.Tensor, ids_keep: torch.Tensor, pos_embed: torch.Tensor | None) -> torch.Tensor:
     return _gather_forward(x, ids_keep, pos_embed)
@@ -345,16 +374,44 @@ def _setup_context(ctx, inputs, output):
     ctx.pos_dtype = pos_embed.dtype if pos_embed is not None else None
 
 
-def _backward(ctx, grad):
+def _input_grads(ctx, grad, rows_backward):
+    """Gradients of (x, ids_keep, pos_embed) from ``rows_backward``: ``gather_rows_backward`` or its op."""
     (ids_keep,) = ctx.saved_tensors
     need_x, _, need_pos = ctx.needs_input_grad
-    grad_x, grad_pos = torch.ops.audiomae.gather_tokens_backward(
+    grad_x, grad_pos = rows_backward(
         grad, ids_keep, ctx.num_rows, ctx.x_dtype if need_x else None, ctx.pos_dtype if need_pos else None
     )
     return (grad_x if need_x else None), None, (grad_pos if need_pos else None)
 
 
+def _backward(ctx, grad):
+    return _input_grads(ctx, grad, torch.ops.audiomae.gather_tokens_backward)
+
+
 _gather_tokens_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _GatherTokens(torch.autograd.Function):
+    """``audiomae::gather_tokens`` for eager calls: the same launchers, context and gradients."""
+
+    # forward takes ctx itself: with a separate setup_context, Function.apply binds the arguments
+    # through inspect.signature on every call (24 us against 7 us for the whole apply, dev CPU).
+    @staticmethod
+    def forward(ctx, x, ids_keep, pos_embed):
+        _setup_context(ctx, (x, ids_keep, pos_embed), None)
+        return _gather_forward(x, ids_keep, pos_embed)
+
+    @staticmethod
+    def backward(ctx, grad):
+        # Compiled autograd traces this backward: there it takes the op too.
+        rows_backward = torch.ops.audiomae.gather_tokens_backward if needs_custom_op() else gather_rows_backward
+        return _input_grads(ctx, grad, rows_backward)
+
+
+def _gather(x: torch.Tensor, ids_keep: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor:
+    """The Triton gather on checked inputs, ``pos`` [L, C] or None."""
+    op = torch.ops.audiomae.gather_tokens if needs_custom_op() else _GatherTokens.apply
+    return op(x, ids_keep, pos)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -379,7 +436,7 @@ def gather_tokens(
         check_index_range((ids_keep, x.shape[1], "ids_keep"))
     if not use_triton(x):
         return reference.gather_tokens(x, ids_keep, pos_embed)
-    return torch.ops.audiomae.gather_tokens(x, ids_keep, pos)
+    return _gather(x, ids_keep, pos)
 
 
 def gather_tokens_2d(
@@ -408,4 +465,4 @@ def gather_tokens_2d(
     # The kept tokens of a sequence are the product of its kept rows and columns: one small
     # [B, Kt*Kf] index, then the same gather (and the same duplicate-safe backward).
     ids_keep = (ids_keep_t[:, :, None] * F + ids_keep_f[:, None, :]).reshape(x.shape[0], -1)
-    return torch.ops.audiomae.gather_tokens(x, ids_keep, pos)
+    return _gather(x, ids_keep, pos)

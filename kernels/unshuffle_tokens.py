@@ -21,7 +21,8 @@ no position reads gets zeros), every row written once by the backward kernel, th
 the masked rows unless ``pos_embed`` needs its gradient, and both deterministic: fixed-order
 partial sums in fp32, added up by ``torch.sum``. No atomics. Double backward is not supported.
 
-Index checks, dispatch and registration (``audiomae::unshuffle_tokens`` and its backward) follow
+Index checks, dispatch and registration (``audiomae::unshuffle_tokens`` and its backward for
+tracers, an autograd.Function over the same launchers for eager calls) follow
 ``kernels.gather_tokens``: values outside [0, L) are a ValueError at the cost of one reduction and
 one host sync, skipped with ``check_indices=False``, under ``torch.compile``, fake tensors and
 CUDA-graph capture.
@@ -39,10 +40,12 @@ from kernels.gather_tokens import (
     accumulate_dtype,
     as_table,
     batch_splits,
+    cdiv,
     check_floats,
     check_index,
     check_index_range,
     gather_rows_backward,
+    needs_custom_op,
     row_tile,
 )
 from kernels.reference import unshuffle_tokens as reference
@@ -136,7 +139,7 @@ def _unshuffle_forward(x, ids_restore, mask_token, pos_embed):
     block_r, block_c = row_tile(C)
     pos = pos_embed if pos_embed is not None else x
     pos_strides = pos_embed.stride() if pos_embed is not None else (0, 0)
-    grid = (triton.cdiv(B * L, block_r), triton.cdiv(C, block_c))
+    grid = (cdiv(B * L, block_r), cdiv(C, block_c))
     _unshuffle_kernel[grid](
         x, ids_restore, mask_token, pos, out,
         B * L, L, K, C,
@@ -157,7 +160,7 @@ def _mask_pos_backward(grad, ids_restore, num_kept, mask_dtype, pos_dtype):
         zeros = lambda *shape, dtype: torch.zeros(shape, dtype=dtype, device=device) if dtype is not None else None  # noqa: E731
         return zeros(C, dtype=mask_dtype), zeros(L, C, dtype=pos_dtype)
     block_r, block_c = row_tile(C)
-    row_blocks, col_blocks = triton.cdiv(L, block_r), triton.cdiv(C, block_c)
+    row_blocks, col_blocks = cdiv(L, block_r), cdiv(C, block_c)
     # A pos_embed gradient needs an [L, C] partial sum per split; mask-token partials are one
     # [C] row per program, so without the former many more programs cost next to nothing.
     target = REDUCING_PROGRAMS if pos_dtype is not None else 4 * REDUCING_PROGRAMS
@@ -182,6 +185,12 @@ def _mask_pos_backward(grad, ids_restore, num_kept, mask_dtype, pos_dtype):
     return grad_mask, grad_pos
 
 
+def _unshuffle_backward(grad, ids_restore, num_kept, x_dtype, mask_dtype, pos_dtype):
+    """Gradients of x, mask_token and pos_embed, each None when its dtype is None."""
+    grad_x, _ = gather_rows_backward(grad, ids_restore, num_kept, x_dtype, None)
+    return (grad_x, *_mask_pos_backward(grad, ids_restore, num_kept, mask_dtype, pos_dtype))
+
+
 @torch.library.custom_op("audiomae::unshuffle_tokens", mutates_args=())
 def _unshuffle_tokens_op(
     x: torch.Tensor, ids_restore: torch.Tensor, mask_token: torch.Tensor, pos_embed: torch.Tensor | None
@@ -204,10 +213,9 @@ def _unshuffle_tokens_backward_op(
     mask_dtype: torch.dtype | None,
     pos_dtype: torch.dtype | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    grad_x, _ = gather_rows_backward(grad, ids_restore, num_kept, x_dtype, None)
-    grad_mask, grad_pos = _mask_pos_backward(grad, ids_restore, num_kept, mask_dtype, pos_dtype)
+    grads = _unshuffle_backward(grad, ids_restore, num_kept, x_dtype, mask_dtype, pos_dtype)
     # A custom op cannot return None: a gradient nobody asked for comes back empty.
-    return tuple(g if g is not None else grad.new_empty(0) for g in (grad_x, grad_mask, grad_pos))
+    return tuple(g if g is not None else grad.new_empty(0) for g in grads)
 
 
 @_unshuffle_tokens_backward_op.register_fake
@@ -224,15 +232,37 @@ def _setup_context(ctx, inputs, output):
     ctx.dtypes = (x.dtype, mask_token.dtype, pos_embed.dtype if pos_embed is not None else None)
 
 
-def _backward(ctx, grad):
+def _input_grads(ctx, grad, backward):
+    """Gradients of (x, ids_restore, mask_token, pos_embed) from ``backward``:
+    ``_unshuffle_backward`` or its op."""
     (ids_restore,) = ctx.saved_tensors
     need_x, _, need_mask, need_pos = ctx.needs_input_grad
     wanted = [dtype if need else None for dtype, need in zip(ctx.dtypes, (need_x, need_mask, need_pos))]
-    grad_x, grad_mask, grad_pos = torch.ops.audiomae.unshuffle_tokens_backward(grad, ids_restore, ctx.num_kept, *wanted)
+    grad_x, grad_mask, grad_pos = backward(grad, ids_restore, ctx.num_kept, *wanted)
     return (grad_x if need_x else None), None, (grad_mask if need_mask else None), (grad_pos if need_pos else None)
 
 
+def _backward(ctx, grad):
+    return _input_grads(ctx, grad, torch.ops.audiomae.unshuffle_tokens_backward)
+
+
 _unshuffle_tokens_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _UnshuffleTokens(torch.autograd.Function):
+    """``audiomae::unshuffle_tokens`` for eager calls (see ``needs_custom_op``): the same
+    launchers, context and gradients."""
+
+    @staticmethod
+    def forward(ctx, x, ids_restore, mask_token, pos_embed):
+        _setup_context(ctx, (x, ids_restore, mask_token, pos_embed), None)
+        return _unshuffle_forward(x, ids_restore, mask_token, pos_embed)
+
+    @staticmethod
+    def backward(ctx, grad):
+        # Compiled autograd traces this backward: there it takes the op too.
+        backward = torch.ops.audiomae.unshuffle_tokens_backward if needs_custom_op() else _unshuffle_backward
+        return _input_grads(ctx, grad, backward)
 
 
 def unshuffle_tokens(
@@ -262,4 +292,5 @@ def unshuffle_tokens(
         check_index_range((ids_restore, L, "ids_restore"))
     if not use_triton(x):
         return reference.unshuffle_tokens(x, ids_restore, mask_token, pos_embed)
-    return torch.ops.audiomae.unshuffle_tokens(x, ids_restore, mask_token.reshape(C), pos)
+    op = torch.ops.audiomae.unshuffle_tokens if needs_custom_op() else _UnshuffleTokens.apply
+    return op(x, ids_restore, mask_token.reshape(C), pos)

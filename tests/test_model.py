@@ -42,8 +42,8 @@ def test_encoder_block_matches_timm():
 
 @pytest.mark.parametrize("grid,shift", [((8, 8), (0, 0)), ((8, 8), (2, 0)), ((8, 8), (2, 2)), ((16, 4), (2, 0))])
 def test_swin_block_matches_timm_v2cr(grid, shift):
-    ours = SwinTransformerBlock(64, 4, feat_size=grid, window_size=(4, 4), shift_size=shift, norm_layer=LN).double()
-    theirs = timm_swin.SwinTransformerV2CrBlock(64, 4, feat_size=grid, window_size=(4, 4), shift_size=shift,
+    ours = SwinTransformerBlock(64, 8, feat_size=grid, window_size=(4, 4), shift_size=shift, norm_layer=LN).double()
+    theirs = timm_swin.SwinTransformerV2CrBlock(64, 8, feat_size=grid, window_size=(4, 4), shift_size=shift,
                                                  norm_layer=LN).double()
     # timm resets any non-zero shift to half the window on both axes; AudioMAE shifts (2, 0)
     theirs.shift_size = shift

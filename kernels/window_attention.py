@@ -1,0 +1,490 @@
+"""Fused shifted-window attention in token order, forward and backward (Triton).
+
+``window_attention(qkv, *, grid, window, shift=(0, 0), num_heads, tau=None, bias=None,
+mask_value=-100.0) -> [B, L, C]``
+
+Computes the math of ``kernels.reference.window_attention.window_attention_reference``
+(AudioMAE's Swin-v2 decoder attention: cyclic roll, window partition, attention, window reverse,
+roll back) without moving a token: every program gathers the rows of its windows straight from the
+token-order ``qkv`` and writes its output rows back in token order. No attention matrix reaches HBM.
+
+Contract
+- ``qkv`` [B, L, 3*C], any strides, token ``t * F + f`` on ``grid=(T, F)``, the last axis laid out
+  ``[3, num_heads, head_dim]`` (q, k, v) as the official ``view(..., 3, heads, head_dim)``.
+- ``window=(wt, wf)``: sides dividing the grid's, at most 256 tokens per window (2x2 to 16x16 are
+  the tested range; a side of 1 also works). ``shift=(st, sf)`` with ``0 <= s < w`` on each axis.
+- The token at ``(t, f)`` sits at ``(x, y) = ((t - st) mod T, (f - sf) mod F)`` of the rolled
+  grid: window ``(x // wt, y // wf)``, position ``(x % wt) * wf + y % wf`` inside it (the index
+  into ``bias``). Its shift-mask region on each axis is ``(x >= T - wt) + (x >= T - st)``, which
+  equals the official ``img_mask`` slices; pairs of different regions get ``mask_value`` added.
+- With ``tau`` [heads]: logits ``q.k / max(|q| |k|, 1e-6) / max(tau, 0.01)``; without, ``q.k *
+  head_dim ** -0.5``. ``bias`` [heads, N, N], N = wt * wf, is added to the logits.
+- head_dim 16 to 128 (padded to a power of two inside), any number of heads; float16, bfloat16,
+  float32. Logits, softmax and accumulation are fp32; float32 inputs get IEEE fp32 dots (not
+  TF32), 16-bit inputs dots in their dtype and a TF32 sum for the bias gradient. ``tau`` and
+  ``bias`` may have their own float dtype; their gradients come back in it.
+- Backward: gradients of ``qkv``, ``tau`` (zero where ``tau < 0.01``, as the official clamp) and
+  ``bias``. It recomputes the logits from the saved per-row logsumexp. The bias and tau gradients
+  are per-program partial sums reduced afterwards, so they are deterministic.
+
+Tiling: a tile is ``BLOCK`` rows. Windows of at most ``BLOCK`` tokens are packed several to a tile
+and kept apart by a block-diagonal mask (this also serves windows under the 16 rows ``tl.dot``
+needs). Larger windows are split into ``BLOCK``-row chunks: the forward runs an online softmax over
+key chunks, and the backward program for chunk ``c`` owns ``dq`` of query chunk ``c`` and
+``dk, dv`` of key chunk ``c``.
+
+Dispatch: CUDA tensors run the kernels; CPU tensors run the eager reference unless
+``TRITON_INTERPRET=1`` (then the kernels, through the interpreter). Registered as
+``audiomae::window_attention`` with its backward ``audiomae::window_attention_backward``.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from ._dispatch import use_triton
+from .reference.window_attention import check_window_attention_args, window_attention_reference
+
+# Logit of a pair that shares no window; finite so that padded rows never make NaNs.
+_NO_PAIR = tl.constexpr(-1.0e30)
+
+
+@triton.jit
+def _program_coordinates(num_heads, num_groups, NUM_CHUNKS: tl.constexpr):
+    """(batch, window group, chunk, head) of this program. Heads vary fastest, so that neighbouring
+    programs read neighbouring columns of the same qkv rows."""
+    pid = tl.program_id(0)
+    h = pid % num_heads
+    chunk = (pid // num_heads) % NUM_CHUNKS
+    group = (pid // (num_heads * NUM_CHUNKS)) % num_groups
+    b = pid // (num_heads * NUM_CHUNKS * num_groups)
+    return b, group, chunk, h
+
+
+@triton.jit
+def _qkv_pointers(qkv_ptr, b, h, stride_b, stride_c, C, HEAD_DIM: tl.constexpr):
+    q_ptr = qkv_ptr + b.to(tl.int64) * stride_b + h * HEAD_DIM * stride_c
+    return q_ptr, q_ptr + C * stride_c, q_ptr + 2 * C * stride_c
+
+
+@triton.jit
+def _inverse_tau(tau_ptr, h, HAS_TAU: tl.constexpr):
+    if HAS_TAU:
+        return 1.0 / tl.maximum(tl.load(tau_ptr + h).to(tl.float32), 0.01)
+    else:
+        return 1.0
+
+
+@triton.jit
+def _window_rows(group, v, T, F, shift_t, shift_f, num_windows,
+                 WT: tl.constexpr, WF: tl.constexpr, WINDOWS_PER_GROUP: tl.constexpr):
+    """Token row, window, position in window, validity and shift-mask region of the ``v``-th
+    token of a window group (the group's windows laid end to end)."""
+    window = group * WINDOWS_PER_GROUP + v // (WT * WF)
+    pos = v % (WT * WF)
+    valid = (v < WINDOWS_PER_GROUP * WT * WF) & (window < num_windows)
+    windows_per_row = F // WF
+    x = (window // windows_per_row) * WT + pos // WF
+    y = (window % windows_per_row) * WF + pos % WF
+    t = x + shift_t
+    t = tl.where(t >= T, t - T, t)
+    f = y + shift_f
+    f = tl.where(f >= F, f - F, f)
+    region = ((x >= T - WT).to(tl.int32) + (x >= T - shift_t)) * 3 + (y >= F - WF) + (y >= F - shift_f)
+    return t * F + f, window, pos, valid, region
+
+
+@triton.jit
+def _load_rows(ptr, rows, valid, stride_row, cols, col_mask):
+    mask = valid[:, None] & col_mask[None, :]
+    return tl.load(ptr + rows[:, None] * stride_row + cols[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _row_norm(x, HAS_TAU: tl.constexpr):
+    if HAS_TAU:
+        xf = x.to(tl.float32)
+        return tl.sqrt(tl.sum(xf * xf, axis=1))
+    else:
+        return tl.zeros([x.shape[0]], tl.float32)
+
+
+@triton.jit
+def _logits(q, k, q_norm, k_norm, q_win, q_pos, q_valid, q_region, k_win, k_pos, k_valid, k_region,
+            bias_ptr, inv_tau, scale, mask_value,
+            N: tl.constexpr, HAS_TAU: tl.constexpr, HAS_BIAS: tl.constexpr, SHIFTED: tl.constexpr,
+            DOT_PRECISION: tl.constexpr):
+    """Logits [BLOCK_Q, BLOCK_K] of a query block against a key block, ``_NO_PAIR`` where the two
+    tokens share no window; also the logit before its 1/tau or head_dim**-0.5 factor."""
+    dot = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    if HAS_TAU:
+        unscaled = dot / tl.maximum(q_norm[:, None] * k_norm[None, :], 1e-6)
+        s = unscaled * inv_tau
+    else:
+        unscaled = dot
+        s = dot * scale
+    pair = (q_win[:, None] == k_win[None, :]) & q_valid[:, None] & k_valid[None, :]
+    if HAS_BIAS:
+        s += tl.load(bias_ptr + q_pos[:, None] * N + k_pos[None, :], mask=pair, other=0.0).to(tl.float32)
+    if SHIFTED:
+        s += tl.where(q_region[:, None] != k_region[None, :], mask_value, 0.0)
+    return tl.where(pair, s, _NO_PAIR), unscaled
+
+
+@triton.jit
+def _window_attention_fwd(
+    qkv_ptr, tau_ptr, bias_ptr, out_ptr, lse_ptr,
+    stride_b, stride_l, stride_c,
+    seq_len, T, F, shift_t, shift_f, num_heads, num_groups, num_windows, scale, mask_value,
+    WT: tl.constexpr, WF: tl.constexpr, WINDOWS_PER_GROUP: tl.constexpr, NUM_CHUNKS: tl.constexpr,
+    BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+    HAS_TAU: tl.constexpr, HAS_BIAS: tl.constexpr, SHIFTED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    b, group, chunk, h = _program_coordinates(num_heads, num_groups, NUM_CHUNKS)
+    C = num_heads * HEAD_DIM
+
+    offs = tl.arange(0, BLOCK)
+    cols = tl.arange(0, D_PAD)
+    col_mask = cols < HEAD_DIM
+    q_ptr, k_ptr, v_ptr = _qkv_pointers(qkv_ptr, b, h, stride_b, stride_c, C, HEAD_DIM)
+    cols_in = cols * stride_c
+    inv_tau = _inverse_tau(tau_ptr, h, HAS_TAU)
+    if HAS_BIAS:
+        bias_ptr += h * WT * WF * WT * WF
+
+    q_row, q_win, q_pos, q_valid, q_region = _window_rows(
+        group, chunk * BLOCK + offs, T, F, shift_t, shift_f, num_windows, WT, WF, WINDOWS_PER_GROUP)
+    q = _load_rows(q_ptr, q_row, q_valid, stride_l, cols_in, col_mask)
+    q_norm = _row_norm(q, HAS_TAU)
+
+    m_i = tl.full([BLOCK], _NO_PAIR, tl.float32)
+    l_i = tl.zeros([BLOCK], tl.float32)
+    acc = tl.zeros([BLOCK, D_PAD], tl.float32)
+    for key_chunk in range(NUM_CHUNKS):
+        k_row, k_win, k_pos, k_valid, k_region = _window_rows(
+            group, key_chunk * BLOCK + offs, T, F, shift_t, shift_f, num_windows, WT, WF, WINDOWS_PER_GROUP)
+        k = _load_rows(k_ptr, k_row, k_valid, stride_l, cols_in, col_mask)
+        v = _load_rows(v_ptr, k_row, k_valid, stride_l, cols_in, col_mask)
+        s, _ = _logits(q, k, q_norm, _row_norm(k, HAS_TAU), q_win, q_pos, q_valid, q_region,
+                       k_win, k_pos, k_valid, k_region, bias_ptr, inv_tau, scale, mask_value,
+                       WT * WF, HAS_TAU, HAS_BIAS, SHIFTED, DOT_PRECISION)
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    out = acc / l_i[:, None]
+    out_rows = out_ptr + b.to(tl.int64) * seq_len * C + h * HEAD_DIM
+    tl.store(out_rows + q_row[:, None] * C + cols[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=q_valid[:, None] & col_mask[None, :])
+    tl.store(lse_ptr + (b * num_heads + h).to(tl.int64) * seq_len + q_row, m_i + tl.log(l_i), mask=q_valid)
+
+
+@triton.jit
+def _pair_grads(q, k, v, do, lse, delta, q_norm, k_norm, q_win, q_pos, q_valid, q_region,
+                k_win, k_pos, k_valid, k_region, bias_ptr, inv_tau, scale, mask_value,
+                N: tl.constexpr, HAS_TAU: tl.constexpr, HAS_BIAS: tl.constexpr, SHIFTED: tl.constexpr,
+                DOT_PRECISION: tl.constexpr):
+    """For a query block against a key block: probabilities ``p``, the logit gradient ``ds``, the
+    unscaled logit, the gradient of the raw ``q.k`` and the gradient of the norm product ``|q||k|``
+    (zero where the 1e-6 clamp holds, and without tau)."""
+    s, unscaled = _logits(q, k, q_norm, k_norm, q_win, q_pos, q_valid, q_region, k_win, k_pos, k_valid,
+                          k_region, bias_ptr, inv_tau, scale, mask_value, N, HAS_TAU, HAS_BIAS, SHIFTED,
+                          DOT_PRECISION)
+    p = tl.exp(s - lse[:, None])
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+    ds = p * (dp - delta[:, None])
+    if HAS_TAU:
+        d_unscaled = ds * inv_tau
+        norm_product = q_norm[:, None] * k_norm[None, :]
+        denom = tl.maximum(norm_product, 1e-6)
+        d_dot = d_unscaled / denom
+        d_norm_product = tl.where(norm_product >= 1e-6, -d_unscaled * unscaled / denom, 0.0)
+    else:
+        d_dot = ds * scale
+        d_norm_product = tl.zeros_like(ds)
+    return p, ds, unscaled, d_dot, d_norm_product
+
+
+@triton.jit
+def _store_bias_grad(part_ptr, ds, q_pos, q_valid, k_pos, k_valid, q_base, k_base,
+                     N: tl.constexpr, POS_BLOCK: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Sum ``ds`` over the windows in the block onto bias positions and store the
+    [POS_BLOCK, POS_BLOCK] result at (q_base, k_base) of this program's [N, N] partial sum.
+    The sum over windows is a product with one-hot position matrices."""
+    positions = tl.arange(0, POS_BLOCK)
+    q_onehot = (((q_pos - q_base)[:, None] == positions[None, :]) & q_valid[:, None]).to(tl.float32)
+    k_onehot = (((k_pos - k_base)[:, None] == positions[None, :]) & k_valid[:, None]).to(tl.float32)
+    per_key = tl.dot(ds, k_onehot, input_precision=DOT_PRECISION)
+    folded = tl.dot(tl.trans(q_onehot), per_key, input_precision=DOT_PRECISION)
+    q_at = q_base + positions
+    k_at = k_base + positions
+    tl.store(part_ptr + q_at[:, None] * N + k_at[None, :], folded, mask=(q_at < N)[:, None] & (k_at < N)[None, :])
+
+
+@triton.jit
+def _window_attention_bwd(
+    qkv_ptr, tau_ptr, bias_ptr, out_ptr, dout_ptr, lse_ptr, dqkv_ptr, dbias_part_ptr, dtau_part_ptr,
+    stride_b, stride_l, stride_c, stride_dout_b, stride_dout_l, stride_dout_c,
+    seq_len, T, F, shift_t, shift_f, num_heads, num_groups, num_windows, scale, mask_value,
+    WT: tl.constexpr, WF: tl.constexpr, WINDOWS_PER_GROUP: tl.constexpr, NUM_CHUNKS: tl.constexpr,
+    BLOCK: tl.constexpr, POS_BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+    HAS_TAU: tl.constexpr, HAS_BIAS: tl.constexpr, SHIFTED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    b, group, chunk, h = _program_coordinates(num_heads, num_groups, NUM_CHUNKS)
+    C = num_heads * HEAD_DIM
+    N: tl.constexpr = WT * WF
+
+    offs = tl.arange(0, BLOCK)
+    cols = tl.arange(0, D_PAD)
+    col_mask = cols < HEAD_DIM
+    q_ptr, k_ptr, v_ptr = _qkv_pointers(qkv_ptr, b, h, stride_b, stride_c, C, HEAD_DIM)
+    cols_in = cols * stride_c
+    o_ptr = out_ptr + b.to(tl.int64) * seq_len * C + h * HEAD_DIM
+    do_ptr = dout_ptr + b.to(tl.int64) * stride_dout_b + h * HEAD_DIM * stride_dout_c
+    cols_do = cols * stride_dout_c
+    lse_ptr += (b * num_heads + h).to(tl.int64) * seq_len
+    inv_tau = _inverse_tau(tau_ptr, h, HAS_TAU)
+    if HAS_BIAS:
+        bias_ptr += h * N * N
+        part_ptr = dbias_part_ptr + ((b * num_groups + group) * num_heads + h).to(tl.int64) * N * N
+
+    # This program's chunk, both as queries (-> dq) and as keys (-> dk, dv).
+    row, win, pos, valid, region = _window_rows(
+        group, chunk * BLOCK + offs, T, F, shift_t, shift_f, num_windows, WT, WF, WINDOWS_PER_GROUP)
+    q = _load_rows(q_ptr, row, valid, stride_l, cols_in, col_mask)
+    k = _load_rows(k_ptr, row, valid, stride_l, cols_in, col_mask)
+    v = _load_rows(v_ptr, row, valid, stride_l, cols_in, col_mask)
+    do = _load_rows(do_ptr, row, valid, stride_dout_l, cols_do, col_mask)
+    o = _load_rows(o_ptr, row, valid, C, cols, col_mask)
+    lse = tl.load(lse_ptr + row, mask=valid, other=0.0)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
+    q_norm = _row_norm(q, HAS_TAU)
+    k_norm = _row_norm(k, HAS_TAU)
+
+    p, ds, unscaled, d_dot, d_norm_product = _pair_grads(
+        q, k, v, do, lse, delta, q_norm, k_norm, win, pos, valid, region, win, pos, valid, region,
+        bias_ptr, inv_tau, scale, mask_value, N, HAS_TAU, HAS_BIAS, SHIFTED, DOT_PRECISION)
+    dv = tl.dot(tl.trans(p).to(do.dtype), do, input_precision=DOT_PRECISION)
+    dk = tl.dot(tl.trans(d_dot).to(q.dtype), q, input_precision=DOT_PRECISION)
+    dq = tl.dot(d_dot.to(k.dtype), k, input_precision=DOT_PRECISION)
+    dq_norm = tl.sum(d_norm_product * k_norm[None, :], axis=1)
+    dk_norm = tl.sum(d_norm_product * q_norm[:, None], axis=0)
+    dtau_sum = tl.sum(tl.sum(ds * unscaled, axis=1), axis=0)
+    if HAS_BIAS:
+        _store_bias_grad(part_ptr, ds, pos, valid, pos, valid, chunk * BLOCK, chunk * BLOCK, N, POS_BLOCK,
+                         DOT_PRECISION)
+
+    if NUM_CHUNKS > 1:
+        for other in range(NUM_CHUNKS):
+            if other != chunk:
+                other_row, other_win, other_pos, other_valid, other_region = _window_rows(
+                    group, other * BLOCK + offs, T, F, shift_t, shift_f, num_windows, WT, WF, WINDOWS_PER_GROUP)
+                # Our queries against the other chunk's keys.
+                k_other = _load_rows(k_ptr, other_row, other_valid, stride_l, cols_in, col_mask)
+                v_other = _load_rows(v_ptr, other_row, other_valid, stride_l, cols_in, col_mask)
+                k_other_norm = _row_norm(k_other, HAS_TAU)
+                _, _, _, dq_dot, dq_norm_product = _pair_grads(
+                    q, k_other, v_other, do, lse, delta, q_norm, k_other_norm, win, pos, valid, region,
+                    other_win, other_pos, other_valid, other_region, bias_ptr, inv_tau, scale, mask_value,
+                    N, HAS_TAU, HAS_BIAS, SHIFTED, DOT_PRECISION)
+                dq += tl.dot(dq_dot.to(k.dtype), k_other, input_precision=DOT_PRECISION)
+                dq_norm += tl.sum(dq_norm_product * k_other_norm[None, :], axis=1)
+                # The other chunk's queries against our keys.
+                q_other = _load_rows(q_ptr, other_row, other_valid, stride_l, cols_in, col_mask)
+                do_other = _load_rows(do_ptr, other_row, other_valid, stride_dout_l, cols_do, col_mask)
+                o_other = _load_rows(o_ptr, other_row, other_valid, C, cols, col_mask)
+                lse_other = tl.load(lse_ptr + other_row, mask=other_valid, other=0.0)
+                delta_other = tl.sum(do_other.to(tl.float32) * o_other.to(tl.float32), axis=1)
+                q_other_norm = _row_norm(q_other, HAS_TAU)
+                # (Fresh names: reusing the diagonal's would carry them through the loop.)
+                p_other, ds_other, unscaled_other, dk_dot, dk_norm_product = _pair_grads(
+                    q_other, k, v, do_other, lse_other, delta_other, q_other_norm, k_norm,
+                    other_win, other_pos, other_valid, other_region, win, pos, valid, region, bias_ptr, inv_tau, scale,
+                    mask_value, N, HAS_TAU, HAS_BIAS, SHIFTED, DOT_PRECISION)
+                dv += tl.dot(tl.trans(p_other).to(do.dtype), do_other, input_precision=DOT_PRECISION)
+                dk += tl.dot(tl.trans(dk_dot).to(q.dtype), q_other, input_precision=DOT_PRECISION)
+                dk_norm += tl.sum(dk_norm_product * q_other_norm[:, None], axis=0)
+                dtau_sum += tl.sum(tl.sum(ds_other * unscaled_other, axis=1), axis=0)
+                if HAS_BIAS:
+                    _store_bias_grad(part_ptr, ds_other, other_pos, other_valid, pos, valid, other * BLOCK,
+                                     chunk * BLOCK, N, POS_BLOCK, DOT_PRECISION)
+
+    if HAS_TAU:
+        # d|x|/dx = x / |x|; a zero row has zero gradient, as in torch.norm's backward.
+        dq += q.to(tl.float32) * (dq_norm / tl.where(q_norm > 0, q_norm, 1.0))[:, None]
+        dk += k.to(tl.float32) * (dk_norm / tl.where(k_norm > 0, k_norm, 1.0))[:, None]
+        tl.store(dtau_part_ptr + tl.program_id(0), dtau_sum)
+    dq_ptr = dqkv_ptr + b.to(tl.int64) * seq_len * 3 * C + h * HEAD_DIM + row[:, None] * 3 * C + cols[None, :]
+    mask = valid[:, None] & col_mask[None, :]
+    elem = dqkv_ptr.dtype.element_ty
+    tl.store(dq_ptr, dq.to(elem), mask=mask)
+    tl.store(dq_ptr + C, dk.to(elem), mask=mask)
+    tl.store(dq_ptr + 2 * C, dv.to(elem), mask=mask)
+
+
+def _tiling(num_windows: int, area: int, d_pad: int, backward: bool) -> tuple[int, int, int]:
+    """(BLOCK, windows per group, chunks per window). Small windows are packed about four to a
+    tile, which keeps the block-diagonal waste bounded while giving tl.dot at least 16 rows."""
+    max_block = 32 if backward and d_pad > 64 else 64
+    if area > max_block:
+        return max_block, 1, triton.cdiv(area, max_block)
+    block = max(16, min(max_block, triton.next_power_of_2(4 * area)))
+    windows_per_group = min(block // area, num_windows)
+    return max(16, triton.next_power_of_2(windows_per_group * area)), windows_per_group, 1
+
+
+def _launch_args(qkv, grid, window, shift, num_heads, tau, bias, backward):
+    head_dim = qkv.shape[-1] // (3 * num_heads)
+    (T, F), (wt, wf) = grid, window
+    num_windows = (T // wt) * (F // wf)
+    d_pad = max(16, triton.next_power_of_2(head_dim))
+    block, windows_per_group, num_chunks = _tiling(num_windows, wt * wf, d_pad, backward)
+    num_groups = triton.cdiv(num_windows, windows_per_group)
+    runtime = dict(seq_len=T * F, T=T, F=F, shift_t=shift[0], shift_f=shift[1], num_heads=num_heads,
+                   num_groups=num_groups, num_windows=num_windows, scale=head_dim**-0.5)
+    meta = dict(WT=wt, WF=wf, WINDOWS_PER_GROUP=windows_per_group, NUM_CHUNKS=num_chunks, BLOCK=block,
+                HEAD_DIM=head_dim, D_PAD=d_pad, HAS_TAU=tau is not None, HAS_BIAS=bias is not None,
+                SHIFTED=any(shift), DOT_PRECISION="ieee" if qkv.dtype == torch.float32 else "tf32",
+                num_warps=8 if block * d_pad >= 64 * 128 else 4, num_stages=2)
+    num_programs = qkv.shape[0] * num_groups * num_chunks * num_heads
+    return runtime, meta, num_programs
+
+
+def _forward(qkv, tau, bias, grid, window, shift, num_heads, mask_value):
+    B, L, C3 = qkv.shape
+    out = torch.empty(B, L, C3 // 3, device=qkv.device, dtype=qkv.dtype)
+    lse = torch.empty(B, num_heads, L, device=qkv.device, dtype=torch.float32)
+    runtime, meta, num_programs = _launch_args(qkv, grid, window, shift, num_heads, tau, bias, backward=False)
+    _window_attention_fwd[(num_programs,)](
+        qkv, tau, bias, out, lse, *qkv.stride(), mask_value=mask_value, **runtime, **meta)
+    return out, lse
+
+
+def _backward(dout, qkv, tau, bias, out, lse, grid, window, shift, num_heads, mask_value):
+    B = qkv.shape[0]
+    area = window[0] * window[1]
+    runtime, meta, num_programs = _launch_args(qkv, grid, window, shift, num_heads, tau, bias, backward=True)
+    dqkv = torch.empty(qkv.shape, device=qkv.device, dtype=qkv.dtype)
+    num_groups = runtime["num_groups"]
+    dbias_part = torch.empty(B, num_groups, num_heads, area, area, device=qkv.device, dtype=torch.float32) \
+        if bias is not None else None
+    dtau_part = torch.empty(B, num_groups * meta["NUM_CHUNKS"], num_heads, device=qkv.device, dtype=torch.float32) \
+        if tau is not None else None
+    pos_block = max(16, min(triton.next_power_of_2(area), meta["BLOCK"]))
+    _window_attention_bwd[(num_programs,)](
+        qkv, tau, bias, out, dout, lse, dqkv, dbias_part, dtau_part, *qkv.stride(), *dout.stride(),
+        mask_value=mask_value, POS_BLOCK=pos_block, **runtime, **meta)
+    dtau, dbias = qkv.new_empty(0), qkv.new_empty(0)
+    if tau is not None:
+        tau32 = tau.float()
+        # logits = unscaled / max(tau, 0.01): d/dtau = -unscaled / tau^2 where the clamp passes.
+        dtau = (-dtau_part.sum((0, 1)) / tau32.square() * (tau32 >= 0.01)).to(tau.dtype)
+    if bias is not None:
+        dbias = dbias_part.sum((0, 1)).to(bias.dtype)
+    return dqkv, dtau, dbias
+
+
+@torch.library.custom_op("audiomae::window_attention", mutates_args=())
+def _window_attention_op(qkv: torch.Tensor, tau: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                         grid: Sequence[int], window: Sequence[int], shift: Sequence[int], num_heads: int,
+                         mask_value: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out [B, L, C], logsumexp of each row's logits [B, heads, L] fp32, for the backward)."""
+    return _forward(qkv, tau, bias, tuple(grid), tuple(window), tuple(shift), num_heads, mask_value)
+
+
+@_window_attention_op.register_fake
+def _(qkv, tau, bias, grid, window, shift, num_heads, mask_value):
+    B, L, C3 = qkv.shape
+    return qkv.new_empty(B, L, C3 // 3), qkv.new_empty(B, num_heads, L, dtype=torch.float32)
+
+
+@torch.library.custom_op("audiomae::window_attention_backward", mutates_args=())
+def _window_attention_backward_op(
+    dout: torch.Tensor, qkv: torch.Tensor, tau: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+    out: torch.Tensor, lse: torch.Tensor, grid: Sequence[int], window: Sequence[int], shift: Sequence[int],
+    num_heads: int, mask_value: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dqkv, dtau, dbias); dtau and dbias are empty when tau or bias is None (ops cannot return None)."""
+    return _backward(dout, qkv, tau, bias, out, lse, tuple(grid), tuple(window), tuple(shift), num_heads,
+                     mask_value)
+
+
+@_window_attention_backward_op.register_fake
+def _(dout, qkv, tau, bias, out, lse, grid, window, shift, num_heads, mask_value):
+    dtau = torch.empty_like(tau) if tau is not None else qkv.new_empty(0)
+    dbias = torch.empty_like(bias) if bias is not None else qkv.new_empty(0)
+    return torch.empty_like(qkv, memory_format=torch.contiguous_format), dtau, dbias
+
+
+def _setup_context(ctx, inputs, output):
+    qkv, tau, bias, grid, window, shift, num_heads, mask_value = inputs
+    out, lse = output
+    ctx.save_for_backward(qkv, tau, bias, out, lse)
+    ctx.args = (grid, window, shift, num_heads, mask_value)
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward_rule(ctx, dout, _dlse):
+    qkv, tau, bias, out, lse = ctx.saved_tensors
+    dqkv, dtau, dbias = _window_attention_backward_op(dout, qkv, tau, bias, out, lse, *ctx.args)
+    return (dqkv, dtau if tau is not None else None, dbias if bias is not None else None,
+            None, None, None, None, None)
+
+
+_window_attention_op.register_autograd(_backward_rule, setup_context=_setup_context)
+
+
+class _WindowAttentionFunction(torch.autograd.Function):
+    """The eager path: the same launchers as the custom ops, without the dispatcher's per-call cost
+    (tens of microseconds, as much as the kernel itself at the decoder's shape). ``torch.compile``
+    traces the custom ops instead."""
+
+    @staticmethod
+    def forward(ctx, qkv, tau, bias, grid, window, shift, num_heads, mask_value):
+        out, lse = _forward(qkv, tau, bias, grid, window, shift, num_heads, mask_value)
+        ctx.save_for_backward(qkv, tau, bias, out, lse)
+        ctx.args = (grid, window, shift, num_heads, mask_value)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        qkv, tau, bias, out, lse = ctx.saved_tensors
+        dqkv, dtau, dbias = _backward(dout, qkv, tau, bias, out, lse, *ctx.args)
+        return (dqkv, dtau if tau is not None else None, dbias if bias is not None else None,
+                None, None, None, None, None)
+
+
+def window_attention(
+    qkv: torch.Tensor,
+    *,
+    grid: Sequence[int],
+    window: Sequence[int],
+    shift: Sequence[int] = (0, 0),
+    num_heads: int,
+    tau: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    mask_value: float = -100.0,
+) -> torch.Tensor:
+    """qkv [B, L, 3*C] in token order on ``grid`` -> [B, L, C]; the contract is the module docstring."""
+    grid, window, shift = tuple(grid), tuple(window), tuple(shift)
+    head_dim, _ = check_window_attention_args(qkv, grid, window, shift, num_heads, tau, bias, mask_value)
+    if not 16 <= head_dim <= 128:  # the kernel's tiles; the reference itself takes any head_dim
+        raise ValueError(f"head_dim must be in [16, 128], got {head_dim} (qkv last axis {qkv.shape[-1]}, "
+                         f"{num_heads} heads)")
+    if not use_triton(qkv):
+        return window_attention_reference(qkv, grid=grid, window=window, shift=shift, num_heads=num_heads,
+                                          tau=tau, bias=bias, mask_value=mask_value)
+    if qkv.dtype == torch.float64:
+        raise TypeError("the Triton kernel takes float16, bfloat16 or float32 qkv, got float64")
+    tau = tau.contiguous() if tau is not None else None
+    bias = bias.contiguous() if bias is not None else None
+    if torch.compiler.is_compiling():
+        out, _ = _window_attention_op(qkv, tau, bias, grid, window, shift, num_heads, float(mask_value))
+        return out
+    return _WindowAttentionFunction.apply(qkv, tau, bias, grid, window, shift, num_heads, float(mask_value))

@@ -1,0 +1,324 @@
+"""window_attention against the official roll/partition/reverse math, run in float64.
+
+On the CPU the Triton kernels run through the interpreter (tiny shapes; fp32 and fp16, since the
+interpreter's bf16 tl.dot is wrong); bf16 and the decoder's shape run on the GPU.
+"""
+import pytest
+import torch
+
+from kernels import _dispatch
+from kernels.reference.window_attention import shift_window_mask, window_attention_reference
+from kernels.window_attention import window_attention
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOLERANCE = {torch.float32: 5e-5, torch.float16: 1e-2, torch.bfloat16: 2e-2}
+# dtau sums ds * cosine over every pair of every window, terms that largely cancel: torch's own
+# math in the same dtype misses float64 by a few times more there than on the other outputs.
+DTAU_SLACK = 3
+
+
+def make_inputs(B, grid, window, num_heads, head_dim, *, tau=True, bias=True, device=DEVICE):
+    """float64 leaves: qkv [B, L, 3*C], tau [heads] in [0.3, 1] (the official init is 1; smaller
+    tau sharpens the softmax and makes dtau ill-conditioned, see the tests that set it),
+    bias [heads, N, N] of the meta-MLP's scale."""
+    L, N = grid[0] * grid[1], window[0] * window[1]
+    qkv = torch.randn(B, L, 3 * num_heads * head_dim, dtype=torch.float64, device=device)
+    taus = torch.rand(num_heads, dtype=torch.float64, device=device) * 0.7 + 0.3 if tau else None
+    biases = torch.randn(num_heads, N, N, dtype=torch.float64, device=device) if bias else None
+    return qkv, taus, biases
+
+
+def relative_error(actual, expected):
+    return ((actual.double() - expected).abs().max() / expected.abs().max().clamp(min=1e-30)).item()
+
+
+def check_against_reference(qkv, tau, bias, dtype, *, grid, window, shift, num_heads, mask_value=-100.0,
+                            make_view=lambda x: x):
+    """Forward and every gradient of the kernel in ``dtype`` against the float64 reference."""
+    args = dict(grid=grid, window=window, shift=shift, num_heads=num_heads, mask_value=mask_value)
+    leaves = {"qkv": qkv, "tau": tau, "bias": bias}
+    # Both see the same values: the reference gets the kernel's inputs after rounding to dtype.
+    ker = {k: v.to(dtype).requires_grad_() for k, v in leaves.items() if v is not None}
+    ref = {k: v.detach().double().requires_grad_() for k, v in ker.items()}
+    expected = window_attention_reference(ref["qkv"], tau=ref.get("tau"), bias=ref.get("bias"), **args)
+    actual = window_attention(make_view(ker["qkv"]), tau=ker.get("tau"), bias=ker.get("bias"), **args)
+    assert actual.shape == expected.shape and actual.dtype == dtype
+    assert torch.isfinite(actual).all()
+    grad = torch.randn_like(expected)
+    expected.backward(grad)
+    actual.backward(grad.to(dtype))
+    tol = TOLERANCE[dtype]
+    assert relative_error(actual, expected) < tol, "output"
+    for name in ref:
+        assert ker[name].grad is not None and ker[name].grad.dtype == dtype, name
+        slack = DTAU_SLACK if name == "tau" else 1
+        assert relative_error(ker[name].grad, ref[name].grad) < tol * slack, f"d{name}"
+    return {name: t.grad for name, t in ker.items()}
+
+
+@pytest.mark.parametrize(
+    "B,grid,window,shift,num_heads,head_dim",
+    [
+        (2, (8, 8), (4, 4), (2, 0), 2, 16),   # the decoder's window and shift, small
+        (1, (8, 8), (4, 4), (0, 2), 3, 16),   # shift on the frequency axis only
+        (1, (8, 8), (4, 4), (2, 2), 1, 32),   # both axes
+        (2, (8, 8), (4, 4), (0, 0), 2, 16),   # no shift: no mask
+        (1, (8, 8), (2, 2), (1, 1), 3, 20),   # 4-token windows, 4 packed to a 16-row tile, odd head_dim
+        (1, (4, 16), (2, 8), (1, 5), 2, 24),
+        (1, (16, 4), (8, 4), (5, 3), 1, 16),
+        (1, (16, 16), (16, 16), (5, 9), 1, 16),  # 256-token window: chunked, online softmax
+        (1, (12, 24), (12, 12), (7, 0), 1, 16),  # 144 tokens: a partial last chunk
+        (1, (8, 8), (8, 8), (3, 3), 1, 128),  # head_dim 128: chunked backward
+        (1, (6, 6), (3, 3), (1, 2), 2, 16),   # window sides that are not powers of two
+        (1, (4, 4), (4, 4), (2, 1), 2, 16),   # one window covers the grid
+    ],
+)
+def test_matches_reference_fp32(B, grid, window, shift, num_heads, head_dim):
+    qkv, tau, bias = make_inputs(B, grid, window, num_heads, head_dim)
+    check_against_reference(qkv, tau, bias, torch.float32, grid=grid, window=window, shift=shift,
+                            num_heads=num_heads)
+
+
+@pytest.mark.parametrize("tau,bias", [(False, False), (False, True), (True, False)])
+@pytest.mark.parametrize("shift", [(0, 0), (2, 1)])
+def test_optional_tau_and_bias(tau, bias, shift):
+    qkv, taus, biases = make_inputs(2, (8, 4), (4, 2), 2, 16, tau=tau, bias=bias)
+    check_against_reference(qkv, taus, biases, torch.float32, grid=(8, 4), window=(4, 2), shift=shift,
+                            num_heads=2)
+
+
+@pytest.mark.parametrize("window,shift", [((4, 4), (2, 0)), ((2, 2), (1, 1)), ((8, 8), (4, 3))])
+def test_matches_reference_fp16(window, shift):
+    qkv, tau, bias = make_inputs(2, (8, 8), window, 2, 24)
+    check_against_reference(qkv, tau, bias, torch.float16, grid=(8, 8), window=window, shift=shift,
+                            num_heads=2)
+
+
+def test_fp16_qkv_with_fp32_tau_and_bias():
+    qkv, tau, bias = make_inputs(1, (8, 8), (4, 4), 2, 16)
+    args = dict(grid=(8, 8), window=(4, 4), shift=(2, 0), num_heads=2)
+    tau32, bias32 = tau.float().requires_grad_(), bias.float().requires_grad_()
+    out = window_attention(qkv.half(), tau=tau32, bias=bias32, **args)
+    out.float().sum().backward()
+    tau64, bias64 = tau32.detach().double().requires_grad_(), bias32.detach().double().requires_grad_()
+    expected = window_attention_reference(qkv.half().double(), tau=tau64, bias=bias64, **args)
+    expected.sum().backward()
+    assert out.dtype == torch.float16 and tau32.grad.dtype == bias32.grad.dtype == torch.float32
+    assert relative_error(out, expected) < 1e-2
+    assert relative_error(tau32.grad, tau64.grad) < 1e-2
+    assert relative_error(bias32.grad, bias64.grad) < 1e-2
+
+
+def test_tau_below_clamp_gets_no_gradient():
+    qkv, tau, bias = make_inputs(1, (8, 8), (4, 4), 2, 16)
+    tau[0] = 0.005
+    grads = check_against_reference(qkv, tau, bias, torch.float32, grid=(8, 8), window=(4, 4), shift=(2, 0),
+                                    num_heads=2)
+    assert grads["tau"][0] == 0 and grads["tau"][1] != 0
+
+
+def test_tau_at_clamp_gets_gradient():
+    """torch's clamp passes the gradient at tau == 0.01. Logits reach 100 there and dtau is a sum
+    that cancels: torch's own fp32 misses float64 by up to ~1e-3, so the check is loose."""
+    qkv, tau, _ = make_inputs(1, (8, 8), (4, 4), 2, 16, bias=False)
+    tau[0] = 0.01
+    args = dict(grid=(8, 8), window=(4, 4), shift=(2, 0), num_heads=2)
+    ref, ker = tau.clone().requires_grad_(), tau.float().requires_grad_()
+    window_attention_reference(qkv, tau=ref, **args).pow(2).sum().backward()
+    window_attention(qkv.float(), tau=ker, **args).pow(2).sum().backward()
+    assert ker.grad[0] != 0 and relative_error(ker.grad, ref.grad) < 1e-2
+
+
+def test_norm_product_below_clamp():
+    """Tokens 0-3 share a window; with tiny q and k their |q||k| falls under the official 1e-6 clamp."""
+    qkv, tau, bias = make_inputs(1, (8, 8), (4, 4), 2, 16)
+    C = 2 * 16
+    qkv[0, :4, : 2 * C] *= 1e-4
+    norms = qkv[0, :4, : 2 * C].reshape(4, 2, 2, 16).norm(dim=-1)  # [token, q/k, head]
+    assert (norms[:, None, 0] * norms[None, :, 1] < 1e-6).all()
+    check_against_reference(qkv, tau, bias, torch.float32, grid=(8, 8), window=(4, 4), shift=(2, 0),
+                            num_heads=2)
+
+
+def test_zero_query_row():
+    """A zero q row: its logits are 0 / 1e-6 and its norm has no gradient, as torch.norm's backward."""
+    qkv, tau, bias = make_inputs(1, (8, 8), (4, 4), 2, 16)
+    qkv[0, 9, :32] = 0.0
+    args = dict(grid=(8, 8), window=(4, 4), shift=(2, 0), num_heads=2)
+    ref, ker = qkv.clone().requires_grad_(), qkv.float().requires_grad_()
+    expected = window_attention_reference(ref, tau=tau, bias=bias, **args)
+    actual = window_attention(ker, tau=tau.float(), bias=bias.float(), **args)
+    grad = torch.randn_like(expected)
+    expected.backward(grad)
+    actual.backward(grad.float())
+    assert relative_error(actual, expected) < 5e-5
+    # The zero row's dq is ~1e6 times the others (d logit / dq = k / 1e-6): compare it on its own.
+    others = torch.arange(64) != 9
+    assert relative_error(ker.grad[:, others], ref.grad[:, others]) < 5e-5
+    assert relative_error(ker.grad[:, 9], ref.grad[:, 9]) < 5e-5
+
+
+def test_custom_mask_value_and_large_logits():
+    qkv, tau, bias = make_inputs(1, (8, 8), (4, 4), 2, 16)
+    tau[:] = 0.05  # cosine logits up to 20, bias up to about 40
+    check_against_reference(qkv, tau, bias * 10, torch.float32, grid=(8, 8), window=(4, 4), shift=(3, 1),
+                            num_heads=2, mask_value=-7.5)
+
+
+@pytest.mark.parametrize("view", ["slice", "transpose"])
+def test_non_contiguous_qkv(view):
+    qkv, tau, bias = make_inputs(2, (8, 8), (4, 4), 2, 16)
+    if view == "slice":  # qkv as part of a wider projection output
+        def make_view(x):
+            wide = torch.cat([x, torch.full_like(x[..., :7], float("nan"))], dim=-1)
+            return wide[..., : x.shape[-1]]
+    else:  # [L, B, 3C] storage seen as [B, L, 3C]
+        def make_view(x):
+            return x.transpose(0, 1).contiguous().transpose(0, 1)
+    assert not make_view(qkv).is_contiguous()
+    check_against_reference(qkv, tau, bias, torch.float32, grid=(8, 8), window=(4, 4), shift=(2, 0),
+                            num_heads=2, make_view=make_view)
+
+
+def test_broadcast_output_gradient():
+    """``out.sum().backward()`` hands the backward a zero-stride gradient."""
+    qkv, tau, bias = make_inputs(1, (8, 8), (4, 4), 2, 16)
+    ref, ker = qkv.clone().requires_grad_(), qkv.float().requires_grad_()
+    args = dict(grid=(8, 8), window=(4, 4), shift=(2, 2), num_heads=2, tau=tau, bias=bias)
+    window_attention_reference(ref, **args).sum().backward()
+    window_attention(ker, **{**args, "tau": tau.float(), "bias": bias.float()}).sum().backward()
+    assert relative_error(ker.grad, ref.grad) < 5e-5
+
+
+def test_bias_and_tau_gradients_are_deterministic():
+    qkv, tau, bias = (x.float() for x in make_inputs(2, (8, 8), (2, 2), 2, 16))
+    grads = []
+    for _ in range(2):
+        t, b = tau.clone().requires_grad_(), bias.clone().requires_grad_()
+        window_attention(qkv, tau=t, bias=b, grid=(8, 8), window=(2, 2), shift=(1, 0), num_heads=2).sum().backward()
+        grads.append((t.grad, b.grad))
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+
+
+def test_shift_mask_follows_official_slices():
+    mask = shift_window_mask((4, 4), (2, 2), (1, 0))
+    # shift on the time axis only: the frequency axis is one region, the last window row splits in two
+    assert mask.shape == (4, 4, 4)
+    assert (mask[:2] == 0).all()
+    rows = torch.tensor([0, 0, 1, 1])  # position p = 2 * row + col inside a 2x2 window
+    expected = torch.where(rows[:, None] != rows[None, :], -100.0, 0.0)
+    assert torch.equal(mask[2], expected) and torch.equal(mask[3], expected)
+    assert (shift_window_mask((4, 4), (2, 2), (0, 0)) == 0).all()
+
+
+def test_reference_without_interpreter_is_the_cpu_path(monkeypatch):
+    qkv, tau, bias = (x.float() for x in make_inputs(1, (4, 4), (2, 2), 2, 16, device="cpu"))
+    args = dict(grid=(4, 4), window=(2, 2), shift=(1, 1), num_heads=2, tau=tau, bias=bias)
+    monkeypatch.setattr(_dispatch, "interpreting", lambda: False)
+    assert torch.equal(window_attention(qkv, **args), window_attention_reference(qkv, **args))
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        (dict(grid=(8, 6)), ValueError, "multiples of window"),
+        (dict(grid=(4, 4)), ValueError, "tokens but grid"),
+        (dict(shift=(4, 0)), ValueError, "shift"),
+        (dict(shift=(0, -1)), ValueError, "shift"),
+        (dict(window=(0, 4)), ValueError, "window"),
+        (dict(window=(32, 16), grid=(32, 16)), ValueError, "window"),
+        (dict(num_heads=5), ValueError, "num_heads"),
+        (dict(num_heads=4), ValueError, "head_dim"),
+        (dict(tau=torch.ones(3)), ValueError, "tau"),
+        (dict(bias=torch.zeros(2, 16, 8)), ValueError, "bias"),
+        (dict(grid=(8.0, 8)), TypeError, "grid"),
+        (dict(mask_value=float("nan")), TypeError, "mask_value"),
+    ],
+)
+def test_bad_arguments(kwargs, error, match):
+    args = dict(grid=(8, 8), window=(4, 4), shift=(0, 0), num_heads=2)
+    args.update(kwargs)
+    qkv = torch.randn(1, 64, 3 * 2 * 16, device=DEVICE)
+    if args["grid"] == (32, 16):
+        qkv = torch.randn(1, 512, 3 * 2 * 16, device=DEVICE)
+    for name in ("tau", "bias"):
+        if name in args:
+            args[name] = args[name].to(DEVICE)
+    with pytest.raises(error, match=match):
+        window_attention(qkv, **args)
+
+
+def test_bad_tensors():
+    args = dict(grid=(8, 8), window=(4, 4), num_heads=2)
+    with pytest.raises(ValueError, match="qkv"):
+        window_attention(torch.randn(64, 96, device=DEVICE), **args)
+    with pytest.raises(TypeError, match="qkv"):
+        window_attention(torch.zeros(1, 64, 96, dtype=torch.int32, device=DEVICE), **args)
+    if _dispatch.use_triton(torch.empty(0, device=DEVICE)):
+        with pytest.raises(TypeError, match="float64"):
+            window_attention(torch.randn(1, 64, 96, dtype=torch.float64, device=DEVICE), **args)
+
+
+def test_opcheck():
+    qkv, tau, bias = (x.float() for x in make_inputs(1, (4, 4), (2, 2), 2, 16))
+    out, lse = torch.ops.audiomae.window_attention(qkv, tau, bias, [4, 4], [2, 2], [1, 0], 2, -100.0)
+    torch.library.opcheck(torch.ops.audiomae.window_attention.default,
+                          (qkv.requires_grad_(), tau.requires_grad_(), bias, [4, 4], [2, 2], [1, 0], 2, -100.0))
+    torch.library.opcheck(torch.ops.audiomae.window_attention_backward.default,
+                          (torch.randn_like(out), qkv.detach(), tau.detach(), bias, out, lse, [4, 4], [2, 2],
+                           [1, 0], 2, -100.0))
+
+
+def test_compiles_without_graph_breaks():
+    """The compiled graph runs the custom ops, eager runs the autograd.Function: same outputs and gradients."""
+    qkv, tau, bias = (x.float() for x in make_inputs(1, (4, 4), (2, 2), 2, 16))
+
+    def run(fn):
+        leaves = [t.clone().requires_grad_() for t in (qkv, tau, bias)]
+        out = fn(leaves[0], leaves[1], leaves[2])
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        return [out] + [t.grad for t in leaves]
+
+    def op(x, t, b):
+        return window_attention(x, grid=(4, 4), window=(2, 2), shift=(1, 1), num_heads=2, tau=t, bias=b)
+
+    compiled = run(torch.compile(op, fullgraph=True, backend="aot_eager"))
+    eager = run(op)
+    for a, b in zip(compiled, eager):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("window,shift,head_dim",
+                         [((4, 4), (2, 0), 32), ((2, 2), (1, 1), 16), ((16, 16), (8, 3), 64), ((8, 8), (4, 4), 128)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_gpu_dtypes(window, shift, head_dim, dtype):
+    grid = (32, 16)
+    qkv, tau, bias = make_inputs(2, grid, window, 3, head_dim)
+    check_against_reference(qkv, tau, bias, dtype, grid=grid, window=window, shift=shift, num_heads=3)
+
+
+@pytest.mark.gpu
+def test_gpu_decoder_shape_bf16():
+    """The decoder's attention: B=64, grid 64x8, 16 heads of 32, window 4x4, shift (2, 0)."""
+    qkv, tau, bias = make_inputs(64, (64, 8), (4, 4), 16, 32)
+    check_against_reference(qkv, tau, bias, torch.bfloat16, grid=(64, 8), window=(4, 4), shift=(2, 0),
+                            num_heads=16)
+
+
+@pytest.mark.gpu
+def test_gpu_inputs_on_two_devices():
+    qkv, tau, bias = (x.float() for x in make_inputs(1, (8, 8), (4, 4), 2, 16))
+    with pytest.raises(ValueError, match="tau"):
+        window_attention(qkv, tau=tau.cpu(), bias=bias, grid=(8, 8), window=(4, 4), num_heads=2)
+
+
+@pytest.mark.gpu
+def test_gpu_inductor_fullgraph():
+    qkv, tau, bias = (x.to(torch.bfloat16) for x in make_inputs(2, (16, 8), (4, 4), 4, 32))
+    args = dict(grid=(16, 8), window=(4, 4), shift=(2, 0), num_heads=4, tau=tau, bias=bias)
+    compiled = torch.compile(lambda x: window_attention(x, **args) * 2, fullgraph=True)
+    x, y = qkv.clone().requires_grad_(), qkv.clone().requires_grad_()
+    compiled(x).sum().backward()
+    (window_attention(y, **args) * 2).sum().backward()
+    assert torch.equal(x.grad, y.grad)
