@@ -291,7 +291,10 @@ class Trainer:
         self.model = self.module if self.ddp is None else self.ddp
         if compile:  # the DDP wrapper is compiled, so its bucketed all-reduce splits the graph where it should
             self.model = torch.compile(self.model)
-        self.optimizer = torch.optim.AdamW(param_groups(self.module, weight_decay, layer_decay), lr=lr, betas=betas)
+        # On CUDA the whole AdamW update is one fused kernel per parameter group.
+        fused = {"fused": True} if world.device.type == "cuda" else {}
+        self.optimizer = torch.optim.AdamW(param_groups(self.module, weight_decay, layer_decay), lr=lr, betas=betas,
+                                           **fused)
         self.precision = Precision(precision, world.device)
         self.schedule = dict(lr=lr, min_lr=min_lr, warmup_epochs=warmup_epochs, epochs=epochs)
         self.epochs, self.accum_iter, self.clip_grad = epochs, accum_iter, clip_grad

@@ -8,11 +8,14 @@ Implementations: ``official`` is the eager code the models replace (``kernels.re
 add the positional embedding to every token, repeat the index over the channels, gather; for
 the decoder also repeat the mask token and concatenate). ``kernel`` is the public op as called,
 index range check included (one reduction and one host sync per call); ``kernel_unchecked`` is
-the same with ``check_indices=False``, as the models call it on indices they built. On CUDA,
-``official_graph`` and ``kernel_graph`` replay the same work captured in a CUDA graph (the index
-check is skipped under capture): at these sizes a kernel moves its bytes in a few microseconds,
-less than eager PyTorch spends dispatching a custom op, so the graphed rows are the ones that
-measure the kernels against the copy bandwidth, and the eager rows what a caller sees.
+the same with ``check_indices=False``, as the models call it on indices they built: in eager mode
+it reaches the launchers through a plain ``torch.autograd.Function``. ``kernel_custom_op`` (CUDA,
+gather and unshuffle) calls the ``torch.library`` op that ``torch.compile`` traces, eagerly, to
+show what its dispatcher costs. On CUDA, ``official_graph`` and ``kernel_graph`` replay the same
+work captured in a CUDA graph (the index check is skipped under capture): at these sizes a kernel
+moves its bytes in a few microseconds, close to what eager PyTorch spends launching it, so the
+graphed rows are the ones that measure the kernels against the copy bandwidth, and the eager rows
+what a caller sees.
 
 Fewest bytes (the ``floor_ms`` figure divides them by the copy bandwidth measured in the same
 run, which counts bytes read plus bytes written): each tensor element the op must read or write,
@@ -54,6 +57,7 @@ def _cases(device: str, quick: bool):
     K = int(L * (1 - s["mask_ratio"]))
     size = torch.finfo(dtype).bits // 8
     idx = 8
+    on_gpu = device.startswith("cuda")  # the op runs Triton on any tensor; CPU ones need the interpreter
 
     C = s["C_gather"]
     x = torch.randn(B, L, C, device=device, dtype=dtype, requires_grad=True)
@@ -62,11 +66,14 @@ def _cases(device: str, quick: bool):
     pos_rows = ids_keep.unique().numel()
     fwd = (B * K * C + pos_rows * C + B * K * C) * size + B * K * idx
     bwd = (B * K * C + B * L * C) * size + B * K * idx
-    yield "gather", f"B={B} L={L} K={K} C={C}", fwd, bwd, {
+    impls = {
         "official": (lambda: gather_reference.gather_tokens(x, ids_keep, pos), (x,)),
         "kernel": (lambda: gather_tokens(x, ids_keep, pos), (x,)),
         "kernel_unchecked": (lambda: gather_tokens(x, ids_keep, pos, check_indices=False), (x,)),
     }
+    if on_gpu:
+        impls["kernel_custom_op"] = (lambda: torch.ops.audiomae.gather_tokens(x, ids_keep, pos[0]), (x,))
+    yield "gather", f"B={B} L={L} K={K} C={C}", fwd, bwd, impls
 
     (T, F), (Kt, Kf) = s["grid"], s["keep_2d"]
     x2 = torch.randn(B, T * F, C, device=device, dtype=dtype, requires_grad=True)
@@ -89,11 +96,16 @@ def _cases(device: str, quick: bool):
     ids_restore = torch.rand(B, L, device=device).argsort(dim=1).argsort(dim=1)
     fwd = (B * K * C + C + L * C + B * L * C) * size + B * L * idx
     bwd = (B * L * C + B * K * C + C) * size + B * L * idx
-    yield "unshuffle", f"B={B} L={L} K={K} C={C}", fwd, bwd, {
+    impls = {
         "official": (lambda: unshuffle_reference.unshuffle_tokens(kept, ids_restore, mask_token, pos), (kept, mask_token)),
         "kernel": (lambda: unshuffle_tokens(kept, ids_restore, mask_token, pos), (kept, mask_token)),
         "kernel_unchecked": (lambda: unshuffle_tokens(kept, ids_restore, mask_token, pos, check_indices=False), (kept, mask_token)),
     }
+    if on_gpu:
+        impls["kernel_custom_op"] = (
+            lambda: torch.ops.audiomae.unshuffle_tokens(kept, ids_restore, mask_token.reshape(C), pos[0]), (kept, mask_token)
+        )
+    yield "unshuffle", f"B={B} L={L} K={K} C={C}", fwd, bwd, impls
 
 
 def _forward_backward(forward, inputs):
@@ -156,7 +168,10 @@ def run(device: str = "cuda", quick: bool = False) -> list[dict]:
 # pytest-benchmark: the same cases, timed by the fixture on CUDA
 # ------------------------------------------------------------------------------------------------
 def _case_ids():
-    return [(op, impl, p) for op in ("gather", "gather_2d", "unshuffle") for impl in ("official", "kernel", "kernel_unchecked") for p in ("fwd", "fwd+bwd")]
+    impls = {"gather": ("official", "kernel", "kernel_unchecked", "kernel_custom_op"),
+             "gather_2d": ("official", "kernel", "kernel_unchecked"),
+             "unshuffle": ("official", "kernel", "kernel_unchecked", "kernel_custom_op")}
+    return [(op, impl, p) for op, names in impls.items() for impl in names for p in ("fwd", "fwd+bwd")]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

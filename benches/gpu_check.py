@@ -41,7 +41,7 @@ from audiomae import report  # noqa: E402
 
 RESERVE_S = 15  # kept back for writing the report
 MIN_PART_S = 20  # a part given less than this would only time out
-MODEL_STEPS = {"pretrain": 180, "finetune": 100, "embed": 70}
+MODEL_STEPS = {"pretrain": 240, "finetune": 100, "embed": 70}
 
 
 def plan(work: Path) -> list[dict]:

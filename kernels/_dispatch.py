@@ -29,3 +29,19 @@ def check_same_device(**tensors) -> torch.device:
         if device != first:
             raise ValueError(f"{name} is on {device} but {first_name} is on {first}: all inputs must share one device")
     return first
+
+
+def needs_custom_op() -> bool:
+    """Whether a call must go through the ``torch.library`` op rather than its eager twin.
+
+    Eager calls skip the custom-op dispatcher: it costs tens of microseconds of host time per call
+    (more with autograd), longer than these kernels run at the models' sizes. The op serves
+    whatever traces or transforms the call: torch.compile, export and compiled autograd (one
+    graph, no breaks), a dispatch mode such as fake tensors or make_fx (the op has a fake
+    implementation, a Triton launch has none) and torch.func transforms.
+    """
+    return (
+        torch.compiler.is_compiling()
+        or torch._C._len_torch_dispatch_stack() > 0
+        or torch._C._are_functorch_transforms_active()
+    )

@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._dispatch import check_same_device, use_triton
+from kernels._dispatch import check_same_device, needs_custom_op, use_triton
 from kernels.gather_tokens import (
     REDUCING_PROGRAMS,
     TL_DTYPES,
@@ -45,7 +45,6 @@ from kernels.gather_tokens import (
     check_index,
     check_index_range,
     gather_rows_backward,
-    needs_custom_op,
     row_tile,
 )
 from kernels.reference import unshuffle_tokens as reference
@@ -259,6 +258,7 @@ class _UnshuffleTokens(torch.autograd.Function):
         return _unshuffle_forward(x, ids_restore, mask_token, pos_embed)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # double backward is an error, as for the op
     def backward(ctx, grad):
         # Compiled autograd traces this backward: there it takes the op too.
         backward = torch.ops.audiomae.unshuffle_tokens_backward if needs_custom_op() else _unshuffle_backward

@@ -45,7 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._dispatch import use_triton
+from ._dispatch import needs_custom_op, use_triton
 from .reference.window_attention import check_window_attention_args, window_attention_reference
 
 # Logit of a pair that shares no window; finite so that padded rows never make NaNs.
@@ -453,9 +453,12 @@ class _WindowAttentionFunction(torch.autograd.Function):
         return out
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # double backward is an error, as for the op
     def backward(ctx, dout):
         qkv, tau, bias, out, lse = ctx.saved_tensors
-        dqkv, dtau, dbias = _backward(dout, qkv, tau, bias, out, lse, *ctx.args)
+        # Compiled autograd traces this backward: there it takes the op too.
+        backward = _window_attention_backward_op if needs_custom_op() else _backward
+        dqkv, dtau, dbias = backward(dout, qkv, tau, bias, out, lse, *ctx.args)
         return (dqkv, dtau if tau is not None else None, dbias if bias is not None else None,
                 None, None, None, None, None)
 
@@ -484,7 +487,7 @@ def window_attention(
         raise TypeError("the Triton kernel takes float16, bfloat16 or float32 qkv, got float64")
     tau = tau.contiguous() if tau is not None else None
     bias = bias.contiguous() if bias is not None else None
-    if torch.compiler.is_compiling():
+    if needs_custom_op():
         out, _ = _window_attention_op(qkv, tau, bias, grid, window, shift, num_heads, float(mask_value))
         return out
     return _WindowAttentionFunction.apply(qkv, tau, bias, grid, window, shift, num_heads, float(mask_value))

@@ -6,9 +6,11 @@ Every kernel output is allocated by a poisoned ``torch.empty`` (NaN-filled), so 
 forgets to write shows up as NaN instead of as lucky zeros.
 """
 import os
+import sys
 
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from kernels.gather_tokens import gather_tokens, gather_tokens_2d
 from kernels.reference import gather_tokens as gather_reference
@@ -313,6 +315,82 @@ def test_cpu_without_interpreter_uses_the_reference(monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------------
+# Eager calls: the autograd.Function against the custom op
+# ------------------------------------------------------------------------------------------------
+TOKEN_MODULES = [sys.modules["kernels.gather_tokens"], sys.modules["kernels.unshuffle_tokens"]]
+
+
+def run_both_paths(monkeypatch, op, inputs, grad_out):
+    """``op(*inputs)`` and the gradients of its float inputs that require grad, once through the
+    eager autograd.Function and once forced through the torch.library op."""
+    results = []
+    for through_op in (False, True):
+        with monkeypatch.context() as m:
+            for module in TOKEN_MODULES:
+                m.setattr(module, "needs_custom_op", lambda: through_op)
+            out = op(*inputs)
+        # The path really taken: a Function's node is named after its class, the op's after the op.
+        assert ("audiomae" in type(out.grad_fn).__name__) == through_op, type(out.grad_fn).__name__
+        wanted = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+        results.append((out, torch.autograd.grad(out, wanted, grad_out)))
+    return results
+
+
+@pytest.mark.parametrize("needs_grad", ["x", "pos", "x+pos"])
+def test_gather_eager_path_equals_custom_op(seed, monkeypatch, needs_grad):
+    B, L, K, C = 3, 14, 9, 11
+    x = torch.randn(B, L, C, device=DEVICE, dtype=torch.bfloat16, requires_grad="x" in needs_grad)
+    pos = torch.randn(1, L, C, device=DEVICE, requires_grad="pos" in needs_grad)
+    ids = torch.cat([random_ids(B, L, K - 2), random_ids(B, L, 2)], 1)  # may repeat rows
+    ids_t, ids_f = random_ids(B, 7, 3), random_ids(B, 2, 1)
+    cases = [
+        (lambda x, pos: gather_tokens(x, ids, pos), (x, pos), (B, K, C)),
+        (lambda x, pos: gather_tokens_2d(x, ids_t, ids_f, (7, 2), pos), (x, pos), (B, 3, C)),
+    ]
+    for op, inputs, shape in cases:
+        (eager, eager_grads), (custom, custom_grads) = run_both_paths(monkeypatch, op, inputs, torch.randn(shape, device=DEVICE))
+        assert eager.dtype == custom.dtype == torch.float32 and torch.equal(eager, custom)
+        for a, b in zip(eager_grads, custom_grads, strict=True):
+            assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("needs_grad", ["x", "mask", "x+mask+pos"])
+@pytest.mark.parametrize("with_pos", [False, True])
+def test_unshuffle_eager_path_equals_custom_op(seed, monkeypatch, needs_grad, with_pos):
+    B, L, K, C = 2, 13, 4, 10
+    x = torch.randn(C, K, B, device=DEVICE, requires_grad="x" in needs_grad).permute(2, 1, 0)  # non-contiguous
+    mask = torch.randn(1, 1, C, device=DEVICE, dtype=torch.float16, requires_grad="mask" in needs_grad)
+    pos = torch.randn(L, C, device=DEVICE, requires_grad="pos" in needs_grad) if with_pos else None
+    ids = random_ids(B, L, L)
+    g = torch.randn(B, L, C, device=DEVICE)
+    (eager, eager_grads), (custom, custom_grads) = run_both_paths(monkeypatch, unshuffle_tokens, (x, ids, mask, pos), g)
+    assert torch.equal(eager, custom)
+    for a, b in zip(eager_grads, custom_grads, strict=True):
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+
+
+def test_double_backward_is_an_error():
+    x = torch.randn(2, 6, 5, device=DEVICE, requires_grad=True)
+    out = gather_tokens(x, random_ids(2, 6, 3))
+    g = torch.randn(out.shape, device=DEVICE, requires_grad=True)
+    (gx,) = torch.autograd.grad(out, x, g, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        gx.sum().backward()
+
+
+def test_fake_tensors_take_the_custom_op():
+    # A Triton launch cannot run on fake tensors; the op's fake implementation answers instead.
+    with FakeTensorMode():
+        x = torch.empty(3, 10, 6, device=DEVICE, dtype=torch.bfloat16)
+        pos = torch.empty(1, 10, 6, device=DEVICE)
+        ids = torch.zeros(3, 4, dtype=torch.int64, device=DEVICE)
+        out = gather_tokens(x, ids, pos, check_indices=False)
+        restored = unshuffle_tokens(out, torch.zeros(3, 10, dtype=torch.int64, device=DEVICE), torch.empty(6, device=DEVICE))
+    assert out.shape == (3, 4, 6) and out.dtype == torch.float32
+    assert restored.shape == (3, 10, 6) and restored.dtype == torch.float32
+
+
+# ------------------------------------------------------------------------------------------------
 # torch.library and torch.compile
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("with_pos", [False, True])
@@ -348,11 +426,42 @@ def test_compiles_without_graph_breaks(seed):
         return unshuffle_tokens(kept, ids_restore, mask, pos).sum() + gather_tokens_2d(x, ids_t, ids_f, (T, F)).sum()
 
     backend = "inductor" if DEVICE == "cuda" else "aot_eager"  # inductor on CPU needs a C++ toolchain
-    compiled = torch.compile(encoder_and_decoder, fullgraph=True, backend=backend)
+    traced = []
+
+    def recording_backend(gm, example_inputs):
+        traced.append([str(node.target).removesuffix(".default") for node in gm.graph.nodes if node.op == "call_function"])
+        return torch._dynamo.lookup_backend(backend)(gm, example_inputs)
+
+    compiled = torch.compile(encoder_and_decoder, fullgraph=True, backend=recording_backend)
     got = torch.autograd.grad(compiled(x, mask), (x, mask))
     want = torch.autograd.grad(encoder_and_decoder(x, mask), (x, mask))
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b)
+    # The public functions put the custom ops in the graph, not the eager autograd.Functions.
+    assert len(traced) == 1
+    assert traced[0].count("audiomae.gather_tokens") == 2 and traced[0].count("audiomae.unshuffle_tokens") == 1, traced
+
+
+def test_compiled_autograd_traces_the_backward_op(seed):
+    # Compiled autograd traces the backward of the eager autograd.Functions; a Triton launch in
+    # it would break the graph, the backward ops do not.
+    B, L, K, C = 2, 7, 3, 4
+    x = torch.randn(B, L, C, device=DEVICE, requires_grad=True)
+    mask = torch.randn(C, device=DEVICE, requires_grad=True)
+    pos = torch.randn(L, C, device=DEVICE)
+    ids_shuffle = random_ids(B, L, L)
+    ids_keep, ids_restore = ids_shuffle[:, :K], torch.argsort(ids_shuffle, 1)
+
+    def loss():
+        kept = gather_tokens(x, ids_keep, pos, check_indices=False)
+        return unshuffle_tokens(kept, ids_restore, mask, pos, check_indices=False).square().sum()
+
+    want = torch.autograd.grad(loss(), (x, mask))
+    compiler = torch.compile(backend="aot_eager", fullgraph=True)
+    with torch._dynamo.compiled_autograd._enable(compiler):  # private, as in PyTorch's own tests
+        loss().backward()
+    torch.testing.assert_close(x.grad, want[0])
+    torch.testing.assert_close(mask.grad, want[1])
 
 
 # ------------------------------------------------------------------------------------------------

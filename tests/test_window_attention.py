@@ -322,3 +322,14 @@ def test_gpu_inductor_fullgraph():
     compiled(x).sum().backward()
     (window_attention(y, **args) * 2).sum().backward()
     assert torch.equal(x.grad, y.grad)
+
+
+def test_fake_tensors_take_the_custom_op():
+    """Under a dispatch mode (fake tensors, as export and compile use) the op's fake kernel serves."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        qkv = torch.empty(2, 32, 3 * 2 * 16, device=DEVICE)
+        tau, bias = torch.ones(2, device=DEVICE), torch.zeros(2, 16, 16, device=DEVICE)
+        out = window_attention(qkv, grid=(8, 4), window=(4, 4), shift=(2, 0), num_heads=2, tau=tau, bias=bias)
+    assert out.shape == (2, 32, 32)
