@@ -83,6 +83,9 @@ def _heads(width: int, args: dict) -> int | None:
 def infer_config(state: dict, args: dict | None = None) -> tuple[type, dict]:
     """(model class, constructor kwargs) for a state dict with official key names."""
     args = args or {}
+    if args.get("use_custom_patch"):
+        raise NotImplementedError("the checkpoint was trained with use_custom_patch=True (overlapping patches), "
+                                  "which is not supported")
     proj = state["patch_embed.proj.weight"]
     embed_dim, in_chans, patch, _ = proj.shape
     num_patches = state["pos_embed"].shape[1] - 1
@@ -207,7 +210,9 @@ def save_pretrained(model: nn.Module, path) -> Path:
 
     path = Path(path)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    metadata = {"format": "pt", "audiomae_class": type(model).__name__, "audiomae_config": json.dumps(model_config(model))}
+    # The backend is a property of the machine, not of the weights: a file loads in any backend.
+    config = {k: v for k, v in model_config(model).items() if k != "backend"}
+    metadata = {"format": "pt", "audiomae_class": type(model).__name__, "audiomae_config": json.dumps(config)}
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(state, str(path), metadata=metadata)
     return path

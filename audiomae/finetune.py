@@ -111,6 +111,8 @@ def finetune(args) -> int:
         from .checkpoint import load_pretrained_encoder
 
         load_pretrained_encoder(model, args.init)
+        # As the official main_finetune_as.py: a near-zero head on top of the pretrained encoder.
+        torch.nn.init.trunc_normal_(model.head.weight, std=2e-5)
     elif checkpoint is None:
         model.backbone.load_state_dict(backbone_state)
 

@@ -42,6 +42,13 @@ class PatchEmbed(nn.Module):
                 f"expected input of shape [B, {self.in_chans}, {self.img_size[0]}, {self.img_size[1]}], "
                 f"got {list(x.shape)}"
             )
+        weight = self.proj.weight
+        if not x.is_floating_point():
+            raise TypeError(f"expected a floating-point spectrogram, got {x.dtype}")
+        if x.device != weight.device:
+            raise ValueError(f"the input is on {x.device} but the model is on {weight.device}")
+        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(f"the input is {x.dtype} but the model is {weight.dtype}: cast one to the other")
         return self.proj(x).flatten(2).transpose(1, 2)
 
 

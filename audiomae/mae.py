@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from .backends import check_backend
 from .layers import Block, PatchEmbed, to_2tuple
-from .masking import draw_noise, random_masking_ids, structured_masking_ids
+from .masking import draw_noise, draw_noise_2d, num_kept, random_masking_ids, structured_masking_ids
 from .pos_embed import sincos_2d_official
 from .swin import SwinTransformerBlock
 
@@ -62,10 +62,11 @@ class ModelMixin:
         return torch.gather(x, 1, ids_restore.unsqueeze(-1).expand(-1, -1, C)) + pos_embed
 
 
-def init_vit_weights(module: nn.Module) -> None:
-    """The official initialisation: xavier-uniform Linear weights, zero biases, unit LayerNorms."""
+def init_vit_weights(module: nn.Module, linear_init=nn.init.xavier_uniform_) -> None:
+    """The official pretraining initialisation: xavier-uniform Linear weights (``linear_init``), zero
+    biases, unit LayerNorms."""
     if isinstance(module, nn.Linear):
-        nn.init.xavier_uniform_(module.weight)
+        linear_init(module.weight)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
     elif isinstance(module, nn.LayerNorm):
@@ -216,17 +217,16 @@ class MaskedAutoencoderViT(ModelMixin, nn.Module):
 
     def _structured_ids(self, x, mask_t_prob, mask_f_prob, noise):
         T, F = self.grid
-        noise_t, noise_f = (None, None) if noise is None else noise
-        noise_t = draw_noise(x.shape[0], T, x.device, noise_t, "noise[0] (time)")
-        noise_f = draw_noise(x.shape[0], F, x.device, noise_f, "noise[1] (frequency)")
-        return structured_masking_ids(noise_t, noise_f, int(T * (1 - mask_t_prob)), int(F * (1 - mask_f_prob)))
+        len_keep_t, len_keep_f = num_kept(T, mask_t_prob, "mask_t_prob"), num_kept(F, mask_f_prob, "mask_f_prob")
+        noise_t, noise_f = draw_noise_2d(x.shape[0], self.grid, x.device, noise)
+        return structured_masking_ids(noise_t, noise_f, len_keep_t, len_keep_f)
 
     def _masking_ids(self, x, mask_ratio, mask_2d, noise):
         if mask_2d:
             return self._structured_ids(x, self.mask_t_prob, self.mask_f_prob, noise)
         B, L, _ = x.shape
-        noise = draw_noise(B, L, x.device, noise)
-        return random_masking_ids(noise, int(L * (1 - mask_ratio)))
+        len_keep = num_kept(L, mask_ratio, "mask_ratio")
+        return random_masking_ids(draw_noise(B, L, x.device, noise), len_keep)
 
     # ------------------------------------------------------------------ encoder
     def forward_encoder(self, x, mask_ratio, mask_2d=False, noise=None):

@@ -5,7 +5,8 @@ Semantics follow the official code exactly (same noise -> same ``ids_keep``, ``i
 the mask comes from ``ids_restore`` instead of a gather, and the 2-D mask is built from per-axis
 counts instead of an ``[B, T*F]`` float index that the official code argsorts.
 
-Conventions: ``mask`` is 1 for removed tokens and 0 for kept ones; ``ids_restore[b, i]`` is the
+Conventions: ``mask`` is 1 for removed tokens and 0 for kept ones, in torch's default float dtype
+whatever the noise's dtype (the official ``torch.ones`` mask); ``ids_restore[b, i]`` is the
 position of token ``i`` in the kept-first order, so ``ids_restore[b, i] < len_keep`` iff token ``i``
 is kept; ``ids_keep[b, j]`` is the token index of the ``j``-th kept token.
 """
@@ -15,6 +16,8 @@ import torch
 
 
 def _check_noise(noise: torch.Tensor, shape: tuple[int, int], name: str) -> None:
+    if not isinstance(noise, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor of shape {list(shape)}, got {type(noise).__name__}")
     if tuple(noise.shape) != shape:
         raise ValueError(f"{name} must have shape {list(shape)}, got {list(noise.shape)}")
     if not noise.is_floating_point():
@@ -34,7 +37,7 @@ def random_masking_ids(noise: torch.Tensor, len_keep: int):
     """
     ids_shuffle = torch.argsort(noise, dim=1)
     ids_restore = inverse_permutation(ids_shuffle)
-    mask = (ids_restore >= len_keep).to(noise.dtype)
+    mask = (ids_restore >= len_keep).to(torch.get_default_dtype())
     return ids_shuffle[:, :len_keep], ids_restore, mask
 
 
@@ -65,8 +68,15 @@ def structured_masking_ids(noise_t: torch.Tensor, noise_f: torch.Tensor, len_kee
     rows = torch.argsort(noise_t, dim=1)[:, :len_keep_t].sort(dim=1).values
     cols = torch.argsort(noise_f, dim=1)[:, :len_keep_f].sort(dim=1).values
     ids_keep = (rows[:, :, None] * F + cols[:, None, :]).flatten(1)
-    mask = (~keep).flatten(1).to(noise_t.dtype)
+    mask = (~keep).flatten(1).to(torch.get_default_dtype())
     return ids_keep, ids_restore, mask
+
+
+def num_kept(length: int, ratio: float, name: str) -> int:
+    """``int(length * (1 - ratio))`` as the official code counts kept tokens, for a ratio in [0, 1]."""
+    if not 0.0 <= ratio <= 1.0:
+        raise ValueError(f"{name} must lie in [0, 1], got {ratio}")
+    return int(length * (1 - ratio))
 
 
 def draw_noise(batch: int, length: int, device: torch.device, noise: torch.Tensor | None, name: str = "noise"):
@@ -75,3 +85,15 @@ def draw_noise(batch: int, length: int, device: torch.device, noise: torch.Tenso
         return torch.rand(batch, length, device=device)
     _check_noise(noise, (batch, length), name)
     return noise.to(device)
+
+
+def draw_noise_2d(batch: int, grid: tuple[int, int], device: torch.device, noise=None):
+    """``(noise_t [B, T], noise_f [B, F])``: the given pair (checked), else time noise then frequency
+    noise drawn in that order, as the official 2-D masking draws them."""
+    if noise is None:
+        noise = (None, None)
+    elif not isinstance(noise, (tuple, list)) or len(noise) != 2:
+        got = f"tensor of shape {list(noise.shape)}" if isinstance(noise, torch.Tensor) else type(noise).__name__
+        raise TypeError(f"2-D masking takes noise=(noise_t [B, T], noise_f [B, F]), got a {got}")
+    noise_t = draw_noise(batch, grid[0], device, noise[0], "noise[0] (time)")
+    return noise_t, draw_noise(batch, grid[1], device, noise[1], "noise[1] (frequency)")

@@ -15,7 +15,7 @@ import torch.nn as nn
 from .backends import check_backend
 from .layers import Block, PatchEmbed
 from .mae import ModelMixin, init_vit_weights
-from .masking import draw_noise
+from .masking import draw_noise_2d, num_kept
 from .pos_embed import sincos_2d_official
 
 
@@ -51,7 +51,7 @@ class VisionTransformer(ModelMixin, nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + 1, embed_dim), requires_grad=False)
         self.pos_drop = nn.Dropout(drop_rate)
-        rates = torch.linspace(0, drop_path_rate, depth).tolist()
+        rates = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()  # also under torch.device("meta")
         self.blocks = nn.ModuleList(
             [Block(embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, drop=drop_rate, attn_drop=attn_drop_rate,
                    drop_path=rate, norm_layer=norm_layer, backend=backend)
@@ -69,10 +69,22 @@ class VisionTransformer(ModelMixin, nn.Module):
 
         self.pos_embed.data.copy_(sincos_2d_official(embed_dim, self.grid).unsqueeze(0))
         nn.init.trunc_normal_(self.cls_token, std=0.02)
-        self.apply(init_vit_weights)
+        # timm's ViT initialisation, which the official fine-tuning model inherits (not MAE's xavier)
+        self.apply(partial(init_vit_weights, linear_init=partial(nn.init.trunc_normal_, std=0.02)))
 
     def no_weight_decay(self):
         return {"pos_embed", "cls_token"}
+
+    def get_classifier(self):
+        return self.head
+
+    def reset_classifier(self, num_classes, global_pool=""):
+        """A fresh ``num_classes`` head (timm's API); the pooling is fixed at construction."""
+        if global_pool:
+            raise ValueError(f"pooling is fixed at construction (global_pool={self.global_pool}), got {global_pool!r}")
+        self.num_classes = num_classes
+        self.head = (nn.Linear(self.embed_dim, num_classes, device=self.cls_token.device, dtype=self.cls_token.dtype)
+                     if num_classes > 0 else nn.Identity())
 
     def _embed(self, x):
         return self.patch_embed(x) + self.pos_embed[:, 1:, :]
@@ -93,28 +105,28 @@ class VisionTransformer(ModelMixin, nn.Module):
     def structured_masking_ids(self, batch, mask_t_prob, mask_f_prob, device, noise=None):
         """Kept time rows and frequency columns, each in random order as the official code keeps them."""
         T, F = self.grid
-        noise_t, noise_f = (None, None) if noise is None else noise
-        noise_t = draw_noise(batch, T, device, noise_t, "noise[0] (time)")
-        noise_f = draw_noise(batch, F, device, noise_f, "noise[1] (frequency)")
-        ids_keep_t = torch.argsort(noise_t, dim=1)[:, : int(T * (1 - mask_t_prob))]
-        ids_keep_f = torch.argsort(noise_f, dim=1)[:, : int(F * (1 - mask_f_prob))]
-        return ids_keep_t, ids_keep_f
+        len_keep_t, len_keep_f = num_kept(T, mask_t_prob, "mask_t_prob"), num_kept(F, mask_f_prob, "mask_f_prob")
+        noise_t, noise_f = draw_noise_2d(batch, self.grid, device, noise)
+        return torch.argsort(noise_t, dim=1)[:, :len_keep_t], torch.argsort(noise_f, dim=1)[:, :len_keep_f]
 
-    def forward_features_mask(self, x, mask_t_prob, mask_f_prob, noise=None):
-        """Pooled features of the tokens left after dropping random time rows and frequency columns."""
-        x = self._embed(x)
+    def random_masking_2d(self, x, mask_t_prob, mask_f_prob, noise=None):
+        """Official ``random_masking_2d``: patch tokens [B, T*F, D] -> ``(x_masked [B, Kt*Kf, D], None, None)``,
+        the tokens of the kept time rows and frequency columns."""
         ids_keep_t, ids_keep_f = self.structured_masking_ids(x.shape[0], mask_t_prob, mask_f_prob, x.device, noise)
         if self.backend == "triton":
             from kernels.gather_tokens import gather_tokens_2d
 
-            x = gather_tokens_2d(x, ids_keep_t, ids_keep_f, self.grid, check_indices=False)
-        else:
-            T, F = self.grid
-            B, _, D = x.shape
-            x = x.reshape(B, T, F, D)
-            x = torch.gather(x, 1, ids_keep_t[:, :, None, None].expand(-1, -1, F, D))
-            x = torch.gather(x, 2, ids_keep_f[:, None, :, None].expand(-1, x.shape[1], -1, D))
-            x = x.reshape(B, -1, D)
+            return gather_tokens_2d(x, ids_keep_t, ids_keep_f, self.grid, check_indices=False), None, None
+        T, F = self.grid
+        B, _, D = x.shape
+        x = x.reshape(B, T, F, D)
+        x = torch.gather(x, 1, ids_keep_t[:, :, None, None].expand(-1, -1, F, D))
+        x = torch.gather(x, 2, ids_keep_f[:, None, :, None].expand(-1, x.shape[1], -1, D))
+        return x.reshape(B, -1, D), None, None
+
+    def forward_features_mask(self, x, mask_t_prob, mask_f_prob, noise=None):
+        """Pooled features of the tokens left after dropping random time rows and frequency columns."""
+        x, _, _ = self.random_masking_2d(self._embed(x), mask_t_prob, mask_f_prob, noise)
         return self._encode(x)
 
     def forward(self, x, v=None, mask_t_prob=0.0, mask_f_prob=0.0, noise=None):
