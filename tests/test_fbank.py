@@ -379,3 +379,21 @@ def test_cuda_op_registration():
     torch.library.opcheck(_fbank_cuda_op, args)
     compiled = torch.compile(lambda x: _fbank_cuda_op(x, *args[1:]), fullgraph=True)
     torch.testing.assert_close(compiled(clips), fbank(clips, backend="cuda", num_mel_bins=40, use_energy=True))
+
+
+@pytest.mark.parametrize("name", ["defaults", "audiomae", "no_snip_edges", "energy", "energy_htk_windowed",
+                                  "full_preemphasis", "no_preemphasis_no_dc", "subtract_mean"])
+def test_cpu_blocks_equal_one_pass(monkeypatch, name):
+    """The CPU path runs frames in blocks; any block size gives the one-pass result."""
+    import sys
+
+    fbank_module = sys.modules["kernels.fbank"]
+    options = {**OPTION_SETS[name], "dither": 0.0}
+    clips = clips_for(options, num_samples=5000).double()
+    lengths = torch.tensor([5000, 3000, 4100, 401, 5000])[: len(clips)]
+    monkeypatch.setattr(fbank_module, "CPU_BLOCK_FRAMES", 10**9)
+    whole, frames = fbank(clips, lengths=lengths, backend="torch", **options)
+    monkeypatch.setattr(fbank_module, "CPU_BLOCK_FRAMES", 7)  # a block of one frame per clip
+    blocked, frames_blocked = fbank(clips, lengths=lengths, backend="torch", **options)
+    assert torch.equal(frames, frames_blocked)
+    torch.testing.assert_close(blocked, whole, rtol=1e-12, atol=1e-12)
