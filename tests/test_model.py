@@ -219,3 +219,19 @@ def test_vit_matches_timm_vit_without_masking():
     # timm adds pos_embed to cls and patches alike, as the official forward_features does
     torch.testing.assert_close(ours(x), theirs(x), rtol=1e-10, atol=1e-10)
     assert math.isclose(ours.blocks[0].norm1.eps, 1e-6)
+
+
+def test_triton_backend_compiles_as_one_graph():
+    """The kernels are torch.library ops: the whole model traces with no graph break, same loss and grads."""
+    torch.manual_seed(0)
+    model = tiny_mae(depth=1, decoder_mode=1, norm_pix_loss=True, backend="triton").eval()
+    imgs, noise = torch.randn(2, 1, 128, 64), torch.rand(2, 32)
+    eager = model(imgs, noise=noise)[0]
+    eager.backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")(imgs, noise=noise)[0]
+    compiled.backward()
+    torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=1e-6)
+    for name, grad in expected.items():
+        torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, rtol=1e-5, atol=1e-6, msg=name)
