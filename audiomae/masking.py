@@ -41,9 +41,11 @@ def random_masking_ids(noise: torch.Tensor, len_keep: int):
     return ids_shuffle[:, :len_keep], ids_restore, mask
 
 
-def kept_along_axis(noise: torch.Tensor, len_keep: int) -> torch.Tensor:
-    """[B, n] noise -> [B, n] bool, True for the ``len_keep`` smallest values of each row."""
-    return inverse_permutation(torch.argsort(noise, dim=1)) < len_keep
+def kept_along_axis(noise: torch.Tensor, len_keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, n] noise -> (``keep`` [B, n] bool, True for the ``len_keep`` smallest values of each row;
+    the kept positions [B, len_keep] in ascending order), from one argsort."""
+    order = torch.argsort(noise, dim=1)
+    return inverse_permutation(order) < len_keep, order[:, :len_keep].sort(dim=1).values
 
 
 def structured_masking_ids(noise_t: torch.Tensor, noise_f: torch.Tensor, len_keep_t: int, len_keep_f: int):
@@ -55,8 +57,8 @@ def structured_masking_ids(noise_t: torch.Tensor, noise_f: torch.Tensor, len_kee
     """
     B, T = noise_t.shape
     F = noise_f.shape[1]
-    keep_t = kept_along_axis(noise_t, len_keep_t)  # [B, T]
-    keep_f = kept_along_axis(noise_f, len_keep_f)  # [B, F]
+    keep_t, rows = kept_along_axis(noise_t, len_keep_t)  # [B, T], [B, Kt]
+    keep_f, cols = kept_along_axis(noise_f, len_keep_f)  # [B, F], [B, Kf]
     kept_rows_before = torch.cumsum(keep_t, 1) - keep_t.long()  # kept time rows above each row
     kept_cols_before = torch.cumsum(keep_f, 1) - keep_f.long()  # kept frequency columns left of each
     keep = keep_t[:, :, None] & keep_f[:, None, :]  # [B, T, F]
@@ -65,8 +67,6 @@ def structured_masking_ids(noise_t: torch.Tensor, noise_f: torch.Tensor, len_kee
     )
     token = torch.arange(T * F, device=noise_t.device).view(1, T, F)
     ids_restore = torch.where(keep, kept_before, len_keep_t * len_keep_f + token - kept_before).flatten(1)
-    rows = torch.argsort(noise_t, dim=1)[:, :len_keep_t].sort(dim=1).values
-    cols = torch.argsort(noise_f, dim=1)[:, :len_keep_f].sort(dim=1).values
     ids_keep = (rows[:, :, None] * F + cols[:, None, :]).flatten(1)
     mask = (~keep).flatten(1).to(torch.get_default_dtype())
     return ids_keep, ids_restore, mask
