@@ -30,10 +30,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from audiomae.mae_ast import MAEAST
-from benches.harness import device_info, matmul_tflops, time_fn
+from benches.harness import count_flops, device_info, matmul_tflops, time_fn
 
 SUITE = "mae_ast_pretrain_step"
 FULL = dict(batch=32, frames=1024, depths=(6, 12), tokens=("patch", "frame"), embed_dim=768, num_heads=12)
@@ -73,12 +72,14 @@ def saved_activation_bytes(model: MAEAST, spec: torch.Tensor) -> int:
 
 
 def step_flops(model: MAEAST, spec: torch.Tensor) -> int:
-    with FlopCounterMode(display=False) as counter:
+    def forward_backward():
         with _autocast(spec.device):
             loss = model(spec).loss
         loss.backward()
+
+    flops = count_flops(forward_backward)
     model.zero_grad(set_to_none=True)
-    return counter.get_total_flops()
+    return flops
 
 
 def build_case(device, *, mode, backend, tokens, depth, batch, frames, embed_dim, num_heads) -> dict:

@@ -35,9 +35,8 @@ from functools import partial
 import pytest
 import torch
 import torch.nn as nn
-from torch.utils.flop_counter import FlopCounterMode
 
-from benches.harness import matmul_tflops, time_fn
+from benches.harness import count_flops, matmul_tflops, time_fn
 
 STEPS = ("pretrain", "finetune", "embed")
 # Most wanted first: a time limit that cuts the run short keeps the reference and triton rows.
@@ -122,14 +121,15 @@ def step_flops(step: str, batch: int, device: torch.device) -> int:
     """FLOPs of one eager reference forward (and backward, for training steps)."""
     model = build_model(step, device, "reference")
     run = make_step(step, model, batch, device)
-    with FlopCounterMode(display=False) as counter:
-        if step == "embed":
-            run()
-        else:
-            with _autocast(device):
-                loss = run.loss_fn()
-            loss.backward()
-    return counter.get_total_flops()
+    if step == "embed":
+        return count_flops(run)
+
+    def forward_backward():
+        with _autocast(device):
+            loss = run.loss_fn()
+        loss.backward()
+
+    return count_flops(forward_backward)
 
 
 def skip_reason(step: str, variant: str, device: torch.device) -> str | None:

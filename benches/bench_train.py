@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benches.harness import device_info, matmul_tflops
+from benches.harness import count_flops, device_info, matmul_tflops
 
 SUITE = "train"
 
@@ -42,16 +42,12 @@ def _config(device: str, quick: bool) -> dict:
 
 
 def _step_flops(cfg: dict, device: str) -> int:
-    from torch.utils.flop_counter import FlopCounterMode
-
     from audiomae.train import build_model
 
     kwargs = {"img_size": [cfg["target_length"], 128], "norm_pix_loss": True, "decoder_mode": 1, **cfg["size"]}
     model = build_model("mae_vit_base_patch16", kwargs, "reference").to(device)
     spec = torch.randn(cfg["batch"], 1, cfg["target_length"], 128, device=device)
-    with FlopCounterMode(display=False) as counter:
-        model(spec, mask_ratio=0.8)[0].backward()
-    return counter.get_total_flops()
+    return count_flops(lambda: model(spec, mask_ratio=0.8)[0].backward())
 
 
 def _train(data: Path, out: Path, backend: str, cfg: dict, device: str) -> tuple[float, int | None]:

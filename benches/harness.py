@@ -112,3 +112,12 @@ def device_info(device: torch.device | str) -> dict:
     except ImportError:
         pass
     return info
+
+
+def count_flops(fn: Callable[[], object]) -> int:
+    """FLOPs that ``fn()`` runs (matmuls and convolutions, forward and any backward it calls)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
