@@ -108,7 +108,7 @@ def time_alternating(cases: list[dict], device, warmup: int, reps: int) -> list[
         case["timings"] = [time_fn(case["step"], device, warmup=warmup, reps=1)]
     for _ in range(reps - 1):
         for case in cases:
-            case["timings"].append(time_fn(case["step"], device, warmup=0, reps=1))
+            case["timings"].append(time_fn(case["step"], device, warmup=0, reps=1, measure_memory=False))
     rows = []
     for case in cases:
         times = sorted(t.median_ms for t in case["timings"])

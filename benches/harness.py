@@ -32,19 +32,22 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_fn(fn: Callable[[], object], device: torch.device | str, *, warmup: int = 5, reps: int = 30) -> Timing:
-    """Median wall time of ``fn()`` on ``device``, and the extra memory one call peaks at."""
+def time_fn(fn: Callable[[], object], device: torch.device | str, *, warmup: int = 5, reps: int = 30,
+            measure_memory: bool = True) -> Timing:
+    """Median wall time of ``fn()`` on ``device``, and the extra memory one call peaks at (one more,
+    untimed call on the GPU; ``measure_memory=False`` skips it)."""
     device = torch.device(device)
     for _ in range(warmup):
         fn()
     _sync(device)
     peak = None
     if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        fn()
-        _sync(device)
-        peak = torch.cuda.max_memory_allocated(device) - base
+        if measure_memory:
+            torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device)
+            fn()
+            _sync(device)
+            peak = torch.cuda.max_memory_allocated(device) - base
         starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
         ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
         for s, e in zip(starts, ends):
