@@ -27,11 +27,13 @@ Contract
   ``bias``. It recomputes the logits from the saved per-row logsumexp. The bias and tau gradients
   are per-program partial sums reduced afterwards, so they are deterministic.
 
-Tiling: a tile is ``BLOCK`` rows. Windows of at most ``BLOCK`` tokens are packed several to a tile
-and kept apart by a block-diagonal mask (this also serves windows under the 16 rows ``tl.dot``
-needs). Larger windows are split into ``BLOCK``-row chunks: the forward runs an online softmax over
-key chunks, and the backward program for chunk ``c`` owns ``dq`` of query chunk ``c`` and
-``dk, dv`` of key chunk ``c``.
+Tiling: a tile is ``BLOCK`` rows (``default_tiling``: chosen per dtype and head dim from the
+sm_90 register use that ``benches/sm90_compile.py`` reports). Windows of at most ``BLOCK`` tokens
+are packed several to a tile and kept apart by a block-diagonal mask (this also serves windows under
+the 16 rows ``tl.dot`` needs). Larger windows are split into ``BLOCK``-row chunks: the forward runs
+an online softmax over key chunks, and the backward program for chunk ``c`` owns ``dq`` of query
+chunk ``c`` (one pass over the key chunks) and then ``dk, dv`` of key chunk ``c`` (a second pass
+over the query chunks).
 
 Dispatch: CUDA tensors run the kernels; CPU tensors run the eager reference unless
 ``TRITON_INTERPRET=1`` (then the kernels, through the interpreter). Registered as
@@ -39,6 +41,8 @@ Dispatch: CUDA tensors run the kernels; CPU tensors run the eager reference unle
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 from typing import Optional, Sequence
 
 import torch
@@ -212,6 +216,13 @@ def _pair_grads(q, k, v, do, lse, delta, q_norm, k_norm, q_win, q_pos, q_valid, 
 
 
 @triton.jit
+def _add_norm_grad(grad, x, x_norm, d_norm):
+    """``grad`` plus the gradient reaching ``x`` through its row norm: d|x|/dx = x / |x|, and a zero
+    row has zero gradient, as in torch.norm's backward."""
+    return grad + x.to(tl.float32) * (d_norm / tl.where(x_norm > 0, x_norm, 1.0))[:, None]
+
+
+@triton.jit
 def _store_bias_grad(part_ptr, ds, q_pos, q_valid, k_pos, k_valid, q_base, k_base,
                      N: tl.constexpr, POS_BLOCK: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Sum ``ds`` over the windows in the block onto bias positions and store the
@@ -254,89 +265,150 @@ def _window_attention_bwd(
         bias_ptr += h * N * N
         part_ptr = dbias_part_ptr + ((b * num_groups + group) * num_heads + h).to(tl.int64) * N * N
 
-    # This program's chunk, both as queries (-> dq) and as keys (-> dk, dv).
     row, win, pos, valid, region = _window_rows(
         group, chunk * BLOCK + offs, T, F, shift_t, shift_f, num_windows, WT, WF, WINDOWS_PER_GROUP)
-    q = _load_rows(q_ptr, row, valid, stride_l, cols_in, col_mask)
-    k = _load_rows(k_ptr, row, valid, stride_l, cols_in, col_mask)
-    v = _load_rows(v_ptr, row, valid, stride_l, cols_in, col_mask)
-    do = _load_rows(do_ptr, row, valid, stride_dout_l, cols_do, col_mask)
-    o = _load_rows(o_ptr, row, valid, C, cols, col_mask)
-    lse = tl.load(lse_ptr + row, mask=valid, other=0.0)
-    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
-    q_norm = _row_norm(q, HAS_TAU)
-    k_norm = _row_norm(k, HAS_TAU)
-
-    p, ds, unscaled, d_dot, d_norm_product = _pair_grads(
-        q, k, v, do, lse, delta, q_norm, k_norm, win, pos, valid, region, win, pos, valid, region,
-        bias_ptr, inv_tau, scale, mask_value, N, HAS_TAU, HAS_BIAS, SHIFTED, DOT_PRECISION)
-    dv = tl.dot(tl.trans(p).to(do.dtype), do, input_precision=DOT_PRECISION)
-    dk = tl.dot(tl.trans(d_dot).to(q.dtype), q, input_precision=DOT_PRECISION)
-    dq = tl.dot(d_dot.to(k.dtype), k, input_precision=DOT_PRECISION)
-    dq_norm = tl.sum(d_norm_product * k_norm[None, :], axis=1)
-    dk_norm = tl.sum(d_norm_product * q_norm[:, None], axis=0)
-    dtau_sum = tl.sum(tl.sum(ds * unscaled, axis=1), axis=0)
-    if HAS_BIAS:
-        _store_bias_grad(part_ptr, ds, pos, valid, pos, valid, chunk * BLOCK, chunk * BLOCK, N, POS_BLOCK,
-                         DOT_PRECISION)
-
-    if NUM_CHUNKS > 1:
-        for other in range(NUM_CHUNKS):
-            if other != chunk:
-                other_row, other_win, other_pos, other_valid, other_region = _window_rows(
-                    group, other * BLOCK + offs, T, F, shift_t, shift_f, num_windows, WT, WF, WINDOWS_PER_GROUP)
-                # Our queries against the other chunk's keys.
-                k_other = _load_rows(k_ptr, other_row, other_valid, stride_l, cols_in, col_mask)
-                v_other = _load_rows(v_ptr, other_row, other_valid, stride_l, cols_in, col_mask)
-                k_other_norm = _row_norm(k_other, HAS_TAU)
-                _, _, _, dq_dot, dq_norm_product = _pair_grads(
-                    q, k_other, v_other, do, lse, delta, q_norm, k_other_norm, win, pos, valid, region,
-                    other_win, other_pos, other_valid, other_region, bias_ptr, inv_tau, scale, mask_value,
-                    N, HAS_TAU, HAS_BIAS, SHIFTED, DOT_PRECISION)
-                dq += tl.dot(dq_dot.to(k.dtype), k_other, input_precision=DOT_PRECISION)
-                dq_norm += tl.sum(dq_norm_product * k_other_norm[None, :], axis=1)
-                # The other chunk's queries against our keys.
-                q_other = _load_rows(q_ptr, other_row, other_valid, stride_l, cols_in, col_mask)
-                do_other = _load_rows(do_ptr, other_row, other_valid, stride_dout_l, cols_do, col_mask)
-                o_other = _load_rows(o_ptr, other_row, other_valid, C, cols, col_mask)
-                lse_other = tl.load(lse_ptr + other_row, mask=other_valid, other=0.0)
-                delta_other = tl.sum(do_other.to(tl.float32) * o_other.to(tl.float32), axis=1)
-                q_other_norm = _row_norm(q_other, HAS_TAU)
-                # (Fresh names: reusing the diagonal's would carry them through the loop.)
-                p_other, ds_other, unscaled_other, dk_dot, dk_norm_product = _pair_grads(
-                    q_other, k, v, do_other, lse_other, delta_other, q_other_norm, k_norm,
-                    other_win, other_pos, other_valid, other_region, win, pos, valid, region, bias_ptr, inv_tau, scale,
-                    mask_value, N, HAS_TAU, HAS_BIAS, SHIFTED, DOT_PRECISION)
-                dv += tl.dot(tl.trans(p_other).to(do.dtype), do_other, input_precision=DOT_PRECISION)
-                dk += tl.dot(tl.trans(dk_dot).to(q.dtype), q_other, input_precision=DOT_PRECISION)
-                dk_norm += tl.sum(dk_norm_product * q_other_norm[:, None], axis=0)
-                dtau_sum += tl.sum(tl.sum(ds_other * unscaled_other, axis=1), axis=0)
-                if HAS_BIAS:
-                    _store_bias_grad(part_ptr, ds_other, other_pos, other_valid, pos, valid, other * BLOCK,
-                                     chunk * BLOCK, N, POS_BLOCK, DOT_PRECISION)
-
-    if HAS_TAU:
-        # d|x|/dx = x / |x|; a zero row has zero gradient, as in torch.norm's backward.
-        dq += q.to(tl.float32) * (dq_norm / tl.where(q_norm > 0, q_norm, 1.0))[:, None]
-        dk += k.to(tl.float32) * (dk_norm / tl.where(k_norm > 0, k_norm, 1.0))[:, None]
-        tl.store(dtau_part_ptr + tl.program_id(0), dtau_sum)
     dq_ptr = dqkv_ptr + b.to(tl.int64) * seq_len * 3 * C + h * HEAD_DIM + row[:, None] * 3 * C + cols[None, :]
     mask = valid[:, None] & col_mask[None, :]
     elem = dqkv_ptr.dtype.element_ty
-    tl.store(dq_ptr, dq.to(elem), mask=mask)
-    tl.store(dq_ptr + C, dk.to(elem), mask=mask)
-    tl.store(dq_ptr + 2 * C, dv.to(elem), mask=mask)
+    if NUM_CHUNKS == 1:
+        # The whole window group in one tile: one pass over its pairs gives dq, dk and dv.
+        q = _load_rows(q_ptr, row, valid, stride_l, cols_in, col_mask)
+        k = _load_rows(k_ptr, row, valid, stride_l, cols_in, col_mask)
+        v = _load_rows(v_ptr, row, valid, stride_l, cols_in, col_mask)
+        do = _load_rows(do_ptr, row, valid, stride_dout_l, cols_do, col_mask)
+        o = _load_rows(o_ptr, row, valid, C, cols, col_mask)
+        lse = tl.load(lse_ptr + row, mask=valid, other=0.0)
+        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
+        q_norm = _row_norm(q, HAS_TAU)
+        k_norm = _row_norm(k, HAS_TAU)
+        p, ds, unscaled, d_dot, d_norm_product = _pair_grads(
+            q, k, v, do, lse, delta, q_norm, k_norm, win, pos, valid, region, win, pos, valid, region,
+            bias_ptr, inv_tau, scale, mask_value, N, HAS_TAU, HAS_BIAS, SHIFTED, DOT_PRECISION)
+        dv = tl.dot(tl.trans(p).to(do.dtype), do, input_precision=DOT_PRECISION)
+        dk = tl.dot(tl.trans(d_dot).to(q.dtype), q, input_precision=DOT_PRECISION)
+        dq = tl.dot(d_dot.to(k.dtype), k, input_precision=DOT_PRECISION)
+        if HAS_TAU:
+            dq = _add_norm_grad(dq, q, q_norm, tl.sum(d_norm_product * k_norm[None, :], axis=1))
+            dk = _add_norm_grad(dk, k, k_norm, tl.sum(d_norm_product * q_norm[:, None], axis=0))
+            tl.store(dtau_part_ptr + tl.program_id(0), tl.sum(tl.sum(ds * unscaled, axis=1), axis=0))
+        if HAS_BIAS:
+            _store_bias_grad(part_ptr, ds, pos, valid, pos, valid, 0, 0, N, POS_BLOCK, DOT_PRECISION)
+        tl.store(dq_ptr, dq.to(elem), mask=mask)
+        tl.store(dq_ptr + C, dk.to(elem), mask=mask)
+        tl.store(dq_ptr + 2 * C, dv.to(elem), mask=mask)
+    else:
+        # A window split into chunks. Two passes, so that each holds only one side's tiles (one pass
+        # holding both spilled registers on sm_90 at every block size):
+        # 1. this chunk's queries against every key chunk: dq, and the tau and bias gradients of
+        #    each pair (every pair has exactly one query chunk, so each is counted once);
+        q = _load_rows(q_ptr, row, valid, stride_l, cols_in, col_mask)
+        do = _load_rows(do_ptr, row, valid, stride_dout_l, cols_do, col_mask)
+        o = _load_rows(o_ptr, row, valid, C, cols, col_mask)
+        lse = tl.load(lse_ptr + row, mask=valid, other=0.0)
+        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
+        q_norm = _row_norm(q, HAS_TAU)
+        dq = tl.zeros([BLOCK, D_PAD], tl.float32)
+        dq_norm = tl.zeros([BLOCK], tl.float32)
+        dtau_sum = 0.0
+        for key_chunk in range(NUM_CHUNKS):
+            k_row, k_win, k_pos, k_valid, k_region = _window_rows(
+                group, key_chunk * BLOCK + offs, T, F, shift_t, shift_f, num_windows, WT, WF, WINDOWS_PER_GROUP)
+            k = _load_rows(k_ptr, k_row, k_valid, stride_l, cols_in, col_mask)
+            v = _load_rows(v_ptr, k_row, k_valid, stride_l, cols_in, col_mask)
+            k_norm = _row_norm(k, HAS_TAU)
+            _, ds, unscaled, d_dot, d_norm_product = _pair_grads(
+                q, k, v, do, lse, delta, q_norm, k_norm, win, pos, valid, region, k_win, k_pos, k_valid, k_region,
+                bias_ptr, inv_tau, scale, mask_value, N, HAS_TAU, HAS_BIAS, SHIFTED, DOT_PRECISION)
+            dq += tl.dot(d_dot.to(k.dtype), k, input_precision=DOT_PRECISION)
+            dq_norm += tl.sum(d_norm_product * k_norm[None, :], axis=1)
+            dtau_sum += tl.sum(tl.sum(ds * unscaled, axis=1), axis=0)
+            if HAS_BIAS:
+                _store_bias_grad(part_ptr, ds, pos, valid, k_pos, k_valid, chunk * BLOCK, key_chunk * BLOCK, N,
+                                 POS_BLOCK, DOT_PRECISION)
+        if HAS_TAU:
+            dq = _add_norm_grad(dq, q, q_norm, dq_norm)
+            tl.store(dtau_part_ptr + tl.program_id(0), dtau_sum)
+        tl.store(dq_ptr, dq.to(elem), mask=mask)
+
+        # 2. this chunk's keys against every query chunk: dk and dv.
+        k = _load_rows(k_ptr, row, valid, stride_l, cols_in, col_mask)
+        v = _load_rows(v_ptr, row, valid, stride_l, cols_in, col_mask)
+        k_norm = _row_norm(k, HAS_TAU)
+        dk = tl.zeros([BLOCK, D_PAD], tl.float32)
+        dv = tl.zeros([BLOCK, D_PAD], tl.float32)
+        dk_norm = tl.zeros([BLOCK], tl.float32)
+        for query_chunk in range(NUM_CHUNKS):
+            q_row, q_win, q_pos, q_valid, q_region = _window_rows(
+                group, query_chunk * BLOCK + offs, T, F, shift_t, shift_f, num_windows, WT, WF, WINDOWS_PER_GROUP)
+            q_other = _load_rows(q_ptr, q_row, q_valid, stride_l, cols_in, col_mask)
+            do_other = _load_rows(do_ptr, q_row, q_valid, stride_dout_l, cols_do, col_mask)
+            o_other = _load_rows(o_ptr, q_row, q_valid, C, cols, col_mask)
+            lse_other = tl.load(lse_ptr + q_row, mask=q_valid, other=0.0)
+            delta_other = tl.sum(do_other.to(tl.float32) * o_other.to(tl.float32), axis=1)
+            q_other_norm = _row_norm(q_other, HAS_TAU)
+            p, _, _, d_dot, d_norm_product = _pair_grads(
+                q_other, k, v, do_other, lse_other, delta_other, q_other_norm, k_norm,
+                q_win, q_pos, q_valid, q_region, win, pos, valid, region, bias_ptr, inv_tau, scale,
+                mask_value, N, HAS_TAU, HAS_BIAS, SHIFTED, DOT_PRECISION)
+            dv += tl.dot(tl.trans(p).to(do_other.dtype), do_other, input_precision=DOT_PRECISION)
+            dk += tl.dot(tl.trans(d_dot).to(q_other.dtype), q_other, input_precision=DOT_PRECISION)
+            dk_norm += tl.sum(d_norm_product * q_other_norm[:, None], axis=0)
+        if HAS_TAU:
+            dk = _add_norm_grad(dk, k, k_norm, dk_norm)
+        tl.store(dq_ptr + C, dk.to(elem), mask=mask)
+        tl.store(dq_ptr + 2 * C, dv.to(elem), mask=mask)
 
 
-def _tiling(num_windows: int, area: int, d_pad: int, backward: bool) -> tuple[int, int, int]:
-    """(BLOCK, windows per group, chunks per window). Small windows are packed about four to a
-    tile, which keeps the block-diagonal waste bounded while giving tl.dot at least 16 rows."""
-    max_block = 32 if backward and d_pad > 64 else 64
-    if area > max_block:
-        return max_block, 1, triton.cdiv(area, max_block)
-    block = max(16, min(max_block, triton.next_power_of_2(4 * area)))
-    windows_per_group = min(block // area, num_windows)
-    return max(16, triton.next_power_of_2(windows_per_group * area)), windows_per_group, 1
+@dataclasses.dataclass(frozen=True)
+class Tiling:
+    """How the launch tiles a window group: ``rows`` per tile (a power of two, at least 16 for
+    ``tl.dot``) and ``num_warps``."""
+    rows: int
+    num_warps: int
+
+
+def default_tiling(area: int, d_pad: int, fp32: bool, backward: bool) -> Tiling:
+    """The tile for windows of ``area`` tokens, chosen from the sm_90 register use that
+    ``python -m benches.sm90_compile`` reports (the rule keeps every tested shape free of register
+    spills, or within a few dozen bytes of stack):
+    - float32 takes 16-row tiles: IEEE fp32 dots run on the FMA units with operands replicated
+      per thread, and 32- or 64-row tiles spilled kilobytes of stack per thread;
+    - 16-bit inputs pack small windows about four to a 64-row tile (tl.dot wants 16 rows at least;
+      the block-diagonal waste is compute this memory-bound kernel has to spare); the backward of
+      head dims over 64 keeps to 16 rows, which it needs to stay in registers."""
+    if fp32 or (backward and d_pad > 64):
+        rows = 16
+    else:
+        rows = max(16, min(64, triton.next_power_of_2(4 * area)))
+    return Tiling(rows, 8 if not backward and rows * d_pad >= 64 * 128 else 4)
+
+
+# None: default_tiling. Set through forced_tiling, by the tiling sweep of
+# benches/bench_window_attention.py and the tests that run every tiling against the reference.
+TILING_OVERRIDE: Tiling | None = None
+
+
+@contextlib.contextmanager
+def forced_tiling(rows: int, num_warps: int):
+    """Launch forward and backward with this tiling inside the block (for measuring tilings)."""
+    global TILING_OVERRIDE
+    if rows < 16 or rows & (rows - 1):
+        raise ValueError(f"rows must be a power of two of at least 16 (tl.dot), got {rows}")
+    TILING_OVERRIDE = Tiling(rows, num_warps)
+    try:
+        yield
+    finally:
+        TILING_OVERRIDE = None
+
+
+def _tiling(num_windows: int, area: int, d_pad: int, fp32: bool, backward: bool) -> tuple[int, int, int, int]:
+    """(BLOCK, windows per group, chunks per window, num_warps). Windows of up to ``rows`` tokens
+    are packed as many to a tile as fit; larger ones are split into ``rows``-row chunks."""
+    tiling = TILING_OVERRIDE or default_tiling(area, d_pad, fp32, backward)
+    if area > tiling.rows:
+        return tiling.rows, 1, triton.cdiv(area, tiling.rows), tiling.num_warps
+    windows_per_group = min(tiling.rows // area, num_windows)
+    return max(16, triton.next_power_of_2(windows_per_group * area)), windows_per_group, 1, tiling.num_warps
 
 
 def _launch_args(qkv, grid, window, shift, num_heads, tau, bias, backward):
@@ -344,14 +416,14 @@ def _launch_args(qkv, grid, window, shift, num_heads, tau, bias, backward):
     (T, F), (wt, wf) = grid, window
     num_windows = (T // wt) * (F // wf)
     d_pad = max(16, triton.next_power_of_2(head_dim))
-    block, windows_per_group, num_chunks = _tiling(num_windows, wt * wf, d_pad, backward)
+    fp32 = qkv.dtype == torch.float32
+    block, windows_per_group, num_chunks, num_warps = _tiling(num_windows, wt * wf, d_pad, fp32, backward)
     num_groups = triton.cdiv(num_windows, windows_per_group)
     runtime = dict(seq_len=T * F, T=T, F=F, shift_t=shift[0], shift_f=shift[1], num_heads=num_heads,
                    num_groups=num_groups, num_windows=num_windows, scale=head_dim**-0.5)
     meta = dict(WT=wt, WF=wf, WINDOWS_PER_GROUP=windows_per_group, NUM_CHUNKS=num_chunks, BLOCK=block,
                 HEAD_DIM=head_dim, D_PAD=d_pad, HAS_TAU=tau is not None, HAS_BIAS=bias is not None,
-                SHIFTED=any(shift), DOT_PRECISION="ieee" if qkv.dtype == torch.float32 else "tf32",
-                num_warps=8 if block * d_pad >= 64 * 128 else 4, num_stages=2)
+                SHIFTED=any(shift), DOT_PRECISION="ieee" if fp32 else "tf32", num_warps=num_warps, num_stages=2)
     num_programs = qkv.shape[0] * num_groups * num_chunks * num_heads
     return runtime, meta, num_programs
 

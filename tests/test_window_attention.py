@@ -3,6 +3,8 @@
 On the CPU the Triton kernels run through the interpreter (tiny shapes; fp32 and fp16, since the
 interpreter's bf16 tl.dot is wrong); bf16 and the decoder's shape run on the GPU.
 """
+import sys
+
 import pytest
 import torch
 
@@ -333,3 +335,25 @@ def test_fake_tensors_take_the_custom_op():
         tau, bias = torch.ones(2, device=DEVICE), torch.zeros(2, 16, 16, device=DEVICE)
         out = window_attention(qkv, grid=(8, 4), window=(4, 4), shift=(2, 0), num_heads=2, tau=tau, bias=bias)
     assert out.shape == (2, 32, 32)
+
+
+@pytest.mark.parametrize("rows,num_warps", [(16, 2), (32, 4), (64, 4)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_every_tiling_matches_reference(rows, num_warps, dtype):
+    """The tiling changes how windows are packed or chunked, never the result: packed 2x2 windows,
+    4x4 windows (one to a 16-row tile), 32-token windows (chunked at 16 rows, packed at 64) and
+    a 144-token window with a partial last chunk."""
+    module = sys.modules["kernels.window_attention"]
+    cases = [((8, 8), (2, 2), (1, 1)), ((8, 8), (4, 4), (2, 0)), ((8, 8), (8, 4), (3, 1)),
+             ((12, 12), (12, 12), (7, 5))]
+    with module.forced_tiling(rows, num_warps):
+        for grid, window, shift in cases:
+            qkv, tau, bias = make_inputs(1, grid, window, 2, 16)
+            check_against_reference(qkv, tau, bias, dtype, grid=grid, window=window, shift=shift, num_heads=2)
+    assert module.TILING_OVERRIDE is None
+
+
+def test_forced_tiling_rejects_rows_tl_dot_cannot_take():
+    with pytest.raises(ValueError, match="rows"):
+        with sys.modules["kernels.window_attention"].forced_tiling(8, 4):
+            pass

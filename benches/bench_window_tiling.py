@@ -1,0 +1,67 @@
+"""Benchmark: the window-attention kernel under each candidate tiling, at the decoder's shape (GPU only).
+
+``kernels.window_attention.default_tiling`` picks rows per tile and warps from the sm_90 register
+use that ``benches/sm90_compile.py`` reports, without a clock. This suite times the kernel,
+forward and forward + backward, under the default and under each candidate of
+``TILING_CANDIDATES`` (forced for both passes), against the memory floor measured in the same run;
+its ``vs_default`` column is the measurement that should set the default. On the CPU it is one
+SKIP row: interpreter timings say nothing about tiles.
+"""
+from __future__ import annotations
+
+import contextlib
+import sys
+
+import torch
+import triton
+
+from benches.bench_window_attention import _config, _core_impls, _core_inputs, _measure, _shape, _add_ratios
+from benches.harness import memory_floor_ms
+
+import kernels  # noqa: F401  (the package re-exports the function under the module's name)
+
+window_attention_module = sys.modules["kernels.window_attention"]
+
+TILING_CANDIDATES = [(16, 2), (16, 4), (32, 4), (64, 4), (64, 8)]  # (rows per tile, warps)
+
+
+def run(device, quick: bool) -> list[dict]:
+    """The kernel at the target shape under each candidate tiling (GPU only: interpreter timings
+    would say nothing about tiles)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return [dict(suite="window_attention_tiling", name="-", impl="-", status="SKIP",
+                     note="tilings are timed on the GPU only")]
+    dtype = torch.bfloat16
+    cfg = _config(device)
+    B, L, C = cfg["B"], cfg["grid"][0] * cfg["grid"][1], cfg["num_heads"] * cfg["head_dim"]
+    qkv, tau, bias = _core_inputs(cfg, device, dtype)
+    grad = torch.randn(B, L, C, device=device, dtype=dtype)
+    fn = _core_impls(cfg, device)["triton"]()
+    d_pad = max(16, triton.next_power_of_2(cfg["head_dim"]))
+    area = cfg["window"][0] * cfg["window"][1]
+    defaults = {step: window_attention_module.default_tiling(area, d_pad, dtype == torch.float32, backward)
+                for step, backward in (("fwd", False), ("bwd", True))}
+    unit = B * L * C * dtype.itemsize
+    floors = {"fwd": memory_floor_ms(4 * unit, str(device)), "fwd+bwd": memory_floor_ms(12 * unit, str(device))}
+    base = dict(suite="window_attention_tiling", shape=_shape(cfg), dtype=str(dtype).removeprefix("torch."),
+                device=str(device),
+                default=f"fwd rows={defaults['fwd'].rows} warps={defaults['fwd'].num_warps}, "
+                        f"bwd rows={defaults['bwd'].rows} warps={defaults['bwd'].num_warps}")
+    rows = []
+    detached = tuple(t.detach() for t in (qkv, tau, bias))
+    steps = {"fwd": lambda: fn(*detached),
+             "fwd+bwd": lambda: torch.autograd.grad(fn(qkv, tau, bias), (qkv, tau, bias), grad)}
+    for tile_rows, warps in [(None, None)] + TILING_CANDIDATES:
+        impl = "default" if tile_rows is None else f"rows={tile_rows} warps={warps}"
+        with window_attention_module.forced_tiling(tile_rows, warps) if tile_rows else contextlib.nullcontext():
+            for step_name, step in steps.items():
+                row = _measure(dict(base, impl=impl, name=f"tiling {impl} {step_name}", step=step_name,
+                                    floor_ms=floors[step_name]), step, device, True)
+                if row["median_ms"]:
+                    row["floor_ratio"] = row["median_ms"] / floors[step_name]
+                rows.append(row)
+    _add_ratios(rows, {"default": "vs_default"})
+    return rows
+
+

@@ -1,0 +1,214 @@
+"""Compile every Triton launch for the H100 (sm_90) without a GPU, and report what each needs.
+
+The interpreter proves a kernel's arithmetic on the CPU, but it accepts programs the compiler
+rejects (layouts, dtypes of ``tl.dot`` operands, shared memory past the SM's 227 KiB) and says
+nothing of registers. This module runs the real launchers under a stand-in driver that claims an
+sm_90 target: every ``kernel[grid](...)`` compiles through Triton's full pipeline to a cubin (the
+same cache key, options and specialisation a GPU launch would use) and is then not launched. The
+cubin's resource usage comes from ``cuobjdump``, which ships with Triton.
+
+``python -m benches.sm90_compile [--cases NAME ...] [--json PATH]`` prints one row per compiled
+kernel: shared memory, registers per thread, stack (register spills) and warps. It must run in its
+own process with ``TRITON_INTERPRET`` unset, before ``kernels`` is imported: the test in
+``tests/test_sm90_compile.py`` starts it that way. Outputs of the launches are never written, so
+only their shapes and the launch arguments mean anything.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+H100_SHARED_BYTES = 232448  # 227 KiB: the most shared memory one block may opt into on sm_90
+MAX_REGISTERS = 255
+
+
+@dataclasses.dataclass
+class CompiledLaunch:
+    case: str
+    kernel: str
+    shared_bytes: int
+    registers: int
+    stack_bytes: int
+    num_warps: int
+    num_stages: int
+    constants: dict
+
+
+class _Sm90Driver:
+    """Just what ``JITFunction.run`` asks of the active driver before it compiles."""
+
+    def get_current_target(self):
+        from triton.backends.compiler import GPUTarget
+        return GPUTarget("cuda", 90, 32)
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+
+def _cuobjdump() -> str:
+    import triton
+    return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
+
+
+def resource_usage(cubin: bytes) -> tuple[int, int]:
+    """(registers per thread, stack bytes per thread) of a one-kernel cubin."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
+        file.write(cubin)
+        file.flush()
+        text = subprocess.run([_cuobjdump(), "--dump-resource-usage", file.name], capture_output=True, text=True,
+                              check=True).stdout
+    registers, stack = re.search(r"REG:(\d+)\s+STACK:(\d+)", text).groups()
+    return int(registers), int(stack)
+
+
+@contextlib.contextmanager
+def compile_only(case_name: list[str]):
+    """Inside, a Triton launch compiles for sm_90 and records a ``CompiledLaunch`` instead of running.
+    ``case_name[0]`` labels the records (a list, so the caller can relabel between launches)."""
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        raise RuntimeError("sm90_compile needs TRITON_INTERPRET unset before kernels are imported")
+    from triton.runtime import driver
+    from triton.runtime.jit import JITFunction
+
+    import kernels._dispatch as dispatch
+
+    records: list[CompiledLaunch] = []
+    original_run, original_interpreting = JITFunction.run, dispatch.interpreting
+    original_driver = driver._active  # None until a real driver is asked for; there may be none
+
+    def run(self, *args, grid, warmup, **kwargs):
+        compiled = original_run(self, *args, grid=grid, warmup=True, **kwargs)
+        registers, stack = resource_usage(compiled.asm["cubin"])
+        bound = self.signature.bind(*args, **{k: v for k, v in kwargs.items() if k in self.arg_names})
+        constants = {name: value for name, value in bound.arguments.items()
+                     if self.params[self.arg_names.index(name)].is_constexpr}
+        records.append(CompiledLaunch(case_name[0], self.fn.__name__, compiled.metadata.shared, registers, stack,
+                                      compiled.metadata.num_warps, compiled.metadata.num_stages, constants))
+        return compiled
+
+    driver.set_active(_Sm90Driver())
+    JITFunction.run = run
+    dispatch.interpreting = lambda: True  # CPU tensors take the kernels' launchers
+    try:
+        yield records
+    finally:
+        JITFunction.run, dispatch.interpreting = original_run, original_interpreting
+        driver._active = original_driver
+
+
+# ---- the launches ---------------------------------------------------------------------------------
+
+def _tokens_case(dtype, B, L, K, C, pos=True):
+    import torch
+
+    import kernels
+    x = torch.randn(B, L, C, dtype=dtype, requires_grad=True)
+    pos_embed = torch.randn(1, L, C, dtype=dtype, requires_grad=True) if pos else None
+    ids = torch.rand(B, L).argsort(1)
+    kept = kernels.gather_tokens(x, ids[:, :K], pos_embed)
+    kept.backward(torch.randn_like(kept))
+    restore = ids.argsort(1)
+    y = torch.randn(B, K, C, dtype=dtype, requires_grad=True)
+    mask = torch.randn(C, dtype=dtype, requires_grad=True)
+    full = kernels.unshuffle_tokens(y, restore, mask, pos_embed)
+    full.backward(torch.randn_like(full))
+
+
+def _window_case(dtype, B, grid, window, shift, heads, head_dim, tau=True, bias=True):
+    import torch
+
+    import kernels
+    qkv = torch.randn(B, grid[0] * grid[1], 3 * heads * head_dim, dtype=dtype, requires_grad=True)
+    area = window[0] * window[1]
+    tau_t = torch.ones(heads, requires_grad=True) if tau else None
+    bias_t = torch.randn(heads, area, area, requires_grad=True) if bias else None
+    out = kernels.window_attention(qkv, grid=grid, window=window, shift=shift, num_heads=heads, tau=tau_t,
+                                   bias=bias_t)
+    out.backward(torch.randn_like(out))
+
+
+def cases() -> dict:
+    """name -> launcher call. The issues' target shapes in every dtype, then the edges of each
+    kernel's contract (head dims, window sizes, chunked windows, no tau or bias)."""
+    import torch
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    table = {}
+    for name, dtype in dtypes.items():
+        # #3: gather at C=768 (the encoder), unshuffle at C=512 (the decoder); B and L do not change the code.
+        table[f"tokens-target-{name}"] = lambda d=dtype: (_tokens_case(d, 2, 512, 102, 768),
+                                                          _tokens_case(d, 2, 512, 102, 512))
+        # #4: decoder grid 64x8, 16 heads of 32, window 4x4, shift (2, 0).
+        table[f"window-target-{name}"] = lambda d=dtype: _window_case(d, 1, (64, 8), (4, 4), (2, 0), 16, 32)
+    table["tokens-odd-channels"] = lambda: _tokens_case(torch.bfloat16, 1, 37, 5, 1000, pos=False)
+    edges = [  # (grid, window, shift, heads, head_dim, tau, bias)
+        ((8, 8), (2, 2), (1, 1), 2, 16, True, True),
+        ((16, 8), (8, 8), (4, 4), 2, 64, True, True),
+        ((16, 16), (16, 16), (8, 8), 1, 128, True, True),
+        ((16, 16), (16, 16), (0, 0), 1, 16, False, False),
+        ((8, 8), (4, 4), (0, 2), 2, 128, False, True),
+        ((8, 8), (4, 4), (2, 0), 2, 80, True, False),
+        ((12, 8), (3, 4), (1, 2), 2, 48, True, True),
+    ]
+    for grid, window, shift, heads, head_dim, tau, bias in edges:
+        for name in ("bf16", "fp32"):
+            label = f"window-{window[0]}x{window[1]}-d{head_dim}-{name}" + ("" if tau else "-notau") + \
+                    ("" if bias else "-nobias")
+            table[label] = lambda d=dtypes[name], a=(grid, window, shift, heads, head_dim, tau, bias): \
+                _window_case(d, 1, *a)
+    return table
+
+
+def compile_cases(names: list[str] | None = None, jobs: int = 1) -> list[CompiledLaunch]:
+    """Compile the named cases (all by default), over ``jobs`` processes (compiling is CPU-bound)."""
+    table = cases()
+    names = list(names or table)
+    if jobs > 1 and len(names) > 1:
+        import concurrent.futures
+        import multiprocessing
+        shares = [names[i::jobs] for i in range(jobs)]
+        with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            done = list(pool.map(compile_cases, shares))
+        order = {name: i for i, name in enumerate(names)}
+        return sorted((r for part in done for r in part), key=lambda r: order[r.case])
+    current = [""]
+    with compile_only(current) as records:
+        for name in names:
+            current[0] = name
+            table[name]()
+    return records
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", nargs="+", help="only these cases (default: all); --list shows them")
+    parser.add_argument("--list", action="store_true", help="list the case names and exit")
+    parser.add_argument("--json", help="also write the rows here")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compiling processes")
+    args = parser.parse_args()
+    if args.list:
+        print("\n".join(cases()))
+        return 0
+    records = compile_cases(args.cases, args.jobs)
+    print(f"{'case':36s} {'kernel':28s} {'shared':>8s} {'regs':>5s} {'stack':>6s} {'warps':>5s}")
+    for r in records:
+        print(f"{r.case:36s} {r.kernel:28s} {r.shared_bytes:8d} {r.registers:5d} {r.stack_bytes:6d} {r.num_warps:5d}")
+    if args.json:
+        Path(args.json).write_text(json.dumps([dataclasses.asdict(r) for r in records], indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    ROOT = Path(__file__).resolve().parent.parent
+    sys.path.insert(0, str(ROOT))
+    sys.exit(main())

@@ -1,0 +1,55 @@
+"""Every Triton launch compiles for the H100 (sm_90) and fits it, on a machine without a GPU.
+
+The interpreter runs the kernels' arithmetic here but never the compiler: this test runs the real
+launchers under ``benches.sm90_compile`` (in a child process, since this one interprets) at the
+issues' target shapes and at the edges of each contract, and checks each cubin's resources.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benches.sm90_compile import H100_SHARED_BYTES, MAX_REGISTERS
+
+ROOT = Path(__file__).resolve().parent.parent
+# Register spills per thread: a few dozen bytes stay in L1; the tilings this guards against spilled
+# 7 to 18 KB per thread.
+MAX_STACK_BYTES = 512
+KERNELS = {
+    "tokens": {"_gather_kernel", "_gather_backward_kernel", "_unshuffle_kernel", "_mask_pos_backward_kernel"},
+    "window": {"_window_attention_fwd", "_window_attention_bwd"},
+}
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sm90") / "launches.json"
+    env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-m", "benches.sm90_compile", "--json", str(out)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    listed = subprocess.run([sys.executable, "-m", "benches.sm90_compile", "--list"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, check=True).stdout.split()
+    return listed, json.loads(out.read_text())
+
+
+@pytest.mark.slow
+def test_every_case_compiles_each_kernel(compiled):
+    names, launches = compiled
+    assert names, "no cases"
+    for name in names:
+        kernels = {launch["kernel"] for launch in launches if launch["case"] == name}
+        assert kernels == KERNELS[name.split("-")[0]], name
+
+
+@pytest.mark.slow
+def test_launches_fit_an_h100(compiled):
+    _, launches = compiled
+    for launch in launches:
+        where = f"{launch['case']} {launch['kernel']} {launch['constants']}"
+        assert 0 <= launch["shared_bytes"] <= H100_SHARED_BYTES, where
+        assert 0 < launch["registers"] <= MAX_REGISTERS, where
+        assert launch["stack_bytes"] <= MAX_STACK_BYTES, where
