@@ -274,8 +274,8 @@ def kernel_tables(opts: FbankOptions, device: torch.device, default_dtype: torch
 
 
 @functools.lru_cache(maxsize=32)
-def _torch_tables(opts, device, compute_dtype, default_dtype):
-    return window_function(opts, device).to(compute_dtype), mel_banks(opts).to(device, compute_dtype)
+def _torch_tables(opts, device, compute_dtype, feature_dtype, default_dtype):
+    return window_function(opts, device).to(compute_dtype), mel_banks(opts).to(device, feature_dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -301,47 +301,58 @@ def _log_energy(frames: torch.Tensor, energy_floor: float) -> torch.Tensor:
     return log_energy.clamp_min(math.log(energy_floor)) if energy_floor > 0.0 else log_energy
 
 
-# Frames per block on the CPU: a block's framed, padded and spectral buffers stay in cache, where one
-# pass over the whole batch's [B, frames, padded] float64 intermediates would stream them from memory.
+# Frames per block on the CPU: a block's buffers stay near the cores, where one pass over the whole
+# batch's [B, frames, padded] float64 intermediates would stream them from memory.
 CPU_BLOCK_FRAMES = 2048
 
 
-def _frame_features(frames, window, banks, opts: FbankOptions, generator) -> torch.Tensor:
-    """``[..., window_size]`` frames -> ``[..., num_features]``, Kaldi's per-frame pipeline."""
+def _frame_features(frames, window, banks, opts: FbankOptions, generator, padded) -> torch.Tensor:
+    """``[..., window_size]`` frames -> ``[..., num_features]`` in ``banks``' dtype, Kaldi's
+    per-frame pipeline. ``padded`` ``[..., padded_window_size]`` is the FFT input, zero past
+    ``window_size`` (the caller reuses it block after block; only the body is written here).
+
+    Precision: everything up to the FFT runs in ``frames``' dtype (float64 by default): the FFT
+    of a frame whose spectrum spans many decades (a tone) cancels, and float32 there misses the
+    float64 log-Mel energies by more than 1e-3. The power spectrum, the Mel sums (sums of
+    non-negative terms, relative error about n * eps) and the log are well conditioned and run in
+    ``banks``' dtype, the output's."""
+    source = frames
     if opts.dither != 0.0:
-        noise = torch.randn(frames.shape, generator=generator, device=frames.device, dtype=frames.dtype)
-        frames = frames + opts.dither * noise
-    # Every step before the FFT works in place in the zero-padded FFT input.
-    padded = frames.new_zeros(*frames.shape[:-1], opts.padded_window_size)
-    body = padded[..., : frames.shape[-1]]
-    body.copy_(frames)
-    mean = None
-    if opts.remove_dc_offset:
-        mean = body.mean(-1, keepdim=True)
-        body -= mean
+        source = frames + opts.dither * torch.randn(frames.shape, generator=generator, device=frames.device,
+                                                    dtype=frames.dtype)
+    mean = source.mean(-1, keepdim=True) if opts.remove_dc_offset else None
     if opts.use_energy and opts.raw_energy:
-        log_energy = _log_energy(body, opts.energy_floor)
-    if opts.preemphasis_coefficient != 0.0:
-        # body[i] -= c * (frames[i-1] - mean), from the untouched frames; Kaldi repeats the first sample.
-        coefficient = opts.preemphasis_coefficient
-        body[..., 1:].sub_(frames[..., :-1], alpha=coefficient)
-        if mean is not None:
-            body[..., 1:] += coefficient * mean
-        body[..., 0] *= 1.0 - coefficient
+        log_energy = _log_energy(source - mean if mean is not None else source, opts.energy_floor)
+    body = padded[..., : frames.shape[-1]]
+    coefficient = opts.preemphasis_coefficient
+    if coefficient != 0.0:
+        # Kaldi's y[i] = x[i] - c x[i-1] with x[-1] = x[0], written straight from the frames (one
+        # pass; out= cannot record autograd, so a differentiable call takes two).
+        if source.requires_grad and torch.is_grad_enabled():
+            body[..., 1:].copy_(source[..., 1:]).sub_(source[..., :-1], alpha=coefficient)
+        else:
+            torch.add(source[..., 1:], source[..., :-1], alpha=-coefficient, out=body[..., 1:])
+        body[..., 0] = source[..., 0] * (1.0 - coefficient)
+    else:
+        body.copy_(source)
+    if mean is not None:
+        # Removing the mean before the pre-emphasis leaves (1 - c) * mean to take off every sample.
+        body.sub_(mean * (1.0 - coefficient))
     body *= window
     if opts.use_energy and not opts.raw_energy:
         log_energy = _log_energy(body, opts.energy_floor)
     # |X|^2 from the real and imaginary parts (no square root and square), Nyquist bin dropped.
-    spectrum = torch.view_as_real(torch.fft.rfft(padded)[..., : opts.padded_window_size // 2])
+    spectrum = torch.fft.rfft(padded)[..., : opts.padded_window_size // 2]
+    spectrum = torch.view_as_real(spectrum.to(banks.dtype.to_complex()))
     real, imag = spectrum[..., 0], spectrum[..., 1]
     spectrum = torch.addcmul(real * real, imag, imag)
     if not opts.use_power:
-        spectrum = spectrum.sqrt()
+        spectrum.sqrt_()
     features = spectrum @ banks.T
     if opts.use_log_fbank:
-        features = features.clamp_min(LOG_FLOOR).log()
+        features = features.clamp_min_(LOG_FLOOR).log_()
     if opts.use_energy:
-        energy = log_energy.unsqueeze(-1)
+        energy = log_energy.to(features.dtype).unsqueeze(-1)
         features = torch.cat([features, energy] if opts.htk_compat else [energy, features], dim=-1)
     return features
 
@@ -357,22 +368,26 @@ def fbank_torch(
 ) -> torch.Tensor:
     """Features ``[B, num_frames, num_features]`` of ``waveforms`` ``[B, N]``, every clip at once.
 
-    Inputs are assumed validated (``fbank`` does it). ``compute_dtype=float32`` is the plain float32
-    pipeline (as fast as it gets, not within 1e-3 on tones): benchmarks compare against it. On the
-    CPU the frames go through in blocks of about ``CPU_BLOCK_FRAMES`` (all clips at a time, a few
-    frames each), on the GPU in one piece.
+    Inputs are assumed validated (``fbank`` does it). Up to the FFT the arithmetic is in
+    ``compute_dtype``, after it in the waveform's dtype (``_frame_features`` says why);
+    ``compute_dtype=float32`` is the plain float32 pipeline (as fast as it gets, not within 1e-3
+    on tones): benchmarks compare against it. On the CPU the frames go through in blocks of about
+    ``CPU_BLOCK_FRAMES`` (all clips at a time, a few frames each), on the GPU in one piece.
     """
-    window, banks = _torch_tables(opts, waveforms.device, compute_dtype, torch.get_default_dtype())
+    feature_dtype = waveforms.dtype if compute_dtype == torch.float64 else compute_dtype
+    window, banks = _torch_tables(opts, waveforms.device, compute_dtype, feature_dtype, torch.get_default_dtype())
     frames = _frames(waveforms.to(compute_dtype), lengths, num_frames, opts)
     B = frames.shape[0]
     step = num_frames if waveforms.is_cuda else max(1, CPU_BLOCK_FRAMES // max(B, 1))
+    padded = frames.new_zeros(B, min(step, num_frames), opts.padded_window_size)
     if step >= num_frames:
-        features = _frame_features(frames, window, banks, opts, generator)
+        features = _frame_features(frames, window, banks, opts, generator, padded)
     else:
-        features = torch.empty(B, num_frames, opts.num_features, dtype=compute_dtype, device=frames.device)
+        features = torch.empty(B, num_frames, opts.num_features, dtype=feature_dtype, device=frames.device)
         for start in range(0, num_frames, step):
             block = frames[:, start : start + step]
-            features[:, start : start + step] = _frame_features(block, window, banks, opts, generator)
+            features[:, start : start + step] = _frame_features(
+                block, window, banks, opts, generator, padded[:, : block.shape[1]])
     if lengths is not None:
         valid = torch.arange(num_frames, device=features.device) < opts.num_frames(lengths).unsqueeze(1)
         features = features.masked_fill(~valid.unsqueeze(-1), 0.0)
