@@ -1,8 +1,9 @@
-"""Every CUDA/C++ source under csrc/ compiles with this machine's nvcc for sm_90a.
+"""Every CUDA/C++ source under csrc/ compiles with this machine's nvcc for sm_90a, without spills.
 
 Nothing runs: this is what lets a machine without a GPU catch a broken kernel source. Sources are
 compiled in parallel (one nvcc each); the binding files get torch's and Python's headers.
 """
+import re
 import shutil
 import subprocess
 import sysconfig
@@ -20,7 +21,7 @@ def nvcc_compile(source: Path, out_dir: Path) -> subprocess.CompletedProcess:
     includes = [*include_paths(device_type="cuda"), sysconfig.get_paths()["include"]]
     command = [
         shutil.which("nvcc"), "-arch=sm_90a", "-std=c++17", "-O3", "-c", str(source),
-        "-o", str(out_dir / f"{source.stem}.o"), "-DTORCH_EXTENSION_NAME=compile_check",
+        "-o", str(out_dir / f"{source.stem}.o"), "-DTORCH_EXTENSION_NAME=compile_check", "-Xptxas=-v",
         *(f"-I{path}" for path in includes),
     ]  # fmt: skip
     return subprocess.run(command, capture_output=True, text=True)
@@ -34,3 +35,9 @@ def test_every_csrc_source_compiles_for_sm90(tmp_path):
         results = list(pool.map(lambda s: nvcc_compile(s, tmp_path), SOURCES))
     failures = [f"{s.relative_to(CSRC)}:\n{r.stderr[-4000:]}" for s, r in zip(SOURCES, results) if r.returncode]
     assert not failures, "\n\n".join(failures)
+    # ptxas reports each kernel's registers and spills: a spill here would be a slow kernel on the H100.
+    spills = [f"{s.relative_to(CSRC)}: {line.strip()}" for s, r in zip(SOURCES, results)
+              for line in r.stderr.splitlines() if re.search(r"[1-9]\d* bytes spill (stores|loads)", line)]
+    assert not spills, "\n".join(spills)
+    reports = [line for r in results for line in r.stderr.splitlines() if "ptxas info" in line and "registers" in line]
+    assert reports, "ptxas printed no register report: is -Xptxas=-v still passed?"
