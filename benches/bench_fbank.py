@@ -6,7 +6,7 @@ CPU target) 16 ten-second clips, quick: 4 one-second clips; CPU figures say noth
 
 Implementations:
 - ``cuda_kernel``: ``kernels.fbank(backend="cuda")``, one launch, float64 arithmetic inside.
-- ``torch_path``: ``kernels.fbank(backend="torch")``, batched torch in float64 (the public torch path).
+- ``torch_path``: ``kernels.fbank(backend="torch")``, batched torch, float64 up to the FFT (the public torch path).
 - ``torch_path_fp32`` / ``torch_path_fp32_compiled``: the same pipeline in float32 (not within 1e-3 on
   tones, see kernels/fbank.py), eager and under ``torch.compile``: the plain vectorised baseline.
 - ``torchaudio_loop``: ``torchaudio.compliance.kaldi.fbank`` clip by clip on the same device (the

@@ -9,10 +9,16 @@ check ends inside 8 minutes), most valuable first:
    fails, ``build-jit``: the just-in-time loader of ``kernels/_cuda_extension.py``, so the rest
    can still use the kernel (both outcomes are rows);
 2. ``tests``: ``pytest -m gpu -q`` (every GPU-marked test);
-3. ``parity``: ``audiomae validate`` at the GPU shapes;
-4. ``models-pretrain``: the issue's target, batch 64, then every other ``benches/bench_*.py`` at
-   its target shapes, then ``models-finetune`` and ``models-embed``;
-5. ``profile``: where the ``triton`` pretraining step spends its time (``torch.profiler``).
+3. ``bench-window_attention``, ``bench-tokens``, ``bench-fbank``: the kernels' targets;
+4. ``models-pretrain``: the training step's target, batch 64 (its rows are saved as they land);
+5. ``parity``: ``audiomae validate`` at the GPU shapes;
+6. every other ``benches/bench_*.py`` at its target shapes (MAE-AST, training, the window-attention
+   tiling sweep), then ``models-finetune`` and ``models-embed``;
+7. ``profile``: where the ``triton`` pretraining step spends its time (``torch.profiler``).
+
+Not everything may fit one 450 s budget on a cold machine: a later call can name the parts left,
+``python3 benches/gpu_check.py --parts NAME ...`` (the build stays in the checkout while the
+machine is held).
 
 A part that would start with too little of the budget left is a SKIP row, not a silent gap. The
 end of the output is one table per kind (parity, benchmarks, parts), the parts last. Everything
@@ -42,6 +48,8 @@ from audiomae import report  # noqa: E402
 RESERVE_S = 15  # kept back for writing the report
 MIN_PART_S = 20  # a part given less than this would only time out
 MODEL_STEPS = {"pretrain": 240, "finetune": 100, "embed": 70}
+FIRST_BENCHES = ("window_attention", "tokens", "fbank")  # issues 4, 3 and 5
+BENCH_TIMEOUTS = {"window_attention": 180, "tokens": 90, "window_tiling": 90}
 
 
 def plan(work: Path) -> list[dict]:
@@ -52,8 +60,6 @@ def plan(work: Path) -> list[dict]:
          "env": {"AUDIOMAE_BUILD_CUDA": "1"}},
         {"name": "tests", "argv": [py, "-m", "pytest", "-m", "gpu", "-q", "-rfE", "-p", "no:cacheprovider",
                                    f"--junitxml={work / 'junit.xml'}"], "timeout": 150},
-        {"name": "parity", "argv": [py, "-m", "audiomae", "validate", "--json", str(work / "parity.json")],
-         "timeout": 120, "parity": work / "parity.json"},
     ]
 
     def models(step):
@@ -61,12 +67,17 @@ def plan(work: Path) -> list[dict]:
         return {"name": f"models-{step}", "argv": [py, "-m", "benches.bench_models", "--steps", step, "--out", str(rows)],
                 "timeout": MODEL_STEPS[step], "rows": rows}
 
+    def bench(name):
+        rows = work / f"bench_{name}.json"
+        return {"name": f"bench-{name}", "argv": [py, __file__, "--bench", name, "--json", str(rows)],
+                "timeout": BENCH_TIMEOUTS.get(name, 120), "rows": rows}
+
+    # The kernels' own targets first (each part is short), then the training step, then the rest.
+    parts += [bench(name) for name in FIRST_BENCHES]
     parts.append(models("pretrain"))
-    for name in report.benchmark_modules():
-        if name != "models":
-            rows = work / f"bench_{name}.json"
-            parts.append({"name": f"bench-{name}", "argv": [py, __file__, "--bench", name, "--json", str(rows)],
-                          "timeout": 120, "rows": rows})
+    parts.append({"name": "parity", "argv": [py, "-m", "audiomae", "validate", "--json", str(work / "parity.json")],
+                  "timeout": 120, "parity": work / "parity.json"})
+    parts += [bench(name) for name in report.benchmark_modules() if name not in ("models", *FIRST_BENCHES)]
     parts += [models("finetune"), models("embed")]
     parts.append({"name": "profile", "argv": [py, "-m", "benches.bench_models", "--profile", "pretrain",
                                               "--variants", "triton"], "timeout": 60, "profile": True})
