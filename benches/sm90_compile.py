@@ -21,13 +21,13 @@ import dataclasses
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 H100_SHARED_BYTES = 232448  # 227 KiB: the most shared memory one block may opt into on sm_90
-MAX_REGISTERS = 255
 
 
 @dataclasses.dataclass
@@ -57,8 +57,13 @@ class _Sm90Driver:
 
 
 def _cuobjdump() -> str:
+    """The cuobjdump that ships in Triton's wheel, else the CUDA toolkit's on the PATH."""
     import triton
-    return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
+    bundled = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    found = str(bundled) if bundled.exists() else shutil.which("cuobjdump")
+    if found is None:
+        raise FileNotFoundError("cuobjdump: neither in Triton's wheel nor on the PATH")
+    return found
 
 
 def resource_usage(cubin: bytes) -> tuple[int, int]:
@@ -138,6 +143,12 @@ def _window_case(dtype, B, grid, window, shift, heads, head_dim, tau=True, bias=
     out.backward(torch.randn_like(out))
 
 
+def _forced(rows, warps, launch):
+    import sys
+    with sys.modules["kernels.window_attention"].forced_tiling(rows, warps):
+        launch()
+
+
 def cases() -> dict:
     """name -> launcher call. The issues' target shapes in every dtype, then the edges of each
     kernel's contract (head dims, window sizes, chunked windows, no tau or bias)."""
@@ -151,6 +162,11 @@ def cases() -> dict:
         # #4: decoder grid 64x8, 16 heads of 32, window 4x4, shift (2, 0).
         table[f"window-target-{name}"] = lambda d=dtype: _window_case(d, 1, (64, 8), (4, 4), (2, 0), 16, 32)
     table["tokens-odd-channels"] = lambda: _tokens_case(torch.bfloat16, 1, 37, 5, 1000, pos=False)
+    # The tilings benches/bench_window_tiling.py times on the GPU, each forced for both passes.
+    from benches.bench_window_tiling import TILING_CANDIDATES
+    for rows, warps in TILING_CANDIDATES:
+        table[f"window-target-bf16-rows{rows}-warps{warps}"] = lambda r=rows, w=warps: _forced(
+            r, w, lambda: _window_case(torch.bfloat16, 1, (64, 8), (4, 4), (2, 0), 16, 32))
     edges = [  # (grid, window, shift, heads, head_dim, tau, bias)
         ((8, 8), (2, 2), (1, 1), 2, 16, True, True),
         ((16, 8), (8, 8), (4, 4), 2, 64, True, True),
@@ -170,10 +186,12 @@ def cases() -> dict:
 
 
 def compile_cases(names: list[str] | None = None, jobs: int = 1) -> list[CompiledLaunch]:
-    """Compile the named cases (all by default), over ``jobs`` processes (compiling is CPU-bound)."""
+    """Compile the named cases (all when ``names`` is None), over up to ``jobs`` processes
+    (compiling is CPU-bound)."""
     table = cases()
-    names = list(names or table)
-    if jobs > 1 and len(names) > 1:
+    names = list(table) if names is None else list(names)
+    jobs = min(jobs, len(names))
+    if jobs > 1:
         import concurrent.futures
         import multiprocessing
         shares = [names[i::jobs] for i in range(jobs)]

@@ -369,13 +369,15 @@ class Tiling:
 
 def default_tiling(area: int, d_pad: int, fp32: bool, backward: bool) -> Tiling:
     """The tile for windows of ``area`` tokens, chosen from the sm_90 register use that
-    ``python -m benches.sm90_compile`` reports (the rule keeps every tested shape free of register
-    spills, or within a few dozen bytes of stack):
+    ``python -m benches.sm90_compile`` reports, without a clock (``benches/bench_window_tiling.py``
+    is the measurement that should replace it). On every shape that tool compiles the forward has
+    no spills and the backward spills at most 400 bytes per thread (40 at the decoder's shape),
+    where the tiles before this rule spilled up to 18 KB:
     - float32 takes 16-row tiles: IEEE fp32 dots run on the FMA units with operands replicated
       per thread, and 32- or 64-row tiles spilled kilobytes of stack per thread;
     - 16-bit inputs pack small windows about four to a 64-row tile (tl.dot wants 16 rows at least;
       the block-diagonal waste is compute this memory-bound kernel has to spare); the backward of
-      head dims over 64 keeps to 16 rows, which it needs to stay in registers."""
+      head dims over 64 keeps to 16 rows, which it needs to stay near its registers."""
     if fp32 or (backward and d_pad > 64):
         rows = 16
     else:
@@ -384,21 +386,24 @@ def default_tiling(area: int, d_pad: int, fp32: bool, backward: bool) -> Tiling:
 
 
 # None: default_tiling. Set through forced_tiling, by the tiling sweep of
-# benches/bench_window_attention.py and the tests that run every tiling against the reference.
+# benches/bench_window_tiling.py and the tests that run every tiling against the reference.
 TILING_OVERRIDE: Tiling | None = None
 
 
 @contextlib.contextmanager
 def forced_tiling(rows: int, num_warps: int):
-    """Launch forward and backward with this tiling inside the block (for measuring tilings)."""
+    """Launch forward and backward with this tiling inside the block (for measuring tilings; a
+    process-wide setting, not for concurrent use)."""
     global TILING_OVERRIDE
     if rows < 16 or rows & (rows - 1):
         raise ValueError(f"rows must be a power of two of at least 16 (tl.dot), got {rows}")
-    TILING_OVERRIDE = Tiling(rows, num_warps)
+    if num_warps not in (1, 2, 4, 8, 16):
+        raise ValueError(f"num_warps must be 1, 2, 4, 8 or 16, got {num_warps}")
+    previous, TILING_OVERRIDE = TILING_OVERRIDE, Tiling(rows, num_warps)
     try:
         yield
     finally:
-        TILING_OVERRIDE = None
+        TILING_OVERRIDE = previous
 
 
 def _tiling(num_windows: int, area: int, d_pad: int, fp32: bool, backward: bool) -> tuple[int, int, int, int]:

@@ -353,7 +353,17 @@ def test_every_tiling_matches_reference(rows, num_warps, dtype):
     assert module.TILING_OVERRIDE is None
 
 
-def test_forced_tiling_rejects_rows_tl_dot_cannot_take():
-    with pytest.raises(ValueError, match="rows"):
-        with sys.modules["kernels.window_attention"].forced_tiling(8, 4):
+@pytest.mark.parametrize("rows,num_warps,name", [(8, 4, "rows"), (48, 4, "rows"), (16, 3, "num_warps")])
+def test_forced_tiling_rejects_what_the_kernels_cannot_take(rows, num_warps, name):
+    with pytest.raises(ValueError, match=name):
+        with sys.modules["kernels.window_attention"].forced_tiling(rows, num_warps):
             pass
+
+
+def test_forced_tiling_nests():
+    module = sys.modules["kernels.window_attention"]
+    with module.forced_tiling(64, 4):
+        with module.forced_tiling(16, 2):
+            assert module.TILING_OVERRIDE == module.Tiling(16, 2)
+        assert module.TILING_OVERRIDE == module.Tiling(64, 4)
+    assert module.TILING_OVERRIDE is None
