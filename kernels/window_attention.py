@@ -223,6 +223,26 @@ def _add_norm_grad(grad, x, x_norm, d_norm):
 
 
 @triton.jit
+def _query_side(q_ptr, do_ptr, o_ptr, lse_ptr, rows, valid, stride_l, stride_dout_l, C, cols_in, cols_do, cols,
+                col_mask, HAS_TAU: tl.constexpr):
+    """What the backward needs of a block of query rows: q, dout, the saved logsumexp, delta (the
+    row's dout . out, the softmax backward's correction) and |q|."""
+    q = _load_rows(q_ptr, rows, valid, stride_l, cols_in, col_mask)
+    do = _load_rows(do_ptr, rows, valid, stride_dout_l, cols_do, col_mask)
+    o = _load_rows(o_ptr, rows, valid, C, cols, col_mask)
+    lse = tl.load(lse_ptr + rows, mask=valid, other=0.0)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
+    return q, do, lse, delta, _row_norm(q, HAS_TAU)
+
+
+@triton.jit
+def _key_side(k_ptr, v_ptr, rows, valid, stride_l, cols_in, col_mask, HAS_TAU: tl.constexpr):
+    """k, v and |k| of a block of key rows."""
+    k = _load_rows(k_ptr, rows, valid, stride_l, cols_in, col_mask)
+    return k, _load_rows(v_ptr, rows, valid, stride_l, cols_in, col_mask), _row_norm(k, HAS_TAU)
+
+
+@triton.jit
 def _store_bias_grad(part_ptr, ds, q_pos, q_valid, k_pos, k_valid, q_base, k_base,
                      N: tl.constexpr, POS_BLOCK: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Sum ``ds`` over the windows in the block onto bias positions and store the
@@ -272,15 +292,9 @@ def _window_attention_bwd(
     elem = dqkv_ptr.dtype.element_ty
     if NUM_CHUNKS == 1:
         # The whole window group in one tile: one pass over its pairs gives dq, dk and dv.
-        q = _load_rows(q_ptr, row, valid, stride_l, cols_in, col_mask)
-        k = _load_rows(k_ptr, row, valid, stride_l, cols_in, col_mask)
-        v = _load_rows(v_ptr, row, valid, stride_l, cols_in, col_mask)
-        do = _load_rows(do_ptr, row, valid, stride_dout_l, cols_do, col_mask)
-        o = _load_rows(o_ptr, row, valid, C, cols, col_mask)
-        lse = tl.load(lse_ptr + row, mask=valid, other=0.0)
-        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
-        q_norm = _row_norm(q, HAS_TAU)
-        k_norm = _row_norm(k, HAS_TAU)
+        q, do, lse, delta, q_norm = _query_side(q_ptr, do_ptr, o_ptr, lse_ptr, row, valid, stride_l, stride_dout_l,
+                                                C, cols_in, cols_do, cols, col_mask, HAS_TAU)
+        k, v, k_norm = _key_side(k_ptr, v_ptr, row, valid, stride_l, cols_in, col_mask, HAS_TAU)
         p, ds, unscaled, d_dot, d_norm_product = _pair_grads(
             q, k, v, do, lse, delta, q_norm, k_norm, win, pos, valid, region, win, pos, valid, region,
             bias_ptr, inv_tau, scale, mask_value, N, HAS_TAU, HAS_BIAS, SHIFTED, DOT_PRECISION)
@@ -301,21 +315,15 @@ def _window_attention_bwd(
         # holding both spilled registers on sm_90 at every block size):
         # 1. this chunk's queries against every key chunk: dq, and the tau and bias gradients of
         #    each pair (every pair has exactly one query chunk, so each is counted once);
-        q = _load_rows(q_ptr, row, valid, stride_l, cols_in, col_mask)
-        do = _load_rows(do_ptr, row, valid, stride_dout_l, cols_do, col_mask)
-        o = _load_rows(o_ptr, row, valid, C, cols, col_mask)
-        lse = tl.load(lse_ptr + row, mask=valid, other=0.0)
-        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
-        q_norm = _row_norm(q, HAS_TAU)
+        q, do, lse, delta, q_norm = _query_side(q_ptr, do_ptr, o_ptr, lse_ptr, row, valid, stride_l, stride_dout_l,
+                                                C, cols_in, cols_do, cols, col_mask, HAS_TAU)
         dq = tl.zeros([BLOCK, D_PAD], tl.float32)
         dq_norm = tl.zeros([BLOCK], tl.float32)
         dtau_sum = 0.0
         for key_chunk in range(NUM_CHUNKS):
             k_row, k_win, k_pos, k_valid, k_region = _window_rows(
                 group, key_chunk * BLOCK + offs, T, F, shift_t, shift_f, num_windows, WT, WF, WINDOWS_PER_GROUP)
-            k = _load_rows(k_ptr, k_row, k_valid, stride_l, cols_in, col_mask)
-            v = _load_rows(v_ptr, k_row, k_valid, stride_l, cols_in, col_mask)
-            k_norm = _row_norm(k, HAS_TAU)
+            k, v, k_norm = _key_side(k_ptr, v_ptr, k_row, k_valid, stride_l, cols_in, col_mask, HAS_TAU)
             _, ds, unscaled, d_dot, d_norm_product = _pair_grads(
                 q, k, v, do, lse, delta, q_norm, k_norm, win, pos, valid, region, k_win, k_pos, k_valid, k_region,
                 bias_ptr, inv_tau, scale, mask_value, N, HAS_TAU, HAS_BIAS, SHIFTED, DOT_PRECISION)
@@ -331,21 +339,16 @@ def _window_attention_bwd(
         tl.store(dq_ptr, dq.to(elem), mask=mask)
 
         # 2. this chunk's keys against every query chunk: dk and dv.
-        k = _load_rows(k_ptr, row, valid, stride_l, cols_in, col_mask)
-        v = _load_rows(v_ptr, row, valid, stride_l, cols_in, col_mask)
-        k_norm = _row_norm(k, HAS_TAU)
+        k, v, k_norm = _key_side(k_ptr, v_ptr, row, valid, stride_l, cols_in, col_mask, HAS_TAU)
         dk = tl.zeros([BLOCK, D_PAD], tl.float32)
         dv = tl.zeros([BLOCK, D_PAD], tl.float32)
         dk_norm = tl.zeros([BLOCK], tl.float32)
         for query_chunk in range(NUM_CHUNKS):
             q_row, q_win, q_pos, q_valid, q_region = _window_rows(
                 group, query_chunk * BLOCK + offs, T, F, shift_t, shift_f, num_windows, WT, WF, WINDOWS_PER_GROUP)
-            q_other = _load_rows(q_ptr, q_row, q_valid, stride_l, cols_in, col_mask)
-            do_other = _load_rows(do_ptr, q_row, q_valid, stride_dout_l, cols_do, col_mask)
-            o_other = _load_rows(o_ptr, q_row, q_valid, C, cols, col_mask)
-            lse_other = tl.load(lse_ptr + q_row, mask=q_valid, other=0.0)
-            delta_other = tl.sum(do_other.to(tl.float32) * o_other.to(tl.float32), axis=1)
-            q_other_norm = _row_norm(q_other, HAS_TAU)
+            q_other, do_other, lse_other, delta_other, q_other_norm = _query_side(
+                q_ptr, do_ptr, o_ptr, lse_ptr, q_row, q_valid, stride_l, stride_dout_l, C, cols_in, cols_do, cols,
+                col_mask, HAS_TAU)
             p, _, _, d_dot, d_norm_product = _pair_grads(
                 q_other, k, v, do_other, lse_other, delta_other, q_other_norm, k_norm,
                 q_win, q_pos, q_valid, q_region, win, pos, valid, region, bias_ptr, inv_tau, scale,
@@ -373,15 +376,19 @@ def default_tiling(area: int, d_pad: int, fp32: bool, backward: bool) -> Tiling:
     is the measurement that should replace it). On every shape that tool compiles the forward has
     no spills and the backward spills at most 400 bytes per thread (40 at the decoder's shape),
     where the tiles before this rule spilled up to 18 KB:
-    - float32 takes 16-row tiles: IEEE fp32 dots run on the FMA units with operands replicated
-      per thread, and 32- or 64-row tiles spilled kilobytes of stack per thread;
+    - float32 keeps tiles to 32 rows of head dims up to 32 and 16 rows of larger ones: IEEE fp32
+      dots run on the FMA units with operands replicated per thread, and larger tiles spilled
+      kilobytes of stack per thread;
     - 16-bit inputs pack small windows about four to a 64-row tile (tl.dot wants 16 rows at least;
       the block-diagonal waste is compute this memory-bound kernel has to spare); the backward of
       head dims over 64 keeps to 16 rows, which it needs to stay near its registers."""
-    if fp32 or (backward and d_pad > 64):
+    packed = max(16, min(64, triton.next_power_of_2(4 * area)))
+    if fp32:
+        rows = min(packed, 32 if d_pad <= 32 else 16)
+    elif backward and d_pad > 64:
         rows = 16
     else:
-        rows = max(16, min(64, triton.next_power_of_2(4 * area)))
+        rows = packed
     return Tiling(rows, 8 if not backward and rows * d_pad >= 64 * 128 else 4)
 
 

@@ -44,6 +44,8 @@ def test_official_pth_round_trip(tmp_path, decoder_mode):
     assert loaded.decoder_mode == decoder_mode and loaded.norm_pix_loss
     assert_same_weights(model, loaded)
     for backend in audiomae.available_backends():
+        if backend == "triton" and decoder_mode == 1:
+            continue  # the Swin decoder's kernels, a minute in the interpreter: test_model.py's backend agreement runs them
         loaded.set_backend(backend)
         loss = loaded(torch.randn(2, 1, 128, 128), noise=torch.rand(2, 64))[0]
         loss.backward()
