@@ -345,9 +345,8 @@ def _frame_features(frames, window, banks, opts: FbankOptions, generator, padded
         log_energy = _log_energy(body, opts.energy_floor)
     # |X|^2 from the real and imaginary parts (no square root and square), Nyquist bin dropped.
     spectrum = torch.fft.rfft(padded)[..., : opts.padded_window_size // 2]
-    spectrum = torch.view_as_real(spectrum.to(banks.dtype.to_complex()))
-    real, imag = spectrum[..., 0], spectrum[..., 1]
-    spectrum = torch.addcmul(real * real, imag, imag)
+    squares = torch.view_as_real(spectrum).to(banks.dtype).square_()
+    spectrum = squares[..., 0] + squares[..., 1]
     if not opts.use_power:
         spectrum.sqrt_()
     features = spectrum @ banks.T
