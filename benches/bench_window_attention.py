@@ -190,7 +190,7 @@ def _core_rows(device, quick, dtype):
             if row["median_ms"]:
                 row["floor_ratio"] = row["median_ms"] / floors[step_name]
             rows.append(row)
-    _add_ratios(rows, {"reference": "vs_reference", "flex_attention": "vs_flex_attention"})
+    _add_ratios(rows, {"reference": "speedup_vs_reference", "flex_attention": "speedup_vs_flex_attention"})
     return rows
 
 
@@ -263,7 +263,7 @@ def _block_rows(device, quick, dtype):
     rows = [_measure(dict(base, impl=name, name=f"block {name} fwd+bwd"),
                      lambda fn=fn: torch.autograd.grad(fn(x), params, grad), device, quick)
             for name, fn in impls.items()]
-    _add_ratios(rows, {"official": "vs_official", "official_compiled": "vs_official_compiled"})
+    _add_ratios(rows, {"official": "speedup_vs_official", "official_compiled": "speedup_vs_official_compiled"})
     for r in rows:
         for other in ("official", "official_compiled"):
             peak = next((o["peak_mem_bytes"] for o in rows if o["impl"] == other), None)
