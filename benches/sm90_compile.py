@@ -144,7 +144,6 @@ def _window_case(dtype, B, grid, window, shift, heads, head_dim, tau=True, bias=
 
 
 def _forced(rows, warps, launch):
-    import sys
     with sys.modules["kernels.window_attention"].forced_tiling(rows, warps):
         launch()
 

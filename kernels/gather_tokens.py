@@ -164,6 +164,15 @@ def batch_splits(batch: int, tiles_per_batch: int, target_programs: int | None) 
 # Kernels
 # ----------------------------------------------------------------------------------------------
 @triton.jit
+def tile_rows(num_rows, per_batch, C, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """This program's tile of a streaming row kernel over the flattened [B * per_batch, C] output:
+    row and channel indices, their bounds masks, and each row's batch and position in its batch."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+    return rows, cols, rows < num_rows, cols < C, rows // per_batch, rows % per_batch
+
+
+@triton.jit
 def _gather_kernel(
     x_ptr, ids_ptr, pos_ptr, out_ptr,
     num_rows, K, L, C,
@@ -173,12 +182,8 @@ def _gather_kernel(
     HAS_POS: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     # One program per (BLOCK_R output rows of the flattened [B*K], BLOCK_C channels).
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
-    row_ok = rows < num_rows
-    col_ok = cols < C
-    b = rows // K
-    src = tl.load(ids_ptr + b * stride_ib + (rows % K) * stride_ik, mask=row_ok, other=-1)
+    rows, cols, row_ok, col_ok, b, j = tile_rows(num_rows, K, C, BLOCK_R, BLOCK_C)
+    src = tl.load(ids_ptr + b * stride_ib + j * stride_ik, mask=row_ok, other=-1)
     src_ok = row_ok & (src >= 0) & (src < L)
     load_mask = src_ok[:, None] & col_ok[None, :]
     val = tl.load(

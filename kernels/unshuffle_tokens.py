@@ -46,6 +46,7 @@ from kernels.gather_tokens import (
     check_index_range,
     gather_rows_backward,
     row_tile,
+    tile_rows,
 )
 from kernels.reference import unshuffle_tokens as reference
 
@@ -60,12 +61,7 @@ def _unshuffle_kernel(
     HAS_POS: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     # One program per (BLOCK_R output rows of the flattened [B*L], BLOCK_C channels).
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
-    row_ok = rows < num_rows
-    col_ok = cols < C
-    b = rows // L
-    i = rows % L
+    rows, cols, row_ok, col_ok, b, i = tile_rows(num_rows, L, C, BLOCK_R, BLOCK_C)
     src = tl.load(ids_ptr + b * stride_ib + i * stride_il, mask=row_ok, other=-1)
     kept = row_ok & (src >= 0) & (src < K)
     masked = row_ok & (src >= K) & (src < L)
