@@ -238,6 +238,11 @@ class MAEAST(ModelMixin, nn.Module):
             raise TypeError(f"spec must be a floating-point tensor, got {getattr(spec, 'dtype', type(spec))}")
         if spec.dim() != 3 or spec.shape[-1] != NUM_MEL_BINS:
             raise ValueError(f"spec must be [B, T, {NUM_MEL_BINS}] (128 mel bins), got shape {list(spec.shape)}")
+        weight = self.token_embed.weight
+        if spec.device != weight.device:
+            raise ValueError(f"spec is on {spec.device} but the model is on {weight.device}")
+        if spec.dtype != weight.dtype and not torch.is_autocast_enabled(spec.device.type):
+            raise TypeError(f"spec is {spec.dtype} but the model is {weight.dtype}: cast one to the other")
         B, T, _ = spec.shape
         grid = (T // self.token_frames, NUM_MEL_BINS // self.token_bins)
         if B == 0 or grid[0] * grid[1] < 2:

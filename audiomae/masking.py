@@ -1,7 +1,7 @@
 """Mask generation: which tokens the encoder keeps, and the permutation that puts them back.
 
 Semantics follow the official code exactly (same noise -> same ``ids_keep``, ``ids_restore`` and
-``mask``), with fewer passes: the inverse permutation is one scatter instead of a second argsort,
+``mask``; for 2-D masking on grids of up to 999 tokens, see ``structured_masking_ids``), with fewer passes: the inverse permutation is one scatter instead of a second argsort,
 the mask comes from ``ids_restore`` instead of a gather, and the 2-D mask is built from per-axis
 counts instead of an ``[B, T*F]`` float index that the official code argsorts.
 
@@ -51,7 +51,9 @@ def kept_along_axis(noise: torch.Tensor, len_keep: int) -> tuple[torch.Tensor, t
 def structured_masking_ids(noise_t: torch.Tensor, noise_f: torch.Tensor, len_keep_t: int, len_keep_f: int):
     """2-D time x frequency masking of a ``(T, F)`` grid: a token is kept iff its time row and its
     frequency column are both kept. Kept tokens come first in token order, then the masked ones in
-    token order, as in the official code.
+    token order, as in the official code. (The official code orders tokens by ``index + 999 * mask``,
+    which puts the kept ones first only on grids of up to 999 tokens, every AudioMAE grid; beyond
+    that its order interleaves, here they still come first: the same mask, another token order.)
 
     Returns ``ids_keep`` [B, Kt*Kf], ``ids_restore`` [B, T*F] (int64) and ``mask`` [B, T*F] (float).
     """

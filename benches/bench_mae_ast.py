@@ -8,12 +8,13 @@ tokens) at 75 % masking, for encoder depths 6 and 12 (decoder 2 layers, width 76
 Rows per (tokens, depth): ``ssast`` (SDPA attention, the baseline), ``mae`` with SDPA and, on the
 GPU, ``mae`` with the ``"triton"`` backend (gather/unshuffle kernels), timed in alternation (one
 step of each per round) so that a shared machine's load shifts hit all alike. Each row reports
-- ``median_ms`` and ``peak_mem_bytes`` (GPU only: the harness's peak beyond what was live before
-  the step: activations, gradients and optimizer temporaries; weights and Adam state excluded);
+- ``median_ms`` and ``peak_mem_bytes``: the step's peak beyond what was live before it
+  (activations, gradients and optimizer temporaries; weights and Adam state excluded), on the GPU
+  the allocator's peak, on the CPU the peak resident memory (``benches.harness.cpu_peak_rss_bytes``);
 - ``saved_activation_bytes``: the distinct non-parameter tensors autograd saves for backward, a
-  device-independent measure of the activation memory and the only memory figure on the CPU;
+  device-independent measure of the activation memory;
 - ``speedup_vs_ssast`` and ``mem_ratio_vs_ssast`` (SSAST's figure over this row's, measured in the
-  same run; the memory ratio uses the peak on the GPU, saved activations on the CPU);
+  same run; the memory ratio uses the peaks, or saved activations where no peak could be read);
 - ``flops`` (``torch.utils.flop_counter`` over the step's forward and backward) and
   ``flop_floor_ms`` = flops over the measured matmul rate (``benches.harness.matmul_tflops``:
   bf16 on the GPU, fp32 on the CPU), with ``fraction_of_floor`` = floor / median.
@@ -26,13 +27,14 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
 from audiomae.mae_ast import MAEAST
-from benches.harness import count_flops, device_info, matmul_tflops, time_fn
+from benches.harness import count_flops, cpu_peak_rss_bytes, device_info, matmul_tflops, time_fn
 
 SUITE = "mae_ast_pretrain_step"
 FULL = dict(batch=32, frames=1024, depths=(6, 12), tokens=("patch", "frame"), embed_dim=768, num_heads=12)
@@ -101,11 +103,25 @@ def build_case(device, *, mode, backend, tokens, depth, batch, frames, embed_dim
     return {"row": row, "step": step}
 
 
+def _first_timing(step, device: torch.device, warmup: int):
+    """The first timed step, with its peak memory: the GPU's peak allocation (one more, untimed
+    step), the CPU's peak resident memory (read around the timed step itself)."""
+    if device.type == "cuda":
+        return time_fn(step, device, warmup=warmup, reps=1)
+    peak = {}
+
+    def measured_step():
+        peak["bytes"] = cpu_peak_rss_bytes(step)
+
+    return replace(time_fn(measured_step, device, warmup=warmup, reps=1), peak_mem_bytes=peak["bytes"])
+
+
 def time_alternating(cases: list[dict], device, warmup: int, reps: int) -> list[dict]:
     """Times the cases' steps in alternation, one step each per round, so that load changes on a
     shared machine hit every case alike; the peak memory comes from each case's first timed step."""
+    device = torch.device(device)
     for case in cases:
-        case["timings"] = [time_fn(case["step"], device, warmup=warmup, reps=1)]
+        case["timings"] = [_first_timing(case["step"], device, warmup)]
     for _ in range(reps - 1):
         for case in cases:
             case["timings"].append(time_fn(case["step"], device, warmup=0, reps=1, measure_memory=False))
@@ -190,8 +206,8 @@ def main():
                                                "speedup_vs_ssast", "mem_ratio_vs_ssast")}))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        note = ("CPU figures: fp32, no autocast; they say nothing about GPU speed; memory ratio from "
-                "saved activations" if torch.device(args.device).type == "cpu" else "GPU figures, bf16 autocast")
+        note = ("CPU figures: fp32, no autocast; they say nothing about GPU speed; peak memory is the "
+                "peak resident memory beyond what was resident before the step" if torch.device(args.device).type == "cpu" else "GPU figures, bf16 autocast")
         args.out.write_text(json.dumps({"device": device_info(args.device), "note": note, "rows": rows}, indent=2))
 
 

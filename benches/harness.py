@@ -65,6 +65,30 @@ def time_fn(fn: Callable[[], object], device: torch.device | str, *, warmup: int
     return Timing(statistics.median(times), min(times), reps, peak)
 
 
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def cpu_peak_rss_bytes(fn: Callable[[], object]) -> int | None:
+    """Resident memory ``fn()`` peaks at beyond what was resident before it (Linux: the high-water
+    mark, reset through ``/proc/self/clear_refs``), or None where that cannot be read. The CPU's
+    stand-in for the GPU's peak allocation; heap memory freed earlier but kept by the allocator
+    counts as resident before, so small tensors can make it an underestimate."""
+    try:
+        with open("/proc/self/clear_refs", "w") as clear:
+            clear.write("5")  # resets VmHWM to the current VmRSS
+        before = _status_bytes("VmRSS")
+    except OSError:
+        fn()
+        return None
+    fn()
+    return _status_bytes("VmHWM") - before
+
+
 @functools.lru_cache(maxsize=None)
 def copy_bandwidth_gbps(device: str = "cuda", nbytes: int = 1 << 30) -> float:
     """Measured device copy bandwidth in GB/s, counting the bytes read plus the bytes written."""

@@ -3,16 +3,29 @@
 CUDA tensors always take the Triton kernel. CPU tensors take the eager reference, unless
 ``TRITON_INTERPRET=1`` is set, in which case they run the same Triton kernel through Triton's
 interpreter: that is how the kernels are tested on machines without a GPU. The variable is read
-at call time, but Triton reads it when a kernel is decorated, so it must be set before ``kernels``
-is imported for the interpreter to take effect.
+at call time (unsetting it later selects the references), but Triton reads it when a kernel is
+decorated, so it must be set before ``kernels`` is imported: set later, it is a RuntimeError.
 """
 import os
 
 import torch
 
 
+# Whether the kernels were decorated under the interpreter: this module is imported with them.
+_DECORATED_FOR_INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """``TRITON_INTERPRET=1`` now. Set after ``kernels`` was imported, it is an error rather than a
+    silent reference run or a Triton driver error: the kernels were decorated for the GPU."""
+    if os.environ.get("TRITON_INTERPRET", "0") != "1":
+        return False
+    if not _DECORATED_FOR_INTERPRETER:
+        raise RuntimeError(
+            "TRITON_INTERPRET=1 was set after `kernels` was imported; Triton reads it when the kernels are "
+            "decorated, so set it before the first `import kernels` (or unset it for the eager references)"
+        )
+    return True
 
 
 def use_triton(*tensors: torch.Tensor) -> bool:

@@ -280,22 +280,75 @@ def _torch_tables(opts, device, compute_dtype, feature_dtype, default_dtype):
     return window_function(opts, device).to(compute_dtype), mel_banks(opts).to(device, feature_dtype)
 
 
+# Mel bins per band of the CPU's banded projection: 8 bands of 16 of AudioMAE's 128 bins read 268 FFT
+# bins in all instead of 8 x 256, which halves the Mel matmul's time on the CPU (fewer bands pay
+# in wasted zeros, more in calls).
+MEL_BAND_SIZE = 16
+
+
+@functools.lru_cache(maxsize=32)
+def _mel_bands(banks: torch.Tensor) -> tuple[tuple[int, int, int, int, torch.Tensor], ...]:
+    """``banks`` ``[bins, fft_bins]`` cut into runs of ``MEL_BAND_SIZE`` Mel bins, each with the
+    FFT-bin range ``[k0, k1)`` outside which all its weights are zero: ``(m0, m1, k0, k1, weights)``.
+    The triangles of consecutive Mel bins overlap only their neighbours, so each band is narrow."""
+    bands = []
+    for m0 in range(0, banks.shape[0], MEL_BAND_SIZE):
+        m1 = min(m0 + MEL_BAND_SIZE, banks.shape[0])
+        nonzero = (banks[m0:m1] != 0).any(0).nonzero().flatten().tolist()
+        k0, k1 = (nonzero[0], nonzero[-1] + 1) if nonzero else (0, 0)
+        bands.append((m0, m1, k0, k1, banks[m0:m1, k0:k1].contiguous()))
+    return tuple(bands)
+
+
+def _apply_banks(spectrum: torch.Tensor, banks: torch.Tensor, banded: bool) -> torch.Tensor:
+    """``spectrum @ banks.T`` over the last axis. ``banded`` (the CPU without autograd) multiplies
+    each band of Mel bins by its nonzero FFT bins only; the same products and sums, so the same
+    values, in about half the time."""
+    if not banded:
+        return spectrum @ banks.T
+    rows = spectrum.reshape(-1, spectrum.shape[-1])
+    out_t = rows.new_empty(banks.shape[0], rows.shape[0])  # bins-major, so each band's rows are contiguous
+    for m0, m1, k0, k1, weights in _mel_bands(banks):
+        if k1 == k0:
+            out_t[m0:m1].zero_()
+        else:
+            torch.mm(weights, rows[:, k0:k1].T, out=out_t[m0:m1])
+    return out_t.T.reshape(*spectrum.shape[:-1], banks.shape[0])
+
+
 # ---------------------------------------------------------------------------------------------
 # Torch backend.
 
 
-def _frames(x: torch.Tensor, lengths: torch.Tensor | None, num_frames: int, opts: FbankOptions) -> torch.Tensor:
-    """``[B, num_frames, window_size]`` frames of ``x`` ``[B, N]`` (a view when edges are snipped)."""
-    size, shift = opts.window_size, opts.window_shift
-    if not opts.snip_edges:
-        # Reflect each clip about its own ends: sample -1 is sample 0, sample L is sample L - 1.
-        position = torch.arange((num_frames - 1) * shift + size, device=x.device) - opts.reflect_pad()
-        clip_length = x.shape[1] if lengths is None else lengths.unsqueeze(1)
-        position = torch.where(position < 0, -position - 1, position)
-        position = torch.where(position >= clip_length, 2 * clip_length - 1 - position, position)
-        position = position.clamp(0, x.shape[1] - 1)
-        x = x[:, position] if lengths is None else x.gather(1, position)
-    return x.unfold(1, size, shift)[:, :num_frames]
+def _framed_sequence(x: torch.Tensor, lengths: torch.Tensor | None, num_frames: int, opts: FbankOptions) -> torch.Tensor:
+    """The ``[B, M]`` samples whose windows of ``window_size`` every ``window_shift`` are the frames:
+    ``x`` itself when edges are snipped, else each clip reflected about its own ends."""
+    if opts.snip_edges:
+        return x
+    # Reflect each clip about its own ends: sample -1 is sample 0, sample L is sample L - 1.
+    position = torch.arange((num_frames - 1) * opts.window_shift + opts.window_size, device=x.device) - opts.reflect_pad()
+    clip_length = x.shape[1] if lengths is None else lengths.unsqueeze(1)
+    position = torch.where(position < 0, -position - 1, position)
+    position = torch.where(position >= clip_length, 2 * clip_length - 1 - position, position)
+    position = position.clamp(0, x.shape[1] - 1)
+    return x[:, position] if lengths is None else x.gather(1, position)
+
+
+def _frames(sequence: torch.Tensor, num_frames: int, opts: FbankOptions) -> torch.Tensor:
+    """``[B, num_frames, window_size]`` overlapping frames of ``sequence`` ``[B, M]`` (a view)."""
+    return sequence.unfold(1, opts.window_size, opts.window_shift)[:, :num_frames]
+
+
+def _emphasized(sequence: torch.Tensor, coefficient: float) -> torch.Tensor:
+    """``sequence[i] - coefficient * sequence[i - 1]``, once per sample where per frame each sample
+    would be done ``window_size / window_shift`` times (2.5 for Kaldi's defaults). Index 0 is never
+    read: a frame's first sample has its own rule (Kaldi's ``x[-1] = x[0]``)."""
+    if coefficient == 0.0:
+        return sequence
+    out = torch.empty_like(sequence)
+    torch.add(sequence[:, 1:], sequence[:, :-1], alpha=-coefficient, out=out[:, 1:])
+    out[:, 0] = 0.0
+    return out
 
 
 def _log_energy(frames: torch.Tensor, energy_floor: float) -> torch.Tensor:
@@ -308,10 +361,12 @@ def _log_energy(frames: torch.Tensor, energy_floor: float) -> torch.Tensor:
 CPU_BLOCK_FRAMES = 2048
 
 
-def _frame_features(frames, window, banks, opts: FbankOptions, generator, padded) -> torch.Tensor:
+def _frame_features(frames, window, banks, opts: FbankOptions, generator, padded, emphasized=None) -> torch.Tensor:
     """``[..., window_size]`` frames -> ``[..., num_features]`` in ``banks``' dtype, Kaldi's
     per-frame pipeline. ``padded`` ``[..., padded_window_size]`` is the FFT input, zero past
     ``window_size`` (the caller reuses it block after block; only the body is written here).
+    ``emphasized``, when given, holds the same frames of the pre-emphasised sequence
+    (``_emphasized``; no dither, no autograd): the body is then two passes instead of four.
 
     Precision: everything up to the FFT runs in ``frames``' dtype (float64 by default): the FFT
     of a frame whose spectrum spans many decades (a tone) cancels, and float32 there misses the
@@ -327,20 +382,27 @@ def _frame_features(frames, window, banks, opts: FbankOptions, generator, padded
         log_energy = _log_energy(source - mean if mean is not None else source, opts.energy_floor)
     body = padded[..., : frames.shape[-1]]
     coefficient = opts.preemphasis_coefficient
-    if coefficient != 0.0:
-        # Kaldi's y[i] = x[i] - c x[i-1] with x[-1] = x[0], written straight from the frames (one
-        # pass; out= cannot record autograd, so a differentiable call takes two).
-        if source.requires_grad and torch.is_grad_enabled():
-            body[..., 1:].copy_(source[..., 1:]).sub_(source[..., :-1], alpha=coefficient)
-        else:
-            torch.add(source[..., 1:], source[..., :-1], alpha=-coefficient, out=body[..., 1:])
-        body[..., 0] = source[..., 0] * (1.0 - coefficient)
+    if emphasized is not None:
+        # Kaldi's frame is w * (y - (1 - c) * mean), y[i] = x[i] - c x[i-1], y[0] = (1 - c) x[0]:
+        # removing the mean before the pre-emphasis leaves (1 - c) * mean to take off every sample.
+        torch.mul(emphasized, window, out=body)
+        body[..., 0] = source[..., 0] * window[0] * (1.0 - coefficient)
+        if mean is not None:
+            body.addcmul_(mean, window, value=coefficient - 1.0)
     else:
-        body.copy_(source)
-    if mean is not None:
-        # Removing the mean before the pre-emphasis leaves (1 - c) * mean to take off every sample.
-        body.sub_(mean * (1.0 - coefficient))
-    body *= window
+        if coefficient != 0.0:
+            # The same, from the frames (a dithered or differentiable call); out= cannot record
+            # autograd, so a differentiable call takes two passes.
+            if source.requires_grad and torch.is_grad_enabled():
+                body[..., 1:].copy_(source[..., 1:]).sub_(source[..., :-1], alpha=coefficient)
+            else:
+                torch.add(source[..., 1:], source[..., :-1], alpha=-coefficient, out=body[..., 1:])
+            body[..., 0] = source[..., 0] * (1.0 - coefficient)
+        else:
+            body.copy_(source)
+        if mean is not None:
+            body.sub_(mean * (1.0 - coefficient))
+        body *= window
     if opts.use_energy and not opts.raw_energy:
         log_energy = _log_energy(body, opts.energy_floor)
     # |X|^2 from the real and imaginary parts (no square root and square), Nyquist bin dropped.
@@ -349,7 +411,8 @@ def _frame_features(frames, window, banks, opts: FbankOptions, generator, padded
     spectrum = squares[..., 0] + squares[..., 1]
     if not opts.use_power:
         spectrum.sqrt_()
-    features = spectrum @ banks.T
+    banded = not spectrum.is_cuda and not (spectrum.requires_grad and torch.is_grad_enabled())
+    features = _apply_banks(spectrum, banks, banded)
     if opts.use_log_fbank:
         features = features.clamp_min_(LOG_FLOOR).log_()
     if opts.use_energy:
@@ -377,18 +440,26 @@ def fbank_torch(
     """
     feature_dtype = waveforms.dtype if compute_dtype == torch.float64 else compute_dtype
     window, banks = _torch_tables(opts, waveforms.device, compute_dtype, feature_dtype, torch.get_default_dtype())
-    frames = _frames(waveforms.to(compute_dtype), lengths, num_frames, opts)
+    sequence = _framed_sequence(waveforms.to(compute_dtype), lengths, num_frames, opts)
+    frames = _frames(sequence, num_frames, opts)
+    # Autograd keeps each block's FFT input for the backward: a differentiable call cannot reuse it.
+    differentiable = frames.requires_grad and torch.is_grad_enabled()
+    emphasized = None
+    if opts.dither == 0.0 and not differentiable:
+        emphasized = _frames(_emphasized(sequence, opts.preemphasis_coefficient), num_frames, opts)
     B = frames.shape[0]
     step = num_frames if waveforms.is_cuda else max(1, CPU_BLOCK_FRAMES // max(B, 1))
     padded = frames.new_zeros(B, min(step, num_frames), opts.padded_window_size)
     if step >= num_frames:
-        features = _frame_features(frames, window, banks, opts, generator, padded)
+        features = _frame_features(frames, window, banks, opts, generator, padded, emphasized)
     else:
         features = torch.empty(B, num_frames, opts.num_features, dtype=feature_dtype, device=frames.device)
         for start in range(0, num_frames, step):
             block = frames[:, start : start + step]
+            buffer = torch.zeros_like(padded[:, : block.shape[1]]) if differentiable else padded[:, : block.shape[1]]
             features[:, start : start + step] = _frame_features(
-                block, window, banks, opts, generator, padded[:, : block.shape[1]])
+                block, window, banks, opts, generator, buffer,
+                None if emphasized is None else emphasized[:, start : start + step])
     if lengths is not None:
         valid = torch.arange(num_frames, device=features.device) < opts.num_frames(lengths).unsqueeze(1)
         features = features.masked_fill(~valid.unsqueeze(-1), 0.0)
@@ -476,6 +547,8 @@ def _warn_once(reason: str) -> None:
 
 
 def _check_lengths(lengths, batch: int, num_samples: int, device: torch.device) -> torch.Tensor:
+    if not isinstance(lengths, torch.Tensor) and len(lengths) == 0:
+        lengths = torch.zeros(0, dtype=torch.int64)  # an empty list carries no dtype: torch would say float32
     lengths = torch.as_tensor(lengths)
     if lengths.is_floating_point() or lengths.is_complex() or lengths.dtype == torch.bool:
         raise TypeError(f"lengths must hold integers, got dtype {lengths.dtype}")
@@ -528,11 +601,14 @@ def fbank(
         valid = batch if lengths is None else batch.masked_fill(torch.arange(num_samples, device=batch.device) >= lengths.unsqueeze(1), 0.0)
         if not bool(torch.isfinite(valid).all()):
             raise ValueError("waveforms contain NaN or Inf samples")
-    num_frames = opts.num_frames(num_samples if lengths is None else int(lengths.max()))
+    longest = num_samples if lengths is None else (int(lengths.max()) if batch.shape[0] else 0)
+    num_frames = max(opts.num_frames(longest), 0)  # below 0 only for an empty batch with lengths
 
     use_kernel = _choose_backend(backend, batch, opts)
-    if num_frames == 0:  # possible only without snip_edges, when the shift exceeds twice the clip
-        features = batch.new_zeros(batch.shape[0], 0, opts.num_features)
+    # No frames happens without snip_edges when the shift exceeds twice the clip; no clips, with an
+    # empty batch (its features are [0, frames, bins], like any torch op's on an empty batch).
+    if num_frames == 0 or batch.shape[0] == 0:
+        features = batch.new_zeros(batch.shape[0], num_frames, opts.num_features)
     elif use_kernel:
         clip_lengths = lengths if lengths is not None else torch.full((batch.shape[0],), num_samples, device=batch.device)
         features = fbank_cuda(batch.contiguous(), clip_lengths, num_frames, opts)

@@ -26,8 +26,8 @@ atomics anywhere. Double backward is not supported.
 Index checks: a wrong index dtype or shape is a TypeError / ValueError before anything runs.
 Values outside [0, L) are a ValueError too, which costs one min/max reduction and one host sync
 per call; ``check_indices=False`` skips it (for callers that build the indices themselves, such
-as the models' mask generation), and it is skipped while ``torch.compile`` traces, under fake
-tensors and during CUDA-graph capture. Unchecked out-of-range indices give unspecified values but
+as the models' mask generation). Compiled code checks too, when the graph runs (``range_checked``);
+only fake tensors and CUDA-graph capture, which have no values to read, go unchecked. Unchecked out-of-range indices give unspecified values but
 the kernels never touch memory outside their inputs.
 
 Dispatch: CUDA tensors run the Triton kernels; CPU tensors run ``kernels.reference`` unless
@@ -116,6 +116,31 @@ def check_index_range(*checks: tuple[torch.Tensor, int, str]) -> None:
         lo, hi = bounds[2 * i], bounds[2 * i + 1]
         if lo < 0 or hi >= upper:
             raise ValueError(f"{name} holds values in [{lo}, {hi}]; they must lie in [0, {upper})")
+
+
+@torch.library.custom_op("audiomae::check_index_range", mutates_args=())
+def _checked_index_op(ids: torch.Tensor, upper: int, name: str) -> torch.Tensor:
+    check_index_range((ids, upper, name))
+    return ids.clone()  # an op's output may not alias its input; [B, K] int64 is small
+
+
+@_checked_index_op.register_fake
+def _(ids, upper, name):
+    return torch.empty_like(ids)
+
+
+def range_checked(*checks: tuple[torch.Tensor, int, str]) -> list[torch.Tensor]:
+    """``check_index_range`` that also holds in compiled code: the index tensors to use from here on.
+
+    Eagerly the check runs now and the indices come back as they are. While ``torch.compile``
+    traces, each index goes through ``audiomae::check_index_range``, an identity op whose body
+    checks the real values when the compiled graph runs (the kernels consume its output, so no
+    pass can drop it). Fake tensors and CUDA-graph capture have no values to check.
+    """
+    if torch.compiler.is_compiling():
+        return [torch.ops.audiomae.check_index_range(ids, upper, name) for ids, upper, name in checks]
+    check_index_range(*checks)
+    return [ids for ids, _, _ in checks]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -423,7 +448,7 @@ def gather_tokens(
     check_index(ids_keep, "ids_keep", x.shape[0])
     check_same_device(x=x, ids_keep=ids_keep, pos_embed=pos_embed)
     if check_indices:
-        check_index_range((ids_keep, x.shape[1], "ids_keep"))
+        (ids_keep,) = range_checked((ids_keep, x.shape[1], "ids_keep"))
     if not use_triton(x):
         return reference.gather_tokens(x, ids_keep, pos_embed)
     return _gather(x, ids_keep, pos)
@@ -449,7 +474,7 @@ def gather_tokens_2d(
     check_index(ids_keep_f, "ids_keep_f", x.shape[0])
     check_same_device(x=x, ids_keep_t=ids_keep_t, ids_keep_f=ids_keep_f, pos_embed=pos_embed)
     if check_indices:
-        check_index_range((ids_keep_t, T, "ids_keep_t"), (ids_keep_f, F, "ids_keep_f"))
+        ids_keep_t, ids_keep_f = range_checked((ids_keep_t, T, "ids_keep_t"), (ids_keep_f, F, "ids_keep_f"))
     if not use_triton(x):
         return reference.gather_tokens_2d(x, ids_keep_t, ids_keep_f, (T, F), pos_embed)
     # The kept tokens of a sequence are the product of its kept rows and columns: one small

@@ -24,8 +24,8 @@ partial sums in fp32, added up by ``torch.sum``. No atomics. Double backward is 
 Index checks, dispatch and registration (``audiomae::unshuffle_tokens`` and its backward for
 tracers, an autograd.Function over the same launchers for eager calls) follow
 ``kernels.gather_tokens``: values outside [0, L) are a ValueError at the cost of one reduction and
-one host sync, skipped with ``check_indices=False``, under ``torch.compile``, fake tensors and
-CUDA-graph capture.
+one host sync (in compiled code too, when the graph runs), skipped with ``check_indices=False``,
+under fake tensors and during CUDA-graph capture.
 """
 from __future__ import annotations
 
@@ -43,8 +43,8 @@ from kernels.gather_tokens import (
     cdiv,
     check_floats,
     check_index,
-    check_index_range,
     gather_rows_backward,
+    range_checked,
     row_tile,
     tile_rows,
 )
@@ -285,7 +285,7 @@ def unshuffle_tokens(
     pos = as_table(pos_embed, "pos_embed", L, C)
     check_same_device(x=x, ids_restore=ids_restore, mask_token=mask_token, pos_embed=pos_embed)
     if check_indices:
-        check_index_range((ids_restore, L, "ids_restore"))
+        (ids_restore,) = range_checked((ids_restore, L, "ids_restore"))
     if not use_triton(x):
         return reference.unshuffle_tokens(x, ids_restore, mask_token, pos_embed)
     op = torch.ops.audiomae.unshuffle_tokens if needs_custom_op() else _UnshuffleTokens.apply

@@ -321,6 +321,31 @@ def test_differentiable_through_torch_backend():
     assert clips.grad is not None and clips.grad.isfinite().all()
 
 
+def test_gradient_through_cpu_blocks_equals_torchaudio(monkeypatch):
+    """Past CPU_BLOCK_FRAMES the CPU path runs in blocks; each block keeps its own FFT input for
+    the backward (a shared buffer would be overwritten before autograd reads it)."""
+    import sys
+
+    monkeypatch.setattr(sys.modules["kernels.fbank"], "CPU_BLOCK_FRAMES", 8)
+    clips = clips_for({}, num_samples=3000).double()
+    ours = clips.clone().requires_grad_()
+    theirs = clips.clone().requires_grad_()
+    features = fbank(ours, backend="torch", num_mel_bins=20)
+    weights = torch.randn_like(features)
+    (features * weights).sum().backward()
+    expected = torch.stack([reference(clip, num_mel_bins=20) for clip in theirs])
+    (expected * weights).sum().backward()
+    scale = float(theirs.grad.abs().max())
+    torch.testing.assert_close(ours.grad, theirs.grad, rtol=1e-6, atol=1e-8 * scale)
+
+
+def test_empty_batch_gives_empty_features():
+    assert fbank(torch.zeros(0, 4000), num_mel_bins=40).shape == (0, 23, 40)
+    for lengths in ([], torch.zeros(0, dtype=torch.int64)):
+        features, frames = fbank(torch.zeros(0, 4000), lengths=lengths, num_mel_bins=40)
+        assert features.shape == (0, 0, 40) and frames.shape == (0,) and frames.dtype == torch.int64
+
+
 gpu = pytest.mark.gpu
 
 
@@ -397,3 +422,27 @@ def test_cpu_blocks_equal_one_pass(monkeypatch, name):
     blocked, frames_blocked = fbank(clips, lengths=lengths, backend="torch", **options)
     assert torch.equal(frames, frames_blocked)
     torch.testing.assert_close(blocked, whole, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["defaults", "audiomae", "freq_band", "vtln", "rate_8k", "rate_44k", "short_frames",
+                                  "magnitude"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_banded_mel_projection_equals_dense(name, dtype):
+    """The CPU's banded Mel matmul skips only zero weights: the dense product's values, for any
+    bin count (a last band shorter than the others, bands of nothing but zeros), VTLN included."""
+    import sys
+
+    fbank_module = sys.modules["kernels.fbank"]
+    opts = FbankOptions(**OPTION_SETS[name])
+    banks = fbank_module.mel_banks(opts).to(dtype)
+    spectrum = torch.rand(3, 37, banks.shape[1], dtype=dtype) ** 4  # non-negative, many decades
+    dense = spectrum @ banks.T
+    banded = fbank_module._apply_banks(spectrum, banks, banded=True)
+    assert banded.shape == dense.shape
+    # Sums of non-negative terms in another order: a few ulps apart at most (the bound is n ulps).
+    rtol = 32 * torch.finfo(dtype).eps
+    torch.testing.assert_close(banded, dense, rtol=rtol, atol=0)
+    zero_bins = banks.clone()
+    zero_bins[: fbank_module.MEL_BAND_SIZE] = 0.0  # a whole band without weights
+    torch.testing.assert_close(fbank_module._apply_banks(spectrum, zero_bins, banded=True), spectrum @ zero_bins.T,
+                               rtol=rtol, atol=0)

@@ -6,6 +6,7 @@ Every kernel output is allocated by a poisoned ``torch.empty`` (NaN-filled), so 
 forgets to write shows up as NaN instead of as lucky zeros.
 """
 import os
+import subprocess
 import sys
 
 import pytest
@@ -312,6 +313,40 @@ def test_cpu_without_interpreter_uses_the_reference(monkeypatch):
     torch.testing.assert_close(gather_tokens(x, ids), gather_reference.gather_tokens(x, ids))
     with pytest.raises(ValueError, match="ids_keep holds values"):
         gather_tokens(x, ids + 1)
+
+
+def test_compiled_calls_check_index_range():
+    """Under torch.compile the check runs when the graph runs (values unknown while tracing)."""
+    backend = "aot_eager"
+    x = torch.randn(2, 6, 4, device=DEVICE)
+    gather = torch.compile(lambda x, ids: gather_tokens(x, ids), backend=backend, fullgraph=True)
+    ids = torch.tensor([[0, 5], [1, 2]], device=DEVICE)
+    torch.testing.assert_close(gather(x, ids), gather_reference.gather_tokens(x, ids))
+    with pytest.raises(ValueError, match=r"ids_keep holds values in \[0, 6\]"):
+        gather(x, torch.tensor([[0, 6], [1, 2]], device=DEVICE))
+    unshuffle = torch.compile(lambda x, ids, m: unshuffle_tokens(x, ids, m), backend=backend, fullgraph=True)
+    mask_token = torch.randn(4, device=DEVICE)
+    with pytest.raises(ValueError, match="ids_restore holds values"):
+        unshuffle(x[:, :2], torch.tensor([[0, 1, 2, -1], [3, 2, 1, 0]], device=DEVICE), mask_token)
+    gather_2d = torch.compile(lambda x, t, f: gather_tokens_2d(x, t, f, (3, 2)), backend=backend, fullgraph=True)
+    rows = torch.tensor([[0, 2], [1, 2]], device=DEVICE)
+    # Row 0, column 2 is token 2, inside [0, 6): only a per-axis check catches the column.
+    with pytest.raises(ValueError, match="ids_keep_f holds values"):
+        gather_2d(x, rows, torch.tensor([[2], [0]], device=DEVICE))
+
+
+def test_interpreter_switched_on_after_import_is_a_clear_error():
+    code = (
+        "import os, torch, kernels\n"
+        "os.environ['TRITON_INTERPRET'] = '1'\n"
+        "kernels.gather_tokens(torch.randn(2, 6, 4), torch.tensor([[0, 5], [1, 2]]))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert "TRITON_INTERPRET=1 was set after `kernels` was imported" in done.stderr
 
 
 # ------------------------------------------------------------------------------------------------

@@ -405,3 +405,7 @@ def test_bad_inputs():
         model(torch.randn(2, 64, 128), noise=torch.rand(2, 32), generator=torch.Generator())
     with pytest.raises(ValueError, match="non-empty batch"):
         model(torch.randn(0, 64, 128))
+    with pytest.raises(TypeError, match="spec is torch.float64 but the model is torch.float32"):
+        model(torch.randn(2, 64, 128, dtype=torch.float64))
+    with pytest.raises(TypeError, match="spec is torch.float64"):
+        model.forward_features(torch.randn(2, 64, 128, dtype=torch.float64))
