@@ -224,7 +224,8 @@ def host_lib(tmp_path_factory):
         pytest.skip("g++ not found")
     library = tmp_path_factory.mktemp("fbank_host") / "fbank_host.so"
     source = CSRC / "fbank_host_test.cpp"
-    subprocess.run([compiler, "-O2", "-std=c++17", "-shared", "-fPIC", "-o", str(library), str(source)], check=True)
+    subprocess.run([compiler, "-O2", "-std=c++17", "-pthread", "-shared", "-fPIC", "-o", str(library), str(source)],
+                   check=True)
     return ctypes.CDLL(str(library))
 
 
@@ -232,15 +233,20 @@ def _ptr(t):
     return ctypes.c_void_p(t.data_ptr())
 
 
-def host_fbank(lib, waveforms, lengths, opts: FbankOptions):
-    """The kernel's per-frame pipeline over a batch, on the CPU, with the kernel's own tables."""
+def host_fbank(lib, waveforms, lengths, opts: FbankOptions, lanes: int | None = None):
+    """The kernel's per-frame pipeline over a batch, on the CPU, with the kernel's own tables: one
+    lane at a time, or ``lanes`` threads standing in for the warp's lanes."""
     t = kernel_tables(opts, torch.device("cpu"), torch.get_default_dtype())
     num_frames = opts.num_frames(int(lengths.max()))
     out = torch.full((len(waveforms), num_frames, opts.num_features), float("nan"), dtype=waveforms.dtype)
-    function = lib.fbank_host_float if waveforms.dtype == torch.float32 else lib.fbank_host_double
+    suffix = "float" if waveforms.dtype == torch.float32 else "double"
     i64, i32, f64 = ctypes.c_int64, ctypes.c_int, ctypes.c_double
+    if lanes is None:
+        function, team = getattr(lib, f"fbank_host_{suffix}"), ()
+    else:
+        function, team = getattr(lib, f"fbank_host_lanes_{suffix}"), (i32(lanes),)
     function(
-        _ptr(waveforms), _ptr(out), i64(len(waveforms)), i64(waveforms.shape[1]), _ptr(lengths), i64(num_frames),
+        _ptr(waveforms), _ptr(out), *team, i64(len(waveforms)), i64(waveforms.shape[1]), _ptr(lengths), i64(num_frames),
         i32(opts.window_size), i32(opts.padded_window_size), i64(opts.window_shift), i64(opts.reflect_pad()),
         i32(opts.snip_edges), i32(opts.remove_dc_offset), f64(opts.preemphasis_coefficient), i32(opts.raw_energy),
         f64(opts.energy_floor), i32(opts.use_energy), i32(opts.htk_compat), i32(opts.use_log_fbank),
@@ -269,6 +275,25 @@ def test_kernel_arithmetic_padded_batch_float64(host_lib):
     lengths = torch.tensor([3000, 400, 1111, 2999, 2000])
     features = host_fbank(host_lib, clips, lengths, FbankOptions(**options))
     torch.testing.assert_close(features, fbank(clips, lengths=lengths, backend="torch", **options)[0], atol=1e-9, rtol=0)
+
+
+@pytest.mark.parametrize("lanes", [32, 5])
+@pytest.mark.parametrize("name", ["defaults", "audiomae", "energy_htk_windowed", "no_snip_edges", "magnitude",
+                                  "short_frames"])
+def test_kernel_arithmetic_with_concurrent_lanes(host_lib, name, lanes):
+    """The warp's decomposition: lanes as threads (lane-strided loops, syncs, sums), padded batch."""
+    options = OPTION_SETS[name]
+    clips = clips_for(options, num_samples=2400).double()
+    lengths = torch.tensor([2400, 401, 1999, 2400, 1234])[: len(clips)]
+    opts = FbankOptions(**options)
+    if opts.window_size > int(lengths.min()):
+        lengths = lengths.clamp_min(opts.window_size)
+    serial = host_fbank(host_lib, clips, lengths, opts)
+    threaded = host_fbank(host_lib, clips, lengths, opts, lanes=lanes)
+    assert threaded.isfinite().all()
+    torch.testing.assert_close(threaded, serial, atol=1e-9, rtol=0)  # sums in another order
+    expected, _ = fbank(clips, lengths=lengths, backend="torch", **options)
+    torch.testing.assert_close(threaded, expected, atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("padded", [2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096])

@@ -2,8 +2,9 @@
 //
 // Every function here is __host__ __device__. The per-frame pipeline is templated on a Team: the
 // CUDA kernel passes a warp (32 lanes, __syncwarp, shuffle sums); the host test harness passes a
-// team of one. The same arithmetic therefore runs in fbank.cu and in fbank_host_test.cpp, which is
-// how the kernel's numbers are checked against torchaudio on machines without a GPU.
+// team of one, or threads standing in for the lanes (which catches a missing sync). The same
+// arithmetic therefore runs in fbank.cu and in fbank_host_test.cpp, which is how the kernel's
+// numbers, and its lane decomposition, are checked against torchaudio without a GPU.
 //
 // Precision: samples are converted to double and stay double through the FFT and the Mel sums, so
 // bins far below a frame's peak (tones, sweeps) keep their log to 1e-3 (see kernels/fbank.py).

@@ -2,8 +2,12 @@
 //
 // tests/test_fbank.py compiles this file with g++ into a shared library, calls it through ctypes
 // with the tables kernels/fbank.py builds for the kernel, and compares the result with torchaudio.
-// The loop over (clip, frame) is the kernel's grid; SerialTeam stands in for the warp.
+// The loop over (clip, frame) is the kernel's grid; SerialTeam stands in for the warp, and
+// ThreadTeam runs the warp's lanes as real threads.
+#include <condition_variable>
 #include <cstdint>
+#include <mutex>
+#include <thread>
 #include <vector>
 
 #include "fbank_frame.cuh"
@@ -22,6 +26,79 @@ void run(const scalar_t* waveforms, int64_t num_clips, int64_t num_samples, cons
                            a + config.padded_size, out + (clip * num_frames + frame) * num_features);
     }
   }
+}
+
+// std::barrier is C++20; the sources build as C++17, like the extension.
+class Barrier {
+ public:
+  explicit Barrier(int count) : count_(count) {}
+  void arrive_and_wait() {
+    std::unique_lock<std::mutex> lock(mutex_);
+    const long generation = generation_;
+    if (++arrived_ == count_) {
+      arrived_ = 0;
+      ++generation_;
+      released_.notify_all();
+    } else {
+      released_.wait(lock, [&] { return generation_ != generation; });
+    }
+  }
+
+ private:
+  std::mutex mutex_;
+  std::condition_variable released_;
+  const int count_;
+  int arrived_ = 0;
+  long generation_ = 0;
+};
+
+// `lanes` threads standing in for the warp's lanes: the kernel's lane-strided loops, syncs and sums
+// with real concurrency, so a missing sync or a lane-indexing slip shows up without a GPU.
+class ThreadTeam {
+ public:
+  ThreadTeam(int lane, int lanes, Barrier& barrier, double* partial)
+      : lane_(lane), lanes_(lanes), barrier_(&barrier), partial_(partial) {}
+  int rank() const { return lane_; }
+  int size() const { return lanes_; }
+  void sync() const { barrier_->arrive_and_wait(); }
+  double sum(double v) const {
+    partial_[lane_] = v;
+    sync();
+    double total = 0.0;
+    for (int i = 0; i < lanes_; ++i) total += partial_[i];
+    sync();  // no lane overwrites its partial before every lane has read them all
+    return total;
+  }
+
+ private:
+  int lane_, lanes_;
+  Barrier* barrier_;
+  double* partial_;
+};
+
+// One warp of the kernel walking every (clip, frame), as the kernel's clip loop does for its frame.
+template <class scalar_t>
+void run_lanes(const scalar_t* waveforms, int64_t num_clips, int64_t num_samples, const int64_t* lengths,
+               int64_t num_frames, fbank::FrameConfig config, scalar_t* out, int lanes) {
+  const int num_features = config.num_mel_bins + (config.use_energy ? 1 : 0);
+  std::vector<double> scratch(2 * static_cast<size_t>(config.padded_size) + 2);
+  double* a = scratch.data() + (reinterpret_cast<uintptr_t>(scratch.data()) % 16 ? 1 : 0);
+  Barrier barrier(lanes);
+  std::vector<double> partial(lanes);
+  std::vector<std::thread> threads;
+  for (int lane = 0; lane < lanes; ++lane) {
+    threads.emplace_back([&, lane] {
+      const ThreadTeam team(lane, lanes, barrier, partial.data());
+      for (int64_t clip = 0; clip < num_clips; ++clip) {
+        for (int64_t frame = 0; frame < num_frames; ++frame) {
+          fbank::compute_frame(team, config, waveforms + clip * num_samples, lengths[clip], frame, a,
+                               a + config.padded_size, out + (clip * num_frames + frame) * num_features);
+          team.sync();  // the kernel's __syncwarp before the scratch is reused
+        }
+      }
+    });
+  }
+  for (auto& thread : threads) thread.join();
 }
 
 }  // namespace
@@ -45,6 +122,14 @@ extern "C" void fbank_host_float(const float* waveforms, float* out, FBANK_HOST_
 
 extern "C" void fbank_host_double(const double* waveforms, double* out, FBANK_HOST_ARGS) {
   run(waveforms, num_clips, num_samples, lengths, num_frames, FBANK_HOST_CONFIG, out);
+}
+
+extern "C" void fbank_host_lanes_float(const float* waveforms, float* out, int lanes, FBANK_HOST_ARGS) {
+  run_lanes(waveforms, num_clips, num_samples, lengths, num_frames, FBANK_HOST_CONFIG, out, lanes);
+}
+
+extern "C" void fbank_host_lanes_double(const double* waveforms, double* out, int lanes, FBANK_HOST_ARGS) {
+  run_lanes(waveforms, num_clips, num_samples, lengths, num_frames, FBANK_HOST_CONFIG, out, lanes);
 }
 
 // The bare complex FFT, to test the Stockham passes against numpy for every power of two.
