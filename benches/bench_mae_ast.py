@@ -15,18 +15,23 @@ step of each per round) so that a shared machine's load shifts hit all alike. Ea
   device-independent measure of the activation memory;
 - ``speedup_vs_ssast`` and ``mem_ratio_vs_ssast`` (SSAST's figure over this row's, measured in the
   same run; the memory ratio uses the peaks, or saved activations where no peak could be read);
-- ``flops`` (``torch.utils.flop_counter`` over the step's forward and backward) and
+- ``flops`` (``torch.utils.flop_counter`` over the step's forward and backward; on the CPU counted
+  on ``CPU_PROBE_BATCH`` clips and scaled, ``counted_at_batch`` says which) and
   ``flop_floor_ms`` = flops over the measured matmul rate (``benches.harness.matmul_tflops``:
   bf16 on the GPU, fp32 on the CPU), with ``fraction_of_floor`` = floor / median.
 
-``python -m benches.bench_mae_ast --device cpu --batch 4 --depths 6 --out benches/results/mae_ast_cpu.json``
-writes rows and ``benches.harness.device_info`` as JSON.
+``python -m benches.bench_mae_ast --device cpu --depths 12 --tokens patch --warmup 1 --reps 3 --out F.json``
+writes rows and ``benches.harness.device_info`` as JSON (``benches/results/mae_ast_cpu_b32-*.json``:
+batch 32, one process per (tokens, depth), as a 24 GiB machine needs).
 """
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import json
 import statistics
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -84,6 +89,12 @@ def step_flops(model: MAEAST, spec: torch.Tensor) -> int:
     return flops
 
 
+# On the CPU, FLOPs and saved activations are counted on this many clips and scaled to the batch:
+# both are exactly linear in it (every op is per clip, InfoNCE's negatives included), and counting
+# a 10-second batch of 32 at depth 12 holds more memory than a 24 GiB machine has beside the step.
+CPU_PROBE_BATCH = 4
+
+
 def build_case(device, *, mode, backend, tokens, depth, batch, frames, embed_dim, num_heads) -> dict:
     """Model, step and the step's FLOPs and saved activations, measured once."""
     device = torch.device(device)
@@ -91,12 +102,15 @@ def build_case(device, *, mode, backend, tokens, depth, batch, frames, embed_dim
     model = MAEAST(tokens=tokens, mode=mode, encoder_depth=depth, embed_dim=embed_dim, num_heads=num_heads,
                    backend=backend).to(device)
     spec = torch.randn(batch, frames, 128, device=device) * 0.5
-    flops = step_flops(model, spec)
+    probe = spec if device.type == "cuda" else spec[: min(batch, CPU_PROBE_BATCH)]
+    scale = batch / probe.shape[0]
+    flops = round(step_flops(model, probe) * scale)
     row = {
-        "suite": SUITE, "name": f"{mode}/{backend}", "impl": mode, "backend": backend, "tokens": tokens,
+        "suite": SUITE, "name": f"{mode}/{backend} {tokens} depth {depth}", "impl": mode, "backend": backend, "tokens": tokens,
         "encoder_depth": depth, "decoder_depth": 2 if mode == "mae" else 0, "embed_dim": embed_dim,
         "shape": f"B{batch}xT{frames}x128", "dtype": "bf16-autocast" if device.type == "cuda" else "fp32",
-        "saved_activation_bytes": saved_activation_bytes(model, spec), "flops": flops,
+        "saved_activation_bytes": round(saved_activation_bytes(model, probe) * scale), "flops": flops,
+        "counted_at_batch": probe.shape[0],
         "flop_floor_ms": flops / (matmul_tflops(str(device)) * 1e12) * 1e3,
     }
     step = _pretraining_step(model, spec, torch.optim.AdamW(model.parameters(), lr=1e-4))
@@ -155,7 +169,21 @@ def measure(device, *, batch, frames, depths, tokens, embed_dim, num_heads, warm
                      for mode, backend in variants]
             case_rows = time_alternating(cases, device, warmup, reps)
             rows += _with_ratios(case_rows, baseline=case_rows[0])
+            del cases, case_rows
+            _release_memory(device)
     return rows
+
+
+def _release_memory(device: torch.device) -> None:
+    """Hands the last group's memory back before the next one (glibc keeps freed heap otherwise)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    elif sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except OSError:
+            pass
 
 
 def run(device, quick: bool) -> list[dict]:
