@@ -13,10 +13,13 @@ Without a GPU both run the embedded default: small shapes on the CPU, the Triton
 Triton's interpreter (``TRITON_INTERPRET=1`` is set here, before any ``kernels`` module is
 imported), parity still checked, and timings that say nothing about GPU speed.
 
-``--ops`` names parity cases and benchmark modules alike (``fbank`` selects both the fbank parity
-rows and ``benches/bench_fbank.py``). ``--dtypes`` and ``--batch-sizes`` select rows; a benchmark
-module whose ``run`` accepts ``dtypes`` or ``batch_sizes`` keywords is also told, so it can skip
-the work. The batch size of a row is its ``batch`` field, else the ``B=<n>`` in its shape.
+``--ops`` names parity cases and benchmark modules alike, each with its relatives
+(``PARITY_OF_MODULE``: ``fbank`` selects the fbank parity rows and ``benches/bench_fbank.py``,
+``tokens`` the three token cases and ``bench_tokens.py``). ``--dtypes`` and ``--batch-sizes`` select
+rows (a suite left with none says what it measures instead); a benchmark module whose ``run``
+accepts ``dtypes`` or ``batch_sizes`` keywords is also told, so it can skip the work. The batch
+size of a row is its ``batch`` field, else the ``B=<n>`` in its shape. Unknown ops, dtypes or
+non-positive batch sizes are errors, and so is a ``validate`` selection with no parity case.
 """
 from __future__ import annotations
 
@@ -31,8 +34,19 @@ from pathlib import Path
 
 BENCHES = Path(__file__).resolve().parent.parent / "benches"
 CPU_NOTE = ("No CUDA device: small shapes on the CPU, Triton kernels through the interpreter "
-            "(TRITON_INTERPRET=1). CPU timings say nothing about GPU speed; parity is still checked.")
+            "(TRITON_INTERPRET=1). CPU timings say nothing about GPU speed; parity is still checked. "
+            "Peak memory comes from the GPU's allocator: CPU rows have none, so the memory plots stay empty "
+            "(benches/bench_mae_ast.py reads the CPU's peak resident memory at its full size).")
 FAILING = ("FAIL", "ERROR")
+DTYPES = ("float32", "bfloat16", "float16", "float64")
+# Rows name their dtype as the suite measured it ("fp32", "bf16-autocast"); --dtypes uses torch's names.
+DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "bf16-autocast": "bfloat16",
+                 "fp64": "float64"}
+# The parity cases behind each benchmark module: `--ops tokens` also checks the token kernels, and
+# `--ops gather_tokens` also times them.
+PARITY_OF_MODULE = {"tokens": ("gather_tokens", "gather_tokens_2d", "unshuffle_tokens"),
+                    "window_attention": ("window_attention",), "window_tiling": ("window_attention",),
+                    "fbank": ("fbank",), "models": ("models",), "train": ("models",)}
 
 
 # ------------------------------------------------------------------------------------ runtime
@@ -65,6 +79,25 @@ def check_choices(asked: list[str] | None, known: list[str], what: str) -> None:
         raise SystemExit(f"unknown {what} {', '.join(unknown)}; choose from {', '.join(known)}")
 
 
+def selection(ops: list[str] | None, modules: dict[str, str], cases) -> tuple[set[str], set[str]]:
+    """(parity case names, benchmark module names) that ``--ops`` selects, each with its relatives."""
+    if not ops:
+        return set(cases), set(modules)
+    chosen_cases = {op for op in ops if op in cases}
+    chosen_modules = {op for op in ops if op in modules}
+    for module, related in PARITY_OF_MODULE.items():
+        if module in chosen_modules:
+            chosen_cases |= {case for case in related if case in cases}
+        # A case that is no module's name (gather_tokens...) also times the module that holds it.
+        elif module in modules and any(op in related and op not in modules for op in ops):
+            chosen_modules.add(module)
+    return chosen_cases, chosen_modules
+
+
+def canonical_dtype(name) -> str | None:
+    return DTYPE_ALIASES.get(name, name) if isinstance(name, str) else None
+
+
 def batch_size(row: dict) -> int | None:
     if isinstance(row.get("batch"), int):
         return row["batch"]
@@ -73,10 +106,10 @@ def batch_size(row: dict) -> int | None:
 
 
 # ---------------------------------------------------------------------------------- measuring
-def parity_tasks(ops: list[str] | None, dtypes: list[str] | None) -> list[tuple]:
+def parity_tasks(cases: set[str], dtypes: list[str] | None) -> list[tuple]:
     from benches import parity
 
-    return [(case, dtype) for name, case in parity.CASES.items() if not ops or name in ops
+    return [(case, dtype) for name, case in parity.CASES.items() if name in cases
             for dtype in case.dtypes if not dtypes or dtype in dtypes]
 
 
@@ -104,9 +137,15 @@ def run_benchmark(name: str, module_name: str, device, quick: bool, dtypes=None,
     except Exception as error:  # noqa: BLE001 - one broken module must not end the report
         message = f"{type(error).__name__}: {error}".splitlines()[0][:300]
         return [{"suite": name, "name": "-", "impl": "-", "status": "ERROR", "note": message}]
-    return [{"suite": name, **row} for row in rows
-            if (not dtypes or row.get("dtype") in dtypes or row.get("status") in ("SKIP", "ERROR"))
+    kept = [{"suite": name, **row} for row in rows
+            if (not dtypes or canonical_dtype(row.get("dtype")) in dtypes or row.get("status") in ("SKIP", "ERROR"))
             and (not batch_sizes or batch_size(row) in batch_sizes or batch_size(row) is None)]
+    if rows and not kept:
+        measured = sorted({f"{canonical_dtype(r.get('dtype'))} B={batch_size(r)}" for r in rows})
+        asked = " ".join(f"--{k} {' '.join(map(str, v))}" for k, v in (("dtypes", dtypes), ("batch-sizes", batch_sizes)) if v)
+        return [{"suite": name, "name": "-", "impl": "-", "status": "SKIP",
+                 "note": f"no row matches {asked}; this suite measures {', '.join(measured)}"}]
+    return kept
 
 
 # ---------------------------------------------------------------------------------- reporting
@@ -156,7 +195,8 @@ def table_rows(rows: list[dict]) -> list[dict]:
         out.append({**row, "speedup": ratio, "baseline": baseline, "floor": floor,
                     "floor_fraction": floor / median if floor and median else None,
                     "peak_mib": peak / 2**20 if isinstance(peak, (int, float)) else None,
-                    "note": row.get("note") or row.get("status", "")})
+                    "note": row.get("note") or row.get("status")
+                    or (f"unavailable: {row['unavailable']}" if row.get("unavailable") else "")})
     return out
 
 
@@ -217,6 +257,9 @@ def write_plots(out: Path, rows: list[dict]) -> list[Path]:
                     ax_mem.plot([p[0] for p in points], [p[2] for p in points], marker="o", label=label)
             ax_time.set(title=f"{suite}: time", xlabel="batch size", ylabel="median ms")
             ax_mem.set(title=f"{suite}: peak memory", xlabel="batch size", ylabel="MiB")
+            if not ax_mem.lines:
+                ax_mem.text(0.5, 0.5, "not measured on this device", ha="center", va="center",
+                            transform=ax_mem.transAxes)
             ax_time.legend(fontsize=6)
         fig.tight_layout()
         fig.savefig(out / "batch_scaling.png", dpi=100)
@@ -278,8 +321,13 @@ def validate(args) -> int:
         print(note)
     from benches import parity
 
-    check_choices(args.ops, list(parity.CASES), "op")
-    tasks = parity_tasks(args.ops, args.dtypes)
+    modules = benchmark_modules()
+    check_choices(args.ops, sorted(set(parity.CASES) | set(modules)), "op")
+    cases, _ = selection(args.ops, modules, parity.CASES)
+    tasks = parity_tasks(cases, args.dtypes)
+    if not tasks:
+        raise SystemExit(f"no parity case matches --ops {' '.join(args.ops or ['(all)'])} "
+                         f"--dtypes {' '.join(args.dtypes or ['(all)'])}: nothing to validate")
     with _progress(len(tasks)) as progress:
         rows = run_parity(device, tasks, args.quick, progress)
     print(markdown_table(rows, PARITY_COLUMNS))
@@ -298,9 +346,12 @@ def bench(args) -> int:
     modules = benchmark_modules()
     check_choices(args.ops, sorted(set(parity.CASES) | set(modules)), "op")
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"--out {out} is a file; give a folder for report.md, results.json and the plots")
     out.mkdir(parents=True, exist_ok=True)
-    tasks = parity_tasks(args.ops, args.dtypes)
-    chosen = {name: module for name, module in modules.items() if not args.ops or name in args.ops}
+    cases, module_names = selection(args.ops, modules, parity.CASES)
+    tasks = parity_tasks(cases, args.dtypes)
+    chosen = {name: module for name, module in modules.items() if name in module_names}
     # The embedded CPU default times the small shapes: the larger CPU sizes take many minutes on two
     # cores and say no more about GPU speed (--full asks for them).
     bench_quick = args.quick or (device.type != "cuda" and not args.full)
@@ -329,9 +380,22 @@ def bench(args) -> int:
     return 1 if failed else 0
 
 
+def _positive_int(text: str) -> int:
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a batch size must be a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"a batch size must be a positive integer, got {value}")
+    return value
+
+
 def _selection_options(parser) -> None:
     parser.add_argument("--ops", nargs="+", metavar="OP", help="parity cases and benchmark modules to run (default: all)")
-    parser.add_argument("--dtypes", nargs="+", metavar="DTYPE", help="float32, bfloat16, float16, float64 (default: all)")
+    parser.add_argument("--dtypes", nargs="+", metavar="DTYPE", choices=DTYPES,
+                        help="float32, bfloat16, float16, float64 (default: all)")
     parser.add_argument("--quick", action="store_true", help="the smallest shapes and fewest repetitions")
 
 
@@ -343,7 +407,7 @@ def register(subparsers) -> None:
 
     parser = subparsers.add_parser("bench", help="parity, then speed and memory of everything: report.md, results.json, plots")
     _selection_options(parser)
-    parser.add_argument("--batch-sizes", nargs="+", type=int, metavar="B", help="keep rows of these batch sizes")
+    parser.add_argument("--batch-sizes", nargs="+", type=_positive_int, metavar="B", help="keep rows of these batch sizes")
     parser.add_argument("--out", default="bench-out", help="output folder (default: bench-out)")
     parser.add_argument("--full", action="store_true",
                         help="without a GPU, time the benchmarks' larger CPU sizes too (many minutes)")

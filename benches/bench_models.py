@@ -10,7 +10,8 @@ Steps (GPU: the issue's targets, batch 64 of 1024 x 128 spectrograms, bf16 autoc
   (pooled [B, 768]) under ``torch.inference_mode``.
 
 Variants: ``reference`` (the official eager math), ``reference+compile`` (the same model under
-``torch.compile``), ``sdpa`` and ``triton``. Each row reports ``median_ms`` (CUDA events, median
+``torch.compile``), ``sdpa``, ``triton`` and ``xformers`` (a SKIP row with the backend's reason
+when its operators do not load, as with torch 2.11 and xformers 0.0.35). Each row reports ``median_ms`` (CUDA events, median
 after warm-up, the input batch alternating between two random draws), ``samples_per_s``,
 ``peak_mem_bytes`` (the absolute peak allocated while stepping: weights, gradients and AdamW
 state included, as the official 15.8 GiB figure), ``speedup_vs_reference`` and
@@ -40,7 +41,7 @@ from benches.harness import count_flops, matmul_tflops, time_fn
 
 STEPS = ("pretrain", "finetune", "embed")
 # Most wanted first: a time limit that cuts the run short keeps the reference and triton rows.
-VARIANTS = ("reference", "triton", "triton+compile", "sdpa", "reference+compile")
+VARIANTS = ("reference", "triton", "triton+compile", "sdpa", "reference+compile", "xformers")
 GPU_BATCH = 64
 CPU_BATCH = 2
 TARGET = "pretrain triton: >= 3x reference samples/s at <= 0.5x its peak memory (issue 6)"

@@ -9,7 +9,8 @@ output projection's input, forward and forward + backward):
   bias, temperature and shift mask (q and k normalised beforehand), compiled;
 - ``sdpa_dense_mask``: roll / partition, then SDPA on the window batch with a materialised additive
   mask (bias + shift mask) per window;
-- ``xformers``: the same through ``memory_efficient_attention``, when its ops load.
+- ``xformers``: the same through ``memory_efficient_attention``, when its ops load; otherwise a row
+  whose ``unavailable`` field gives the reason (not importable, no GPU, operators that do not run).
 The floor is the bytes the core must move (read q, k, v, write out; backward: read q, k, v, out,
 dout, write dq, dk, dv) over the copy bandwidth measured in the same run.
 
@@ -124,7 +125,13 @@ def _sdpa(cfg, device):
 
 
 def _xformers(cfg, device):
-    """The windowed path through xformers; raises with the reason when its ops do not load."""
+    """The windowed path through xformers; raises with the reason when its ops do not load (the
+    model backend's own check: not importable, no CUDA device, or CUDA operators that do not run)."""
+    from audiomae.backends import xformers_status
+
+    available, reason = xformers_status()
+    if not available:
+        raise RuntimeError(reason)
     import xformers.ops as xops
 
     def attend(q, k, v, mask):
@@ -149,7 +156,7 @@ def _core_impls(cfg, device):
     }
     if device.type == "cuda":
         impls["reference_compiled"] = lambda: torch.compile(impls["reference"]())
-        impls["xformers"] = lambda: _xformers(cfg, device)
+    impls["xformers"] = lambda: _xformers(cfg, device)  # a row that says why when it cannot run
     return impls
 
 
