@@ -1,6 +1,7 @@
 """Installs ``kernels`` and ``audiomae``; compiles ``csrc/`` when CUDA is there or asked for.
 
-``AUDIOMAE_BUILD_CUDA=1`` forces the CUDA extension build (nvcc needed, no GPU needed);
+``AUDIOMAE_BUILD_CUDA=1`` forces the CUDA extension build (nvcc needed, no GPU needed: without
+one it targets ``TORCH_CUDA_ARCH_LIST``, by default sm_90 plus PTX);
 ``AUDIOMAE_BUILD_CUDA=0`` skips it. Otherwise it is built when torch sees a GPU, and where it is not
 built, the first use compiles it just in time and caches it (see ``kernels/_cuda_extension.py``).
 """
@@ -45,6 +46,7 @@ def cuda_extensions():
     spec = importlib.util.spec_from_file_location("_ext", os.path.join("kernels", "_cuda_extension.py"))
     ext = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ext)
+    ext.ensure_arch_list()
     modules = [
         CUDAExtension(f"kernels._{name}_cuda", [os.path.relpath(s) for s in ext.extension_sources(name)],
                       extra_compile_args={"cxx": ext.CXX_FLAGS, "nvcc": ext.NVCC_FLAGS})

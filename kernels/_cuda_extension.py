@@ -13,9 +13,25 @@ import importlib
 from pathlib import Path
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
+# Without a visible GPU (a build machine, a container) torch's builder has no architecture to read
+# and fails with an IndexError; build for the H100 then, plus PTX for newer GPUs to JIT from.
+# TORCH_CUDA_ARCH_LIST, when set, decides.
+DEFAULT_ARCH_LIST = "9.0+PTX"
 CXX_FLAGS = ["-O3", "-std=c++17"]
 # No --use_fast_math: the kernel's float64 FFT is what keeps quiet bins within 1e-3 of Kaldi.
 NVCC_FLAGS = ["-O3", "-std=c++17", "-lineinfo"]
+
+
+def ensure_arch_list() -> str | None:
+    """Sets ``TORCH_CUDA_ARCH_LIST`` to ``DEFAULT_ARCH_LIST`` when it is unset and no GPU is
+    visible; returns the list the build will use (None: the visible GPUs')."""
+    import os
+
+    import torch
+
+    if "TORCH_CUDA_ARCH_LIST" not in os.environ and not torch.cuda.is_available():
+        os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCH_LIST
+    return os.environ.get("TORCH_CUDA_ARCH_LIST")
 
 
 def extension_sources(name: str) -> list[str]:
@@ -41,6 +57,7 @@ def load_extension(name: str):
         pass
     from torch.utils.cpp_extension import load
 
+    ensure_arch_list()
     return load(
         name=f"audiomae_{name}_cuda",
         sources=extension_sources(name),

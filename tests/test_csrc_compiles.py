@@ -41,3 +41,17 @@ def test_every_csrc_source_compiles_for_sm90(tmp_path):
     assert not spills, "\n".join(spills)
     reports = [line for r in results for line in r.stderr.splitlines() if "ptxas info" in line and "registers" in line]
     assert reports, "ptxas printed no register report: is -Xptxas=-v still passed?"
+
+
+def test_a_build_without_a_gpu_targets_sm90(monkeypatch):
+    """torch's builder reads the architecture off the visible GPU and fails with an IndexError when
+    there is none: a build machine then gets sm_90 plus PTX, unless TORCH_CUDA_ARCH_LIST says otherwise."""
+    import torch
+
+    from kernels import _cuda_extension
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    assert _cuda_extension.ensure_arch_list() == "9.0+PTX"
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0")
+    assert _cuda_extension.ensure_arch_list() == "8.0"
