@@ -242,6 +242,9 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_model_step(benchmark, step, variant):
     device = torch.device("cuda")
+    reason = skip_reason(step, variant, device)
+    if reason:
+        pytest.skip(reason)
     model = build_model(step, device, variant.split("+")[0])
     run = make_step(step, model, GPU_BATCH, device, compiled=variant.endswith("+compile"))
 

@@ -29,7 +29,7 @@ def ensure_arch_list() -> str | None:
 
     import torch
 
-    if "TORCH_CUDA_ARCH_LIST" not in os.environ and not torch.cuda.is_available():
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip() and not torch.cuda.is_available():
         os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCH_LIST
     return os.environ.get("TORCH_CUDA_ARCH_LIST")
 

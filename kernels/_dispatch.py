@@ -11,14 +11,19 @@ import os
 import torch
 
 
+def _interpret_env() -> bool:
+    """TRITON_INTERPRET as Triton reads it (1, true, on or yes)."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+
+
 # Whether the kernels were decorated under the interpreter: this module is imported with them.
-_DECORATED_FOR_INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_DECORATED_FOR_INTERPRETER = _interpret_env()
 
 
 def interpreting() -> bool:
     """``TRITON_INTERPRET=1`` now. Set after ``kernels`` was imported, it is an error rather than a
     silent reference run or a Triton driver error: the kernels were decorated for the GPU."""
-    if os.environ.get("TRITON_INTERPRET", "0") != "1":
+    if not _interpret_env():
         return False
     if not _DECORATED_FOR_INTERPRETER:
         raise RuntimeError(

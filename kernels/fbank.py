@@ -277,7 +277,10 @@ def kernel_tables(opts: FbankOptions, device: torch.device, default_dtype: torch
 
 @functools.lru_cache(maxsize=32)
 def _torch_tables(opts, device, compute_dtype, feature_dtype, default_dtype):
-    return window_function(opts, device).to(compute_dtype), mel_banks(opts).to(device, feature_dtype)
+    # Built outside inference mode whatever the first caller's mode: cached inference tensors would
+    # make every later differentiable call fail ("cannot be saved for backward").
+    with torch.inference_mode(False):
+        return window_function(opts, device).to(compute_dtype), mel_banks(opts).to(device, feature_dtype)
 
 
 # Mel bins per band of the CPU's banded projection: 8 bands of 16 of AudioMAE's 128 bins read 268 FFT
@@ -292,7 +295,7 @@ def _mel_bands(banks: torch.Tensor) -> tuple[tuple[int, int, int, int, torch.Ten
     FFT-bin range ``[k0, k1)`` outside which all its weights are zero: ``(m0, m1, k0, k1, weights)``.
     The triangles of consecutive Mel bins overlap only their neighbours, so each band is narrow."""
     bands = []
-    for m0 in range(0, banks.shape[0], MEL_BAND_SIZE):
+    for m0 in range(0, banks.shape[0], MEL_BAND_SIZE):  # banks is a cached table, never an inference tensor
         m1 = min(m0 + MEL_BAND_SIZE, banks.shape[0])
         nonzero = (banks[m0:m1] != 0).any(0).nonzero().flatten().tolist()
         k0, k1 = (nonzero[0], nonzero[-1] + 1) if nonzero else (0, 0)
@@ -313,7 +316,8 @@ def _apply_banks(spectrum: torch.Tensor, banks: torch.Tensor, banded: bool) -> t
             out_t[m0:m1].zero_()
         else:
             torch.mm(weights, rows[:, k0:k1].T, out=out_t[m0:m1])
-    return out_t.T.reshape(*spectrum.shape[:-1], banks.shape[0])
+    # Back to frames-major: the caller's output must be contiguous like torchaudio's (a small copy).
+    return out_t.T.contiguous().reshape(*spectrum.shape[:-1], banks.shape[0])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -411,7 +415,7 @@ def _frame_features(frames, window, banks, opts: FbankOptions, generator, padded
     spectrum = squares[..., 0] + squares[..., 1]
     if not opts.use_power:
         spectrum.sqrt_()
-    banded = not spectrum.is_cuda and not (spectrum.requires_grad and torch.is_grad_enabled())
+    banded = spectrum.device.type == "cpu" and not (spectrum.requires_grad and torch.is_grad_enabled())
     features = _apply_banks(spectrum, banks, banded)
     if opts.use_log_fbank:
         features = features.clamp_min_(LOG_FLOOR).log_()
@@ -547,9 +551,9 @@ def _warn_once(reason: str) -> None:
 
 
 def _check_lengths(lengths, batch: int, num_samples: int, device: torch.device) -> torch.Tensor:
-    if not isinstance(lengths, torch.Tensor) and len(lengths) == 0:
-        lengths = torch.zeros(0, dtype=torch.int64)  # an empty list carries no dtype: torch would say float32
     lengths = torch.as_tensor(lengths)
+    if lengths.numel() == 0:
+        lengths = lengths.to(torch.int64)  # an empty list or array carries no integer dtype to check
     if lengths.is_floating_point() or lengths.is_complex() or lengths.dtype == torch.bool:
         raise TypeError(f"lengths must hold integers, got dtype {lengths.dtype}")
     if lengths.shape != (batch,):

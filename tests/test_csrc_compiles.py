@@ -51,7 +51,9 @@ def test_a_build_without_a_gpu_targets_sm90(monkeypatch):
     from kernels import _cuda_extension
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "")  # recorded, so the teardown restores the original state
+    assert _cuda_extension.ensure_arch_list() == "9.0+PTX"
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST")
     assert _cuda_extension.ensure_arch_list() == "9.0+PTX"
     monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0")
     assert _cuda_extension.ensure_arch_list() == "8.0"

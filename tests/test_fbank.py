@@ -366,7 +366,7 @@ def test_gradient_through_cpu_blocks_equals_torchaudio(monkeypatch):
 
 def test_empty_batch_gives_empty_features():
     assert fbank(torch.zeros(0, 4000), num_mel_bins=40).shape == (0, 23, 40)
-    for lengths in ([], torch.zeros(0, dtype=torch.int64)):
+    for lengths in ([], torch.zeros(0, dtype=torch.int64), np.zeros(0)):
         features, frames = fbank(torch.zeros(0, 4000), lengths=lengths, num_mel_bins=40)
         assert features.shape == (0, 0, 40) and frames.shape == (0,) and frames.dtype == torch.int64
 
@@ -471,3 +471,24 @@ def test_banded_mel_projection_equals_dense(name, dtype):
     zero_bins[: fbank_module.MEL_BAND_SIZE] = 0.0  # a whole band without weights
     torch.testing.assert_close(fbank_module._apply_banks(spectrum, zero_bins, banded=True), spectrum @ zero_bins.T,
                                rtol=rtol, atol=0)
+
+
+@pytest.mark.parametrize("num_samples", [4000, 40000])  # one block, and several on the CPU
+def test_features_are_contiguous_like_torchaudio(num_samples):
+    features = fbank(torch.randn(2, num_samples), backend="torch", num_mel_bins=40)
+    assert features.is_contiguous()
+    assert fbank(torch.randn(num_samples), backend="torch").is_contiguous()
+
+
+def test_first_call_in_inference_mode_leaves_later_gradients_working():
+    options = dict(num_mel_bins=19, frame_length=23.0)  # tables no other test has cached
+    with torch.inference_mode():
+        fbank(torch.randn(1, 3000), backend="torch", **options)
+    clip = torch.randn(1, 3000, dtype=torch.float64, requires_grad=True)
+    fbank(clip, backend="torch", **options).sum().backward()
+    assert clip.grad is not None and clip.grad.isfinite().all()
+
+
+def test_a_bare_int_for_lengths_is_a_shape_error():
+    with pytest.raises(ValueError, match=r"lengths must have shape \[2\]"):
+        fbank(torch.randn(2, 4000), lengths=4000)
