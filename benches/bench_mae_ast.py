@@ -27,11 +27,8 @@ batch 32, one process per (tokens, depth), as a 24 GiB machine needs).
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import json
 import statistics
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -39,7 +36,7 @@ import pytest
 import torch
 
 from audiomae.mae_ast import MAEAST
-from benches.harness import count_flops, cpu_peak_rss_bytes, device_info, matmul_tflops, time_fn
+from benches.harness import count_flops, cpu_peak_rss_bytes, device_info, matmul_tflops, release_memory, time_fn
 
 SUITE = "mae_ast_pretrain_step"
 FULL = dict(batch=32, frames=1024, depths=(6, 12), tokens=("patch", "frame"), embed_dim=768, num_heads=12)
@@ -173,20 +170,8 @@ def measure(device, *, batch, frames, depths, tokens, embed_dim, num_heads, warm
             case_rows = time_alternating(cases, device, warmup, reps)
             rows += _with_ratios(case_rows, baseline=case_rows[0])
             del cases, case_rows
-            _release_memory(device)
+            release_memory(device)
     return rows
-
-
-def _release_memory(device: torch.device) -> None:
-    """Hands the last group's memory back before the next one (glibc keeps freed heap otherwise)."""
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    elif sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except OSError:
-            pass
 
 
 def run(device, quick: bool) -> list[dict]:

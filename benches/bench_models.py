@@ -29,7 +29,6 @@ through Triton's interpreter takes tens of seconds a step; both are SKIP rows, n
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 from functools import partial
 
@@ -37,7 +36,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from benches.harness import count_flops, matmul_tflops, time_fn
+from benches.harness import count_flops, matmul_tflops, release_memory, time_fn
 
 STEPS = ("pretrain", "finetune", "embed")
 # Most wanted first: a time limit that cuts the run short keeps the reference and triton rows.
@@ -148,9 +147,8 @@ def skip_reason(step: str, variant: str, device: torch.device) -> str | None:
 
 
 def _free(device: torch.device) -> None:
-    gc.collect()
+    release_memory(device)
     if device.type == "cuda":
-        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
 
 
