@@ -148,6 +148,14 @@ class SwinTransformerBlock(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
         self.norm2 = norm_layer(dim)
 
+    def _add_norm(self, x: torch.Tensor, branch: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+        """``x + norm(branch)``: one fused kernel on the ``"triton"`` backend (same dtypes and values)."""
+        if self.attn.backend == "triton" and type(norm) is nn.LayerNorm and len(norm.normalized_shape) == 1:
+            from kernels.post_norm_residual import post_norm_residual
+
+            return post_norm_residual(x, branch, norm.weight, norm.bias, eps=norm.eps)
+        return x + norm(branch)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.norm1(self.attn(x, self.feat_size, self.shift_size))
-        return x + self.norm2(self.mlp(x))
+        x = self._add_norm(x, self.attn(x, self.feat_size, self.shift_size), self.norm1)
+        return self._add_norm(x, self.mlp(x), self.norm2)

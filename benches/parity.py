@@ -173,6 +173,19 @@ def window_attention_case(device, dtype, quick):
     return _check_op("triton", call(window_attention), call(window_attention_reference), inputs, ATTENTION[dtype])
 
 
+def post_norm_residual_case(device, dtype, quick):
+    from kernels.post_norm_residual import post_norm_residual
+    from kernels.reference.post_norm_residual import post_norm_residual as reference
+
+    B, L, C = (4, 512, 512) if device.type == "cuda" else (3, 37, 24)  # the decoder's residual stream
+    inputs = {"x": torch.randn(B, L, C, device=device, dtype=dtype),
+              "branch": (2 * torch.randn(B, L, C, device=device) + 0.5).to(dtype),
+              # LayerNorm parameters as training leaves them: near 1 and near 0.
+              "weight": (1 + 0.2 * torch.randn(C, device=device)).to(dtype),
+              "bias": (0.2 * torch.randn(C, device=device)).to(dtype)}
+    return _check_op("triton", post_norm_residual, reference, inputs, ROUNDING[dtype])
+
+
 FBANK_OPTIONS = dict(htk_compat=True, sample_frequency=16000, use_energy=False, window_type="hanning",
                      num_mel_bins=128, dither=0.0, frame_shift=10)
 
@@ -298,6 +311,7 @@ CASES: dict[str, Case] = {
         Case("gather_tokens_2d", gather_tokens_2d_case),
         Case("unshuffle_tokens", unshuffle_tokens_case),
         Case("window_attention", window_attention_case),
+        Case("post_norm_residual", post_norm_residual_case),
         Case("fbank", fbank_case, dtypes=("float32", "float64")),
         Case("models", models_case),
     )

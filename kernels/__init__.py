@@ -2,11 +2,13 @@
 
 Triton ops run on CUDA tensors, and on CPU tensors through Triton's interpreter when
 ``TRITON_INTERPRET=1`` is set before this package is imported; otherwise CPU tensors take the
-eager reference in ``kernels.reference``. ``fbank`` has a CUDA C++ kernel (``csrc/fbank``) and a
+eager reference in ``kernels.reference``. ``post_norm_residual`` fuses the decoder's post-norm
+residual add with its LayerNorm. ``fbank`` has a CUDA C++ kernel (``csrc/fbank``) and a
 batched torch path.
 """
 from .fbank import FbankOptions, fbank
 from .gather_tokens import gather_tokens, gather_tokens_2d
+from .post_norm_residual import post_norm_residual
 from .reference.window_attention import window_attention_reference
 from .unshuffle_tokens import unshuffle_tokens
 from .window_attention import window_attention
@@ -16,6 +18,7 @@ __all__ = [
     "fbank",
     "gather_tokens",
     "gather_tokens_2d",
+    "post_norm_residual",
     "unshuffle_tokens",
     "window_attention",
     "window_attention_reference",

@@ -1,6 +1,7 @@
 """The AudioMAE models against independent oracles (timm's blocks, explicit float64 math) and
 across backends."""
 import math
+from collections import Counter
 from functools import partial
 
 import pytest
@@ -186,6 +187,31 @@ def test_backends_agree_forward_and_backward(decoder_mode, mask_2d):
         torch.testing.assert_close(loss, ref[0], rtol=1e-4, atol=1e-5, msg=backend)
         for name, g in ref[3].items():
             torch.testing.assert_close(grads[name], g, rtol=1e-3, atol=1e-4, msg=f"{backend} {name}")
+
+
+def _autograd_node_counts(t: torch.Tensor) -> Counter:
+    """How many nodes of each type the autograd graph behind ``t`` holds."""
+    seen, counts, stack = set(), Counter(), [t.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        counts[type(node).__name__] += 1
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return counts
+
+
+def test_triton_decoder_takes_the_fused_kernels():
+    # The "triton" backend must not run eager math where a kernel exists: one gather, one
+    # unshuffle, and per decoder block one window attention and two post-norm residuals.
+    torch.manual_seed(0)
+    model = tiny_mae(decoder_mode=1).set_backend("triton")
+    counts = _autograd_node_counts(model(torch.randn(2, 1, 128, 64), noise=torch.rand(2, 32))[0])
+    fused = {name.removesuffix("Backward"): n for name, n in counts.items() if name.startswith("_")}
+    blocks = len(model.decoder_blocks)  # 16 in decoder mode 1, as the official code builds it
+    assert fused == {"_GatherTokens": 1, "_UnshuffleTokens": 1, "_WindowAttentionFunction": blocks,
+                     "_PostNormResidual": 2 * blocks}, counts
 
 
 def test_vit_forward_and_structured_masking_match_explicit_math():

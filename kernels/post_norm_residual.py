@@ -1,0 +1,349 @@
+"""Post-norm residual: ``x + layer_norm(branch)`` in one pass, forward and backward.
+
+The decoder's Swin-V2 blocks close each branch with ``x = x + norm(branch)``. Eagerly that is a
+layer norm that writes its output and an add that reads it back; under CUDA autocast the norm
+first casts the bfloat16 branch to a float32 copy, which it also keeps for the backward. Here one
+kernel reads ``x`` and ``branch`` and writes the sum, and the backward keeps the branch in its
+own dtype (half the bytes of that copy) and two numbers per row (mean and 1/std).
+
+``post_norm_residual(x, branch, weight=None, bias=None, eps=1e-5)``
+    ``x``, ``branch`` [..., C] of one shape; ``weight``, ``bias`` [C] or None. Returns
+    ``x + F.layer_norm(branch, (C,), weight, bias, eps)`` in the dtypes eager torch gives: the
+    norm's output is float32 under CUDA autocast for a float16/bfloat16 branch (autocast runs
+    layer_norm in float32), the branch's dtype otherwise (a float32 ``weight``/``bias`` may serve
+    a float16/bfloat16 branch, as in torch); it is rounded to that dtype before the add, and the
+    sum takes the promoted dtype of ``x`` and the norm. C from 1 to 16384; any leading shape and
+    strides (inputs that cannot be viewed as [rows, C] are copied first).
+
+Statistics are float32 (float64 for a float64 branch): the row is held in registers, so the
+mean and the biased variance take two exact passes over it. Eager references run on CPU tensors
+unless ``TRITON_INTERPRET=1``.
+
+Gradients: ``x`` gets ``grad_out`` cast to its dtype (no kernel), ``branch`` the layer-norm
+backward, ``weight`` and ``bias`` row sums of fixed-order per-program partials added by
+``torch.sum`` (deterministic, no atomics). Double backward is not supported. Registered as
+``audiomae::post_norm_residual`` (and its backward) for tracers; eager calls take an
+autograd.Function over the same launchers (see ``kernels._dispatch.needs_custom_op``).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels._dispatch import check_same_device, needs_custom_op, use_triton
+from kernels.gather_tokens import FLOAT_DTYPES, REDUCING_PROGRAMS, cdiv, next_power_of_2
+from kernels.reference import post_norm_residual as reference
+
+MAX_CHANNELS = 16384
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+TL_FLOATS = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32, torch.float64: tl.float64}
+
+
+@triton.jit
+def _forward_kernel(
+    x_ptr, branch_ptr, weight_ptr, bias_ptr, out_ptr, mean_ptr, rstd_ptr,
+    M, C, eps,
+    stride_xm, stride_xc, stride_bm, stride_bc, stride_w, stride_bias,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    STAT_DTYPE: tl.constexpr, NORM_DTYPE: tl.constexpr, SUM_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    # One program per BLOCK_M whole rows: the statistics need the row, and C fits in registers.
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_C)
+    row_ok = rows < M
+    col_ok = cols < C
+    ok = row_ok[:, None] & col_ok[None, :]
+    v = tl.load(branch_ptr + rows[:, None] * stride_bm + cols[None, :] * stride_bc, mask=ok, other=0.0).to(STAT_DTYPE)
+    mean = tl.sum(v, axis=1) / C
+    centred = tl.where(ok, v - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=1) / C + eps)
+    norm = centred * rstd[:, None]
+    if HAS_WEIGHT:
+        norm *= tl.load(weight_ptr + cols * stride_w, mask=col_ok, other=0.0).to(STAT_DTYPE)[None, :]
+    if HAS_BIAS:
+        norm += tl.load(bias_ptr + cols * stride_bias, mask=col_ok, other=0.0).to(STAT_DTYPE)[None, :]
+    # Eagerly the norm's output is a tensor of its own dtype before the add: round to it.
+    norm = norm.to(NORM_DTYPE).to(SUM_DTYPE)
+    res = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xc, mask=ok, other=0.0).to(SUM_DTYPE)
+    tl.store(out_ptr + rows[:, None] * C + cols[None, :], (res + norm).to(out_ptr.dtype.element_ty), mask=ok)
+    tl.store(mean_ptr + rows, mean, mask=row_ok)
+    tl.store(rstd_ptr + rows, rstd, mask=row_ok)
+
+
+@triton.jit
+def _backward_kernel(
+    grad_ptr, branch_ptr, weight_ptr, mean_ptr, rstd_ptr, grad_branch_ptr, weight_partial_ptr, bias_partial_ptr,
+    M, C, tiles_per_program,
+    stride_gm, stride_gc, stride_bm, stride_bc, stride_w,
+    HAS_WEIGHT: tl.constexpr, WRITE_BRANCH: tl.constexpr, WRITE_WEIGHT: tl.constexpr, WRITE_BIAS: tl.constexpr,
+    STAT_DTYPE: tl.constexpr, NORM_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    # One program per run of ``tiles_per_program`` tiles of BLOCK_M rows. Each program sums the
+    # weight and bias gradients of its own rows into registers and writes one partial row each.
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_C)
+    col_ok = cols < C
+    if HAS_WEIGHT:
+        w = tl.load(weight_ptr + cols * stride_w, mask=col_ok, other=0.0).to(STAT_DTYPE)
+    weight_sum = tl.zeros([BLOCK_M, BLOCK_C], STAT_DTYPE)
+    bias_sum = tl.zeros([BLOCK_M, BLOCK_C], STAT_DTYPE)
+    tile = pid * tiles_per_program
+    tile_end = tile + tiles_per_program
+    while tile < tile_end:
+        rows = tile.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = rows < M
+        ok = row_ok[:, None] & col_ok[None, :]
+        # The add's backward hands the norm its gradient in the norm's dtype.
+        g = tl.load(grad_ptr + rows[:, None] * stride_gm + cols[None, :] * stride_gc, mask=ok, other=0.0)
+        g = g.to(NORM_DTYPE).to(STAT_DTYPE)
+        v = tl.load(branch_ptr + rows[:, None] * stride_bm + cols[None, :] * stride_bc, mask=ok, other=0.0).to(STAT_DTYPE)
+        mean = tl.load(mean_ptr + rows, mask=row_ok, other=0.0)
+        rstd = tl.load(rstd_ptr + rows, mask=row_ok, other=0.0)
+        xhat = tl.where(ok, (v - mean[:, None]) * rstd[:, None], 0.0)
+        if WRITE_BRANCH:
+            if HAS_WEIGHT:
+                wg = g * w[None, :]
+            else:
+                wg = g
+            mean_wg = tl.sum(wg, axis=1) / C
+            mean_wg_xhat = tl.sum(wg * xhat, axis=1) / C
+            dx = (wg - mean_wg[:, None] - xhat * mean_wg_xhat[:, None]) * rstd[:, None]
+            tl.store(grad_branch_ptr + rows[:, None] * C + cols[None, :], dx.to(grad_branch_ptr.dtype.element_ty), mask=ok)
+        if WRITE_WEIGHT:
+            weight_sum += g * xhat
+        if WRITE_BIAS:
+            bias_sum += g
+        tile += 1
+    if WRITE_WEIGHT:
+        tl.store(weight_partial_ptr + pid.to(tl.int64) * C + cols, tl.sum(weight_sum, axis=0), mask=col_ok)
+    if WRITE_BIAS:
+        tl.store(bias_partial_ptr + pid.to(tl.int64) * C + cols, tl.sum(bias_sum, axis=0), mask=col_ok)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------
+def _tile(channels: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_C, num_warps): whole rows, about 4096 elements a tile."""
+    block_c = next_power_of_2(channels)
+    block_m = max(1, min(32, 4096 // block_c))
+    elements = block_m * block_c
+    return block_m, block_c, 4 if elements <= 2048 else 8 if elements <= 8192 else 16
+
+
+def _stride(param: torch.Tensor | None) -> int:
+    return param.stride(0) if param is not None else 0
+
+
+def stat_dtype(branch_dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if branch_dtype == torch.float64 else torch.float32
+
+
+def _forward(x, branch, weight, bias, eps: float, norm_dtype: torch.dtype):
+    """x, branch [M, C] -> (out [M, C], mean [M], rstd [M])."""
+    M, C = branch.shape
+    stats = stat_dtype(branch.dtype)
+    out_dtype = torch.promote_types(x.dtype, norm_dtype)
+    out = torch.empty((M, C), dtype=out_dtype, device=x.device)
+    mean = torch.empty((M,), dtype=stats, device=x.device)
+    rstd = torch.empty((M,), dtype=stats, device=x.device)
+    if M == 0:
+        return out, mean, rstd
+    block_m, block_c, warps = _tile(C)
+    _forward_kernel[(cdiv(M, block_m),)](
+        x, branch, weight if weight is not None else branch, bias if bias is not None else branch, out, mean, rstd,
+        M, C, eps,
+        *x.stride(), *branch.stride(), _stride(weight), _stride(bias),
+        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+        STAT_DTYPE=TL_FLOATS[stats], NORM_DTYPE=TL_FLOATS[norm_dtype],
+        SUM_DTYPE=TL_FLOATS[stat_dtype(out_dtype)],
+        BLOCK_M=block_m, BLOCK_C=block_c, num_warps=warps,
+    )
+    return out, mean, rstd
+
+
+def _backward(grad, branch, weight, mean, rstd, norm_dtype, need_branch, weight_dtype, bias_dtype):
+    """Gradients of (branch, weight, bias), each None when not wanted."""
+    M, C = branch.shape
+    device = grad.device
+    stats = stat_dtype(branch.dtype)
+    grad_branch = torch.empty((M, C), dtype=branch.dtype, device=device) if need_branch else None
+    write_weight, write_bias = weight_dtype is not None, bias_dtype is not None
+    if M == 0 or not (need_branch or write_weight or write_bias):
+        zeros = lambda dtype: torch.zeros((C,), dtype=dtype, device=device) if dtype is not None else None  # noqa: E731
+        return grad_branch, zeros(weight_dtype), zeros(bias_dtype)
+    block_m, block_c, warps = _tile(C)
+    tiles = cdiv(M, block_m)
+    # Without weight or bias gradients every tile is its own program; with them, programs loop
+    # over runs of tiles so that few partial rows are left to add up.
+    per_program = cdiv(tiles, REDUCING_PROGRAMS) if (write_weight or write_bias) else 1
+    programs = cdiv(tiles, per_program)
+    partial = lambda write: torch.empty((programs, C), dtype=stats, device=device) if write else None  # noqa: E731
+    weight_partials, bias_partials = partial(write_weight), partial(write_bias)
+    _backward_kernel[(programs,)](
+        grad, branch, weight if weight is not None else branch, mean, rstd,
+        grad_branch if grad_branch is not None else grad,
+        weight_partials if weight_partials is not None else grad,
+        bias_partials if bias_partials is not None else grad,
+        M, C, per_program,
+        *grad.stride(), *branch.stride(), _stride(weight),
+        HAS_WEIGHT=weight is not None, WRITE_BRANCH=need_branch, WRITE_WEIGHT=write_weight, WRITE_BIAS=write_bias,
+        STAT_DTYPE=TL_FLOATS[stats], NORM_DTYPE=TL_FLOATS[norm_dtype],
+        BLOCK_M=block_m, BLOCK_C=block_c, num_warps=warps,
+    )
+    grad_weight = weight_partials.sum(0).to(weight_dtype) if write_weight else None
+    grad_bias = bias_partials.sum(0).to(bias_dtype) if write_bias else None
+    return grad_branch, grad_weight, grad_bias
+
+
+# ----------------------------------------------------------------------------------------------
+# Registration: a torch.library op for tracers, an autograd.Function for eager calls
+# ----------------------------------------------------------------------------------------------
+@torch.library.custom_op("audiomae::post_norm_residual", mutates_args=())
+def _post_norm_residual_op(
+    x: torch.Tensor, branch: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
+    norm_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _forward(x, branch, weight, bias, eps, norm_dtype)
+
+
+@_post_norm_residual_op.register_fake
+def _(x, branch, weight, bias, eps, norm_dtype):
+    M, C = branch.shape
+    stats = stat_dtype(branch.dtype)
+    out = branch.new_empty((M, C), dtype=torch.promote_types(x.dtype, norm_dtype))
+    return out, branch.new_empty((M,), dtype=stats), branch.new_empty((M,), dtype=stats)
+
+
+@torch.library.custom_op("audiomae::post_norm_residual_backward", mutates_args=())
+def _post_norm_residual_backward_op(
+    grad: torch.Tensor, branch: torch.Tensor, weight: torch.Tensor | None, mean: torch.Tensor, rstd: torch.Tensor,
+    norm_dtype: torch.dtype, need_branch: bool, weight_dtype: torch.dtype | None, bias_dtype: torch.dtype | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    grads = _backward(grad, branch, weight, mean, rstd, norm_dtype, need_branch, weight_dtype, bias_dtype)
+    # A custom op cannot return None: a gradient nobody asked for comes back empty.
+    return tuple(g if g is not None else grad.new_empty(0) for g in grads)
+
+
+@_post_norm_residual_backward_op.register_fake
+def _(grad, branch, weight, mean, rstd, norm_dtype, need_branch, weight_dtype, bias_dtype):
+    C = branch.shape[1]
+    return (
+        branch.new_empty(branch.shape) if need_branch else grad.new_empty(0),
+        grad.new_empty((C,), dtype=weight_dtype) if weight_dtype is not None else grad.new_empty(0),
+        grad.new_empty((C,), dtype=bias_dtype) if bias_dtype is not None else grad.new_empty(0),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    x, branch, weight, bias, eps, norm_dtype = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(branch, weight, mean, rstd)
+    ctx.norm_dtype = norm_dtype
+    ctx.dtypes = (x.dtype, weight.dtype if weight is not None else None, bias.dtype if bias is not None else None)
+
+
+def _input_grads(ctx, grad, backward):
+    """Gradients of (x, branch, weight, bias) from ``backward``: ``_backward`` or its op."""
+    branch, weight, mean, rstd = ctx.saved_tensors
+    need_x, need_branch, need_weight, need_bias = ctx.needs_input_grad[:4]
+    x_dtype, weight_dtype, bias_dtype = ctx.dtypes
+    grad_branch = grad_weight = grad_bias = None
+    if need_branch or need_weight or need_bias:
+        grad_branch, grad_weight, grad_bias = backward(
+            grad, branch, weight, mean, rstd, ctx.norm_dtype, need_branch,
+            weight_dtype if need_weight else None, bias_dtype if need_bias else None,
+        )
+    grad_x = grad.to(x_dtype) if need_x else None
+    return (grad_x, grad_branch if need_branch else None, grad_weight if need_weight else None,
+            grad_bias if need_bias else None)
+
+
+def _op_backward(ctx, grad, _grad_mean, _grad_rstd):
+    return (*_input_grads(ctx, grad, torch.ops.audiomae.post_norm_residual_backward), None, None)
+
+
+_post_norm_residual_op.register_autograd(_op_backward, setup_context=_setup_context)
+
+
+class _PostNormResidual(torch.autograd.Function):
+    """``audiomae::post_norm_residual`` for eager calls: the same launchers and gradients."""
+
+    @staticmethod
+    def forward(ctx, x, branch, weight, bias, eps, norm_dtype):
+        out, mean, rstd = _forward(x, branch, weight, bias, eps, norm_dtype)
+        _setup_context(ctx, (x, branch, weight, bias, eps, norm_dtype), (out, mean, rstd))
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable  # double backward is an error, as for the op
+    def backward(ctx, grad):
+        backward = torch.ops.audiomae.post_norm_residual_backward if needs_custom_op() else _backward
+        return (*_input_grads(ctx, grad, backward), None, None)
+
+
+# ----------------------------------------------------------------------------------------------
+# Public entry point
+# ----------------------------------------------------------------------------------------------
+def norm_output_dtype(branch: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None) -> torch.dtype:
+    """The dtype eager ``F.layer_norm(branch, ..., weight, bias)`` returns here, or a TypeError
+    for the parameter dtypes torch refuses. CUDA autocast runs layer_norm in float32 (casting
+    float16/bfloat16 inputs and parameters); CPU autocast leaves it alone."""
+    autocast = branch.device.type == "cuda" and torch.is_autocast_enabled("cuda")
+    cast = (lambda dtype: torch.float32 if dtype in LOW_PRECISION else dtype) if autocast else (lambda dtype: dtype)
+    dtype = cast(branch.dtype)
+    for name, param in (("weight", weight), ("bias", bias)):
+        if param is None:
+            continue
+        param_dtype = cast(param.dtype)
+        if param_dtype != dtype and not (param_dtype == torch.float32 and dtype in LOW_PRECISION):
+            raise TypeError(
+                f"{name} is {param.dtype} but branch is {branch.dtype}: layer_norm takes parameters of the "
+                "branch's dtype (or float32 ones for a float16/bfloat16 branch)"
+            )
+    return dtype
+
+
+def _check_inputs(x, branch, weight, bias) -> int:
+    for name, t in (("x", x), ("branch", branch), ("weight", weight), ("bias", bias)):
+        if t is None and name in ("weight", "bias"):
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name} has dtype {t.dtype}; supported: float16, bfloat16, float32, float64")
+    if branch.dim() == 0 or x.shape != branch.shape:
+        raise ValueError(f"x and branch must share one shape [..., C], got {tuple(x.shape)} and {tuple(branch.shape)}")
+    C = branch.shape[-1]
+    if not 1 <= C <= MAX_CHANNELS:
+        raise ValueError(f"the normalised axis has C={C} channels (shape {tuple(branch.shape)}); supported: 1 to {MAX_CHANNELS}")
+    for name, param in (("weight", weight), ("bias", bias)):
+        if param is not None and tuple(param.shape) != (C,):
+            raise ValueError(f"{name} must be [{C}], got shape {tuple(param.shape)}")
+    check_same_device(x=x, branch=branch, weight=weight, bias=bias)
+    return C
+
+
+def post_norm_residual(
+    x: torch.Tensor,
+    branch: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+) -> torch.Tensor:
+    """``x + F.layer_norm(branch, (C,), weight, bias, eps)`` for ``x``, ``branch`` [..., C]. See the module doc."""
+    C = _check_inputs(x, branch, weight, bias)
+    if not use_triton(x):
+        return reference.post_norm_residual(x, branch, weight, bias, eps)
+    norm_dtype = norm_output_dtype(branch, weight, bias)
+    shape = branch.shape
+    x2, branch2 = x.reshape(-1, C), branch.reshape(-1, C)
+    eps = float(eps)
+    if needs_custom_op():
+        out = torch.ops.audiomae.post_norm_residual(x2, branch2, weight, bias, eps, norm_dtype)[0]
+    else:
+        out = _PostNormResidual.apply(x2, branch2, weight, bias, eps, norm_dtype)
+    return out.view(shape)

@@ -1,0 +1,279 @@
+"""post_norm_residual (``x + layer_norm(branch)``) against its float64 eager reference.
+
+On the CPU the kernel runs through Triton's interpreter (conftest sets TRITON_INTERPRET=1); the
+``gpu`` tests repeat the checks at the decoder's size and under CUDA autocast. Kernel outputs are
+allocated by a poisoned ``torch.empty`` (NaN-filled): a value a kernel forgets to write is NaN.
+"""
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kernels import post_norm_residual
+from kernels.reference.post_norm_residual import post_norm_residual as reference
+
+# ``kernels.post_norm_residual`` is the function; the module holds the launchers and the dispatch.
+MODULE = sys.modules["kernels.post_norm_residual"]
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# Relative to the largest reference value: low precision rounds the sum and the norm.
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float64: 1e-12}
+
+
+@pytest.fixture(autouse=True)
+def poisoned_empty(monkeypatch):
+    real_empty = torch.empty
+
+    def nan_empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", nan_empty)
+
+
+def close(actual, expected64, dtype, what):
+    assert not torch.isnan(actual).any(), f"{what}: NaN (an unwritten output)"
+    scale = expected64.abs().max().item() if expected64.numel() else 1.0
+    tol = TOLERANCE[dtype] * max(scale, 1.0)
+    err = (actual.double() - expected64).abs().max().item() if expected64.numel() else 0.0
+    assert err <= tol, f"{what}: max abs error {err:.3g} > {tol:.3g}"
+
+
+def make_inputs(shape, dtype, *, weight=True, bias=True, x_dtype=None, param_dtype=None):
+    C = shape[-1]
+    x = torch.randn(shape, device=DEVICE).to(x_dtype or dtype)
+    # An offset and a scale of its own per row, as a projection's output has.
+    branch = (torch.randn(shape, device=DEVICE) * (1 + 3 * torch.rand(*shape[:-1], 1, device=DEVICE))
+              + torch.randn(*shape[:-1], 1, device=DEVICE)).to(dtype)
+    w = torch.randn(C, device=DEVICE).to(param_dtype or dtype) if weight else None
+    b = torch.randn(C, device=DEVICE).to(param_dtype or dtype) if bias else None
+    return x, branch, w, b
+
+
+def check(x, branch, w, b, eps=1e-5, dtype=None):
+    """Forward and every gradient against float64, and against eager torch in the same dtypes."""
+    dtype = dtype or branch.dtype
+    low = [t.detach().clone().requires_grad_() if t is not None else None for t in (x, branch, w, b)]
+    high = [t.detach().double().requires_grad_() if t is not None else None for t in (x, branch, w, b)]
+    out = post_norm_residual(*low, eps=eps)
+    want = reference(*high, eps=eps)
+    eager = reference(*[t.detach() if t is not None else None for t in (x, branch, w, b)], eps=eps)
+    assert out.dtype == eager.dtype and out.shape == eager.shape and out.is_contiguous()
+    close(out, want, dtype, "output")
+    g = torch.randn(out.shape, device=DEVICE).to(out.dtype)
+    leaves_low = [t for t in low if t is not None]
+    leaves_high = [t for t in high if t is not None]
+    got = torch.autograd.grad(out, leaves_low, g)
+    expected = torch.autograd.grad(want, leaves_high, g.double())
+    for name, a, e, leaf in zip(("x", "branch", "weight", "bias"), got, expected, leaves_low):
+        assert a.dtype == leaf.dtype and a.shape == leaf.shape, name
+        close(a, e, dtype, f"grad of {name}")
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1), (3, 7, 33), (2, 5, 512), (37, 100), (1, 3, 768), (4, 1000)])
+def test_float32(seed, shape):
+    check(*make_inputs(shape, torch.float32))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("shape", [(3, 7, 33), (2, 9, 64)])
+def test_dtypes(seed, dtype, shape):
+    check(*make_inputs(shape, dtype))
+
+
+@pytest.mark.parametrize("weight,bias", [(False, False), (True, False), (False, True)])
+def test_without_weight_or_bias(seed, weight, bias):
+    check(*make_inputs((5, 6, 24), torch.float32, weight=weight, bias=bias))
+
+
+def test_eps_matters(seed):
+    # Rows whose variance (about 1e-6) is of the order of eps: eps shapes the output.
+    x, branch, w, b = make_inputs((3, 4, 16), torch.float32)
+    branch = 1e-3 * torch.randn(branch.shape, device=DEVICE)
+    check(x, branch, w, b, eps=1e-3)
+    check(x, branch, w, b, eps=1e-6)
+
+
+def test_mixed_dtypes_as_the_decoder_has_them(seed):
+    # A float32 residual stream, a bfloat16 branch, float32 parameters: the norm is bfloat16
+    # (rounded before the add, as eager torch does outside CUDA autocast) and the sum float32.
+    x, branch, w, b = make_inputs((2, 8, 48), torch.bfloat16, x_dtype=torch.float32, param_dtype=torch.float32)
+    out = post_norm_residual(x, branch, w, b)
+    eager = reference(x, branch, w, b)
+    assert out.dtype == torch.float32
+    # Same rounding points as eager: one bfloat16 ulp of the norm at most.
+    torch.testing.assert_close(out, eager, rtol=0, atol=2 * 2**-8 * eager.abs().max().item())
+    check(x, branch, w, b, dtype=torch.bfloat16)
+
+
+def test_non_contiguous_inputs(seed):
+    x, branch, w, b = make_inputs((6, 5, 20), torch.float32)
+    x_t = x.transpose(0, 1).contiguous().transpose(0, 1)  # a permuted view
+    branch_t = torch.randn(5, 40, 6, device=DEVICE)[:, ::2].permute(2, 0, 1)  # strided channels too
+    w_t = torch.randn(40, device=DEVICE)[::2]
+    assert not (x_t.is_contiguous() or branch_t.is_contiguous() or w_t.is_contiguous())
+    check(x_t, branch_t, w_t, b)
+
+
+@pytest.mark.parametrize("wanted", ["x", "branch", "weight", "bias", "weight+bias"])
+def test_only_some_inputs_need_grad(seed, wanted):
+    x, branch, w, b = make_inputs((3, 5, 10), torch.float32)
+    names = ("x", "branch", "weight", "bias")
+    inputs = [t.requires_grad_(name in wanted.split("+")) for name, t in zip(names, (x, branch, w, b))]
+    out = post_norm_residual(*inputs)
+    g = torch.randn(out.shape, device=DEVICE)
+    leaves = [t for t in inputs if t.requires_grad]
+    high = [t.detach().double().requires_grad_(t.requires_grad) for t in inputs]
+    got = torch.autograd.grad(out, leaves, g)
+    want = torch.autograd.grad(reference(*high), [t for t in high if t.requires_grad], g.double())
+    for a, e in zip(got, want, strict=True):
+        close(a, e, torch.float32, wanted)
+
+
+def test_no_grad_and_empty_rows(seed):
+    x, branch, w, b = make_inputs((4, 3, 8), torch.float32)
+    with torch.no_grad():
+        close(post_norm_residual(x, branch, w, b), reference(x.double(), branch.double(), w.double(), b.double()),
+              torch.float32, "no_grad output")
+    x0, branch0 = x[:0].requires_grad_(), branch[:0].requires_grad_()
+    w0 = w.clone().requires_grad_()
+    out = post_norm_residual(x0, branch0, w0, b)
+    assert out.shape == (0, 3, 8)
+    grads = torch.autograd.grad(out, (x0, branch0, w0), torch.ones_like(out))
+    assert grads[0].shape == (0, 3, 8) and grads[1].shape == (0, 3, 8)
+    assert torch.equal(grads[2], torch.zeros_like(w0))
+
+
+def test_weight_gradient_sums_over_many_programs(seed):
+    # More row tiles than the backward launches programs: each program loops over a run of tiles.
+    rows = MODULE.REDUCING_PROGRAMS * 3 + 5
+    check(*make_inputs((rows, 32), torch.float32))
+
+
+def test_rejects_bad_input(seed):
+    x, branch, w, b = make_inputs((2, 3, 8), torch.float32)
+    with pytest.raises(ValueError, match="share one shape"):
+        post_norm_residual(x, branch[:, :2])
+    with pytest.raises(ValueError, match=r"weight must be \[8\]"):
+        post_norm_residual(x, branch, w[:4])
+    with pytest.raises(ValueError, match=r"bias must be \[8\]"):
+        post_norm_residual(x, branch, w, b[None])
+    with pytest.raises(ValueError, match="C=0"):
+        post_norm_residual(x[..., :0], branch[..., :0])
+    with pytest.raises(ValueError, match="supported: 1 to 16384"):
+        big = torch.zeros(1, MODULE.MAX_CHANNELS + 1, device=DEVICE)
+        post_norm_residual(big, big)
+    with pytest.raises(TypeError, match="branch has dtype torch.int64"):
+        post_norm_residual(x, branch.long())
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        post_norm_residual(x.tolist(), branch)
+    with pytest.raises(ValueError, match="weight is on meta"):
+        post_norm_residual(x, branch, w.to("meta"))
+
+
+def test_parameter_dtypes_torch_refuses(seed):
+    x, branch, w, b = make_inputs((2, 3, 8), torch.float32)
+    with pytest.raises(TypeError, match="weight is torch.bfloat16 but branch is torch.float32"):
+        post_norm_residual(x, branch, w.bfloat16(), b)
+    # A float32 weight on a bfloat16 branch is what torch allows, and so it is here.
+    check(x, branch.bfloat16(), w, b.float(), dtype=torch.bfloat16)
+
+
+def test_cpu_without_interpreter_uses_the_reference(seed, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET")
+    x, branch, w, b = make_inputs((2, 3, 8), torch.float32)
+    out = post_norm_residual(x, branch, w, b)
+    assert torch.equal(out, x + F.layer_norm(branch, (8,), w, b))
+
+
+@pytest.mark.parametrize("needs", ["all", "branch"])
+def test_eager_path_equals_custom_op(seed, monkeypatch, needs):
+    x, branch, w, b = make_inputs((3, 4, 20), torch.bfloat16, x_dtype=torch.float32, param_dtype=torch.float32)
+    for t, name in zip((x, branch, w, b), ("x", "branch", "weight", "bias")):
+        t.requires_grad_(needs == "all" or name == needs)
+    g = torch.randn(3, 4, 20, device=DEVICE)
+    results = []
+    for through_op in (False, True):
+        monkeypatch.setattr(MODULE, "needs_custom_op", lambda: through_op)
+        out = post_norm_residual(x, branch, w, b)
+        assert ("audiomae" in type(out.grad_fn.next_functions[0][0]).__name__ or
+                "audiomae" in type(out.grad_fn).__name__) == through_op
+        wanted = [t for t in (x, branch, w, b) if t.requires_grad]
+        results.append((out, torch.autograd.grad(out, wanted, g)))
+    (eager, eager_grads), (custom, custom_grads) = results
+    assert torch.equal(eager, custom)
+    for a, c in zip(eager_grads, custom_grads, strict=True):
+        assert a.dtype == c.dtype and torch.equal(a, c)
+
+
+def test_double_backward_is_an_error(seed):
+    x, branch, w, b = (t.requires_grad_() for t in make_inputs((2, 3, 8), torch.float32))
+    out = post_norm_residual(x, branch, w, b)
+    g = torch.randn(out.shape, device=DEVICE, requires_grad=True)
+    (gb,) = torch.autograd.grad(out, branch, g, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        gb.sum().backward()
+
+
+def test_opcheck(seed):
+    x, branch, w, b = (t.requires_grad_() for t in make_inputs((6, 12), torch.float32))
+    torch.library.opcheck(torch.ops.audiomae.post_norm_residual.default, (x, branch, w, b, 1e-5, torch.float32))
+    torch.library.opcheck(torch.ops.audiomae.post_norm_residual.default, (x, branch, None, None, 1e-6, torch.float32))
+    _, mean, rstd = torch.ops.audiomae.post_norm_residual(x, branch, w, b, 1e-5, torch.float32)
+    args = (torch.randn(6, 12, device=DEVICE), branch.detach(), w.detach(), mean.detach(), rstd.detach(), torch.float32, True,
+            torch.float32, torch.float32)
+    torch.library.opcheck(torch.ops.audiomae.post_norm_residual_backward.default, args)
+
+
+def test_compiles_without_graph_breaks(seed):
+    x, branch, w, b = (t.requires_grad_() for t in make_inputs((2, 5, 16), torch.float32))
+    traced = []
+
+    def recording_backend(gm, example_inputs):
+        traced.append([str(n.target).removesuffix(".default") for n in gm.graph.nodes if n.op == "call_function"])
+        return torch._dynamo.lookup_backend("inductor" if DEVICE == "cuda" else "aot_eager")(gm, example_inputs)
+
+    def block(x, branch, w, b):
+        return post_norm_residual(x, branch * 2, w, b).square().sum()
+
+    compiled = torch.compile(block, fullgraph=True, backend=recording_backend)
+    got = torch.autograd.grad(compiled(x, branch, w, b), (x, branch, w, b))
+    want = torch.autograd.grad(block(x, branch, w, b), (x, branch, w, b))
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e)
+    assert len(traced) == 1 and traced[0].count("audiomae.post_norm_residual") == 1, traced
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU: the decoder's size, and CUDA autocast (layer_norm runs in float32 there)
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_gpu_decoder_size(seed, dtype):
+    check(*make_inputs((64, 512, 512), dtype))
+
+
+@pytest.mark.gpu
+def test_gpu_under_autocast_matches_eager(seed):
+    x, branch, w, b = make_inputs((8, 512, 512), torch.bfloat16, x_dtype=torch.float32, param_dtype=torch.float32)
+    leaves = [t.requires_grad_() for t in (x, branch, w, b)]
+    g = torch.randn(x.shape, device=DEVICE)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = post_norm_residual(*leaves)
+        eager = reference(*leaves)
+    assert out.dtype == eager.dtype == torch.float32
+    torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
+    for a, e in zip(torch.autograd.grad(out, leaves, g), torch.autograd.grad(eager, leaves, g)):
+        assert a.dtype == e.dtype
+        torch.testing.assert_close(a.float(), e.float(), rtol=1e-2, atol=1e-2 * e.float().abs().max().item())
+
+
+@pytest.mark.gpu
+def test_gpu_backward_is_deterministic(seed):
+    x, branch, w, b = (t.requires_grad_() for t in make_inputs((64, 512, 512), torch.bfloat16))
+    g = torch.randn(x.shape, device=DEVICE, dtype=torch.bfloat16)
+    first = torch.autograd.grad(post_norm_residual(x, branch, w, b), (branch, w, b), g)
+    for _ in range(3):
+        again = torch.autograd.grad(post_norm_residual(x, branch, w, b), (branch, w, b), g)
+        assert all(torch.equal(a, e) for a, e in zip(first, again))
