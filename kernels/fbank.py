@@ -530,15 +530,22 @@ def fbank_cuda(waveforms: torch.Tensor, lengths: torch.Tensor, num_frames: int, 
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel_builds() -> str | None:
-    """None when the CUDA extension loads (building it the first time), else why not."""
+def _kernel_unavailable(device_index: int) -> str | None:
+    """None when the CUDA extension loads (building it the first time) and holds code that CUDA
+    device ``device_index`` can run, else why not. An extension built ahead of time for sm_90 plus
+    PTX imports on an older GPU too; without this check "auto" would fail at the launch there."""
     from kernels._cuda_extension import load_extension
 
     try:
-        load_extension("fbank")
+        extension = load_extension("fbank")
     except Exception as error:  # noqa: BLE001 - any build failure means "use the torch path"
         return f"the CUDA extension did not build ({type(error).__name__}: {error})"
-    return None
+    problem = extension.fbank_cuda_unavailable(device_index)
+    if not problem:
+        return None
+    major, minor = torch.cuda.get_device_capability(device_index)
+    return (f"the CUDA extension has no code that {torch.cuda.get_device_name(device_index)} (sm_{major}{minor}) "
+            f"can run ({problem}); rebuild it with TORCH_CUDA_ARCH_LIST={major}.{minor}")
 
 
 @functools.lru_cache(maxsize=None)
@@ -637,7 +644,8 @@ def _choose_backend(backend: str, waveforms: torch.Tensor, opts: FbankOptions) -
     if reason is None and waveforms.requires_grad and torch.is_grad_enabled():
         reason = "waveforms require grad (the kernel has no backward)"
     if reason is None:
-        reason = _kernel_builds()
+        reason = _kernel_unavailable(waveforms.device.index if waveforms.device.index is not None
+                                     else torch.cuda.current_device())
     if reason is None:
         return True
     if backend == "cuda":

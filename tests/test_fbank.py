@@ -6,8 +6,10 @@ itself runs in the ``gpu`` tests.
 """
 import ctypes
 import math
+import re
 import shutil
 import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -349,7 +351,6 @@ def test_differentiable_through_torch_backend():
 def test_gradient_through_cpu_blocks_equals_torchaudio(monkeypatch):
     """Past CPU_BLOCK_FRAMES the CPU path runs in blocks; each block keeps its own FFT input for
     the backward (a shared buffer would be overwritten before autograd reads it)."""
-    import sys
 
     monkeypatch.setattr(sys.modules["kernels.fbank"], "CPU_BLOCK_FRAMES", 8)
     clips = clips_for({}, num_samples=3000).double()
@@ -418,6 +419,37 @@ def test_cuda_unsupported_options():
         fbank(clips, subtract_mean=True)
 
 
+def test_extension_without_code_for_the_gpu_is_a_reason_not_a_launch_failure(monkeypatch):
+    # An extension built for sm_90 plus PTX imports on an A100 but has no image it can load: "auto"
+    # must hear why and take the torch path. The stub stands for that extension; no GPU needed.
+    import kernels._cuda_extension as cuda_extension
+
+    fbank_module = sys.modules["kernels.fbank"]
+
+    class NoImage:
+        @staticmethod
+        def fbank_cuda_unavailable(device_index):
+            assert device_index == 0
+            return "no kernel image is available for execution on the device"
+
+    class Loads:
+        @staticmethod
+        def fbank_cuda_unavailable(device_index):
+            return ""
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index: "NVIDIA A100-SXM4-80GB")
+    for stub, expected in ((NoImage, r"no code that NVIDIA A100-SXM4-80GB \(sm_80\) can run"), (Loads, None)):
+        fbank_module._kernel_unavailable.cache_clear()
+        monkeypatch.setattr(cuda_extension, "load_extension", lambda name, stub=stub: stub)
+        reason = fbank_module._kernel_unavailable(0)
+        if expected is None:
+            assert reason is None
+        else:
+            assert re.search(expected, reason) and "TORCH_CUDA_ARCH_LIST=8.0" in reason, reason
+    fbank_module._kernel_unavailable.cache_clear()
+
+
 @gpu
 def test_cuda_op_registration():
     opts = FbankOptions(num_mel_bins=40, use_energy=True)
@@ -435,7 +467,6 @@ def test_cuda_op_registration():
                                   "full_preemphasis", "no_preemphasis_no_dc", "subtract_mean"])
 def test_cpu_blocks_equal_one_pass(monkeypatch, name):
     """The CPU path runs frames in blocks; any block size gives the one-pass result."""
-    import sys
 
     fbank_module = sys.modules["kernels.fbank"]
     options = {**OPTION_SETS[name], "dither": 0.0}
@@ -455,7 +486,6 @@ def test_cpu_blocks_equal_one_pass(monkeypatch, name):
 def test_banded_mel_projection_equals_dense(name, dtype):
     """The CPU's banded Mel matmul skips only zero weights: the dense product's values, for any
     bin count (a last band shorter than the others, bands of nothing but zeros), VTLN included."""
-    import sys
 
     fbank_module = sys.modules["kernels.fbank"]
     opts = FbankOptions(**OPTION_SETS[name])

@@ -11,6 +11,7 @@
 #include <c10/cuda/CUDAGuard.h>
 
 #include <algorithm>
+#include <string>
 
 #include "fbank_frame.cuh"
 
@@ -58,6 +59,24 @@ void check_table(const at::Tensor& t, const char* name, at::ScalarType dtype, co
 
 }  // namespace
 }  // namespace fbank
+
+// Why the kernel cannot run on CUDA device ``device_index`` ("" when it can): an extension built
+// for other architectures (sm_90 plus PTX, say) imports anywhere but has no image an older GPU
+// can load, and that should send "auto" to the torch path rather than fail at the launch.
+std::string fbank_cuda_unavailable(int64_t device_index) {
+  using namespace fbank;
+  const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device_index));
+  cudaFuncAttributes attributes;
+  for (const void* kernel : {reinterpret_cast<const void*>(fbank_kernel<float>),
+                             reinterpret_cast<const void*>(fbank_kernel<double>)}) {
+    const cudaError_t status = cudaFuncGetAttributes(&attributes, kernel);
+    if (status != cudaSuccess) {
+      cudaGetLastError();  // not sticky: clear it so that later launches do not report it
+      return cudaGetErrorString(status);
+    }
+  }
+  return "";
+}
 
 at::Tensor fbank_cuda(const at::Tensor& waveforms, const at::Tensor& lengths, int64_t num_frames,
                       const at::Tensor& window, const at::Tensor& fft_twiddles, const at::Tensor& real_twiddles,

@@ -7,7 +7,10 @@ at::Tensor fbank_cuda(const at::Tensor& waveforms, const at::Tensor& lengths, in
                       int64_t window_shift, int64_t reflect_pad, bool snip_edges, bool remove_dc_offset,
                       double preemphasis_coefficient, bool raw_energy, double energy_floor, bool use_energy,
                       bool htk_compat, bool use_log_fbank, bool use_power);
+std::string fbank_cuda_unavailable(int64_t device_index);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fbank_cuda", &fbank_cuda, "Batched Kaldi fbank features [B, frames, bins] of waveforms [B, N] (CUDA)");
+  m.def("fbank_cuda_unavailable", &fbank_cuda_unavailable,
+        "Why the kernel cannot run on the given CUDA device (no loadable image), or an empty string");
 }
