@@ -6,8 +6,10 @@
   additive mask per window, for the decoder's window attention.
 - ``"xformers"``: ``xformers.ops.memory_efficient_attention`` in the same places; only when xformers
   is installed *and* its CUDA operators load on this torch build.
-- ``"triton"``: this project's fused kernels: masked-token gather and unshuffle, and the decoder's
-  shifted-window attention; global attention goes through SDPA (the fused flash kernel).
+- ``"triton"``: this project's fused kernels: masked-token gather and unshuffle, the decoder's
+  shifted-window attention and its post-norm residual LayerNorms; global attention goes through
+  SDPA (the fused flash kernel), and GELU MLPs through ``kernels.gelu_mlp``, which keeps fc1's
+  input only and recomputes the rest in the backward (the same values, less activation memory).
   On CPU tensors the kernels run their eager references unless ``TRITON_INTERPRET=1``.
 
 An unknown or unavailable backend raises; nothing falls back silently.

@@ -8,7 +8,10 @@ allow-listed, never with unpickling opened wide. ``.safetensors`` files written 
 What a file is, is told by its keys: ``decoder_embed.weight`` marks a pretraining checkpoint, and a
 Swin decoder (mode 1) has ``decoder_blocks.N.attn.tau``; ``head.weight`` marks a fine-tuning one.
 Loading is strict: a mismatch raises with every missing, unexpected and mis-shaped key listed
-(the official code loads a mode-1 file into a mode-0 model by silently dropping half of it).
+(the official code loads a mode-1 file into a mode-0 model by silently dropping half of it). The one
+reshaping done is the official fine-tuning's: an encoder pretrained on longer clips (AudioSet's 1024
+frames) into a model for shorter ones (ESC-50's 512, Speech Commands' 128) gets its position table cut
+along time (``cut_pos_embed_time``).
 """
 from __future__ import annotations
 
@@ -28,6 +31,8 @@ from .vit import VisionTransformer
 _HEADS_BY_WIDTH = {384: 6, 768: 12, 1024: 16, 1280: 16}
 _HEADS_BY_NAME = {"small": 6, "base": 12, "large": 16, "huge": 16}
 _MEL_BINS = 128  # every official recipe uses 128-bin fbanks, which fixes the frequency side of img_size
+# What infer_config reads before anything else: without them a state dict is not an AudioMAE one.
+_REQUIRED_KEYS = ("patch_embed.proj.weight", "pos_embed", "blocks.0.mlp.fc1.weight")
 
 
 class CheckpointMismatchError(RuntimeError):
@@ -80,12 +85,27 @@ def _heads(width: int, args: dict) -> int | None:
     return _HEADS_BY_WIDTH.get(width)
 
 
+def check_audiomae_keys(state: dict) -> None:
+    """Raise ``ValueError`` naming the missing keys if ``state`` lacks what every AudioMAE encoder has
+    (rather than a bare ``KeyError`` from deep inside the loader)."""
+    missing = [k for k in _REQUIRED_KEYS if k not in state]
+    if not missing:
+        dims = {"patch_embed.proj.weight": 4, "pos_embed": 3}
+        missing = [f"{k} (a {dims[k]}-D tensor, got shape {list(state[k].shape)})"
+                   for k in dims if state[k].dim() != dims[k]]
+    if missing:
+        sample = ", ".join(sorted(state)[:5]) or "none"
+        raise ValueError(f"not a recognised AudioMAE checkpoint: missing {', '.join(missing)} "
+                         f"(it has {len(state)} key(s): {sample}{', ...' if len(state) > 5 else ''})")
+
+
 def infer_config(state: dict, args: dict | None = None) -> tuple[type, dict]:
     """(model class, constructor kwargs) for a state dict with official key names."""
     args = args or {}
     if args.get("use_custom_patch"):
         raise NotImplementedError("the checkpoint was trained with use_custom_patch=True (overlapping patches), "
                                   "which is not supported")
+    check_audiomae_keys(state)
     proj = state["patch_embed.proj.weight"]
     embed_dim, in_chans, patch, _ = proj.shape
     num_patches = state["pos_embed"].shape[1] - 1
@@ -100,6 +120,8 @@ def infer_config(state: dict, args: dict | None = None) -> tuple[type, dict]:
     )
     if "decoder_embed.weight" in state:
         decoder_mode = 1 if any(k.startswith("decoder_blocks.") and k.endswith("attn.tau") for k in state) else 0
+        if decoder_mode == 0 and args.get("decoder_mode") in (2, 3):
+            decoder_mode = args["decoder_mode"]  # modes 2 and 3 have mode 0's keys; only the args tell them apart
         config.update(
             decoder_embed_dim=state["decoder_embed.weight"].shape[0],
             decoder_depth=_count(state, "decoder_blocks"), decoder_num_heads=16, decoder_mode=decoder_mode,
@@ -117,8 +139,9 @@ def infer_config(state: dict, args: dict | None = None) -> tuple[type, dict]:
     raise ValueError("the state dict is neither an AudioMAE pretraining nor a fine-tuning checkpoint")
 
 
-def check_state_dict(model: nn.Module, state: dict) -> None:
-    """Raise ``CheckpointMismatchError`` listing missing, unexpected and mis-shaped keys, if any."""
+def check_state_dict(model: nn.Module, state: dict, note: str | None = None) -> None:
+    """Raise ``CheckpointMismatchError`` listing missing, unexpected and mis-shaped keys, if any
+    (and ``note``, a sentence on why, when given)."""
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -131,6 +154,8 @@ def check_state_dict(model: nn.Module, state: dict) -> None:
         for title, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
             if keys:
                 lines.append(f"  {title} ({len(keys)}): " + ", ".join(keys))
+        if note:
+            lines.append(f"  {note}")
         raise CheckpointMismatchError("\n".join(lines))
 
 
@@ -164,17 +189,59 @@ def from_pretrained(path, **overrides) -> nn.Module:
     return model
 
 
+def cut_pos_embed_time(pos_embed: torch.Tensor, grid: tuple[int, int], num_time: int) -> torch.Tensor:
+    """The official ``interpolate_pos_embed_audio``: a ``[1, 1 + T*F, D]`` table of a ``grid=(T, F)``
+    model -> the ``[1, 1 + num_time*F, D]`` table of a ``(num_time, F)`` one, for ``num_time <= T``.
+
+    The official code views the token rows as ``(F, T)`` (its ``orig_size=(8, 64)``) and keeps the
+    first ``num_time`` columns. That is not the first ``num_time`` time rows of the tokens (``k = t*F + f``),
+    but it is right for the tables it cuts: their row ``k`` encodes ``(k mod T, k div T)`` (see
+    ``audiomae.pos_embed``), so the cut is exactly the table a fresh ``num_time``-row model builds."""
+    num_freq = grid[1]
+    tokens = pos_embed[:, 1:].reshape(pos_embed.shape[0], num_freq, grid[0], pos_embed.shape[-1])
+    return torch.cat([pos_embed[:, :1], tokens[:, :, :num_time].flatten(1, 2)], dim=1)
+
+
+def _checkpoint_grid(state: dict, extra: dict) -> tuple[int, int] | None:
+    """The checkpoint's ``(T, F)`` patch grid: from our saved config, else 128 mel bins (every official
+    recipe's); None if its position table does not fit one."""
+    config = extra.get("config") or {}
+    patch = state["patch_embed.proj.weight"].shape[-1]
+    num_freq = config["img_size"][1] // patch if "img_size" in config else _MEL_BINS // patch
+    num_patches = state["pos_embed"].shape[1] - 1
+    return (num_patches // num_freq, num_freq) if num_freq and num_patches % num_freq == 0 else None
+
+
+def _fit_pos_embed(model: VisionTransformer, state: dict, extra: dict) -> str | None:
+    """Cut ``state["pos_embed"]`` in place to the model's shorter time axis, as the official fine-tuning
+    does; else, if the tables still differ, the sentence that says why they cannot be fitted."""
+    table, expected = state["pos_embed"], model.pos_embed
+    if table.shape == expected.shape:
+        return None
+    grid, (num_time, num_freq) = _checkpoint_grid(state, extra), model.grid
+    if grid is not None and grid[1] == num_freq and grid[0] > num_time and table.shape[-1] == expected.shape[-1]:
+        state["pos_embed"] = cut_pos_embed_time(table, grid, num_time)
+        return None
+    where = f"a {grid[0]} x {grid[1]}" if grid else "an unknown"
+    return (f"pos_embed: the checkpoint's table ({list(table.shape)}, {where} patch grid) cannot be fitted to "
+            f"the model's ({list(expected.shape)}, a {num_time} x {num_freq} grid): only a shorter time axis "
+            f"with the same frequency patches and width is cut from it, as the official fine-tuning does")
+
+
 def load_pretrained_encoder(model: VisionTransformer, path) -> VisionTransformer:
     """Initialise a fine-tuning model's encoder from a pretraining checkpoint (decoder keys dropped,
-    ``fc_norm`` and ``head`` left as initialised, every encoder key required)."""
-    state, _ = read_checkpoint(path)
+    ``fc_norm`` and ``head`` left as initialised, every encoder key required). A checkpoint for longer
+    clips fits a model for shorter ones: its position table is cut along time (``cut_pos_embed_time``)."""
+    state, extra = read_checkpoint(path)
     state = _strip_prefix(state)
+    check_audiomae_keys(state)
     expected = model.state_dict()
     encoder = {k: v for k, v in state.items() if k in expected and not k.startswith(("head.", "fc_norm."))}
     for key in ("head.weight", "head.bias", "fc_norm.weight", "fc_norm.bias", "norm.weight", "norm.bias"):
         if key in expected and key not in encoder:
             encoder[key] = expected[key]
-    check_state_dict(model, encoder)
+    note = _fit_pos_embed(model, encoder, extra)
+    check_state_dict(model, encoder, note)
     model.load_state_dict(encoder, strict=True)
     return model
 
@@ -194,13 +261,16 @@ def model_config(model: nn.Module) -> dict:
         decoder_heads = model.decoder_blocks[0].attn.num_heads
         config.update(
             decoder_embed_dim=model.decoder_embed_dim, decoder_depth=len(model.decoder_blocks),
-            decoder_num_heads=decoder_heads if model.decoder_mode == 0 else 16, decoder_mode=model.decoder_mode,
+            decoder_num_heads=decoder_heads if model.decoder_mode != 1 else 16, decoder_mode=model.decoder_mode,
             norm_pix_loss=model.norm_pix_loss, mask_2d=model.mask_2d, mask_t_prob=model.mask_t_prob,
             mask_f_prob=model.mask_f_prob, no_shift=model.no_shift, contextual_depth=model.contextual_depth,
             pos_trainable=model.pos_embed.requires_grad,
         )
     else:
         config.update(num_classes=model.num_classes, global_pool=model.global_pool, mask_2d=model.mask_2d)
+        scale = blocks[0].attn.scale
+        if scale != (model.embed_dim // blocks[0].attn.num_heads) ** -0.5:
+            config["qk_scale"] = scale  # not in the weights, yet it changes every output
     return config
 
 

@@ -52,6 +52,18 @@ class PatchEmbed(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)
 
 
+def drop_path(x: torch.Tensor, drop_prob: float, training: bool) -> torch.Tensor:
+    """timm 0.3.2's stochastic depth, the version the official code pins: one uniform draw per
+    sample, ``floor(keep + u)`` keeps it, survivors scaled by 1/keep. Same seed, same samples
+    dropped as the official training (timm 1.0's ``bernoulli_`` draws differently)."""
+    if drop_prob == 0.0 or not training:
+        return x
+    keep = 1.0 - drop_prob
+    shape = (x.shape[0],) + (1,) * (x.dim() - 1)
+    kept = (keep + torch.rand(shape, dtype=x.dtype, device=x.device)).floor_()
+    return x.div(keep) * kept
+
+
 class DropPath(nn.Module):
     """Stochastic depth: drops whole residual branches per sample during training."""
 
@@ -60,15 +72,28 @@ class DropPath(nn.Module):
         self.drop_prob = drop_prob
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.drop_prob == 0.0 or not self.training:
-            return x
-        keep = 1.0 - self.drop_prob
-        shape = (x.shape[0],) + (1,) * (x.dim() - 1)
-        return x * x.new_empty(shape).bernoulli_(keep).div_(keep)
+        return drop_path(x, self.drop_prob, self.training)
+
+
+def without_hooks(*modules: nn.Module) -> bool:
+    """True when calling these modules runs nothing but their ``forward``: a fused path that
+    bypasses them would otherwise skip a user's hooks."""
+    from torch.nn.modules import module as module_hooks
+
+    if (module_hooks._global_forward_hooks or module_hooks._global_forward_pre_hooks
+            or module_hooks._global_backward_hooks or module_hooks._global_backward_pre_hooks):
+        return False
+    return not any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+                   for m in modules)
 
 
 class Mlp(nn.Module):
-    def __init__(self, in_features, hidden_features=None, out_features=None, act_layer=nn.GELU, drop=0.0):
+    """timm's ``Mlp``. On the ``"triton"`` backend a GELU MLP runs as ``kernels.gelu_mlp``: the
+    same values, fewer activations kept for the backward (``save``: ``"input"`` keeps fc1's input
+    and recomputes fc1 and GELU, ``"hidden"`` also keeps fc1's output; see that module)."""
+
+    def __init__(self, in_features, hidden_features=None, out_features=None, act_layer=nn.GELU, drop=0.0,
+                 backend="reference", save="input"):
         super().__init__()
         hidden_features = hidden_features or in_features
         out_features = out_features or in_features
@@ -77,8 +102,21 @@ class Mlp(nn.Module):
         self.drop1 = nn.Dropout(drop)
         self.fc2 = nn.Linear(hidden_features, out_features)
         self.drop2 = nn.Dropout(drop)
+        self.backend = check_backend(backend)
+        self.save = save
+
+    def _fusable(self) -> bool:
+        # Dropout between GELU and fc2 would need its mask kept: only without it (or in eval).
+        return (self.backend == "triton" and type(self.act) is nn.GELU
+                and (self.drop1.p == 0.0 or not self.training) and without_hooks(self.fc1, self.act, self.drop1, self.fc2))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._fusable():
+            from kernels.gelu_mlp import gelu_mlp
+
+            out = gelu_mlp(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,
+                           approximate=self.act.approximate, save=self.save)
+            return self.drop2(out)
         return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
 
 
@@ -150,7 +188,7 @@ class Block(nn.Module):
             self.attn.scale = qk_scale
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.norm2 = norm_layer(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=drop)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=drop, backend=backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.drop_path(self.attn(self.norm1(x)))

@@ -4,6 +4,7 @@ Same constructor keywords, method names, return values and state-dict keys as th
 release, so official checkpoints load unchanged. Differences, all additive:
 - the patch grid is derived from ``img_size`` (the official decoder, 2-D masking and
   ``unpatchify`` hard-code 64 x 8), so 1024-, 512- and 128-frame inputs all work;
+  ``patch_embed.patch_hw`` holds it the official way round, ``(F, T)``;
 - ``noise`` makes masking reproducible (``[B, L]``, or ``(noise_t [B, T], noise_f [B, F])`` for 2-D
   masking); without it masking draws from torch's RNG as the official code does;
 - ``backend=`` / ``set_backend()`` switch the attention and token-shuffle implementation
@@ -92,7 +93,10 @@ def unpatchify(x: torch.Tensor, patch_size: int, grid: tuple[int, int], in_chans
 
 
 class MaskedAutoencoderViT(ModelMixin, nn.Module):
-    """Masked autoencoder with a ViT encoder and a global (mode 0) or Swin (mode 1) decoder."""
+    """Masked autoencoder with a ViT encoder and a global (mode 0) or Swin (mode 1) decoder.
+
+    Modes 2 and 3 are what the official code makes of them: the global decoder of mode 0 (same
+    blocks, same state-dict keys), run without the cls token as the Swin decoder is."""
 
     def __init__(
         self,
@@ -130,8 +134,10 @@ class MaskedAutoencoderViT(ModelMixin, nn.Module):
         super().__init__()
         if use_custom_patch:
             raise NotImplementedError("use_custom_patch=True (overlapping patches) is not supported")
-        if decoder_mode not in (0, 1):
-            raise ValueError(f"decoder_mode must be 0 (global) or 1 (Swin), got {decoder_mode}")
+        if decoder_mode not in (0, 1, 2, 3):
+            # The official code sends modes above 3 to an MViT decoder it never builds.
+            raise ValueError(f"decoder_mode must be 0 (global), 1 (Swin), 2 or 3 (global without the cls token), "
+                             f"got {decoder_mode}")
         # Kept for drop-in compatibility; the official forward never reads them either.
         self.stride, self.alpha, self.T, self.mode = stride, alpha, temperature, mode
         self.split_pos, self.use_nce, self.beta, self.epoch = split_pos, use_nce, beta, epoch
@@ -146,6 +152,8 @@ class MaskedAutoencoderViT(ModelMixin, nn.Module):
 
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
         self.grid = self.patch_embed.grid_size
+        # The official PatchEmbed_org's (frequency, time) patch counts, which its sin-cos tables are built from.
+        self.patch_embed.patch_hw = (self.grid[1], self.grid[0])
         num_patches = self.patch_embed.num_patches
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim), requires_grad=pos_trainable)
@@ -195,7 +203,11 @@ class MaskedAutoencoderViT(ModelMixin, nn.Module):
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.normal_(self.cls_token, std=0.02)
         nn.init.normal_(self.mask_token, std=0.02)
-        self.apply(init_vit_weights)
+        self.apply(self._init_weights)
+
+    def _init_weights(self, m):
+        """The official per-module initialisation that ``initialize_weights`` applies (xavier Linear)."""
+        init_vit_weights(m)
 
     # ------------------------------------------------------------------ patches
     def patchify(self, imgs):
@@ -259,13 +271,13 @@ class MaskedAutoencoderViT(ModelMixin, nn.Module):
 
     # ------------------------------------------------------------------ decoder
     def forward_decoder(self, x, ids_restore):
-        """Returns ``(pred [B, L, p*p*C], None, None)``."""
+        """Returns ``(pred [B, L, p*p*C], None, None)``; every mode but 0 decodes without the cls token."""
         x = self.decoder_embed(x)
         tokens = self.unshuffle_tokens(x[:, 1:, :], ids_restore, self.mask_token, self.decoder_pos_embed[0, 1:, :])
         if self.decoder_mode == 0:
             x = torch.cat([x[:, :1, :] + self.decoder_pos_embed[:, :1, :], tokens], dim=1)
         else:
-            x = tokens  # the Swin decoder drops the cls token
+            x = tokens  # modes 1-3 drop the cls token, as the official `decoder_mode != 0`
         for blk in self.decoder_blocks:
             x = blk(x)
         pred = self.decoder_pred(self.decoder_norm(x))
@@ -292,10 +304,10 @@ class MaskedAutoencoderViT(ModelMixin, nn.Module):
         return loss_recon, pred, mask, torch.zeros(1, device=imgs.device)
 
 
-def _preset(embed_dim, depth, num_heads):
+def _preset(embed_dim, depth, num_heads, patch_size=16):
     def build(**kwargs):
         config = dict(
-            img_size=(1024, 128), in_chans=1, patch_size=16, embed_dim=embed_dim, depth=depth,
+            img_size=(1024, 128), in_chans=1, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
             num_heads=num_heads, decoder_embed_dim=512, decoder_num_heads=16, mlp_ratio=4,
             norm_layer=partial(nn.LayerNorm, eps=1e-6),
         )
@@ -308,3 +320,6 @@ def _preset(embed_dim, depth, num_heads):
 mae_vit_small_patch16 = _preset(384, 12, 6)
 mae_vit_base_patch16 = _preset(768, 12, 12)
 mae_vit_large_patch16 = _preset(1024, 24, 16)
+# Patches of 14 do not tile 1024 x 128 (the official conv would drop the remainder, then its patchify
+# fails): pass an img_size that they tile, e.g. (1008, 126).
+mae_vit_huge_patch14 = _preset(1280, 32, 16, patch_size=14)

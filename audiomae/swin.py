@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .backends import BackendUnavailableError, check_backend
-from .layers import Mlp, to_2tuple
+from .layers import Mlp, to_2tuple, without_hooks
 
 
 def fit_window(grid, window, shift) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -113,7 +113,8 @@ class WindowMultiHeadAttention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=True)
         self.proj = nn.Linear(dim, dim, bias=True)
         self.proj_drop = nn.Dropout(drop_proj)
-        self.meta_mlp = Mlp(2, hidden_features=meta_hidden_dim, out_features=num_heads, act_layer=nn.ReLU, drop=0.1)
+        self.meta_mlp = Mlp(2, hidden_features=meta_hidden_dim, out_features=num_heads, act_layer=nn.ReLU, drop=0.1,
+                            backend=backend)
         self.tau = nn.Parameter(torch.ones(num_heads))
         self.register_buffer("relative_coordinates_log", relative_coordinates_log(self.window_size), persistent=False)
         self.backend = check_backend(backend)
@@ -145,12 +146,13 @@ class SwinTransformerBlock(nn.Module):
                 raise ValueError(f"the patch grid {self.feat_size} is not tiled by window {self.window_size} (axis {axis})")
         self.attn = WindowMultiHeadAttention(dim, num_heads, self.window_size, drop_proj=drop, backend=backend)
         self.norm1 = norm_layer(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop, backend=backend)
         self.norm2 = norm_layer(dim)
 
     def _add_norm(self, x: torch.Tensor, branch: torch.Tensor, norm: nn.Module) -> torch.Tensor:
         """``x + norm(branch)``: one fused kernel on the ``"triton"`` backend (same dtypes and values)."""
-        if self.attn.backend == "triton" and type(norm) is nn.LayerNorm and len(norm.normalized_shape) == 1:
+        if (self.attn.backend == "triton" and type(norm) is nn.LayerNorm and len(norm.normalized_shape) == 1
+                and without_hooks(norm)):
             from kernels.post_norm_residual import post_norm_residual
 
             return post_norm_residual(x, branch, norm.weight, norm.bias, eps=norm.eps)

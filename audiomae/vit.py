@@ -4,6 +4,8 @@ timm's ViT with the official audio changes: a 1-channel ``img_size=(1024, 128)``
 fixed sin-cos position embeddings (official layout), global average pooling over the patch tokens
 with ``fc_norm`` (``global_pool=True``) or the cls token after ``norm``, and structured time x
 frequency masking during fine-tuning through ``forward(x, v=None, mask_t_prob, mask_f_prob)``.
+``patch_embed.patch_hw`` is ``(T, F)``, as on the ``PatchEmbed_new`` that the official fine-tuning
+script puts in (the pretraining model's is ``(F, T)``).
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import torch.nn as nn
 from .backends import check_backend
 from .layers import Block, PatchEmbed
 from .mae import ModelMixin, init_vit_weights
-from .masking import draw_noise_2d, num_kept
+from .masking import draw_noise, draw_noise_2d, num_kept, random_masking_ids
 from .pos_embed import sincos_2d_official
 
 
@@ -31,9 +33,11 @@ class VisionTransformer(ModelMixin, nn.Module):
         num_heads=12,
         mlp_ratio=4.0,
         qkv_bias=True,
+        qk_scale=None,
         drop_rate=0.0,
         attn_drop_rate=0.0,
         drop_path_rate=0.0,
+        hybrid_backbone=None,
         norm_layer=None,
         global_pool=True,
         mask_2d=True,
@@ -43,18 +47,23 @@ class VisionTransformer(ModelMixin, nn.Module):
         super().__init__()
         if use_custom_patch:
             raise NotImplementedError("use_custom_patch=True (overlapping patches) is not supported")
+        if hybrid_backbone is not None:
+            raise NotImplementedError("hybrid_backbone (timm's CNN-feature patch embedding) is not supported; "
+                                      "AudioMAE embeds spectrogram patches, pass hybrid_backbone=None")
         norm_layer = norm_layer or partial(nn.LayerNorm, eps=1e-6)
         self.num_classes = num_classes
         self.embed_dim = self.num_features = embed_dim
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
         self.grid = self.patch_embed.grid_size
+        self.patch_embed.patch_hw = self.grid  # (T, F), as the official fine-tuning's PatchEmbed_new
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + 1, embed_dim), requires_grad=False)
         self.pos_drop = nn.Dropout(drop_rate)
         rates = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()  # also under torch.device("meta")
         self.blocks = nn.ModuleList(
-            [Block(embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, drop=drop_rate, attn_drop=attn_drop_rate,
-                   drop_path=rate, norm_layer=norm_layer, backend=backend)
+            # timm 0.3's `qk_scale or head_dim ** -0.5`: a zero scale means the default, as there.
+            [Block(embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, qk_scale=qk_scale or None, drop=drop_rate,
+                   attn_drop=attn_drop_rate, drop_path=rate, norm_layer=norm_layer, backend=backend)
              for rate in rates]
         )
         self.global_pool = global_pool
@@ -69,8 +78,11 @@ class VisionTransformer(ModelMixin, nn.Module):
 
         self.pos_embed.data.copy_(sincos_2d_official(embed_dim, self.grid).unsqueeze(0))
         nn.init.trunc_normal_(self.cls_token, std=0.02)
-        # timm's ViT initialisation, which the official fine-tuning model inherits (not MAE's xavier)
-        self.apply(partial(init_vit_weights, linear_init=partial(nn.init.trunc_normal_, std=0.02)))
+        self.apply(self._init_weights)
+
+    def _init_weights(self, m):
+        """timm's ViT initialisation, which the official fine-tuning model inherits (not MAE's xavier)."""
+        init_vit_weights(m, linear_init=partial(nn.init.trunc_normal_, std=0.02))
 
     def no_weight_decay(self):
         return {"pos_embed", "cls_token"}
@@ -101,6 +113,14 @@ class VisionTransformer(ModelMixin, nn.Module):
     def forward_features(self, x):
         """[B, C, T, F] spectrogram -> [B, embed_dim] pooled features, no masking."""
         return self._encode(self._embed(x))
+
+    def random_masking(self, x, mask_ratio, noise=None):
+        """Official ``random_masking`` (the official forward never calls it): tokens [B, L, D] ->
+        ``x_masked`` [B, K, D], ``mask`` [B, L] (1 = removed), ``ids_restore`` [B, L]."""
+        B, L, _ = x.shape
+        noise = draw_noise(B, L, x.device, noise)
+        ids_keep, ids_restore, mask = random_masking_ids(noise, num_kept(L, mask_ratio, "mask_ratio"))
+        return self.gather_tokens(x, ids_keep), mask, ids_restore
 
     def structured_masking_ids(self, batch, mask_t_prob, mask_f_prob, device, noise=None):
         """Kept time rows and frequency columns, each in random order as the official code keeps them."""
@@ -148,3 +168,8 @@ def vit_base_patch16(**kwargs):
 
 def vit_large_patch16(**kwargs):
     return VisionTransformer(**{"embed_dim": 1024, "depth": 24, "num_heads": 16, **kwargs})
+
+
+def vit_huge_patch14(**kwargs):
+    """Patches of 14 do not tile the default 1024 x 128: pass an img_size they tile, e.g. (1008, 126)."""
+    return VisionTransformer(**{"patch_size": 14, "embed_dim": 1280, "depth": 32, "num_heads": 16, **kwargs})

@@ -143,6 +143,18 @@ def _window_case(dtype, B, grid, window, shift, heads, head_dim, tau=True, bias=
     out.backward(torch.randn_like(out))
 
 
+def _post_norm_case(x_dtype, branch_dtype, M, C, params=True):
+    import torch
+
+    import kernels
+    x = torch.randn(M, C, dtype=x_dtype, requires_grad=True)
+    branch = torch.randn(M, C, dtype=branch_dtype, requires_grad=True)
+    weight = torch.randn(C, requires_grad=True).to(branch_dtype if branch_dtype == torch.float64 else torch.float32)
+    bias = weight.detach().clone().requires_grad_() if params else None
+    out = kernels.post_norm_residual(x, branch, weight if params else None, bias)
+    out.backward(torch.randn_like(out))
+
+
 def _forced(rows, warps, launch):
     with sys.modules["kernels.window_attention"].forced_tiling(rows, warps):
         launch()
@@ -161,6 +173,12 @@ def cases() -> dict:
         # #4: decoder grid 64x8, 16 heads of 32, window 4x4, shift (2, 0).
         table[f"window-target-{name}"] = lambda d=dtype: _window_case(d, 1, (64, 8), (4, 4), (2, 0), 16, 32)
     table["tokens-odd-channels"] = lambda: _tokens_case(torch.bfloat16, 1, 37, 5, 1000, pos=False)
+    # The decoder's post-norm residual (fp32 stream, bf16 branch), and the edges: float64, odd and
+    # widest rows, no parameters.
+    table["postnorm-target-bf16"] = lambda: _post_norm_case(torch.float32, torch.bfloat16, 64, 512)
+    table["postnorm-fp64"] = lambda: _post_norm_case(torch.float64, torch.float64, 40, 768)
+    table["postnorm-odd-fp16-noparams"] = lambda: _post_norm_case(torch.float16, torch.float16, 7, 1000, params=False)
+    table["postnorm-widest-fp32"] = lambda: _post_norm_case(torch.float32, torch.float32, 3, 16384)
     # The tilings benches/bench_window_tiling.py times on the GPU, each forced for both passes.
     from benches.bench_window_tiling import TILING_CANDIDATES
     for rows, warps in TILING_CANDIDATES:

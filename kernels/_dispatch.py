@@ -49,6 +49,26 @@ def check_same_device(**tensors) -> torch.device:
     return first
 
 
+def reject_autodiff_transforms(op: str) -> None:
+    """A clear error under ``torch.func.grad``/``vjp``/``jacrev``/``jvp``/``jacfwd``.
+
+    The kernels' gradients are reverse-mode autograd formulas; under those transforms a custom op
+    would give zero tangents (forward mode) or a confusing internal error. ``vmap`` and
+    ``functionalize`` (and torch.compile) are fine and pass.
+    """
+    if not torch._C._are_functorch_transforms_active():
+        return
+    from torch._C._functorch import TransformType
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+    active = {interpreter.key() for interpreter in retrieve_all_functorch_interpreters()}
+    if active & {TransformType.Grad, TransformType.Jvp}:
+        raise NotImplementedError(
+            f"kernels.{op} does not support torch.func's grad/vjp/jacrev/jvp/jacfwd transforms; use "
+            "torch.autograd (loss.backward(), torch.autograd.grad) or the eager reference in kernels.reference"
+        )
+
+
 def needs_custom_op() -> bool:
     """Whether a call must go through the ``torch.library`` op rather than its eager twin.
 
@@ -56,7 +76,8 @@ def needs_custom_op() -> bool:
     (more with autograd), longer than these kernels run at the models' sizes. The op serves
     whatever traces or transforms the call: torch.compile, export and compiled autograd (one
     graph, no breaks), a dispatch mode such as fake tensors or make_fx (the op has a fake
-    implementation, a Triton launch has none) and torch.func transforms.
+    implementation, a Triton launch has none) and torch.func's vmap (the autodiff transforms are
+    refused: ``reject_autodiff_transforms``).
     """
     return (
         torch.compiler.is_compiling()

@@ -46,7 +46,7 @@ import triton
 import triton.language as tl
 
 from kernels.reference import gather_tokens as reference
-from kernels._dispatch import check_same_device, needs_custom_op, use_triton
+from kernels._dispatch import check_same_device, needs_custom_op, reject_autodiff_transforms, use_triton
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -425,6 +425,7 @@ class _GatherTokens(torch.autograd.Function):
 
 def _gather(x: torch.Tensor, ids_keep: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor:
     """The Triton gather on checked inputs, ``pos`` [L, C] or None."""
+    reject_autodiff_transforms("gather_tokens")
     op = torch.ops.audiomae.gather_tokens if needs_custom_op() else _GatherTokens.apply
     return op(x, ids_keep, pos)
 

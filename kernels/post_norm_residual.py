@@ -15,8 +15,9 @@ own dtype (half the bytes of that copy) and two numbers per row (mean and 1/std)
     sum takes the promoted dtype of ``x`` and the norm. C from 1 to 16384; any leading shape and
     strides (inputs that cannot be viewed as [rows, C] are copied first).
 
-Statistics are float32 (float64 for a float64 branch): the row is held in registers, so the
-mean and the biased variance take two exact passes over it. Eager references run on CPU tensors
+Statistics are float32 (float64 for a float64 branch), of the row shifted by its first element
+(held in registers: two passes, the mean, then the biased variance about it), so a row with a
+large offset and little or no spread keeps its exact zeros. Eager references run on CPU tensors
 unless ``TRITON_INTERPRET=1``.
 
 Gradients: ``x`` gets ``grad_out`` cast to its dtype (no kernel), ``branch`` the layer-norm
@@ -25,13 +26,11 @@ backward, ``weight`` and ``bias`` row sums of fixed-order per-program partials a
 ``audiomae::post_norm_residual`` (and its backward) for tracers; eager calls take an
 autograd.Function over the same launchers (see ``kernels._dispatch.needs_custom_op``).
 """
-from __future__ import annotations
-
 import torch
 import triton
 import triton.language as tl
 
-from kernels._dispatch import check_same_device, needs_custom_op, use_triton
+from kernels._dispatch import check_same_device, needs_custom_op, reject_autodiff_transforms, use_triton
 from kernels.gather_tokens import FLOAT_DTYPES, REDUCING_PROGRAMS, cdiv, next_power_of_2
 from kernels.reference import post_norm_residual as reference
 
@@ -43,7 +42,7 @@ TL_FLOATS = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float
 @triton.jit
 def _forward_kernel(
     x_ptr, branch_ptr, weight_ptr, bias_ptr, out_ptr, mean_ptr, rstd_ptr,
-    M, C, eps,
+    M, C, eps: tl.float64,  # compiled Triton would type a Python float fp32, and float64 rows need eps whole
     stride_xm, stride_xc, stride_bm, stride_bc, stride_w, stride_bias,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     STAT_DTYPE: tl.constexpr, NORM_DTYPE: tl.constexpr, SUM_DTYPE: tl.constexpr,
@@ -56,9 +55,14 @@ def _forward_kernel(
     col_ok = cols < C
     ok = row_ok[:, None] & col_ok[None, :]
     v = tl.load(branch_ptr + rows[:, None] * stride_bm + cols[None, :] * stride_bc, mask=ok, other=0.0).to(STAT_DTYPE)
-    mean = tl.sum(v, axis=1) / C
-    centred = tl.where(ok, v - mean[:, None], 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=1) / C + eps)
+    # Statistics of the row shifted by its first element: a row with a large offset and a small
+    # spread (or none) keeps its exact zeros, where a plain float32 sum / C would round the mean
+    # and eps-scale the rounding into the output. ``mean`` is saved as the shifted mean.
+    pivot = tl.load(branch_ptr + rows * stride_bm, mask=row_ok, other=0.0).to(STAT_DTYPE)
+    shifted = tl.where(ok, v - pivot[:, None], 0.0)
+    mean = tl.sum(shifted, axis=1) / C
+    centred = tl.where(ok, shifted - mean[:, None], 0.0)
+    rstd = (1.0 / tl.sqrt(tl.sum(centred * centred, axis=1) / C + eps)).to(STAT_DTYPE)  # one value a row
     norm = centred * rstd[:, None]
     if HAS_WEIGHT:
         norm *= tl.load(weight_ptr + cols * stride_w, mask=col_ok, other=0.0).to(STAT_DTYPE)[None, :]
@@ -100,9 +104,10 @@ def _backward_kernel(
         g = tl.load(grad_ptr + rows[:, None] * stride_gm + cols[None, :] * stride_gc, mask=ok, other=0.0)
         g = g.to(NORM_DTYPE).to(STAT_DTYPE)
         v = tl.load(branch_ptr + rows[:, None] * stride_bm + cols[None, :] * stride_bc, mask=ok, other=0.0).to(STAT_DTYPE)
-        mean = tl.load(mean_ptr + rows, mask=row_ok, other=0.0)
+        pivot = tl.load(branch_ptr + rows * stride_bm, mask=row_ok, other=0.0).to(STAT_DTYPE)
+        mean = tl.load(mean_ptr + rows, mask=row_ok, other=0.0)  # of the row shifted by its pivot
         rstd = tl.load(rstd_ptr + rows, mask=row_ok, other=0.0)
-        xhat = tl.where(ok, (v - mean[:, None]) * rstd[:, None], 0.0)
+        xhat = tl.where(ok, ((v - pivot[:, None]) - mean[:, None]) * rstd[:, None], 0.0)
         if WRITE_BRANCH:
             if HAS_WEIGHT:
                 wg = g * w[None, :]
@@ -175,6 +180,10 @@ def _backward(grad, branch, weight, mean, rstd, norm_dtype, need_branch, weight_
     if M == 0 or not (need_branch or write_weight or write_bias):
         zeros = lambda dtype: torch.zeros((C,), dtype=dtype, device=device) if dtype is not None else None  # noqa: E731
         return grad_branch, zeros(weight_dtype), zeros(bias_dtype)
+    if grad.dtype == torch.float64 and norm_dtype != torch.float64:
+        # The add's backward hands the norm a gradient of its own dtype; Triton's interpreter
+        # cannot convert float64 to bfloat16, so do it here (the same rounding).
+        grad = grad.to(norm_dtype)
     block_m, block_c, warps = _tile(C)
     tiles = cdiv(M, block_m)
     # Without weight or bias gradients every tile is its own program; with them, programs loop
@@ -315,7 +324,11 @@ def _check_inputs(x, branch, weight, bias) -> int:
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dtype not in FLOAT_DTYPES:
             raise TypeError(f"{name} has dtype {t.dtype}; supported: float16, bfloat16, float32, float64")
-    if branch.dim() == 0 or x.shape != branch.shape:
+        if t.layout != torch.strided:
+            raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}")
+    if branch.dim() == 0 or x.dim() == 0:
+        raise ValueError("x and branch must have at least one dimension, the normalised one")
+    if x.shape != branch.shape:
         raise ValueError(f"x and branch must share one shape [..., C], got {tuple(x.shape)} and {tuple(branch.shape)}")
     C = branch.shape[-1]
     if not 1 <= C <= MAX_CHANNELS:
@@ -336,8 +349,11 @@ def post_norm_residual(
 ) -> torch.Tensor:
     """``x + F.layer_norm(branch, (C,), weight, bias, eps)`` for ``x``, ``branch`` [..., C]. See the module doc."""
     C = _check_inputs(x, branch, weight, bias)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise TypeError(f"eps must be a float, got {type(eps).__name__}")
     if not use_triton(x):
         return reference.post_norm_residual(x, branch, weight, bias, eps)
+    reject_autodiff_transforms("post_norm_residual")
     norm_dtype = norm_output_dtype(branch, weight, bias)
     shape = branch.shape
     x2, branch2 = x.reshape(-1, C), branch.reshape(-1, C)

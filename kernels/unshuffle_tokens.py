@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._dispatch import check_same_device, needs_custom_op, use_triton
+from kernels._dispatch import check_same_device, needs_custom_op, reject_autodiff_transforms, use_triton
 from kernels.gather_tokens import (
     REDUCING_PROGRAMS,
     TL_DTYPES,
@@ -288,5 +288,6 @@ def unshuffle_tokens(
         (ids_restore,) = range_checked((ids_restore, L, "ids_restore"))
     if not use_triton(x):
         return reference.unshuffle_tokens(x, ids_restore, mask_token, pos_embed)
+    reject_autodiff_transforms("unshuffle_tokens")
     op = torch.ops.audiomae.unshuffle_tokens if needs_custom_op() else _UnshuffleTokens.apply
     return op(x, ids_restore, mask_token.reshape(C), pos)

@@ -49,7 +49,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._dispatch import needs_custom_op, use_triton
+from ._dispatch import needs_custom_op, reject_autodiff_transforms, use_triton
 from .reference.window_attention import check_window_attention_args, window_attention_reference
 
 # Logit of a pair that shares no window; finite so that padded rows never make NaNs.
@@ -569,6 +569,7 @@ def window_attention(
                                           tau=tau, bias=bias, mask_value=mask_value)
     if qkv.dtype == torch.float64:
         raise TypeError("the Triton kernel takes float16, bfloat16 or float32 qkv, got float64")
+    reject_autodiff_transforms("window_attention")
     tau = tau.contiguous() if tau is not None else None
     bias = bias.contiguous() if bias is not None else None
     if needs_custom_op():

@@ -59,5 +59,7 @@ def test_set_backend_reaches_every_attention_module():
                                           decoder_embed_dim=256, decoder_mode=1)
     model.set_backend("sdpa")
     holders = [m for m in model.modules() if hasattr(m, "backend")]
-    assert len(holders) == 1 + 2 + 16  # the model's token ops, 2 encoder and 16 decoder attentions
+    # The model's token ops, 2 encoder and 16 decoder attentions, and their MLPs (each decoder
+    # attention also has its meta-MLP).
+    assert len(holders) == 1 + 2 * (2 + 16) + 16
     assert all(m.backend == "sdpa" for m in holders)

@@ -404,6 +404,17 @@ def test_unshuffle_eager_path_equals_custom_op(seed, monkeypatch, needs_grad, wi
         assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
 
 
+def test_autodiff_transforms_are_a_clear_error():
+    # A custom op has no forward-mode formula: under jvp it would give zero tangents silently.
+    x = torch.randn(2, 6, 5, device=DEVICE)
+    ids = random_ids(2, 6, 3)
+    with pytest.raises(NotImplementedError, match="torch.func"):
+        torch.func.jvp(lambda t: gather_tokens(t, ids), (x,), (torch.ones_like(x),))
+    with pytest.raises(NotImplementedError, match="torch.func"):
+        torch.func.grad(lambda t: unshuffle_tokens(t, random_ids(2, 6, 6), torch.zeros(5, device=DEVICE)).sum())(
+            x[:, :2].contiguous())
+
+
 def test_double_backward_is_an_error():
     x = torch.randn(2, 6, 5, device=DEVICE, requires_grad=True)
     out = gather_tokens(x, random_ids(2, 6, 3))

@@ -369,6 +369,22 @@ def test_meta_mlp_dropout_only_in_training():
 
 
 # ------------------------------------------------------------------ the fine-tuning model
+@pytest.fixture(autouse=True)
+def timm_drop_path_as_pinned(monkeypatch):
+    """The official code pins timm 0.3.2, whose stochastic depth draws ``floor(keep + rand)``;
+    timm 1.0 draws ``bernoulli_``. The twins below take the pinned draw, transcribed here."""
+    import timm.layers.drop as timm_drop
+
+    def drop_path_0_3_2(x, drop_prob=0.0, training=False, scale_by_keep=True):
+        if drop_prob == 0.0 or not training:
+            return x
+        keep = 1 - drop_prob
+        random_tensor = keep + torch.rand((x.shape[0],) + (1,) * (x.ndim - 1), dtype=x.dtype, device=x.device)
+        return x.div(keep) * random_tensor.floor_()
+
+    monkeypatch.setattr(timm_drop, "drop_path", drop_path_0_3_2)
+
+
 def timm_twin(ours, **kw):
     """timm's VisionTransformer with our weights: 'avg' pooling has ``fc_norm`` and no ``norm``, as ours."""
     model = timm_vit.VisionTransformer(img_size=IMG, patch_size=16, in_chans=1, num_classes=ours.num_classes,

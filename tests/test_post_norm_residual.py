@@ -216,6 +216,43 @@ def test_double_backward_is_an_error(seed):
         gb.sum().backward()
 
 
+def test_row_with_a_large_offset_and_no_spread_keeps_its_zeros(seed):
+    # A float32 sum / C would round the mean of 12345.678 and eps would scale the rounding up.
+    branch = torch.full((3, 768), 12345.678, device=DEVICE)
+    branch[1] += 1e-3 * torch.randn(768, device=DEVICE)
+    x = torch.zeros_like(branch)
+    out = post_norm_residual(x, branch)
+    assert torch.equal(out[0], torch.zeros(768, device=DEVICE)) and torch.equal(out[2], out[0])
+    # The spread row (1e-3 on 12345, a few float32 ulps) against float64 on the same values.
+    torch.testing.assert_close(out.double(), reference(x.double(), branch.double()), rtol=0, atol=1e-5)
+    check(x, branch, torch.randn(768, device=DEVICE), None, eps=1e-5)
+
+
+def test_float64_gradient_into_a_low_precision_norm(seed):
+    x, branch, w, b = make_inputs((3, 5, 12), torch.bfloat16, x_dtype=torch.float64, param_dtype=torch.float32)
+    check(x, branch, w, b, dtype=torch.bfloat16)
+
+
+def test_autodiff_transforms_are_refused_and_vmap_works(seed):
+    x, branch, w, b = make_inputs((4, 6), torch.float32)
+    with pytest.raises(NotImplementedError, match="torch.func"):
+        torch.func.grad(lambda br: post_norm_residual(x, br, w, b).sum())(branch)
+    with pytest.raises(NotImplementedError, match="torch.func"):
+        torch.func.jvp(lambda br: post_norm_residual(x, br, w, b), (branch,), (torch.ones_like(branch),))
+    batched = torch.func.vmap(lambda br: post_norm_residual(x, br, w, b))(torch.stack([branch, 2 * branch]))
+    torch.testing.assert_close(batched[1], reference(x, 2 * branch, w, b), rtol=1e-5, atol=1e-5)
+
+
+def test_rejects_odd_arguments(seed):
+    x, branch, w, b = make_inputs((2, 8), torch.float32)
+    with pytest.raises(TypeError, match="eps must be a float"):
+        post_norm_residual(x, branch, w, b, eps="1e-5")
+    with pytest.raises(ValueError, match="at least one dimension"):
+        post_norm_residual(x[0, 0], branch[0, 0])
+    with pytest.raises(TypeError, match="dense"):
+        post_norm_residual(x.to_sparse(), branch)
+
+
 def test_opcheck(seed):
     x, branch, w, b = (t.requires_grad_() for t in make_inputs((6, 12), torch.float32))
     torch.library.opcheck(torch.ops.audiomae.post_norm_residual.default, (x, branch, w, b, 1e-5, torch.float32))

@@ -1,0 +1,126 @@
+"""The transformer MLP ``fc2(gelu(fc1(x)))`` keeping fewer activations for the backward.
+
+Eagerly autograd keeps three tensors per MLP: fc1's input, fc1's output (for GELU's backward) and
+GELU's output (for fc2's weight gradient); the last two are 4x the width of the first. In the
+AudioMAE decoder at batch 64 those two are 268 MB a block in bfloat16, 4.3 GB over the 16 blocks:
+the largest item of the pretraining step's peak memory. ``gelu_mlp`` computes the same forward and
+keeps less, recomputing in the backward what it dropped:
+
+* ``save="input"`` keeps only fc1's input (in the compute dtype: under autocast the bfloat16 copy
+  that eager fc1 keeps too); the backward recomputes fc1 and GELU, one extra matmul of fc1's size.
+* ``save="hidden"`` also keeps fc1's output; the backward recomputes only GELU (one elementwise pass).
+
+Every operation is the one eager autograd runs (the same matmuls in the same dtypes, GELU's own
+backward), so outputs and gradients equal eager ``Mlp`` up to the order of the bias sums.
+Autocast is honoured as eager ``F.linear`` honours it: under an enabled autocast for the input's
+device, float32 and lower inputs compute in the autocast dtype; otherwise every tensor must share
+one dtype. Dropout is not part of the op (the models use it only with ``drop=0``).
+
+The op is an ``autograd.Function`` over torch operations: torch.compile traces through it (its
+partitioner may then choose what to save), and CPU tensors run it as well as CUDA ones. Under
+torch.func transforms it runs the reference's ops unfused (same values, eager memory).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kernels.reference.gelu_mlp import gelu_mlp as reference
+
+SAVE_CHOICES = ("input", "hidden")
+APPROXIMATIONS = ("none", "tanh")
+
+
+def _linear_backward(grad2d, inp2d, weight, need_input, need_weight, need_bias, input_shape):
+    grad_input = (grad2d @ weight).view(*input_shape[:-1], weight.shape[1]) if need_input else None
+    grad_weight = grad2d.t() @ inp2d if need_weight else None
+    grad_bias = grad2d.sum(0) if need_bias else None
+    return grad_input, grad_weight, grad_bias
+
+
+class _GeluMlp(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, compute_dtype, save_hidden, approximate):
+        cast = [t.to(compute_dtype) if t is not None else None for t in (x, fc1_weight, fc1_bias, fc2_weight, fc2_bias)]
+        xc, w1, b1, w2, b2 = cast
+        with torch.autocast(x.device.type, enabled=False):
+            hidden = F.linear(xc, w1, b1)
+            out = F.linear(F.gelu(hidden, approximate=approximate), w2, b2)
+        ctx.save_for_backward(xc, w1, b1, w2, hidden if save_hidden else None)
+        ctx.dtypes = tuple(t.dtype if t is not None else None for t in (x, fc1_weight, fc1_bias, fc2_weight, fc2_bias))
+        ctx.approximate = approximate
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        xc, w1, b1, w2, hidden = ctx.saved_tensors
+        need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:5]
+        with torch.autocast(xc.device.type, enabled=False):
+            if hidden is None:
+                hidden = F.linear(xc, w1, b1)
+            act = F.gelu(hidden, approximate=ctx.approximate)
+            grad2d = grad.to(act.dtype).reshape(-1, grad.shape[-1])
+            grad_act, grad_w2, grad_b2 = _linear_backward(grad2d, act.reshape(-1, act.shape[-1]), w2,
+                                                          True, need_w2, need_b2, act.shape)
+            del act  # the largest tensor of the backward: free it before the next one is made
+            grad_hidden = torch.ops.aten.gelu_backward(grad_act, hidden, approximate=ctx.approximate)
+            del grad_act, hidden
+            grad_x, grad_w1, grad_b1 = _linear_backward(grad_hidden.reshape(-1, grad_hidden.shape[-1]),
+                                                        xc.reshape(-1, xc.shape[-1]), w1, need_x, need_w1, need_b1,
+                                                        xc.shape)
+        grads = (grad_x, grad_w1, grad_b1, grad_w2, grad_b2)
+        return (*(g.to(dtype) if g is not None else None for g, dtype in zip(grads, ctx.dtypes)), None, None, None)
+
+
+def compute_dtype(x: torch.Tensor, *params: torch.Tensor | None) -> torch.dtype:
+    """The dtype eager ``F.linear`` computes in here, or a TypeError where it would refuse."""
+    device_type = x.device.type
+    autocast = torch.is_autocast_enabled(device_type)
+    target = torch.get_autocast_dtype(device_type) if autocast else None
+    dtypes = {target if autocast and t.dtype != torch.float64 else t.dtype for t in (x, *params) if t is not None}
+    if len(dtypes) > 1:
+        found = ", ".join(str(t.dtype) for t in (x, *params) if t is not None)
+        raise TypeError(f"gelu_mlp: x and the weights must share one dtype (or run under autocast), got {found}")
+    return dtypes.pop()
+
+
+def gelu_mlp(
+    x: torch.Tensor,
+    fc1_weight: torch.Tensor,
+    fc1_bias: torch.Tensor | None,
+    fc2_weight: torch.Tensor,
+    fc2_bias: torch.Tensor | None,
+    *,
+    approximate: str = "none",
+    save: str = "input",
+) -> torch.Tensor:
+    """``fc2(gelu(fc1(x)))`` for ``x`` [..., C], ``fc1_weight`` [H, C], ``fc2_weight`` [C_out, H];
+    ``save`` picks what the backward keeps ("input" or "hidden"). See the module doc."""
+    if save not in SAVE_CHOICES:
+        raise ValueError(f"save must be one of {SAVE_CHOICES}, got {save!r}")
+    if approximate not in APPROXIMATIONS:
+        raise ValueError(f"approximate must be one of {APPROXIMATIONS}, got {approximate!r}")
+    named = {"x": x, "fc1_weight": fc1_weight, "fc1_bias": fc1_bias, "fc2_weight": fc2_weight, "fc2_bias": fc2_bias}
+    for name, t in named.items():
+        if t is None and name.endswith("bias"):
+            continue
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {getattr(t, 'dtype', type(t).__name__)}")
+    hidden, channels = fc1_weight.shape if fc1_weight.dim() == 2 else (None, None)
+    if channels is None or x.dim() == 0 or x.shape[-1] != channels:
+        raise ValueError(f"fc1_weight must be [H, C] with C = x.shape[-1], got {tuple(fc1_weight.shape)} for x {tuple(x.shape)}")
+    if fc2_weight.dim() != 2 or fc2_weight.shape[1] != hidden:
+        raise ValueError(f"fc2_weight must be [C_out, {hidden}], got {tuple(fc2_weight.shape)}")
+    for name, bias, size in (("fc1_bias", fc1_bias, hidden), ("fc2_bias", fc2_bias, fc2_weight.shape[0])):
+        if bias is not None and tuple(bias.shape) != (size,):
+            raise ValueError(f"{name} must be [{size}], got {tuple(bias.shape)}")
+    devices = {t.device for t in named.values() if t is not None}
+    if len(devices) > 1:
+        raise ValueError(f"gelu_mlp: all tensors must share one device, got {sorted(map(str, devices))}")
+    dtype = compute_dtype(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
+    if torch._C._are_functorch_transforms_active():
+        # torch.func transforms compose with plain torch ops, not with this Function's saving
+        # scheme: run the same ops unfused (same values, eager memory).
+        return reference(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate=approximate)
+    return _GeluMlp.apply(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, dtype, save == "hidden", approximate)

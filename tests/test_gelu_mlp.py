@@ -1,0 +1,172 @@
+"""gelu_mlp against eager ``fc2(gelu(fc1(x)))``: the same values, and less kept for the backward."""
+import pytest
+import torch
+import torch.nn as nn
+
+from audiomae.layers import Mlp
+from kernels.gelu_mlp import gelu_mlp
+from kernels.reference.gelu_mlp import gelu_mlp as reference
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def make(shape=(3, 7, 24), hidden=40, out=24, dtype=torch.float32, bias=True):
+    x = torch.randn(shape, device=DEVICE, dtype=dtype)
+    w1 = torch.randn(hidden, shape[-1], device=DEVICE, dtype=dtype) / shape[-1] ** 0.5
+    w2 = torch.randn(out, hidden, device=DEVICE, dtype=dtype) / hidden**0.5
+    b1 = torch.randn(hidden, device=DEVICE, dtype=dtype) if bias else None
+    b2 = torch.randn(out, device=DEVICE, dtype=dtype) if bias else None
+    return [t.requires_grad_() if t is not None else None for t in (x, w1, b1, w2, b2)]
+
+
+def run(fn, inputs, grad, **kw):
+    out = fn(*inputs, **kw)
+    leaves = [t for t in inputs if t is not None and t.requires_grad]
+    return out, torch.autograd.grad(out, leaves, grad)
+
+
+@pytest.mark.parametrize("save", ["input", "hidden"])
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_equals_eager_and_float64(seed, save, approximate, bias):
+    inputs = make(bias=bias)
+    grad = torch.randn(3, 7, 24, device=DEVICE)
+    out, grads = run(gelu_mlp, inputs, grad, approximate=approximate, save=save)
+    eager, eager_grads = run(reference, inputs, grad, approximate=approximate)
+    high = [t.detach().double().requires_grad_() if t is not None else None for t in inputs]
+    want, want_grads = run(reference, high, grad.double(), approximate=approximate)
+    torch.testing.assert_close(out, eager, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
+    for a, e, w in zip(grads, eager_grads, want_grads, strict=True):
+        assert a.dtype == e.dtype and a.shape == e.shape
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(a.double(), w, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_other_dtypes(seed, dtype):
+    inputs = make(dtype=dtype, shape=(2, 5, 16), hidden=32, out=8)
+    grad = torch.randn(2, 5, 8, device=DEVICE, dtype=dtype)
+    out, grads = run(gelu_mlp, inputs, grad)
+    eager, eager_grads = run(reference, inputs, grad)
+    assert out.dtype == dtype
+    tol = 1e-12 if dtype == torch.float64 else 1e-2
+    torch.testing.assert_close(out, eager, rtol=tol, atol=tol)
+    for a, e in zip(grads, eager_grads):
+        assert a.dtype == dtype
+        torch.testing.assert_close(a, e, rtol=tol, atol=tol * e.abs().max().item())
+
+
+def test_autocast_casts_as_eager_linear_does(seed):
+    # float32 leaves under bfloat16 autocast: the matmuls run in bfloat16, the gradients come
+    # back float32 (eager: bfloat16 matmuls, then the casts' backward).
+    inputs = make(shape=(4, 6, 16), hidden=32, out=16)
+    grad = torch.randn(4, 6, 16, device=DEVICE)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        out, grads = run(gelu_mlp, inputs, grad)
+        eager, eager_grads = run(reference, inputs, grad)
+    assert out.dtype == eager.dtype == torch.bfloat16
+    torch.testing.assert_close(out, eager, rtol=0, atol=0)
+    for a, e in zip(grads, eager_grads):
+        assert a.dtype == e.dtype == torch.float32
+        torch.testing.assert_close(a, e, rtol=1e-2, atol=1e-2 * e.abs().max().item())
+
+
+def test_only_some_inputs_need_grad(seed):
+    x, w1, b1, w2, b2 = make()
+    x.requires_grad_(False)
+    b2.requires_grad_(False)
+    grad = torch.randn(3, 7, 24, device=DEVICE)
+    _, grads = run(gelu_mlp, (x, w1, b1, w2, b2), grad)
+    _, eager_grads = run(reference, (x, w1, b1, w2, b2), grad)
+    assert len(grads) == 3
+    for a, e in zip(grads, eager_grads):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
+
+
+def saved_bytes(fn, inputs, **kw) -> int:
+    """Bytes of the distinct tensors autograd keeps for the backward, inputs and weights excluded."""
+    params = {t.data_ptr() for t in inputs if t is not None}
+    kept = {}
+
+    def pack(t):
+        if t.data_ptr() not in params:
+            kept[t.data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(*inputs, **kw)
+    return sum(kept.values())
+
+
+def test_keeps_less_than_eager(seed):
+    # Width 4x: eager keeps fc1's output and GELU's output (8 units a row of x, C=24 -> H=96),
+    # save="hidden" fc1's output (4 units), save="input" nothing beyond x itself.
+    inputs = make(shape=(2, 10, 24), hidden=96, out=24)
+    row = 2 * 10 * 96 * 4
+    assert saved_bytes(reference, inputs) == 2 * row
+    assert saved_bytes(gelu_mlp, inputs, save="hidden") == row
+    assert saved_bytes(gelu_mlp, inputs, save="input") == 0
+
+
+def test_rejects_bad_input(seed):
+    x, w1, b1, w2, b2 = make()
+    with pytest.raises(ValueError, match="save must be one of"):
+        gelu_mlp(x, w1, b1, w2, b2, save="all")
+    with pytest.raises(ValueError, match="approximate must be"):
+        gelu_mlp(x, w1, b1, w2, b2, approximate="sigmoid")
+    with pytest.raises(ValueError, match=r"fc1_weight must be \[H, C\]"):
+        gelu_mlp(x[..., :5], w1, b1, w2, b2)
+    with pytest.raises(ValueError, match=r"fc2_weight must be \[C_out, 40\]"):
+        gelu_mlp(x, w1, b1, w2[:, :7], b2)
+    with pytest.raises(ValueError, match=r"fc1_bias must be \[40\]"):
+        gelu_mlp(x, w1, b1[:3], w2, b2)
+    with pytest.raises(TypeError, match="share one dtype"):
+        gelu_mlp(x.double(), w1, b1, w2, b2)
+    with pytest.raises(TypeError, match="x must be a floating-point tensor"):
+        gelu_mlp(x.long(), w1, b1, w2, b2)
+    with pytest.raises(ValueError, match="share one device"):
+        gelu_mlp(x, w1, b1, w2.to("meta"), b2)
+
+
+def test_compiles_without_graph_breaks(seed):
+    inputs = make()
+    grad = torch.randn(3, 7, 24, device=DEVICE)
+    compiled = torch.compile(lambda *t: gelu_mlp(*t), fullgraph=True, backend="aot_eager")
+    out, grads = run(compiled, inputs, grad)
+    eager, eager_grads = run(reference, inputs, grad)
+    torch.testing.assert_close(out, eager)
+    for a, e in zip(grads, eager_grads):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("training,drop", [(True, 0.0), (False, 0.3), (True, 0.3)])
+def test_module_takes_the_op_only_where_it_is_the_same(seed, training, drop):
+    mlp = Mlp(24, 40, drop=drop).to(DEVICE).train(training)
+    twin = Mlp(24, 40, drop=drop, backend="triton").to(DEVICE).train(training)
+    twin.load_state_dict(mlp.state_dict())
+    x = torch.randn(3, 5, 24, device=DEVICE)
+    torch.manual_seed(1)
+    a = mlp(x)
+    torch.manual_seed(1)
+    b = twin(x)
+    torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    fused = "_GeluMlp" in type(twin(x.requires_grad_()).grad_fn).__name__  # dropout, if any, is after it
+    assert fused == twin._fusable() == (drop == 0.0 or not training)
+    relu = Mlp(2, 8, out_features=4, act_layer=nn.ReLU, backend="triton")
+    assert not relu._fusable()  # the meta-MLP keeps eager math
+
+
+@pytest.mark.gpu
+def test_gpu_decoder_mlp_under_autocast(seed):
+    x = torch.randn(16, 512, 512, device=DEVICE, requires_grad=True)
+    mlp, twin = Mlp(512, 2048).to(DEVICE), Mlp(512, 2048, backend="triton").to(DEVICE)
+    twin.load_state_dict(mlp.state_dict())
+    g = torch.randn(16, 512, 512, device=DEVICE, dtype=torch.bfloat16)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        a, b = mlp(x), twin(x)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    ga = torch.autograd.grad(a, [x, *mlp.parameters()], g)
+    gb = torch.autograd.grad(b, [x, *twin.parameters()], g)
+    for u, v in zip(ga, gb):
+        torch.testing.assert_close(u, v, rtol=1e-2, atol=1e-2 * u.abs().max().item())
