@@ -1,0 +1,128 @@
+"""Estimate: what one pretraining step keeps for its backward, per backend, without running it.
+
+``bench_models`` measures the step's peak memory on a GPU. This suite estimates it anywhere, GPU
+or not: it runs the forward of ``audiomae.mae_vit_base_patch16(decoder_mode=1, norm_pix_loss=True)``
+at the issue's batch of 64 (mask ratio 0.8, bf16 autocast) on fake CUDA tensors (shapes and dtypes,
+no arithmetic, no device), then walks the autograd graph and adds up every distinct storage it holds
+for the backward, parameters excluded: the activation memory that the backward starts from. The
+static part is counted from the parameters: fp32 weights, their gradients and AdamW's two moments.
+``estimated_total_bytes`` is their sum, an upper bound on the peak in the sense that gradients and
+activations never coexist whole (the backward frees activations as it makes gradients), and a
+lower one in that the allocator's rounding, cuBLAS workspaces and transient tensors are not counted.
+
+Autocast is switched on for the fake CUDA tensors directly (``torch.set_autocast_enabled``), so
+casts happen as on the GPU. Fake CUDA tensors have no device to pick an SDPA kernel for, so global
+attention on the ``sdpa`` and ``triton`` backends is counted as the H100 runs it, through the flash
+kernel (``aten._scaled_dot_product_flash_attention``: q, k, v, the output and its log-sum-exp).
+The row ``triton save=hidden`` keeps fc1's output in every MLP as well (``kernels.gelu_mlp``), to
+show what the default recomputation saves. Rows list the five largest holders by autograd node.
+"""
+from __future__ import annotations
+
+import collections
+import contextlib
+
+import torch
+
+SUITE = "memory_estimate"
+BATCH = 64
+VARIANTS = ("reference", "sdpa", "triton", "triton save=hidden")
+
+
+def _flash_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **_):
+    return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, dropout_p, is_causal, False, scale=scale)[0]
+
+
+@contextlib.contextmanager
+def _cuda_autocast_on_fake_tensors():
+    torch.set_autocast_enabled("cuda", True)
+    torch.set_autocast_dtype("cuda", torch.bfloat16)
+    try:
+        yield
+    finally:
+        torch.set_autocast_enabled("cuda", False)
+        torch.clear_autocast_cache()
+
+
+def _saved_storages(root, exclude: set) -> tuple[dict, collections.Counter]:
+    """{storage: bytes} of every tensor the graph behind ``root`` saved, and bytes by node type."""
+    seen, by_node, visited, stack = {}, collections.Counter(), set(), [root]
+    while stack:
+        node = stack.pop()
+        if node is None or node in visited:
+            continue
+        visited.add(node)
+        saved = []
+        for name in dir(node):
+            if name.startswith("_saved_"):
+                value = getattr(node, name, None)
+                saved += [value] if isinstance(value, torch.Tensor) else [
+                    t for t in value if isinstance(t, torch.Tensor)] if isinstance(value, (tuple, list)) else []
+        saved += [t for t in getattr(node, "saved_tensors", ()) or () if isinstance(t, torch.Tensor)]
+        for t in saved:
+            key = t.untyped_storage()._cdata
+            if key not in exclude and key not in seen:
+                seen[key] = t.untyped_storage().nbytes()
+                by_node[type(node).__name__.removeprefix("GeneratedBackwardFor_").removesuffix("Backward")
+                        .removesuffix("_default")] += seen[key]
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return seen, by_node
+
+
+def estimate(variant: str, batch: int = BATCH, img_size=(1024, 128)) -> dict:
+    """Saved-activation and static bytes of one pretraining step of ``variant`` (see the module doc)."""
+    from unittest import mock
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    import audiomae
+    import audiomae.layers as layers
+
+    backend, _, save = variant.partition(" save=")
+    with FakeTensorMode(allow_non_fake_inputs=True), mock.patch.object(layers.F, "scaled_dot_product_attention", _flash_sdpa):
+        with torch.device("cuda"):
+            model = audiomae.mae_vit_base_patch16(decoder_mode=1, norm_pix_loss=True, backend=backend, img_size=img_size)
+        if save:
+            for module in model.modules():
+                if isinstance(module, layers.Mlp):
+                    module.save = save
+        weights = {t.untyped_storage()._cdata for t in (*model.parameters(), *model.buffers())}
+        imgs = torch.randn(batch, 1, *img_size, device="cuda")
+        with _cuda_autocast_on_fake_tensors():
+            loss = model(imgs, mask_ratio=0.8)[0]
+        saved, by_node = _saved_storages(loss.grad_fn, weights)
+    params = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    static = 4 * params + 4 * trainable + 8 * trainable  # weights, gradients, AdamW's exp_avg and exp_avg_sq
+    activations = sum(saved.values())
+    return {"saved_bytes": activations, "static_bytes": static, "estimated_total_bytes": activations + static,
+            "largest_holders": ", ".join(f"{name} {b / 2**30:.2f} GiB" for name, b in by_node.most_common(5))}
+
+
+def run(device="cuda", quick: bool = False) -> list[dict]:
+    del device  # fake CUDA tensors on any machine: the estimate is the same everywhere
+    from benches.harness import device_info
+
+    info = device_info("cpu")
+    rows, reference = [], None
+    for variant in VARIANTS:
+        result = estimate(variant)
+        reference = reference or result
+        rows.append({
+            "suite": SUITE, "name": "pretrain step memory (estimate)", "impl": variant,
+            "shape": f"B={BATCH} mae_vit_base_patch16 decoder_mode=1 mask 0.8", "dtype": "bf16-autocast",
+            **result,
+            "saved_fraction_of_reference": result["saved_bytes"] / reference["saved_bytes"],
+            "total_fraction_of_reference": result["estimated_total_bytes"] / reference["estimated_total_bytes"],
+            "note": (f"estimated total {result['estimated_total_bytes'] / 2**30:.2f} GiB "
+                     f"(x{result['estimated_total_bytes'] / reference['estimated_total_bytes']:.2f}), activations "
+                     f"{result['saved_bytes'] / 2**30:.2f} GiB: counted on fake tensors, not measured"),
+            **{k: v for k, v in info.items() if k != "device"},
+        })
+    return rows
+
+
+if __name__ == "__main__":
+    for r in run():
+        print(f"{r['impl']:20s} saved {r['saved_bytes'] / 2**30:6.2f} GiB  total {r['estimated_total_bytes'] / 2**30:6.2f} GiB"
+              f"  x{r['total_fraction_of_reference']:.2f} of reference   {r['largest_holders']}")

@@ -1,0 +1,20 @@
+"""The memory estimate (benches/bench_memory_estimate.py) counts what each backend's step keeps.
+
+These check the counting itself on a small grid (fake tensors: nothing runs), not a memory target:
+the figures at the issue's size are the benchmark's rows.
+"""
+from benches.bench_memory_estimate import estimate
+
+
+def test_counts_the_kernels_and_the_recomputation():
+    small = dict(batch=2, img_size=(128, 64))
+    reference, triton, hidden = (estimate(v, **small) for v in ("reference", "triton", "triton save=hidden"))
+    assert reference["static_bytes"] == triton["static_bytes"] > 0
+    # The kernels' saved tensors are found (custom ops and autograd.Functions alike).
+    assert "audiomae_window_attention" in triton["largest_holders"]
+    assert "_GeluMlp" in hidden["largest_holders"]
+    # Keeping fc1's output costs a [tokens, 4 x width] tensor per block, bfloat16 under autocast.
+    decoder_tokens, encoder_tokens = 2 * 8 * 4, 2 * (1 + round(8 * 4 * 0.2))
+    fc1_outputs = 2 * (decoder_tokens * 4 * 512 * 16 + encoder_tokens * 4 * 768 * 12)
+    assert hidden["saved_bytes"] - triton["saved_bytes"] == fc1_outputs
+    assert triton["saved_bytes"] < reference["saved_bytes"]
