@@ -103,12 +103,18 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden_features, out_features)
         self.drop2 = nn.Dropout(drop)
         self.backend = check_backend(backend)
+        if save not in ("input", "hidden"):
+            raise ValueError(f"save must be 'input' or 'hidden', got {save!r}")
         self.save = save
 
     def _fusable(self) -> bool:
-        # Dropout between GELU and fc2 would need its mask kept: only without it (or in eval).
-        return (self.backend == "triton" and type(self.act) is nn.GELU
-                and (self.drop1.p == 0.0 or not self.training) and without_hooks(self.fc1, self.act, self.drop1, self.fc2))
+        # Only the plain modules (a subclass or wrapper may do more than its weights say), and no
+        # dropout between GELU and fc2 (its mask would have to be kept) unless in eval.
+        no_dropout = type(self.drop1) is nn.Identity or (
+            type(self.drop1) is nn.Dropout and (self.drop1.p == 0.0 or not self.training))
+        return (self.backend == "triton" and type(self.act) is nn.GELU and no_dropout
+                and type(self.fc1) is nn.Linear and type(self.fc2) is nn.Linear
+                and without_hooks(self.fc1, self.act, self.drop1, self.fc2))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._fusable():

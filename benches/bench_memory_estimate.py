@@ -13,7 +13,9 @@ lower one in that the allocator's rounding, cuBLAS workspaces and transient tens
 Autocast is switched on for the fake CUDA tensors directly (``torch.set_autocast_enabled``), so
 casts happen as on the GPU. Fake CUDA tensors have no device to pick an SDPA kernel for, so global
 attention on the ``sdpa`` and ``triton`` backends is counted as the H100 runs it, through the flash
-kernel (``aten._scaled_dot_product_flash_attention``: q, k, v, the output and its log-sum-exp).
+kernel (``aten._scaled_dot_product_flash_attention``: q, k, v, the output and its log-sum-exp),
+and the ``sdpa`` backend's masked window attention through memory-efficient attention, which is
+what SDPA picks for a mask there.
 The row ``triton save=hidden`` keeps fc1's output in every MLP as well (``kernels.gelu_mlp``), to
 show what the default recomputation saves. Rows list the five largest holders by autograd node.
 """
@@ -29,18 +31,30 @@ BATCH = 64
 VARIANTS = ("reference", "sdpa", "triton", "triton save=hidden")
 
 
-def _flash_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **_):
-    return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, dropout_p, is_causal, False, scale=scale)[0]
+def _h100_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **_):
+    """SDPA as an H100 runs it: the flash kernel, or memory-efficient attention with a mask."""
+    if attn_mask is None:
+        return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, dropout_p, is_causal, False, scale=scale)[0]
+    lead = q.shape[:-3]  # the kernels take [batch, heads, tokens, dim]: fold any other leading axes
+    q4, k4, v4 = (t.reshape(-1, *t.shape[-3:]) for t in (q, k, v))
+    bias = attn_mask.expand(*q.shape[:-2], q.shape[-2], k.shape[-2]).reshape(-1, *q4.shape[1:3], k.shape[-2])
+    out = torch.ops.aten._scaled_dot_product_efficient_attention(q4, k4, v4, bias, True, dropout_p, is_causal,
+                                                                  scale=scale)[0]
+    return out.reshape(*lead, *out.shape[1:])
 
 
 @contextlib.contextmanager
 def _cuda_autocast_on_fake_tensors():
+    """bf16 CUDA autocast without ``torch.autocast`` (which refuses when no GPU is visible);
+    the previous state comes back afterwards."""
+    enabled, dtype = torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
     torch.set_autocast_enabled("cuda", True)
     torch.set_autocast_dtype("cuda", torch.bfloat16)
     try:
         yield
     finally:
-        torch.set_autocast_enabled("cuda", False)
+        torch.set_autocast_enabled("cuda", enabled)
+        torch.set_autocast_dtype("cuda", dtype)
         torch.clear_autocast_cache()
 
 
@@ -75,11 +89,13 @@ def estimate(variant: str, batch: int = BATCH, img_size=(1024, 128)) -> dict:
 
     from torch._subclasses.fake_tensor import FakeTensorMode
 
+    import torch.nn.functional as F
+
     import audiomae
     import audiomae.layers as layers
 
     backend, _, save = variant.partition(" save=")
-    with FakeTensorMode(allow_non_fake_inputs=True), mock.patch.object(layers.F, "scaled_dot_product_attention", _flash_sdpa):
+    with FakeTensorMode(allow_non_fake_inputs=True), mock.patch.object(F, "scaled_dot_product_attention", _h100_sdpa):
         with torch.device("cuda"):
             model = audiomae.mae_vit_base_patch16(decoder_mode=1, norm_pix_loss=True, backend=backend, img_size=img_size)
         if save:

@@ -8,6 +8,7 @@ batched torch path.
 """
 from .fbank import FbankOptions, fbank
 from .gather_tokens import gather_tokens, gather_tokens_2d
+from .gelu_mlp import gelu_mlp
 from .post_norm_residual import post_norm_residual
 from .reference.window_attention import window_attention_reference
 from .unshuffle_tokens import unshuffle_tokens
@@ -18,6 +19,7 @@ __all__ = [
     "fbank",
     "gather_tokens",
     "gather_tokens_2d",
+    "gelu_mlp",
     "post_norm_residual",
     "unshuffle_tokens",
     "window_attention",

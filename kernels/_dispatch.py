@@ -6,6 +6,7 @@ interpreter: that is how the kernels are tested on machines without a GPU. The v
 at call time (unsetting it later selects the references), but Triton reads it when a kernel is
 decorated, so it must be set before ``kernels`` is imported: set later, it is a RuntimeError.
 """
+import functools
 import os
 
 import torch
@@ -47,6 +48,27 @@ def check_same_device(**tensors) -> torch.device:
         if device != first:
             raise ValueError(f"{name} is on {device} but {first_name} is on {first}: all inputs must share one device")
     return first
+
+
+def first_order_only(op: str):
+    """Decorates a backward (an autograd.Function's or a ``register_autograd`` rule): a double
+    backward is a clear error. ``once_differentiable`` alone errs only when the incoming gradient
+    requires grad; with ``create_graph=True`` and a plain incoming gradient (a gradient penalty on
+    ``loss.sum()``) it would silently drop this op's second-order terms."""
+
+    def decorate(backward):
+        first_order = torch.autograd.function.once_differentiable(backward)
+
+        @functools.wraps(backward)
+        def checked(ctx, *grads):
+            if torch.is_grad_enabled():  # the engine enables grad mode only for create_graph=True
+                raise RuntimeError(f"kernels.{op} cannot differentiate twice: its backward has no backward of "
+                                   "its own (create_graph=True)")
+            return first_order(ctx, *grads)
+
+        return checked
+
+    return decorate
 
 
 def reject_autodiff_transforms(op: str) -> None:

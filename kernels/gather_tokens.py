@@ -46,7 +46,7 @@ import triton
 import triton.language as tl
 
 from kernels.reference import gather_tokens as reference
-from kernels._dispatch import check_same_device, needs_custom_op, reject_autodiff_transforms, use_triton
+from kernels._dispatch import check_same_device, first_order_only, needs_custom_op, reject_autodiff_transforms, use_triton
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -398,6 +398,7 @@ def _input_grads(ctx, grad, rows_backward):
     return (grad_x if need_x else None), None, (grad_pos if need_pos else None)
 
 
+@first_order_only("gather_tokens")
 def _backward(ctx, grad):
     return _input_grads(ctx, grad, torch.ops.audiomae.gather_tokens_backward)
 
@@ -416,7 +417,7 @@ class _GatherTokens(torch.autograd.Function):
         return _gather_forward(x, ids_keep, pos_embed)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable  # double backward is an error, as for the op
+    @first_order_only("gather_tokens")  # double backward is an error, as for the op
     def backward(ctx, grad):
         # Compiled autograd traces this backward: there it takes the op too.
         rows_backward = torch.ops.audiomae.gather_tokens_backward if needs_custom_op() else gather_rows_backward

@@ -22,13 +22,21 @@ torch.func transforms it runs the reference's ops unfused (same values, eager me
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
+from kernels._dispatch import first_order_only
 from kernels.reference.gelu_mlp import gelu_mlp as reference
 
 SAVE_CHOICES = ("input", "hidden")
 APPROXIMATIONS = ("none", "tanh")
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` [..., n] as [rows, n] (explicit rows: -1 cannot be inferred when n is 0)."""
+    return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
 
 
 def _linear_backward(grad2d, inp2d, weight, need_input, need_weight, need_bias, input_shape):
@@ -52,7 +60,7 @@ class _GeluMlp(torch.autograd.Function):
         return out
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @first_order_only("gelu_mlp")
     def backward(ctx, grad):
         xc, w1, b1, w2, hidden = ctx.saved_tensors
         need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:5]
@@ -60,14 +68,13 @@ class _GeluMlp(torch.autograd.Function):
             if hidden is None:
                 hidden = F.linear(xc, w1, b1)
             act = F.gelu(hidden, approximate=ctx.approximate)
-            grad2d = grad.to(act.dtype).reshape(-1, grad.shape[-1])
-            grad_act, grad_w2, grad_b2 = _linear_backward(grad2d, act.reshape(-1, act.shape[-1]), w2,
+            grad2d = _rows(grad.to(act.dtype))
+            grad_act, grad_w2, grad_b2 = _linear_backward(grad2d, _rows(act), w2,
                                                           True, need_w2, need_b2, act.shape)
             del act  # the largest tensor of the backward: free it before the next one is made
             grad_hidden = torch.ops.aten.gelu_backward(grad_act, hidden, approximate=ctx.approximate)
             del grad_act, hidden
-            grad_x, grad_w1, grad_b1 = _linear_backward(grad_hidden.reshape(-1, grad_hidden.shape[-1]),
-                                                        xc.reshape(-1, xc.shape[-1]), w1, need_x, need_w1, need_b1,
+            grad_x, grad_w1, grad_b1 = _linear_backward(_rows(grad_hidden), _rows(xc), w1, need_x, need_w1, need_b1,
                                                         xc.shape)
         grads = (grad_x, grad_w1, grad_b1, grad_w2, grad_b2)
         return (*(g.to(dtype) if g is not None else None for g, dtype in zip(grads, ctx.dtypes)), None, None, None)
@@ -78,9 +85,11 @@ def compute_dtype(x: torch.Tensor, *params: torch.Tensor | None) -> torch.dtype:
     device_type = x.device.type
     autocast = torch.is_autocast_enabled(device_type)
     target = torch.get_autocast_dtype(device_type) if autocast else None
-    dtypes = {target if autocast and t.dtype != torch.float64 else t.dtype for t in (x, *params) if t is not None}
+    names = ("x", "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias")
+    named = [(name, t) for name, t in zip(names, (x, *params)) if t is not None]
+    dtypes = {target if autocast and t.dtype != torch.float64 else t.dtype for _, t in named}
     if len(dtypes) > 1:
-        found = ", ".join(str(t.dtype) for t in (x, *params) if t is not None)
+        found = ", ".join(f"{name}={t.dtype}" for name, t in named)
         raise TypeError(f"gelu_mlp: x and the weights must share one dtype (or run under autocast), got {found}")
     return dtypes.pop()
 
@@ -117,7 +126,8 @@ def gelu_mlp(
             raise ValueError(f"{name} must be [{size}], got {tuple(bias.shape)}")
     devices = {t.device for t in named.values() if t is not None}
     if len(devices) > 1:
-        raise ValueError(f"gelu_mlp: all tensors must share one device, got {sorted(map(str, devices))}")
+        found = ", ".join(f"{name} on {t.device}" for name, t in named.items() if t is not None)
+        raise ValueError(f"gelu_mlp: all tensors must share one device, got {found}")
     dtype = compute_dtype(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
     if torch._C._are_functorch_transforms_active():
         # torch.func transforms compose with plain torch ops, not with this Function's saving

@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._dispatch import check_same_device, needs_custom_op, reject_autodiff_transforms, use_triton
+from kernels._dispatch import check_same_device, first_order_only, needs_custom_op, reject_autodiff_transforms, use_triton
 from kernels.gather_tokens import FLOAT_DTYPES, REDUCING_PROGRAMS, cdiv, next_power_of_2
 from kernels.reference import post_norm_residual as reference
 
@@ -271,6 +271,7 @@ def _input_grads(ctx, grad, backward):
             grad_bias if need_bias else None)
 
 
+@first_order_only("post_norm_residual")
 def _op_backward(ctx, grad, _grad_mean, _grad_rstd):
     return (*_input_grads(ctx, grad, torch.ops.audiomae.post_norm_residual_backward), None, None)
 
@@ -288,7 +289,7 @@ class _PostNormResidual(torch.autograd.Function):
         return out
 
     @staticmethod
-    @torch.autograd.function.once_differentiable  # double backward is an error, as for the op
+    @first_order_only("post_norm_residual")  # double backward is an error, as for the op
     def backward(ctx, grad):
         backward = torch.ops.audiomae.post_norm_residual_backward if needs_custom_op() else _backward
         return (*_input_grads(ctx, grad, backward), None, None)

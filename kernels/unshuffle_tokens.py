@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._dispatch import check_same_device, needs_custom_op, reject_autodiff_transforms, use_triton
+from kernels._dispatch import check_same_device, first_order_only, needs_custom_op, reject_autodiff_transforms, use_triton
 from kernels.gather_tokens import (
     REDUCING_PROGRAMS,
     TL_DTYPES,
@@ -237,6 +237,7 @@ def _input_grads(ctx, grad, backward):
     return (grad_x if need_x else None), None, (grad_mask if need_mask else None), (grad_pos if need_pos else None)
 
 
+@first_order_only("unshuffle_tokens")
 def _backward(ctx, grad):
     return _input_grads(ctx, grad, torch.ops.audiomae.unshuffle_tokens_backward)
 
@@ -254,7 +255,7 @@ class _UnshuffleTokens(torch.autograd.Function):
         return _unshuffle_forward(x, ids_restore, mask_token, pos_embed)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable  # double backward is an error, as for the op
+    @first_order_only("unshuffle_tokens")  # double backward is an error, as for the op
     def backward(ctx, grad):
         # Compiled autograd traces this backward: there it takes the op too.
         backward = torch.ops.audiomae.unshuffle_tokens_backward if needs_custom_op() else _unshuffle_backward

@@ -49,7 +49,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._dispatch import needs_custom_op, reject_autodiff_transforms, use_triton
+from ._dispatch import first_order_only, interpreting, needs_custom_op, reject_autodiff_transforms, use_triton
 from .reference.window_attention import check_window_attention_args, window_attention_reference
 
 # Logit of a pair that shares no window; finite so that padded rows never make NaNs.
@@ -514,6 +514,7 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(lse)
 
 
+@first_order_only("window_attention")
 def _backward_rule(ctx, dout, _dlse):
     qkv, tau, bias, out, lse = ctx.saved_tensors
     dqkv, dtau, dbias = _window_attention_backward_op(dout, qkv, tau, bias, out, lse, *ctx.args)
@@ -537,7 +538,7 @@ class _WindowAttentionFunction(torch.autograd.Function):
         return out
 
     @staticmethod
-    @torch.autograd.function.once_differentiable  # double backward is an error, as for the op
+    @first_order_only("window_attention")  # double backward is an error, as for the op
     def backward(ctx, dout):
         qkv, tau, bias, out, lse = ctx.saved_tensors
         # Compiled autograd traces this backward: there it takes the op too.
@@ -569,6 +570,11 @@ def window_attention(
                                           tau=tau, bias=bias, mask_value=mask_value)
     if qkv.dtype == torch.float64:
         raise TypeError("the Triton kernel takes float16, bfloat16 or float32 qkv, got float64")
+    if qkv.dtype == torch.bfloat16 and qkv.device.type == "cpu" and interpreting():
+        # Triton 3.6's interpreter multiplies bfloat16 tl.dot operands wrongly (errors of 1e8 seen):
+        # an error rather than silently wrong numbers; the GPU computes it right.
+        raise NotImplementedError("window_attention: Triton's interpreter computes bfloat16 tl.dot wrongly; on the "
+                                  "CPU use float32 or float16 qkv (or no TRITON_INTERPRET for the eager reference)")
     reject_autodiff_transforms("window_attention")
     tau = tau.contiguous() if tau is not None else None
     bias = bias.contiguous() if bias is not None else None

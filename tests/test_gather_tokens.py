@@ -415,13 +415,16 @@ def test_autodiff_transforms_are_a_clear_error():
             x[:, :2].contiguous())
 
 
-def test_double_backward_is_an_error():
+@pytest.mark.parametrize("grad_requires_grad", [True, False])
+def test_double_backward_is_an_error(grad_requires_grad):
+    # Also with a plain incoming gradient (a gradient penalty on loss.sum()), where
+    # once_differentiable alone would drop the second-order terms silently.
     x = torch.randn(2, 6, 5, device=DEVICE, requires_grad=True)
-    out = gather_tokens(x, random_ids(2, 6, 3))
-    g = torch.randn(out.shape, device=DEVICE, requires_grad=True)
-    (gx,) = torch.autograd.grad(out, x, g, create_graph=True)
-    with pytest.raises(RuntimeError, match="differentiate twice"):
-        gx.sum().backward()
+    ids = random_ids(2, 6, 6)
+    for out in (gather_tokens(x, ids[:, :3]), unshuffle_tokens(x[:, :2], ids, torch.zeros(5, device=DEVICE))):
+        g = torch.randn(out.shape, device=DEVICE, requires_grad=grad_requires_grad)
+        with pytest.raises(RuntimeError, match="differentiate twice"):
+            torch.autograd.grad(out, x, g, create_graph=True)
 
 
 def test_fake_tensors_take_the_custom_op():

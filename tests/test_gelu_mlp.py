@@ -129,6 +129,29 @@ def test_rejects_bad_input(seed):
         gelu_mlp(x, w1, b1, w2.to("meta"), b2)
 
 
+def test_double_backward_is_an_error(seed):
+    x, w1, b1, w2, b2 = make()
+    out = gelu_mlp(x, w1, b1, w2, b2)
+    with pytest.raises(RuntimeError, match="differentiate twice"):  # not silently first-order
+        torch.autograd.grad(out.sum(), x, create_graph=True)
+
+
+def test_zero_width_features(seed):
+    for hidden, out_features, channels in ((0, 8, 6), (10, 0, 6), (10, 8, 0)):
+        inputs = make(shape=(3, channels), hidden=hidden, out=out_features)
+        grad = torch.randn(3, out_features, device=DEVICE)
+        _, grads = run(gelu_mlp, inputs, grad)
+        _, eager = run(reference, inputs, grad)
+        for a, e in zip(grads, eager, strict=True):
+            torch.testing.assert_close(a, e)
+
+
+def test_exported_from_the_package():
+    import kernels
+
+    assert kernels.gelu_mlp is gelu_mlp
+
+
 def test_compiles_without_graph_breaks(seed):
     inputs = make()
     grad = torch.randn(3, 7, 24, device=DEVICE)
@@ -155,6 +178,32 @@ def test_module_takes_the_op_only_where_it_is_the_same(seed, training, drop):
     assert fused == twin._fusable() == (drop == 0.0 or not training)
     relu = Mlp(2, 8, out_features=4, act_layer=nn.ReLU, backend="triton")
     assert not relu._fusable()  # the meta-MLP keeps eager math
+
+
+class DoubledLinear(nn.Linear):
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+def test_module_keeps_eager_math_for_replaced_layers(seed):
+    # A subclass (or wrapper) may do more than its weights say: the fused path must not skip it.
+    twin = Mlp(24, 40, backend="triton").to(DEVICE)
+    reference_mlp = Mlp(24, 40).to(DEVICE)
+    reference_mlp.load_state_dict(twin.state_dict())
+    x = torch.randn(3, 24, device=DEVICE)
+    for name in ("fc1", "fc2"):
+        for mlp in (twin, reference_mlp):
+            old = getattr(mlp, name)
+            new = DoubledLinear(old.in_features, old.out_features).to(DEVICE)
+            new.load_state_dict(old.state_dict())
+            setattr(mlp, name, new)
+        assert not twin._fusable()
+        torch.testing.assert_close(twin(x), reference_mlp(x))
+    plain = Mlp(24, 40, backend="triton").to(DEVICE)
+    plain.drop1 = nn.Identity()
+    assert plain._fusable() and plain(x).shape == (3, 24)
+    with pytest.raises(ValueError, match="save must be"):
+        Mlp(24, 40, save="everything")
 
 
 @pytest.mark.gpu

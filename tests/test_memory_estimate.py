@@ -3,6 +3,8 @@
 These check the counting itself on a small grid (fake tensors: nothing runs), not a memory target:
 the figures at the issue's size are the benchmark's rows.
 """
+import torch
+
 from benches.bench_memory_estimate import estimate
 
 
@@ -18,3 +20,15 @@ def test_counts_the_kernels_and_the_recomputation():
     fc1_outputs = 2 * (decoder_tokens * 4 * 512 * 16 + encoder_tokens * 4 * 768 * 12)
     assert hidden["saved_bytes"] - triton["saved_bytes"] == fc1_outputs
     assert triton["saved_bytes"] < reference["saved_bytes"]
+
+
+def test_leaves_the_autocast_state_as_it_found_it():
+    before = torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
+    estimate("triton", batch=1, img_size=(128, 64))
+    assert (torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")) == before
+
+
+def test_sdpa_row_keeps_the_position_bias():
+    # The masked window attention must carry its bias (the meta-MLP): every parameter is in the graph.
+    row = estimate("sdpa", batch=1, img_size=(128, 64))
+    assert "ScaledDotProductEfficientAttention" in row["largest_holders"]

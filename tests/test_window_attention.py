@@ -261,6 +261,20 @@ def test_bad_tensors():
             window_attention(torch.randn(1, 64, 96, dtype=torch.float64, device=DEVICE), **args)
 
 
+def test_double_backward_is_an_error():
+    qkv = torch.randn(1, 16, 3 * 2 * 16, device=DEVICE, requires_grad=True)
+    out = window_attention(qkv, grid=(4, 4), window=(2, 2), shift=(1, 1), num_heads=2)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        torch.autograd.grad(out.sum(), qkv, create_graph=True)
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="the interpreter's bfloat16 dot is a CPU matter")
+def test_bfloat16_through_the_interpreter_is_an_error_not_wrong_numbers():
+    qkv = torch.randn(1, 16, 3 * 2 * 16, dtype=torch.bfloat16)
+    with pytest.raises(NotImplementedError, match="bfloat16 tl.dot"):
+        window_attention(qkv, grid=(4, 4), window=(2, 2), num_heads=2)
+
+
 def test_opcheck():
     qkv, tau, bias = (x.float() for x in make_inputs(1, (4, 4), (2, 2), 2, 16))
     out, lse = torch.ops.audiomae.window_attention(qkv, tau, bias, [4, 4], [2, 2], [1, 0], 2, -100.0)
