@@ -223,12 +223,49 @@ def profile_step(step: str = "pretrain", variant: str = "triton", batch: int = G
     for _ in range(3):
         run()
     torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start.record()
         for _ in range(steps):
             run()
+        end.record()
         torch.cuda.synchronize()
     title = f"{step} step, {variant}, batch {batch}: {steps} steps profiled"
-    return title + "\n" + prof.key_averages().table(sort_by="cuda_time_total", row_limit=row_limit)
+    try:
+        summary = kernel_time_summary(prof.events(), start.elapsed_time(end) / steps, steps)
+    except Exception as error:  # noqa: BLE001 - the table below still says where the time goes
+        summary = f"(no kernel summary: {type(error).__name__}: {error})"
+    return "\n".join([title, summary, prof.key_averages().table(sort_by="cuda_time_total", row_limit=row_limit)])
+
+
+KERNEL_KINDS = (  # (kind, substrings of the GPU kernel's name), first match wins
+    ("this project's Triton kernels", ("_window_attention", "_gather", "_unshuffle", "_mask_pos", "_forward_kernel",
+                                        "_backward_kernel")),
+    ("matmul", ("gemm", "cutlass", "xmma", "nvjet", "sm90_", "cublas")),
+    ("attention (flash/SDPA)", ("flash", "fmha", "attention")),
+    ("layer norm", ("layer_norm", "layernorm")),
+    ("optimizer", ("adam", "multi_tensor")),
+    ("elementwise and reductions", ("elementwise", "reduce", "vectorized", "unrolled", "copy", "cat", "index",
+                                    "gather", "scatter", "softmax", "gelu", "fill")),
+)
+
+
+def kernel_time_summary(events, step_ms: float, steps: int) -> str:
+    """GPU time per kind of kernel, per step, and how much of the step the GPU was busy: an idle
+    GPU means the step is bound by the host (launches, Python), not by kernels."""
+    per_kind, launches = {}, 0
+    for event in events:
+        if event.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        launches += 1
+        name = event.name.lower()
+        kind = next((k for k, keys in KERNEL_KINDS if any(key in name for key in keys)), "other")
+        per_kind[kind] = per_kind.get(kind, 0.0) + event.device_time_total / 1e3 / steps  # us -> ms per step
+    busy = sum(per_kind.values())
+    lines = [f"step {step_ms:.2f} ms (CUDA events), GPU busy {busy:.2f} ms ({busy / step_ms:.0%}), "
+             f"{launches // steps} kernels a step"]
+    lines += [f"  {kind:32s} {ms:8.2f} ms  {ms / step_ms:5.1%}" for kind, ms in sorted(per_kind.items(), key=lambda kv: -kv[1])]
+    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------- pytest-benchmark

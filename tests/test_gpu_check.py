@@ -27,3 +27,23 @@ def test_gpu_check_runs_a_part_and_writes_its_files(tmp_path):
     rows = result["benchmarks"]
     assert rows and all(row["suite"] == "window_attention_tiling" for row in rows)
     assert "bench-window_tiling" in (tmp_path / "report.md").read_text()
+
+
+def test_profile_summary_sorts_kernels_by_kind():
+    # The profile part's summary: GPU time per kind of kernel and how busy the GPU was.
+    import torch
+
+    from benches.bench_models import kernel_time_summary
+
+    class Event:
+        def __init__(self, name, us, device_type=torch.autograd.DeviceType.CUDA):
+            self.name, self.device_time_total, self.device_type = name, us, device_type
+
+    events = [Event("sm90_xmma_gemm_bf16bf16_bf16f32", 3000.0), Event("_window_attention_fwd", 1000.0),
+              Event("_forward_kernel", 600.0), Event("vectorized_elementwise_kernel<4>", 400.0),
+              Event("aten::addmm", 9999.0, torch.autograd.DeviceType.CPU)]
+    text = kernel_time_summary(events, step_ms=5.0 * 2 / 2, steps=2)
+    assert text.splitlines()[0].startswith("step 5.00 ms (CUDA events), GPU busy 2.50 ms (50%), 2 kernels a step")
+    assert "matmul                               1.50 ms" in text
+    assert "this project's Triton kernels        0.80 ms" in text
+    assert "addmm" not in text
