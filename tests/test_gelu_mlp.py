@@ -214,7 +214,9 @@ def test_gpu_decoder_mlp_under_autocast(seed):
     g = torch.randn(16, 512, 512, device=DEVICE, dtype=torch.bfloat16)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         a, b = mlp(x), twin(x)
-    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # The same cuBLAS calls in the same dtypes: equal up to the last bit (a bf16 ulp of slack for
+    # a different algorithm choice).
+    torch.testing.assert_close(a, b, rtol=0, atol=2**-7 * a.abs().max().item())
     ga = torch.autograd.grad(a, [x, *mlp.parameters()], g)
     gb = torch.autograd.grad(b, [x, *twin.parameters()], g)
     for u, v in zip(ga, gb):
