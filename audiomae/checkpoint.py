@@ -93,6 +93,7 @@ def check_audiomae_keys(state: dict) -> None:
         dims = {"patch_embed.proj.weight": 4, "pos_embed": 3}
         missing = [f"{k} (a {dims[k]}-D tensor, got shape {list(state[k].shape)})"
                    for k in dims if state[k].dim() != dims[k]]
+
     if missing:
         sample = ", ".join(sorted(state)[:5]) or "none"
         raise ValueError(f"not a recognised AudioMAE checkpoint: missing {', '.join(missing)} "
@@ -108,6 +109,11 @@ def infer_config(state: dict, args: dict | None = None) -> tuple[type, dict]:
     check_audiomae_keys(state)
     proj = state["patch_embed.proj.weight"]
     embed_dim, in_chans, patch, _ = proj.shape
+    if in_chans == 3:
+        # Without a saved config, an RGB patch embedding means an image ViT (timm's keys are the same).
+        raise ValueError(f"not a recognised AudioMAE checkpoint: patch_embed.proj.weight {list(proj.shape)} takes "
+                         "3 input channels, an image model's (AudioMAE's spectrograms have one); a 3-channel "
+                         "model saved with save_pretrained() carries its config and loads")
     num_patches = state["pos_embed"].shape[1] - 1
     freq_patches = _MEL_BINS // patch
     if num_patches % freq_patches:
@@ -202,23 +208,30 @@ def cut_pos_embed_time(pos_embed: torch.Tensor, grid: tuple[int, int], num_time:
     return torch.cat([pos_embed[:, :1], tokens[:, :, :num_time].flatten(1, 2)], dim=1)
 
 
-def _checkpoint_grid(state: dict, extra: dict) -> tuple[int, int] | None:
-    """The checkpoint's ``(T, F)`` patch grid: from our saved config, else 128 mel bins (every official
-    recipe's); None if its position table does not fit one."""
+def _checkpoint_grid(state: dict, extra: dict) -> tuple[tuple[int, int] | None, bool]:
+    """(the checkpoint's ``(T, F)`` patch grid or None if its table fits none, whether the grid is
+    known). Known from our saved config; else taken as 128 mel bins, every official recipe's (the
+    official fine-tuning assumes it too), checked against the official args' ``target_length``."""
     config = extra.get("config") or {}
+    args = extra.get("args") or {}
     patch = state["patch_embed.proj.weight"].shape[-1]
     num_freq = config["img_size"][1] // patch if "img_size" in config else _MEL_BINS // patch
     num_patches = state["pos_embed"].shape[1] - 1
-    return (num_patches // num_freq, num_freq) if num_freq and num_patches % num_freq == 0 else None
+    if not num_freq or num_patches % num_freq:
+        return None, False
+    grid = (num_patches // num_freq, num_freq)
+    if "img_size" not in config and "target_length" in args and int(args["target_length"]) // patch != grid[0]:
+        return None, False
+    return grid, "img_size" in config or "target_length" in args
 
 
 def _fit_pos_embed(model: VisionTransformer, state: dict, extra: dict) -> str | None:
     """Cut ``state["pos_embed"]`` in place to the model's shorter time axis, as the official fine-tuning
     does; else, if the tables still differ, the sentence that says why they cannot be fitted."""
     table, expected = state["pos_embed"], model.pos_embed
-    if table.shape == expected.shape:
-        return None
-    grid, (num_time, num_freq) = _checkpoint_grid(state, extra), model.grid
+    (grid, known), (num_time, num_freq) = _checkpoint_grid(state, extra), model.grid
+    if table.shape == expected.shape and (not known or grid == (num_time, num_freq)):
+        return None  # the same table (a known grid must also be the model's: 64 x 8 is not 32 x 16)
     if grid is not None and grid[1] == num_freq and grid[0] > num_time and table.shape[-1] == expected.shape[-1]:
         state["pos_embed"] = cut_pos_embed_time(table, grid, num_time)
         return None
@@ -229,18 +242,24 @@ def _fit_pos_embed(model: VisionTransformer, state: dict, extra: dict) -> str | 
 
 
 def load_pretrained_encoder(model: VisionTransformer, path) -> VisionTransformer:
-    """Initialise a fine-tuning model's encoder from a pretraining checkpoint (decoder keys dropped,
-    ``fc_norm`` and ``head`` left as initialised, every encoder key required). A checkpoint for longer
-    clips fits a model for shorter ones: its position table is cut along time (``cut_pos_embed_time``)."""
+    """Initialise a fine-tuning model from a pretraining or fine-tuning checkpoint, as the official
+    fine-tuning does: decoder keys dropped, ``head.*`` dropped when its shape differs from the model's
+    (another number of classes), the checkpoint's ``fc_norm``/``head``/``norm`` taken when it has them
+    and the model's own kept otherwise; every encoder key required. (The official script then
+    re-initialises ``head.weight``; ``audiomae finetune`` does too.) A checkpoint for longer clips fits
+    a model for shorter ones: its position table is cut along time (``cut_pos_embed_time``)."""
     state, extra = read_checkpoint(path)
     state = _strip_prefix(state)
     check_audiomae_keys(state)
     expected = model.state_dict()
-    encoder = {k: v for k, v in state.items() if k in expected and not k.startswith(("head.", "fc_norm."))}
+    encoder = {k: v for k, v in state.items() if k in expected
+               and not (k.startswith("head.") and v.shape != expected[k].shape)}
     for key in ("head.weight", "head.bias", "fc_norm.weight", "fc_norm.bias", "norm.weight", "norm.bias"):
         if key in expected and key not in encoder:
             encoder[key] = expected[key]
     note = _fit_pos_embed(model, encoder, extra)
+    if note and encoder["pos_embed"].shape == model.pos_embed.shape:  # same size, another grid
+        raise CheckpointMismatchError(f"the checkpoint does not fit {type(model).__name__}:\n  {note}")
     check_state_dict(model, encoder, note)
     model.load_state_dict(encoder, strict=True)
     return model

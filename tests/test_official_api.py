@@ -237,3 +237,44 @@ def test_decoder_mode_survives_files_and_others_are_refused(tmp_path):
     for bad in (4, -1):
         with pytest.raises(ValueError, match="decoder_mode must be"):
             mae(decoder_mode=bad)
+
+
+# ----------------------------------------------------------------------------------------------
+# Second review: fine-tuning checkpoints keep fc_norm and head, known grids are compared, image ViTs refused
+# ----------------------------------------------------------------------------------------------
+def test_fine_tuned_checkpoint_keeps_fc_norm_and_a_matching_head(tmp_path):
+    torch.manual_seed(0)
+    # 128 mel bins, as every official recipe (a .pth without a config is read that way)
+    source = audiomae.VisionTransformer(img_size=(64, 128), embed_dim=32, depth=1, num_heads=2, num_classes=5)
+    with torch.no_grad():
+        source.fc_norm.weight.fill_(3.0)
+        source.fc_norm.bias.fill_(0.5)
+        source.head.bias.fill_(1.0)
+    path = tmp_path / "ft.pth"
+    torch.save({"model": source.state_dict()}, path)
+    same_classes = audiomae.VisionTransformer(img_size=(32, 128), embed_dim=32, depth=1, num_heads=2, num_classes=5)
+    audiomae.load_pretrained_encoder(same_classes, path)
+    assert torch.all(same_classes.fc_norm.weight == 3.0) and torch.all(same_classes.fc_norm.bias == 0.5)
+    assert torch.all(same_classes.head.bias == 1.0)
+    other_classes = audiomae.VisionTransformer(img_size=(32, 128), embed_dim=32, depth=1, num_heads=2, num_classes=7)
+    fresh_head = other_classes.head.weight.detach().clone()
+    audiomae.load_pretrained_encoder(other_classes, path)  # the head's shape differs: the model's own stays
+    assert torch.equal(other_classes.head.weight, fresh_head) and torch.all(other_classes.fc_norm.weight == 3.0)
+
+
+def test_known_grid_must_match_even_when_the_table_has_the_same_size(tmp_path):
+    source = audiomae.VisionTransformer(img_size=(128, 64), embed_dim=32, depth=1, num_heads=2, num_classes=3)
+    path = tmp_path / "ft.safetensors"
+    source.save_pretrained(path)  # 8 x 4 patches, and the file says so
+    transposed = audiomae.VisionTransformer(img_size=(64, 128), embed_dim=32, depth=1, num_heads=2, num_classes=3)
+    with pytest.raises(audiomae.CheckpointMismatchError, match="4 x 8 grid"):
+        audiomae.load_pretrained_encoder(transposed, path)
+
+
+def test_image_vit_is_not_taken_for_an_audiomae_checkpoint(tmp_path):
+    image = audiomae.VisionTransformer(img_size=(32, 128), in_chans=3, embed_dim=32, depth=1, num_heads=2,
+                                       num_classes=10)
+    path = tmp_path / "imagenet.pth"
+    torch.save(image.state_dict(), path)
+    with pytest.raises(ValueError, match="3 input channels, an image model's"):
+        audiomae.from_pretrained(path)
