@@ -238,9 +238,11 @@ def profile_step(step: str = "pretrain", variant: str = "triton", batch: int = G
     return "\n".join([title, summary, prof.key_averages().table(sort_by="cuda_time_total", row_limit=row_limit)])
 
 
-KERNEL_KINDS = (  # (kind, substrings of the GPU kernel's name), first match wins
-    ("this project's Triton kernels", ("_window_attention", "_gather", "_unshuffle", "_mask_pos", "_forward_kernel",
-                                        "_backward_kernel")),
+# This project's Triton kernels, by their exact names (a substring such as "_gather" would also
+# catch PyTorch's own scatter/gather kernels).
+PROJECT_KERNELS = frozenset({"_gather_kernel", "_gather_backward_kernel", "_unshuffle_kernel", "_mask_pos_backward_kernel",
+                             "_window_attention_fwd", "_window_attention_bwd", "_forward_kernel", "_backward_kernel"})
+KERNEL_KINDS = (  # (kind, substrings of the GPU kernel's name), first match wins, after PROJECT_KERNELS
     ("matmul", ("gemm", "cutlass", "xmma", "nvjet", "sm90_", "cublas")),
     ("attention (flash/SDPA)", ("flash", "fmha", "attention")),
     ("layer norm", ("layer_norm", "layernorm")),
@@ -255,11 +257,13 @@ def kernel_time_summary(events, step_ms: float, steps: int) -> str:
     GPU means the step is bound by the host (launches, Python), not by kernels."""
     per_kind, launches = {}, 0
     for event in events:
-        if event.device_type != torch.autograd.DeviceType.CUDA:
+        # GPU spans of record_function ranges (Optimizer.step#AdamW.step...) hold kernels counted on their own.
+        if event.device_type != torch.autograd.DeviceType.CUDA or getattr(event, "is_user_annotation", False):
             continue
         launches += 1
         name = event.name.lower()
-        kind = next((k for k, keys in KERNEL_KINDS if any(key in name for key in keys)), "other")
+        kind = "this project's Triton kernels" if event.name in PROJECT_KERNELS else next(
+            (k for k, keys in KERNEL_KINDS if any(key in name for key in keys)), "other")
         per_kind[kind] = per_kind.get(kind, 0.0) + event.device_time_total / 1e3 / steps  # us -> ms per step
     busy = sum(per_kind.values())
     lines = [f"step {step_ms:.2f} ms (CUDA events), GPU busy {busy:.2f} ms ({busy / step_ms:.0%}), "

@@ -179,6 +179,7 @@ def cases() -> dict:
     table["postnorm-fp64"] = lambda: _post_norm_case(torch.float64, torch.float64, 40, 768)
     table["postnorm-odd-fp16-noparams"] = lambda: _post_norm_case(torch.float16, torch.float16, 7, 1000, params=False)
     table["postnorm-widest-fp32"] = lambda: _post_norm_case(torch.float32, torch.float32, 3, 16384)
+    table["postnorm-wide-fp64"] = lambda: _post_norm_case(torch.float64, torch.float64, 3, 8192)
     # The tilings benches/bench_window_tiling.py times on the GPU, each forced for both passes.
     from benches.bench_window_tiling import TILING_CANDIDATES
     for rows, warps in TILING_CANDIDATES:

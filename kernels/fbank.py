@@ -446,18 +446,17 @@ def fbank_torch(
     feature_dtype = waveforms.dtype if compute_dtype == torch.float64 else compute_dtype
     # Autograd keeps each block's FFT input for the backward: a differentiable call cannot reuse it.
     differentiable = waveforms.requires_grad and torch.is_grad_enabled()
-    # Everything before the FFT stays float64 too: float32 framing (the window's rounding alone)
-    # puts a noise floor under a tone's spectrum that moves quiet Mel bins by more than 1e-3.
-    frame_dtype = compute_dtype
-    window, banks = _torch_tables(opts, waveforms.device, frame_dtype, feature_dtype, torch.get_default_dtype())
-    sequence = _framed_sequence(waveforms.to(frame_dtype), lengths, num_frames, opts)
+    # Everything before the FFT stays in compute_dtype too: float32 framing (the window's rounding
+    # alone) puts a noise floor under a tone's spectrum that moves quiet Mel bins by more than 1e-3.
+    window, banks = _torch_tables(opts, waveforms.device, compute_dtype, feature_dtype, torch.get_default_dtype())
+    sequence = _framed_sequence(waveforms.to(compute_dtype), lengths, num_frames, opts)
     frames = _frames(sequence, num_frames, opts)
     emphasized = None
     if opts.dither == 0.0 and not differentiable:
         emphasized = _frames(_emphasized(sequence, opts.preemphasis_coefficient), num_frames, opts)
     B = frames.shape[0]
     step = num_frames if waveforms.is_cuda else max(1, CPU_BLOCK_FRAMES // max(B, 1))
-    padded = frames.new_zeros(B, min(step, num_frames), opts.padded_window_size, dtype=compute_dtype)
+    padded = frames.new_zeros(B, min(step, num_frames), opts.padded_window_size)
     if step >= num_frames:
         features = _frame_features(frames, window, banks, opts, generator, padded, emphasized)
     else:

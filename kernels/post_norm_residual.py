@@ -12,8 +12,9 @@ own dtype (half the bytes of that copy) and two numbers per row (mean and 1/std)
     norm's output is float32 under CUDA autocast for a float16/bfloat16 branch (autocast runs
     layer_norm in float32), the branch's dtype otherwise (a float32 ``weight``/``bias`` may serve
     a float16/bfloat16 branch, as in torch); it is rounded to that dtype before the add, and the
-    sum takes the promoted dtype of ``x`` and the norm. C from 1 to 16384; any leading shape and
-    strides (inputs that cannot be viewed as [rows, C] are copied first).
+    sum takes the promoted dtype of ``x`` and the norm. C from 1 to 16384 (float64 rows wider
+    than 8192 spill registers on the H100: exact, slower); any leading shape and strides (inputs
+    that cannot be viewed as [rows, C], or whose channels lie 2**31 elements apart, are copied first).
 
 Statistics are float32 (float64 for a float64 branch), of the row shifted by its first element
 (held in registers: two passes, the mean, then the biased variance about it), so a row with a
@@ -131,12 +132,18 @@ def _backward_kernel(
 # ----------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------
-def _tile(channels: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_C, num_warps): whole rows, about 4096 elements a tile."""
+def _tile(channels: int, wide: bool = False) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_C, num_warps): whole rows, about 4096 elements a tile; ``wide`` (float64
+    statistics) doubles the warps so that the widest rows still fit in registers."""
     block_c = next_power_of_2(channels)
     block_m = max(1, min(32, 4096 // block_c))
-    elements = block_m * block_c
-    return block_m, block_c, 4 if elements <= 2048 else 8 if elements <= 8192 else 16
+    elements = block_m * block_c * (2 if wide else 1)
+    return block_m, block_c, 4 if elements <= 2048 else 8 if elements <= 8192 else 16 if elements <= 16384 else 32
+
+
+def _int32_columns(t: torch.Tensor) -> torch.Tensor:
+    """``t`` [rows, C], copied if its channel offsets would overflow int32 (rows are int64 in the kernels)."""
+    return t.contiguous() if t.stride(1) * t.shape[1] >= 2**31 else t
 
 
 def _stride(param: torch.Tensor | None) -> int:
@@ -157,7 +164,7 @@ def _forward(x, branch, weight, bias, eps: float, norm_dtype: torch.dtype):
     rstd = torch.empty((M,), dtype=stats, device=x.device)
     if M == 0:
         return out, mean, rstd
-    block_m, block_c, warps = _tile(C)
+    block_m, block_c, warps = _tile(C, stats == torch.float64)
     _forward_kernel[(cdiv(M, block_m),)](
         x, branch, weight if weight is not None else branch, bias if bias is not None else branch, out, mean, rstd,
         M, C, eps,
@@ -180,11 +187,12 @@ def _backward(grad, branch, weight, mean, rstd, norm_dtype, need_branch, weight_
     if M == 0 or not (need_branch or write_weight or write_bias):
         zeros = lambda dtype: torch.zeros((C,), dtype=dtype, device=device) if dtype is not None else None  # noqa: E731
         return grad_branch, zeros(weight_dtype), zeros(bias_dtype)
+    grad = _int32_columns(grad)
     if grad.dtype == torch.float64 and norm_dtype != torch.float64:
         # The add's backward hands the norm a gradient of its own dtype; Triton's interpreter
         # cannot convert float64 to bfloat16, so do it here (the same rounding).
         grad = grad.to(norm_dtype)
-    block_m, block_c, warps = _tile(C)
+    block_m, block_c, warps = _tile(C, stats == torch.float64)
     tiles = cdiv(M, block_m)
     # Without weight or bias gradients every tile is its own program; with them, programs loop
     # over runs of tiles so that few partial rows are left to add up.
@@ -357,7 +365,8 @@ def post_norm_residual(
     reject_autodiff_transforms("post_norm_residual")
     norm_dtype = norm_output_dtype(branch, weight, bias)
     shape = branch.shape
-    x2, branch2 = x.reshape(-1, C), branch.reshape(-1, C)
+    # Channel offsets are int32 in the kernels: a view whose channels lie 2**31 elements apart is copied.
+    x2, branch2 = (_int32_columns(t.reshape(-1, C)) for t in (x, branch))
     eps = float(eps)
     if needs_custom_op():
         out = torch.ops.audiomae.post_norm_residual(x2, branch2, weight, bias, eps, norm_dtype)[0]

@@ -66,7 +66,10 @@ def test_autocast_casts_as_eager_linear_does(seed):
         out, grads = run(gelu_mlp, inputs, grad)
         eager, eager_grads = run(reference, inputs, grad)
     assert out.dtype == eager.dtype == torch.bfloat16
-    torch.testing.assert_close(out, eager, rtol=0, atol=0)
+    # The same ops in the same dtypes: bit-equal on the CPU; a bf16 ulp of slack where cuBLAS may
+    # pick another algorithm.
+    slack = 0.0 if DEVICE == "cpu" else 2**-7 * eager.abs().max().item()
+    torch.testing.assert_close(out, eager, rtol=0, atol=slack)
     for a, e in zip(grads, eager_grads):
         assert a.dtype == e.dtype == torch.float32
         torch.testing.assert_close(a, e, rtol=1e-2, atol=1e-2 * e.abs().max().item())

@@ -36,14 +36,18 @@ def test_profile_summary_sorts_kernels_by_kind():
     from benches.bench_models import kernel_time_summary
 
     class Event:
-        def __init__(self, name, us, device_type=torch.autograd.DeviceType.CUDA):
+        def __init__(self, name, us, device_type=torch.autograd.DeviceType.CUDA, annotation=False):
             self.name, self.device_time_total, self.device_type = name, us, device_type
+            self.is_user_annotation = annotation
 
     events = [Event("sm90_xmma_gemm_bf16bf16_bf16f32", 3000.0), Event("_window_attention_fwd", 1000.0),
-              Event("_forward_kernel", 600.0), Event("vectorized_elementwise_kernel<4>", 400.0),
-              Event("aten::addmm", 9999.0, torch.autograd.DeviceType.CPU)]
+              Event("_forward_kernel", 600.0), Event("vectorized_elementwise_kernel<4>", 300.0),
+              Event("void at::native::_scatter_gather_elementwise_kernel<128, 8>", 100.0),
+              Event("aten::addmm", 9999.0, torch.autograd.DeviceType.CPU),
+              Event("Optimizer.step#AdamW.step", 5000.0, annotation=True)]  # a range, not a kernel
     text = kernel_time_summary(events, step_ms=5.0 * 2 / 2, steps=2)
     assert text.splitlines()[0].startswith("step 5.00 ms (CUDA events), GPU busy 2.50 ms (50%), 2 kernels a step")
+    assert "elementwise and reductions           0.20 ms" in text  # PyTorch's gather kernel is not ours
     assert "matmul                               1.50 ms" in text
     assert "this project's Triton kernels        0.80 ms" in text
     assert "addmm" not in text

@@ -207,8 +207,10 @@ def test_triton_decoder_takes_the_fused_kernels():
     # unshuffle, per decoder block one window attention and two post-norm residuals, and per
     # block (encoder and decoder) one activation-saving MLP.
     torch.manual_seed(0)
-    model = tiny_mae(decoder_mode=1).set_backend("triton")
-    counts = _autograd_node_counts(model(torch.randn(2, 1, 128, 64), noise=torch.rand(2, 32))[0])
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # CPU tensors run the kernels through the interpreter
+    model = tiny_mae(decoder_mode=1).set_backend("triton").to(device)
+    imgs, noise = torch.randn(2, 1, 128, 64, device=device), torch.rand(2, 32, device=device)
+    counts = _autograd_node_counts(model(imgs, noise=noise)[0])
     fused = {name.removesuffix("Backward"): n for name, n in counts.items() if name.startswith("_")}
     blocks = len(model.decoder_blocks)  # 16 in decoder mode 1, as the official code builds it
     assert fused == {"_GatherTokens": 1, "_UnshuffleTokens": 1, "_WindowAttentionFunction": blocks,
