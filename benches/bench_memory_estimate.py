@@ -18,6 +18,11 @@ and the ``sdpa`` backend's masked window attention through memory-efficient atte
 what SDPA picks for a mask there.
 The row ``triton save=hidden`` keeps fc1's output in every MLP as well (``kernels.gelu_mlp``), to
 show what the default recomputation saves. Rows list the five largest holders by autograd node.
+
+The same count for issue 7: one MAE-AST pretraining step against its SSAST baseline at equal
+encoder depth (6 and 12; patch and frame tokens; batch 32 ten-second clips; bf16 autocast; SSAST
+and MAE-AST each on SDPA and on the ``"triton"`` backend), with ``saved_ratio_vs_ssast`` and
+``total_ratio_vs_ssast`` the SDPA baseline's counted activations and total over the row's.
 """
 from __future__ import annotations
 
@@ -29,6 +34,9 @@ import torch
 SUITE = "memory_estimate"
 BATCH = 64
 VARIANTS = ("reference", "sdpa", "triton", "triton save=hidden")
+MAE_AST_BATCH = 32
+MAE_AST_CASES = [(tokens, depth, mode, backend) for tokens in ("patch", "frame") for depth in (6, 12)
+                 for mode, backend in (("ssast", "sdpa"), ("ssast", "triton"), ("mae", "sdpa"), ("mae", "triton"))]
 
 
 def _h100_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **_):
@@ -83,29 +91,19 @@ def _saved_storages(root, exclude: set) -> tuple[dict, collections.Counter]:
     return seen, by_node
 
 
-def estimate(variant: str, batch: int = BATCH, img_size=(1024, 128)) -> dict:
-    """Saved-activation and static bytes of one pretraining step of ``variant`` (see the module doc)."""
+def _count(build, forward) -> dict:
+    """Build a model and run its loss on fake CUDA tensors under bf16 autocast; what it keeps."""
     from unittest import mock
 
+    import torch.nn.functional as F
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    import torch.nn.functional as F
-
-    import audiomae
-    import audiomae.layers as layers
-
-    backend, _, save = variant.partition(" save=")
     with FakeTensorMode(allow_non_fake_inputs=True), mock.patch.object(F, "scaled_dot_product_attention", _h100_sdpa):
         with torch.device("cuda"):
-            model = audiomae.mae_vit_base_patch16(decoder_mode=1, norm_pix_loss=True, backend=backend, img_size=img_size)
-        if save:
-            for module in model.modules():
-                if isinstance(module, layers.Mlp):
-                    module.save = save
+            model = build()
         weights = {t.untyped_storage()._cdata for t in (*model.parameters(), *model.buffers())}
-        imgs = torch.randn(batch, 1, *img_size, device="cuda")
         with _cuda_autocast_on_fake_tensors():
-            loss = model(imgs, mask_ratio=0.8)[0]
+            loss = forward(model)
         saved, by_node = _saved_storages(loss.grad_fn, weights)
     params = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -113,6 +111,33 @@ def estimate(variant: str, batch: int = BATCH, img_size=(1024, 128)) -> dict:
     activations = sum(saved.values())
     return {"saved_bytes": activations, "static_bytes": static, "estimated_total_bytes": activations + static,
             "largest_holders": ", ".join(f"{name} {b / 2**30:.2f} GiB" for name, b in by_node.most_common(5))}
+
+
+def estimate(variant: str, batch: int = BATCH, img_size=(1024, 128)) -> dict:
+    """Saved-activation and static bytes of one AudioMAE pretraining step of ``variant`` (see the module doc)."""
+    import audiomae
+    import audiomae.layers as layers
+
+    backend, _, save = variant.partition(" save=")
+
+    def build():
+        model = audiomae.mae_vit_base_patch16(decoder_mode=1, norm_pix_loss=True, backend=backend, img_size=img_size)
+        for module in model.modules():
+            if save and isinstance(module, layers.Mlp):
+                module.save = save
+        return model
+
+    return _count(build, lambda model: model(torch.randn(batch, 1, *img_size, device="cuda"), mask_ratio=0.8)[0])
+
+
+def estimate_mae_ast(mode: str, backend: str, tokens: str, depth: int, batch: int = MAE_AST_BATCH,
+                     frames: int = 1024) -> dict:
+    """The same count for one MAE-AST pretraining step (issue 7's comparison: ``mode="mae"`` against
+    the SSAST baseline ``mode="ssast"`` at equal encoder depth, 75 % masking, 10-second clips)."""
+    from audiomae.mae_ast import MAEAST
+
+    return _count(lambda: MAEAST(tokens=tokens, mode=mode, encoder_depth=depth, backend=backend),
+                  lambda model: model(torch.randn(batch, frames, 128, device="cuda")).loss)
 
 
 def run(device="cuda", quick: bool = False) -> list[dict]:
@@ -135,10 +160,24 @@ def run(device="cuda", quick: bool = False) -> list[dict]:
                      f"{result['saved_bytes'] / 2**30:.2f} GiB: counted on fake tensors, not measured"),
             **{k: v for k, v in info.items() if k != "device"},
         })
+    baseline = None
+    for tokens, depth, mode, backend in MAE_AST_CASES:
+        result = estimate_mae_ast(mode, backend, tokens, depth)
+        baseline = result if (mode, backend) == ("ssast", "sdpa") else baseline
+        total = baseline["estimated_total_bytes"] / result["estimated_total_bytes"]
+        saved = baseline["saved_bytes"] / result["saved_bytes"]
+        rows.append({
+            "suite": SUITE, "name": f"MAE-AST step memory (estimate) {tokens} depth {depth}", "impl": f"{mode}/{backend}",
+            "shape": f"B={MAE_AST_BATCH} T=1024 {tokens} tokens depth {depth} mask 0.75", "dtype": "bf16-autocast",
+            **result, "total_ratio_vs_ssast": total, "saved_ratio_vs_ssast": saved,
+            "note": (f"activations {result['saved_bytes'] / 2**30:.2f} GiB ({saved:.2f}x less than ssast/sdpa), total "
+                     f"{result['estimated_total_bytes'] / 2**30:.2f} GiB ({total:.2f}x): counted on fake tensors, "
+                     "not measured"),
+            **{k: v for k, v in info.items() if k != "device"},
+        })
     return rows
 
 
 if __name__ == "__main__":
     for r in run():
-        print(f"{r['impl']:20s} saved {r['saved_bytes'] / 2**30:6.2f} GiB  total {r['estimated_total_bytes'] / 2**30:6.2f} GiB"
-              f"  x{r['total_fraction_of_reference']:.2f} of reference   {r['largest_holders']}")
+        print(f"{r['name'][-18:]:18s} {r['impl']:20s} {r['note']}   {r['largest_holders']}")

@@ -32,3 +32,13 @@ def test_sdpa_row_keeps_the_position_bias():
     # The masked window attention must carry its bias (the meta-MLP): every parameter is in the graph.
     row = estimate("sdpa", batch=1, img_size=(128, 64))
     assert "ScaledDotProductEfficientAttention" in row["largest_holders"]
+
+
+def test_mae_ast_count_keeps_less_than_its_ssast_baseline():
+    from benches.bench_memory_estimate import estimate_mae_ast
+
+    # Enough clips that activations outweigh the bf16 weight copies each Linear keeps (more layers in MAE-AST).
+    small = dict(tokens="patch", depth=6, batch=8, frames=256)
+    ssast, mae = (estimate_mae_ast(mode, "sdpa", **small) for mode in ("ssast", "mae"))
+    assert 0 < mae["saved_bytes"] < ssast["saved_bytes"]
+    assert "Addmm" in ssast["largest_holders"]
