@@ -27,3 +27,25 @@ def pytest_collection_modifyitems(config, items):
 def seed():
     torch.manual_seed(0)
     return 0
+
+
+@pytest.fixture
+def poisoned_empty(monkeypatch):
+    """Every ``torch.empty`` comes back NaN-filled: an output a kernel forgets to write shows up
+    as NaN instead of as lucky zeros. Files opt in with ``pytestmark``."""
+    real_empty = torch.empty
+
+    def nan_empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", nan_empty)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: on a busy 2-core machine extra OpenMP threads only spin (40x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

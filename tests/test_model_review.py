@@ -30,13 +30,7 @@ L = GRID[0] * GRID[1]
 CPU_BACKENDS = ("reference", "sdpa")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: on a busy 2-core machine extra OpenMP threads only spin (40x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest
 
 
 def tiny_mae(**kw):

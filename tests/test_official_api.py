@@ -17,13 +17,7 @@ from audiomae.pos_embed import sincos_2d_official
 LN = partial(nn.LayerNorm, eps=1e-6)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: on a busy 2-core machine extra OpenMP threads only spin."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest
 
 
 def mae(img_size=(256, 128), decoder_mode=0, **kw):
