@@ -7,7 +7,12 @@ tokens) at 75 % masking, for encoder depths 6 and 12 (decoder 2 layers, width 76
 
 Rows per (tokens, depth): ``ssast`` (SDPA attention, the baseline), ``mae`` with SDPA and, on the
 GPU, ``mae`` with the ``"triton"`` backend (gather/unshuffle kernels), timed in alternation (one
-step of each per round) so that a shared machine's load shifts hit all alike. Each row reports
+step of each per round) so that a shared machine's load shifts hit all alike. On the GPU the same
+three again with ``+graph`` backends: the step captured whole in a CUDA graph
+(``audiomae.cuda_graph.capture_train_step``) and replayed, which removes the host's launch time
+(at batch 32 an eager step launches kernels faster than they finish only in part); graph rows are
+compared with the graphed SSAST row, their memory by saved activations (a replay allocates
+nothing, so it has no step peak to read). Each row reports
 - ``median_ms`` and ``peak_mem_bytes``: the step's peak beyond what was live before it
   (activations, gradients and optimizer temporaries; weights and Adam state excluded), on the GPU
   the allocator's peak, on the CPU the peak resident memory (``benches.harness.cpu_peak_rss_bytes``);
@@ -92,10 +97,26 @@ def step_flops(model: MAEAST, spec: torch.Tensor) -> int:
 CPU_PROBE_BATCH = 4
 
 
+def _graphed_step(model: MAEAST, spec: torch.Tensor):
+    """The step captured in a CUDA graph (capturable AdamW, no autocast weight cache across it)."""
+    from audiomae.cuda_graph import capture_train_step
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, capturable=True)
+
+    def loss_fn(x):
+        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+            return model(x).loss
+
+    replay = capture_train_step(model, optimizer, loss_fn, spec)
+    return lambda: replay(spec)
+
+
 def build_case(device, *, mode, backend, tokens, depth, batch, frames, embed_dim, num_heads) -> dict:
-    """Model, step and the step's FLOPs and saved activations, measured once."""
+    """Model, step and the step's FLOPs and saved activations, measured once. A ``backend`` ending
+    in ``+graph`` (CUDA) replays the step from a CUDA graph."""
     device = torch.device(device)
     torch.manual_seed(0)
+    backend, graph = backend.removesuffix("+graph"), backend.endswith("+graph")
     model = MAEAST(tokens=tokens, mode=mode, encoder_depth=depth, embed_dim=embed_dim, num_heads=num_heads,
                    backend=backend).to(device)
     spec = torch.randn(batch, frames, 128, device=device) * 0.5
@@ -104,13 +125,16 @@ def build_case(device, *, mode, backend, tokens, depth, batch, frames, embed_dim
     scale = batch / probe.shape[0]
     flops = round(step_flops(model, probe) * scale)
     row = {
-        "suite": SUITE, "name": f"{mode}/{backend} {tokens} depth {depth}", "impl": mode, "backend": backend, "tokens": tokens,
+        "suite": SUITE, "name": f"{mode}/{backend}{'+graph' if graph else ''} {tokens} depth {depth}", "impl": mode,
+        "backend": backend, "cuda_graph": graph, "tokens": tokens,
         "encoder_depth": depth, "decoder_depth": 2 if mode == "mae" else 0, "embed_dim": embed_dim,
         "shape": f"B{batch}xT{frames}x128", "dtype": "bf16-autocast" if device.type == "cuda" else "fp32",
         "saved_activation_bytes": round(saved_activation_bytes(model, probe) * scale), "flops": flops,
         "counted_at_batch": probe.shape[0],
         "flop_floor_ms": flops / (matmul_tflops(str(device)) * 1e12) * 1e3,
     }
+    if graph:
+        return {"row": row, "step": _graphed_step(model, spec)}
     step = _pretraining_step(model, spec, torch.optim.AdamW(model.parameters(), lr=1e-4))
     return {"row": row, "step": step}
 
@@ -142,7 +166,7 @@ def time_alternating(cases: list[dict], device, warmup: int, reps: int) -> list[
         times = sorted(t.median_ms for t in case["timings"])
         median = statistics.median(times)
         rows.append({**case["row"], "median_ms": median, "min_ms": times[0], "reps": len(times),
-                     "peak_mem_bytes": case["timings"][0].peak_mem_bytes,
+                     "peak_mem_bytes": None if case["row"].get("cuda_graph") else case["timings"][0].peak_mem_bytes,
                      "fraction_of_floor": case["row"]["flop_floor_ms"] / median})
     return rows
 
@@ -161,16 +185,26 @@ def _with_ratios(rows: list[dict], baseline: dict) -> list[dict]:
 def measure(device, *, batch, frames, depths, tokens, embed_dim, num_heads, warmup=3, reps=10) -> list[dict]:
     device = torch.device(device)
     variants = [("ssast", "sdpa"), ("mae", "sdpa")] + ([("mae", "triton")] if device.type == "cuda" else [])
+    groups = [variants] + ([[(mode, f"{backend}+graph") for mode, backend in variants]] if device.type == "cuda" else [])
     rows = []
     for token_kind in tokens:
         for depth in depths:
-            cases = [build_case(device, mode=mode, backend=backend, tokens=token_kind, depth=depth, batch=batch,
-                                frames=frames, embed_dim=embed_dim, num_heads=num_heads)
-                     for mode, backend in variants]
-            case_rows = time_alternating(cases, device, warmup, reps)
-            rows += _with_ratios(case_rows, baseline=case_rows[0])
-            del cases, case_rows
-            release_memory(device)
+            for group in groups:  # eager rows against eager SSAST, graphed against graphed
+                try:
+                    cases = [build_case(device, mode=mode, backend=backend, tokens=token_kind, depth=depth,
+                                        batch=batch, frames=frames, embed_dim=embed_dim, num_heads=num_heads)
+                             for mode, backend in group]
+                except Exception as error:  # noqa: BLE001 - a capture that fails is a row that says why
+                    if group is groups[0]:
+                        raise
+                    rows.append({"suite": SUITE, "name": f"graphed steps {token_kind} depth {depth}", "impl": "mae",
+                                 "status": "ERROR", "note": f"{type(error).__name__}: {error}".splitlines()[0][:300]})
+                    release_memory(device)
+                    continue
+                case_rows = time_alternating(cases, device, warmup, reps)
+                rows += _with_ratios(case_rows, baseline=case_rows[0])
+                del cases, case_rows
+                release_memory(device)
     return rows
 
 

@@ -10,7 +10,9 @@ Steps (GPU: the issue's targets, batch 64 of 1024 x 128 spectrograms, bf16 autoc
   (pooled [B, 768]) under ``torch.inference_mode``.
 
 Variants: ``reference`` (the official eager math), ``reference+compile`` (the same model under
-``torch.compile``), ``sdpa``, ``triton`` and ``xformers`` (a SKIP row with the backend's reason
+``torch.compile``), ``sdpa``, ``triton``, ``triton+graph`` (the training step captured whole in
+one CUDA graph by ``audiomae.cuda_graph.capture_train_step`` and replayed: the same kernels
+without the host time of launching them; training steps only) and ``xformers`` (a SKIP row with the backend's reason
 when its operators do not load, as with torch 2.11 and xformers 0.0.35). Each row reports ``median_ms`` (CUDA events, median
 after warm-up, the input batch alternating between two random draws), ``samples_per_s``,
 ``peak_mem_bytes`` (the absolute peak allocated while stepping: weights, gradients and AdamW
@@ -40,7 +42,7 @@ from benches.harness import count_flops, matmul_tflops, release_memory, time_fn
 
 STEPS = ("pretrain", "finetune", "embed")
 # Most wanted first: a time limit that cuts the run short keeps the reference and triton rows.
-VARIANTS = ("reference", "triton", "triton+compile", "sdpa", "reference+compile", "xformers")
+VARIANTS = ("reference", "triton", "triton+graph", "triton+compile", "sdpa", "reference+compile", "xformers")
 GPU_BATCH = 64
 CPU_BATCH = 2
 TARGET = "pretrain triton: >= 3x reference samples/s at <= 0.5x its peak memory (issue 6)"
@@ -66,12 +68,14 @@ def build_model(step: str, device: torch.device, backend: str) -> nn.Module:
     return model.to(device)
 
 
-def _autocast(device: torch.device):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+def _autocast(device: torch.device, cache_enabled: bool = True):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda", cache_enabled=cache_enabled)
 
 
-def make_step(step: str, model: nn.Module, batch: int, device: torch.device, compiled: bool = False):
-    """A closure running one ``step``; inputs alternate between two random batches."""
+def make_step(step: str, model: nn.Module, batch: int, device: torch.device, compiled: bool = False,
+              graphed: bool = False):
+    """A closure running one ``step``; inputs alternate between two random batches. ``graphed``
+    (training steps on CUDA) captures the whole step in a CUDA graph and replays it."""
     inputs = [torch.randn(batch, 1, *model.patch_embed.img_size, device=device) for _ in range(2)]
     calls = [0]
 
@@ -93,25 +97,42 @@ def make_step(step: str, model: nn.Module, batch: int, device: torch.device, com
     forward = torch.compile(model) if compiled else model
     # The triton backend also takes the fused (single-kernel) AdamW step; the reference keeps the default.
     fused = {"fused": True} if device.type == "cuda" and model.backend == "triton" else {}
+    if graphed:
+        fused["capturable"] = True
     if step == "pretrain":
         optimizer = torch.optim.AdamW(model.parameters(), lr=1.5e-4, betas=(0.9, 0.95), weight_decay=0.05, **fused)
 
-        def loss_fn():
-            return forward(next_input(), mask_ratio=0.8)[0]
+        def batch_loss(x):
+            return forward(x, mask_ratio=0.8)[0]
     else:
         optimizer = torch.optim.AdamW(model.parameters(), lr=2.5e-4, weight_decay=5e-4, **fused)
         targets = (torch.rand(batch, model.num_classes, device=device) < 0.05).float()
 
-        def loss_fn():
-            logits = forward(next_input(), mask_t_prob=0.2, mask_f_prob=0.2)
+        def batch_loss(x):
+            logits = forward(x, mask_t_prob=0.2, mask_f_prob=0.2)
             return nn.functional.binary_cross_entropy_with_logits(logits.float(), targets)
 
-    def run():
-        with _autocast(device):
-            loss = loss_fn()
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    def loss_fn():
+        return batch_loss(next_input())
+
+    if graphed:
+        from audiomae.cuda_graph import capture_train_step
+
+        def graph_loss(x):
+            with _autocast(device, cache_enabled=False):  # no weight cast cached across the capture
+                return batch_loss(x)
+
+        replay = capture_train_step(model, optimizer, graph_loss, inputs[0])
+
+        def run():
+            return replay(next_input())
+    else:
+        def run():
+            with _autocast(device):
+                loss = loss_fn()
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
 
     run.loss_fn = loss_fn
     return run
@@ -139,6 +160,10 @@ def skip_reason(step: str, variant: str, device: torch.device) -> str | None:
     available, why = audiomae.backend_status(backend)
     if not available:
         return why
+    if variant.endswith("+graph") and device.type != "cuda":
+        return "CUDA graphs need a GPU"
+    if variant.endswith("+graph") and step == "embed":
+        return "graph capture is measured on the training steps"
     if device.type == "cpu" and variant.endswith("+compile"):
         return "torch.compile's first build of a step takes minutes on this CPU; measured on the GPU"
     if device.type == "cpu" and step == "pretrain" and backend == "triton":
@@ -156,7 +181,7 @@ def measure(step: str, variant: str, batch: int, device: torch.device, warmup: i
     _free(device)
     torch.manual_seed(0)
     model = build_model(step, device, variant.split("+")[0])
-    run = make_step(step, model, batch, device, compiled=variant.endswith("+compile"))
+    run = make_step(step, model, batch, device, compiled=variant.endswith("+compile"), graphed=variant.endswith("+graph"))
     timing = time_fn(run, device, warmup=warmup, reps=reps)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     del model, run
@@ -204,7 +229,7 @@ def run(device: str = "cuda", quick: bool = False, batch_sizes=None, steps=STEPS
                     row["speedup_vs_reference"] = reference["median_ms"] / row["median_ms"]
                     if row["peak_mem_bytes"] and reference["peak_mem_bytes"]:
                         row["mem_fraction_of_reference"] = row["peak_mem_bytes"] / reference["peak_mem_bytes"]
-                if step == "pretrain" and variant == "triton" and on_gpu and "mem_fraction_of_reference" in row:
+                if step == "pretrain" and variant in ("triton", "triton+graph") and on_gpu and "mem_fraction_of_reference" in row:
                     met = row["speedup_vs_reference"] >= 3 and row["mem_fraction_of_reference"] <= 0.5
                     row["note"] = f"{'meets' if met else 'misses'} target: {TARGET}"
                 rows.append(row)
@@ -219,7 +244,7 @@ def profile_step(step: str = "pretrain", variant: str = "triton", batch: int = G
 
     device = torch.device("cuda")
     model = build_model(step, device, variant.split("+")[0])
-    run = make_step(step, model, batch, device, compiled=variant.endswith("+compile"))
+    run = make_step(step, model, batch, device, compiled=variant.endswith("+compile"), graphed=variant.endswith("+graph"))
     for _ in range(3):
         run()
     torch.cuda.synchronize()
@@ -285,7 +310,7 @@ def test_model_step(benchmark, step, variant):
     if reason:
         pytest.skip(reason)
     model = build_model(step, device, variant.split("+")[0])
-    run = make_step(step, model, GPU_BATCH, device, compiled=variant.endswith("+compile"))
+    run = make_step(step, model, GPU_BATCH, device, compiled=variant.endswith("+compile"), graphed=variant.endswith("+graph"))
 
     def synced():
         run()

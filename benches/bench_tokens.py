@@ -31,7 +31,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benches.harness import copy_bandwidth_gbps, device_info, memory_floor_ms, time_fn
+from benches.harness import copy_bandwidth_gbps, device_info, graphed, memory_floor_ms, time_fn
 from kernels.gather_tokens import gather_tokens, gather_tokens_2d
 from kernels.reference import gather_tokens as gather_reference
 from kernels.reference import unshuffle_tokens as unshuffle_reference
@@ -116,26 +116,12 @@ def _forward_backward(forward, inputs):
     return step
 
 
-def _graphed(fn):
-    """``fn`` captured once in a CUDA graph (after warm-up on a side stream); returns its replay."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
-
-
 def _timed_impls(impls: dict, pass_name: str, device: str):
     for impl, (forward, inputs) in impls.items():
         fn = forward if pass_name == "fwd" else _forward_backward(forward, inputs)
         yield impl, fn
         if device.startswith("cuda") and impl in ("official", "kernel_unchecked"):
-            yield impl.replace("_unchecked", "") + "_graph", _graphed(fn)
+            yield impl.replace("_unchecked", "") + "_graph", graphed(fn)
 
 
 def run(device: str = "cuda", quick: bool = False) -> list[dict]:

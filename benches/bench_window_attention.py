@@ -6,11 +6,17 @@ output projection's input, forward and forward + backward):
 - ``reference`` / ``reference_compiled``: the official roll / partition / attend / reverse math,
   eager and under ``torch.compile``;
 - ``flex_attention``: token order, a block mask of same-window pairs and a ``score_mod`` adding
-  bias, temperature and shift mask (q and k normalised beforehand), compiled;
+  bias, temperature and shift mask (q and k normalised beforehand), compiled. Its backward sums the
+  gradient of the [heads, N, N] bias table from every score, which FlexAttention does with atomic
+  adds onto a few thousand addresses; ``flex_attention_frozen_bias`` is the same with ``tau`` and
+  ``bias`` taken as constants (gradients for qkv only), FlexAttention's best case;
 - ``sdpa_dense_mask``: roll / partition, then SDPA on the window batch with a materialised additive
   mask (bias + shift mask) per window;
 - ``xformers``: the same through ``memory_efficient_attention``, when its ops load; otherwise a row
   whose ``unavailable`` field gives the reason (not importable, no GPU, operators that do not run).
+On CUDA every implementation also gets ``(graph)`` rows: the same step captured once in a CUDA
+graph and replayed, which times the kernels without the host time of launching them (eager rows
+are what a caller sees; at this size the launches of a few kernels cost about what they compute).
 The floor is the bytes the core must move (read q, k, v, write out; backward: read q, k, v, out,
 dout, write dq, dk, dv) over the copy bandwidth measured in the same run.
 
@@ -26,7 +32,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benches.harness import copy_bandwidth_gbps, memory_floor_ms, time_fn
+from benches.harness import copy_bandwidth_gbps, graphed, memory_floor_ms, time_fn
 from kernels.reference.window_attention import (
     attend_windows, shift_window_mask, window_partition, window_reverse, window_attention_reference,
 )
@@ -120,6 +126,11 @@ def _windowed(cfg, attend):
     return run
 
 
+def _frozen(fn):
+    """``fn`` with ``tau`` and ``bias`` as constants: their gradients are not asked for."""
+    return lambda qkv, tau, bias: fn(qkv, tau.detach(), bias.detach())
+
+
 def _sdpa(cfg, device):
     return _windowed(cfg, lambda q, k, v, mask: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0))
 
@@ -152,6 +163,7 @@ def _core_impls(cfg, device):
         "triton": lambda: lambda qkv, tau, bias: window_attention(qkv, tau=tau, bias=bias, **args),
         "reference": lambda: lambda qkv, tau, bias: window_attention_reference(qkv, tau=tau, bias=bias, **args),
         "flex_attention": lambda: _flex_attention(cfg, device),
+        "flex_attention_frozen_bias": lambda: _frozen(_flex_attention(cfg, device)),
         "sdpa_dense_mask": lambda: _sdpa(cfg, device),
     }
     if device.type == "cuda":
@@ -178,7 +190,7 @@ def _core_rows(device, quick, dtype):
     base = dict(suite="window_attention_core", shape=_shape(cfg), dtype=str(dtype).removeprefix("torch."),
                 device=str(device), copy_bandwidth_gbps=copy_bandwidth_gbps(str(device)),
                 triton_runs_on="triton" if use_triton(qkv) else "eager reference")
-    rows = []
+    rows, graph_steps = [], []
     detached = tuple(t.detach() for t in (qkv, tau, bias))
     for name, factory in _core_impls(cfg, device).items():
         try:
@@ -189,16 +201,26 @@ def _core_rows(device, quick, dtype):
             continue
         steps = {
             "fwd": lambda fn=fn: fn(*detached),
-            "fwd+bwd": lambda fn=fn: torch.autograd.grad(fn(qkv, tau, bias), (qkv, tau, bias), grad),
+            # allow_unused: the frozen-bias variant does not use tau's and bias's gradients
+            "fwd+bwd": lambda fn=fn: torch.autograd.grad(fn(qkv, tau, bias), (qkv, tau, bias), grad, allow_unused=True),
         }
         for step_name, step in steps.items():
-            row = _measure(dict(base, impl=name, name=f"{name} {step_name}", step=step_name,
-                                floor_ms=floors[step_name], max_abs_err_vs_fp32_reference=err), step, device, quick)
-            if row["median_ms"]:
-                row["floor_ratio"] = row["median_ms"] / floors[step_name]
-            rows.append(row)
-    _add_ratios(rows, {"reference": "speedup_vs_reference", "flex_attention": "speedup_vs_flex_attention"})
+            row = dict(base, impl=name, name=f"{name} {step_name}", step=step_name, floor_ms=floors[step_name],
+                       max_abs_err_vs_fp32_reference=err)
+            rows.append(_with_floor_ratio(_measure(row, step, device, quick)))
+            if device.type == "cuda":
+                graph_steps.append((dict(row, name=f"{row['name']} (graph)", step=f"{step_name} graph"), step))
+    # Captured last, so that a capture that fails cannot disturb the eager rows.
+    rows += [_with_floor_ratio(_measure(row, step, device, quick, capture=True)) for row, step in graph_steps]
+    _add_ratios(rows, {"reference": "speedup_vs_reference", "flex_attention": "speedup_vs_flex_attention",
+                       "flex_attention_frozen_bias": "speedup_vs_flex_attention_frozen_bias"})
     return rows
+
+
+def _with_floor_ratio(row: dict) -> dict:
+    if row.get("median_ms"):
+        row["floor_ratio"] = row["median_ms"] / row["floor_ms"]
+    return row
 
 
 def _reason(error: Exception) -> str:
@@ -206,13 +228,15 @@ def _reason(error: Exception) -> str:
     return f"{type(error).__name__}: {text[0] if text else ''}"[:300]
 
 
-def _measure(row: dict, step, device, quick) -> dict:
-    """``row`` with the timing of ``step``, or with why it could not run (failures are reported)."""
+def _measure(row: dict, step, device, quick, capture: bool = False) -> dict:
+    """``row`` with the timing of ``step`` (replayed from a CUDA graph when ``capture``), or with
+    why it could not run (failures are reported). A replay allocates nothing, so graph rows carry
+    no peak memory."""
     try:
-        t = time_fn(step, device, **_timings(device, quick))
+        t = time_fn(graphed(step) if capture else step, device, **_timings(device, quick))
     except Exception as e:
         return dict(row, median_ms=None, peak_mem_bytes=None, unavailable=_reason(e))
-    return dict(row, median_ms=t.median_ms, min_ms=t.min_ms, peak_mem_bytes=t.peak_mem_bytes)
+    return dict(row, median_ms=t.median_ms, min_ms=t.min_ms, peak_mem_bytes=None if capture else t.peak_mem_bytes)
 
 
 def _add_ratios(rows, baselines):

@@ -10,19 +10,25 @@ check ends inside 8 minutes), most valuable first:
    can still use the kernel (both outcomes are rows);
 2. ``tests``: ``pytest -m gpu -q`` (every GPU-marked test);
 3. ``bench-window_attention``, ``bench-tokens``, ``bench-fbank``: the kernels' targets;
-4. ``models-pretrain``: the training step's target, batch 64 (its rows are saved as they land);
+4. ``models-pretrain``: the training step's target, batch 64, eager and CUDA-graph variants
+   (its rows are saved as they land);
 5. ``profile``: where the ``triton`` pretraining step spends its time (``torch.profiler``);
 6. ``parity``: ``audiomae validate`` at the GPU shapes;
-7. every other ``benches/bench_*.py`` at its target shapes (MAE-AST, training, the window-attention
-   tiling sweep, the post-norm kernel, the memory estimate), then ``models-finetune`` and
-   ``models-embed``.
+7. ``bench-mae_ast`` (issue 7's ratios), ``bench-window_tiling`` (the sweep that should set the
+   window-attention default), ``models-pretrain-compiled`` (the compiled variants, with their own
+   reference row), every other ``benches/bench_*.py`` at its target shapes (memory estimate,
+   post-norm kernel, training CLI), then ``models-finetune``, ``models-embed`` and
+   ``models-finetune-compiled``.
 
+The first H200 run (2026-11-26) took about 800 s for every part: one call of the default budget
+gets through item 7's first parts, and a second call on the still-warm machine takes the rest.
 Not everything may fit one 450 s budget on a cold machine: a later call can name the parts left,
 ``python3 benches/gpu_check.py --parts NAME ...`` (the build stays in the checkout while the
 machine is held).
 
 A part that would start with too little of the budget left is a SKIP row, not a silent gap. The
-end of the output is one table per kind (parity, benchmarks, parts), the parts last. Everything
+end of the output is one table per kind (parity, benchmarks, the issues' targets judged on these
+rows by ``benches/targets.py``, parts), the parts last. Everything
 goes to ``$OUT`` when set (else ``bench-out/gpu-check``), flat, at most 8 files: ``gpu_check.json``
 (device, date, versions, shapes, parts, test counts, parity and benchmark rows), ``report.md``,
 ``log.txt`` (every part's output), ``profile.txt`` and the PNG plots. The exit status is non-zero
@@ -45,11 +51,17 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from audiomae import report  # noqa: E402
+from benches import targets  # noqa: E402
 
 RESERVE_S = 15  # kept back for writing the report
 MIN_PART_S = 20  # a part given less than this would only time out
-MODEL_STEPS = {"pretrain": 240, "finetune": 100, "embed": 70}
+# The model steps in two parts each: the eager and graphed variants (quick), then the compiled
+# ones (each compiles for a minute or so), each with its own reference row for the ratios.
+QUICK_VARIANTS = ("reference", "triton", "triton+graph", "sdpa", "xformers")
+COMPILED_VARIANTS = ("reference", "triton+compile", "reference+compile")
+MODEL_TIMEOUTS = {"pretrain": 150, "pretrain-compiled": 200, "finetune": 100, "finetune-compiled": 200, "embed": 70}
 FIRST_BENCHES = ("window_attention", "tokens", "fbank")  # issues 4, 3 and 5
+SECOND_BENCHES = ("mae_ast", "window_tiling")  # issue 7's ratios, then the tiling that sets issue 4's default
 BENCH_TIMEOUTS = {"window_attention": 180, "tokens": 90, "window_tiling": 90, "post_norm": 60}
 
 
@@ -63,10 +75,11 @@ def plan(work: Path) -> list[dict]:
                                    f"--junitxml={work / 'junit.xml'}"], "timeout": 150},
     ]
 
-    def models(step):
-        rows = work / f"models_{step}.json"
-        return {"name": f"models-{step}", "argv": [py, "-m", "benches.bench_models", "--steps", step, "--out", str(rows)],
-                "timeout": MODEL_STEPS[step], "rows": rows}
+    def models(step, variants=None, suffix=""):
+        rows = work / f"models_{step}{suffix}.json"
+        argv = [py, "-m", "benches.bench_models", "--steps", step, "--out", str(rows)]
+        argv += ["--variants", *variants] if variants else []
+        return {"name": f"models-{step}{suffix}", "argv": argv, "timeout": MODEL_TIMEOUTS[step + suffix], "rows": rows}
 
     def bench(name):
         rows = work / f"bench_{name}.json"
@@ -75,14 +88,17 @@ def plan(work: Path) -> list[dict]:
 
     # The kernels' own targets first (each part is short), then the training step, then the rest.
     parts += [bench(name) for name in FIRST_BENCHES]
-    parts.append(models("pretrain"))
+    parts.append(models("pretrain", QUICK_VARIANTS))
     # Issue 6 asks where the step's time goes: right after the step is timed, before the long tail.
     parts.append({"name": "profile", "argv": [py, "-m", "benches.bench_models", "--profile", "pretrain",
                                               "--variants", "triton"], "timeout": 60, "profile": True})
     parts.append({"name": "parity", "argv": [py, "-m", "audiomae", "validate", "--json", str(work / "parity.json")],
                   "timeout": 120, "parity": work / "parity.json"})
-    parts += [bench(name) for name in report.benchmark_modules() if name not in ("models", *FIRST_BENCHES)]
-    parts += [models("finetune"), models("embed")]
+    parts += [bench(name) for name in SECOND_BENCHES]
+    parts.append(models("pretrain", COMPILED_VARIANTS, "-compiled"))
+    parts += [bench(name) for name in report.benchmark_modules()
+              if name not in ("models", *FIRST_BENCHES, *SECOND_BENCHES)]
+    parts += [models("finetune", QUICK_VARIANTS), models("embed"), models("finetune", COMPILED_VARIANTS, "-compiled")]
     return parts
 
 
@@ -180,7 +196,9 @@ def main() -> int:
                                                 ("tests", "tests"), ("failures", "failures"), ("errors", "errors"),
                                                 ("last line", "summary")])
     markdown = report.report_markdown(info, parity_rows, bench_rows, plots)
-    (out / "report.md").write_text(markdown + "\n## GPU check parts\n\n" + parts_table + "\n")
+    targets_table = report.markdown_table(targets.target_rows(bench_rows), targets.COLUMNS)
+    (out / "report.md").write_text(markdown + "\n## The issues' targets\n\n" + targets_table
+                                   + "\n\n## GPU check parts\n\n" + parts_table + "\n")
 
     print(report.markdown_table(parity_rows, report.PARITY_COLUMNS))
     print()
@@ -188,6 +206,8 @@ def main() -> int:
     print()
     if profile:
         print("\n".join(profile.splitlines()[:16]))
+    print(targets_table)
+    print()
     print(parts_table)
     failed = [p["part"] for p in parts if p["status"] in ("FAIL", "TIMEOUT")]
     failed += ["parity"] if any(r.get("status") in report.FAILING for r in parity_rows) else []

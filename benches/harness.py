@@ -68,6 +68,22 @@ def time_fn(fn: Callable[[], object], device: torch.device | str, *, warmup: int
     return Timing(statistics.median(times), min(times), reps, peak)
 
 
+def graphed(fn: Callable[[], object]) -> Callable[[], None]:
+    """``fn`` captured once in a CUDA graph (after three warm-up calls on a side stream); returns
+    its replay. Timing the replay measures the kernels without the host time eager PyTorch spends
+    launching them, which at a few microseconds per kernel can exceed the kernels themselves."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
 def release_memory(device: torch.device | str) -> None:
     """Hands freed memory back between cases: the CUDA allocator's cache on the GPU; on Linux CPUs
     the heap glibc keeps after a free (which would count as resident before the next case)."""

@@ -2,8 +2,9 @@
 
 Each file is one measured run: ``{"device": benches.harness.device_info(...), ...}`` with its rows
 under ``benchmarks`` (``audiomae bench``, ``benches/gpu_check.py``) or ``rows`` (a bench module's
-own ``--out``), and optionally a ``parity`` table. One section per file: device, date and
-versions, then the benchmark table (``audiomae.report``'s columns) and the parity verdicts.
+own ``--out``), and optionally a ``parity`` table. First, per GPU, the issues' targets judged on
+every row measured on that GPU (``benches.targets``); then one section per file: device, date and
+versions, the benchmark table (``audiomae.report``'s columns) and the parity verdicts.
 
 ``python benches/render_results.py [FILES...] [--out PATH]`` (default: every file, to stdout).
 """
@@ -19,16 +20,41 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from audiomae import report  # noqa: E402
+from benches import targets  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def render_file(path: Path) -> str:
+def _load(path: Path) -> tuple[list[dict], dict]:
+    """(benchmark rows, device info) of one results file."""
     data = json.loads(path.read_text())
     rows = data if isinstance(data, list) else data.get("benchmarks") or data.get("rows") or []
     device = data.get("device", {}) if isinstance(data, dict) else {}
     if not device and rows:
         device = rows[0]  # bench rows carry device_info's fields
+    return rows, device
+
+
+def render_targets(paths: list[Path]) -> str:
+    """One verdict table per GPU, over the rows of every file measured on it."""
+    by_device: dict[str, list[dict]] = {}
+    for path in paths:
+        rows, device = _load(path)
+        name = device.get("device", "")
+        if name and "cpu" not in name.lower():  # CPU runs and counts on fake tensors are no GPU figures
+            by_device.setdefault(name, []).extend(rows)
+    sections = []
+    for name, rows in by_device.items():
+        sections += [f"### Targets on the {name}", "",
+                     "Each issue's GPU target (stated for an H100) against the rows measured on this GPU; "
+                     "`benches/targets.py` reads them.", "",
+                     report.markdown_table(targets.target_rows(rows), targets.COLUMNS), ""]
+    return "\n".join(sections)
+
+
+def render_file(path: Path) -> str:
+    data = json.loads(path.read_text())
+    rows, device = _load(path)
     versions = ", ".join(f"{key} {device[key]}" for key in ("torch", "triton", "cuda", "torchaudio", "python")
                          if device.get(key))
     lines = [f"### {path.stem}", "", f"{device.get('device', 'unknown device')}, {device.get('date', 'undated')}; "
@@ -48,7 +74,7 @@ def render_file(path: Path) -> str:
 
 
 def render(paths: list[Path]) -> str:
-    return "\n".join(render_file(path) for path in paths)
+    return "\n".join([render_targets(paths)] + [render_file(path) for path in paths]).lstrip("\n")
 
 
 def main() -> None:

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from typing import Optional, Sequence
 
 import torch
@@ -50,6 +51,7 @@ import triton
 import triton.language as tl
 
 from ._dispatch import first_order_only, interpreting, needs_custom_op, reject_autodiff_transforms, use_triton
+from .gather_tokens import cdiv, next_power_of_2
 from .reference.window_attention import check_window_attention_args, window_attention_reference
 
 # Logit of a pair that shares no window; finite so that padded rows never make NaNs.
@@ -382,7 +384,7 @@ def default_tiling(area: int, d_pad: int, fp32: bool, backward: bool) -> Tiling:
     - 16-bit inputs pack small windows about four to a 64-row tile (tl.dot wants 16 rows at least;
       the block-diagonal waste is compute this memory-bound kernel has to spare); the backward of
       head dims over 64 keeps to 16 rows, which it needs to stay near its registers."""
-    packed = max(16, min(64, triton.next_power_of_2(4 * area)))
+    packed = max(16, min(64, next_power_of_2(4 * area)))
     if fp32:
         rows = min(packed, 32 if d_pad <= 32 else 16)
     elif backward and d_pad > 64:
@@ -418,25 +420,34 @@ def _tiling(num_windows: int, area: int, d_pad: int, fp32: bool, backward: bool)
     are packed as many to a tile as fit; larger ones are split into ``rows``-row chunks."""
     tiling = TILING_OVERRIDE or default_tiling(area, d_pad, fp32, backward)
     if area > tiling.rows:
-        return tiling.rows, 1, triton.cdiv(area, tiling.rows), tiling.num_warps
+        return tiling.rows, 1, cdiv(area, tiling.rows), tiling.num_warps
     windows_per_group = min(tiling.rows // area, num_windows)
-    return max(16, triton.next_power_of_2(windows_per_group * area)), windows_per_group, 1, tiling.num_warps
+    return max(16, next_power_of_2(windows_per_group * area)), windows_per_group, 1, tiling.num_warps
 
 
 def _launch_args(qkv, grid, window, shift, num_heads, tau, bias, backward):
-    head_dim = qkv.shape[-1] // (3 * num_heads)
+    """(runtime arguments, compile-time arguments, number of programs) of a launch; read-only
+    dicts, shared between calls with the same shapes."""
+    return _launch_plan(qkv.shape[0], qkv.shape[-1], qkv.dtype == torch.float32, grid, window, shift, num_heads,
+                        tau is not None, bias is not None, backward, TILING_OVERRIDE)
+
+
+# Cached: working the plan out costs about as much host time as launching the kernel, and a
+# decoder calls the same shapes 16 times a step.
+@functools.lru_cache(maxsize=256)
+def _launch_plan(batch, c3, fp32, grid, window, shift, num_heads, has_tau, has_bias, backward, tiling_override):
+    head_dim = c3 // (3 * num_heads)
     (T, F), (wt, wf) = grid, window
     num_windows = (T // wt) * (F // wf)
-    d_pad = max(16, triton.next_power_of_2(head_dim))
-    fp32 = qkv.dtype == torch.float32
+    d_pad = max(16, next_power_of_2(head_dim))
     block, windows_per_group, num_chunks, num_warps = _tiling(num_windows, wt * wf, d_pad, fp32, backward)
-    num_groups = triton.cdiv(num_windows, windows_per_group)
+    num_groups = cdiv(num_windows, windows_per_group)
     runtime = dict(seq_len=T * F, T=T, F=F, shift_t=shift[0], shift_f=shift[1], num_heads=num_heads,
                    num_groups=num_groups, num_windows=num_windows, scale=head_dim**-0.5)
     meta = dict(WT=wt, WF=wf, WINDOWS_PER_GROUP=windows_per_group, NUM_CHUNKS=num_chunks, BLOCK=block,
-                HEAD_DIM=head_dim, D_PAD=d_pad, HAS_TAU=tau is not None, HAS_BIAS=bias is not None,
+                HEAD_DIM=head_dim, D_PAD=d_pad, HAS_TAU=has_tau, HAS_BIAS=has_bias,
                 SHIFTED=any(shift), DOT_PRECISION="ieee" if fp32 else "tf32", num_warps=num_warps, num_stages=2)
-    num_programs = qkv.shape[0] * num_groups * num_chunks * num_heads
+    num_programs = batch * num_groups * num_chunks * num_heads
     return runtime, meta, num_programs
 
 
@@ -460,7 +471,7 @@ def _backward(dout, qkv, tau, bias, out, lse, grid, window, shift, num_heads, ma
         if bias is not None else None
     dtau_part = torch.empty(B, num_groups * meta["NUM_CHUNKS"], num_heads, device=qkv.device, dtype=torch.float32) \
         if tau is not None else None
-    pos_block = max(16, min(triton.next_power_of_2(area), meta["BLOCK"]))
+    pos_block = max(16, min(next_power_of_2(area), meta["BLOCK"]))
     _window_attention_bwd[(num_programs,)](
         qkv, tau, bias, out, dout, lse, dqkv, dbias_part, dtau_part, *qkv.stride(), *dout.stride(),
         mask_value=mask_value, POS_BLOCK=pos_block, **runtime, **meta)

@@ -1,0 +1,121 @@
+"""A whole training step (forward, backward, optimizer update) captured once in a CUDA graph.
+
+Why: at batch 64 the eager AudioMAE pretraining step launches about 2,500 kernels, and on an H200
+the ``triton`` backend kept the GPU busy for 58 ms of its 100 ms step
+(``benches/results/gpu_check-h200-2026-11-26-profile.txt``): the rest of the time the GPU waits
+for Python to launch the next kernel. Replaying a captured graph launches every kernel of the step
+at once, so the step takes its GPU time.
+
+``capture_train_step(model, optimizer, loss_fn, *example_inputs, warmup=3)`` returns ``step``;
+``step(*inputs)`` copies ``inputs`` into the captured input buffers (same shapes, dtypes and
+devices as the examples), replays forward, backward and ``optimizer.step()``, and returns what
+``loss_fn`` returned (the loss, say): tensors the next call overwrites, so ``clone()`` what you
+keep. Nothing in it waits for the GPU; ``step(...).item()`` does.
+
+What the capture needs (PyTorch's whole-network capture, see "CUDA Graphs" in PyTorch's CUDA
+semantics notes):
+- ``loss_fn(*inputs)`` runs the forward (under autocast if wanted: ``torch.autocast("cuda",
+  dtype=torch.bfloat16, cache_enabled=False)``, since a weight cast cached outside the graph would
+  be read stale inside it) and returns the loss first, then anything else to hand back; it must not
+  read values on the host (``.item()``, ``.tolist()``, printing a tensor, boolean indexing) or
+  change shapes between calls. Random draws (``torch.rand`` in the masking, drop path) give new
+  numbers at each replay.
+- ``optimizer`` built with ``capturable=True`` where it has that option (Adam, AdamW: with
+  ``fused=True`` too for one kernel a step; SGD has nothing to set), and its learning rate fixed, or
+  a tensor that you update in place: a float changed later is not seen by the graph.
+- The ``warmup`` calls before the capture are real training steps on the example inputs (they
+  compile the Triton kernels, create the optimizer state and let cuBLAS pick its algorithms).
+- Gradients live in the graph's memory: ``param.grad`` holds the last replay's gradients; do not
+  call ``optimizer.zero_grad()`` between replays (the graph writes them afresh each time).
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+import torch.nn as nn
+
+
+def _check_optimizer(optimizer: torch.optim.Optimizer) -> None:
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    # Optimizers with a capturable option keep their step count on the host unless it is set;
+    # those without one (SGD) have nothing on the host to go stale.
+    not_capturable = [i for i, group in enumerate(optimizer.param_groups) if "capturable" in group and not group["capturable"]]
+    if not_capturable:
+        raise ValueError(
+            f"optimizer param_groups {not_capturable} have capturable=False: create the optimizer with "
+            f"capturable=True (e.g. torch.optim.AdamW(params, fused=True, capturable=True)) to capture its step")
+
+
+def _check_inputs(inputs: Sequence[torch.Tensor], name: str) -> None:
+    if not inputs:
+        raise ValueError(f"{name}: give at least one input tensor")
+    for i, t in enumerate(inputs):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}[{i}] must be a torch.Tensor, got {type(t).__name__}")
+        if t.device.type != "cuda":
+            raise ValueError(f"{name}[{i}] is on {t.device}: a CUDA graph captures work on CUDA tensors only")
+
+
+def _as_tuple(out) -> tuple:
+    return out if isinstance(out, tuple) else (out,)
+
+
+def capture_train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: Callable[..., torch.Tensor | tuple],
+    *example_inputs: torch.Tensor,
+    warmup: int = 3,
+) -> Callable[..., torch.Tensor | tuple]:
+    """Capture ``loss_fn(*inputs)``, its backward and ``optimizer.step()`` in one CUDA graph; the
+    returned ``step(*inputs)`` replays it. See the module docstring for what the capture needs."""
+    _check_optimizer(optimizer)
+    if warmup < 1:
+        raise ValueError(f"warmup must be at least 1 (the optimizer state and the kernels must exist "
+                         f"before the capture), got {warmup}")
+    _check_inputs(example_inputs, "example_inputs")
+    if not model.training:
+        raise ValueError("model is in eval mode: a training step is captured in training mode (model.train())")
+    static_inputs = [t.detach().clone() for t in example_inputs]
+
+    def train_step():
+        out = _as_tuple(loss_fn(*static_inputs))
+        out[0].backward()
+        optimizer.step()
+        return out
+
+    # Warm up on a side stream, as the capture itself runs on one.
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            optimizer.zero_grad(set_to_none=True)
+            train_step()
+    torch.cuda.current_stream().wait_stream(side)
+    # Gradients are None at the capture, so its backward allocates them in the graph's memory and
+    # every replay writes them afresh instead of adding to the previous step's.
+    optimizer.zero_grad(set_to_none=True)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = tuple(t.detach() if isinstance(t, torch.Tensor) else t for t in train_step())
+
+    shapes = [(t.shape, t.dtype, t.device) for t in static_inputs]
+
+    def step(*inputs: torch.Tensor):
+        if len(inputs) != len(static_inputs):
+            raise ValueError(f"step takes {len(static_inputs)} inputs, as captured; got {len(inputs)}")
+        for i, (t, (shape, dtype, device)) in enumerate(zip(inputs, shapes)):
+            if not isinstance(t, torch.Tensor) or (t.shape, t.dtype, t.device) != (shape, dtype, device):
+                got = (tuple(t.shape), t.dtype, t.device) if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(f"inputs[{i}] must match the captured input {(tuple(shape), dtype, device)}, got {got}")
+        for static, t in zip(static_inputs, inputs):
+            if t.data_ptr() != static.data_ptr():
+                static.copy_(t)
+        graph.replay()
+        return static_out if len(static_out) > 1 else static_out[0]
+
+    step.graph = graph
+    step.static_inputs = static_inputs
+    return step

@@ -1,0 +1,107 @@
+"""The issues' targets, read off measured benchmark rows: one verdict line per target.
+
+``target_rows(rows)`` takes the rows of a GPU run (``benches/gpu_check.py``'s JSON, or several
+runs' rows together) and returns ``{"issue", "target", "measured", "verdict"}`` rows: ``met``,
+``missed`` or ``not measured`` (the rows it needs are absent). The issues state their targets for an
+H100; rows from another GPU are judged as they are, and the device column of the run says which.
+Nothing here is a figure of its own: every number is a field of a measured row.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+
+def _find(rows: list[dict], **fields) -> dict | None:
+    """The last row whose fields equal ``fields`` (the newest, where runs were concatenated)."""
+    found = [r for r in rows if all(r.get(k) == v for k, v in fields.items()) and r.get("median_ms")]
+    return found[-1] if found else None
+
+
+def _verdict(value: float | None, ok: Callable[[float], bool]) -> str:
+    return "not measured" if value is None else ("met" if ok(value) else "missed")
+
+
+def _line(issue: int, target: str, value: float | None, ok: Callable[[float], bool], shown: str) -> dict:
+    return {"issue": issue, "target": target, "measured": shown if value is not None else "", "verdict": _verdict(value, ok)}
+
+
+def _token_targets(rows):
+    for op, need in (("gather", 5), ("unshuffle", 20)):
+        for step in ("fwd", "fwd+bwd"):
+            graph = _find(rows, suite="tokens", name=f"{op} {step}", impl="kernel_graph")
+            bw = graph and graph.get("fraction_of_copy_bandwidth")
+            yield _line(3, f"{op} {step}: >= 80% of copy bandwidth (graph replay)", bw, lambda v: v >= 0.8,
+                        f"{bw:.0%}" if bw else "")
+            speed = graph and graph.get("speedup_vs_official")
+            yield _line(3, f"{op} {step}: >= {need}x the official path (both graph-replayed)", speed,
+                        lambda v, need=need: v >= need, f"{speed:.1f}x" if speed else "")
+            eager = _find(rows, suite="tokens", name=f"{op} {step}", impl="kernel_unchecked")
+            speed = eager and eager.get("speedup_vs_official")
+            yield _line(3, f"{op} {step}: >= {need}x the official path (both eager, as a model calls them)", speed,
+                        lambda v, need=need: v >= need, f"{speed:.1f}x" if speed else "")
+
+
+def _window_targets(rows):
+    for step in ("fwd+bwd graph", "fwd+bwd"):
+        core = _find(rows, suite="window_attention_core", impl="triton", step=step)
+        how = "graph replay" if step.endswith("graph") else "eager"
+        ms = core and core["median_ms"]
+        ratio = core and core.get("floor_ratio")
+        yield _line(4, f"core fwd+bwd ({how}): <= 3x the memory floor and <= 0.4 ms", ms,
+                    lambda v, ratio=ratio: v <= 0.4 and (ratio or 0) <= 3,
+                    f"{ms:.3f} ms, {ratio:.1f}x floor" if ms and ratio else "")
+        for flex in ("flex_attention", "flex_attention_frozen_bias"):
+            speed = core and core.get(f"speedup_vs_{flex}")
+            yield _line(4, f"core fwd+bwd ({how}): >= 10x {flex}", speed, lambda v: v >= 10,
+                        f"{speed:.1f}x" if speed else "")
+    block = _find(rows, suite="window_attention_block", impl="triton")
+    for key, need, label in (("speedup_vs_official", 3, ">= 3x the official eager path"),
+                             ("speedup_vs_official_compiled", 2, ">= 2x the official path compiled")):
+        speed = block and block.get(key)
+        yield _line(4, f"block fwd+bwd: {label}", speed, lambda v, need=need: v >= need, f"{speed:.2f}x" if speed else "")
+    mem = block and block.get("peak_mem_vs_official")
+    yield _line(4, "block fwd+bwd: <= 0.5x the official peak memory", mem, lambda v: v <= 0.5, f"{mem:.2f}x" if mem else "")
+
+
+def _fbank_targets(rows):
+    kernel = _find(rows, suite="fbank", impl="cuda_kernel")
+    clips = kernel and kernel.get("clips_per_s")
+    yield _line(5, "kernel: >= 500,000 clips/s (10 s clips, batch 256)", clips, lambda v: v >= 5e5,
+                f"{clips:,.0f} clips/s" if clips else "")
+    compiled = _find(rows, suite="fbank", impl="torch_path_fp32_compiled")
+    speed = compiled["median_ms"] / kernel["median_ms"] if kernel and compiled else None
+    yield _line(5, "kernel: >= 4x the batched torch path under torch.compile", speed, lambda v: v >= 4,
+                f"{speed:.2f}x" if speed else "")
+    scratch = kernel and kernel.get("scratch_over_output")
+    yield _line(5, "kernel: scratch memory <= the output", scratch, lambda v: v <= 1, f"{scratch:.2f}x the output"
+                if scratch is not None else "")
+
+
+def _step_targets(rows):
+    for impl in ("triton", "triton+graph"):
+        row = _find(rows, suite="model_pretrain", impl=impl)
+        speed, mem = (row.get("speedup_vs_reference"), row.get("mem_fraction_of_reference")) if row else (None, None)
+        value = speed if speed is not None and mem is not None else None
+        yield _line(6, f"pretraining step, {impl}: >= 3x the reference samples/s at <= 0.5x its peak memory", value,
+                    lambda v, mem=mem: v >= 3 and mem <= 0.5, f"{speed:.2f}x speed, {mem:.2f}x memory" if value else "")
+
+
+def _mae_ast_targets(rows):
+    for r in rows:
+        if r.get("suite") == "mae_ast_pretrain_step" and r.get("impl") == "mae" and r.get("median_ms"):
+            speed, mem = r.get("speedup_vs_ssast"), r.get("mem_ratio_vs_ssast")
+            yield _line(7, f"{r['name']}: >= 3x SSAST's speed and >= 2x less memory", speed,
+                        lambda v, mem=mem: v >= 3 and mem >= 2,
+                        f"{speed:.2f}x speed, {mem:.2f}x less memory ({r.get('mem_ratio_measure', '')})")
+
+
+def target_rows(rows: Iterable[dict]) -> list[dict]:
+    """Verdicts on the issues' GPU targets from ``rows`` (see the module doc)."""
+    rows = [r for r in rows if isinstance(r, dict)]
+    out = []
+    for section in (_token_targets, _window_targets, _fbank_targets, _step_targets, _mae_ast_targets):
+        out += list(section(rows))
+    return out
+
+
+COLUMNS = [("issue", "issue"), ("target", "target"), ("measured", "measured"), ("verdict", "verdict")]

@@ -1,0 +1,106 @@
+"""audiomae.cuda_graph.capture_train_step: input checks here, replay against eager steps on the GPU."""
+import copy
+from functools import partial
+
+import pytest
+import torch
+import torch.nn as nn
+
+import audiomae
+from audiomae.cuda_graph import capture_train_step
+
+LN = partial(nn.LayerNorm, eps=1e-6)
+
+
+def tiny_mae(backend="triton"):
+    return audiomae.MaskedAutoencoderViT(
+        img_size=(128, 64), patch_size=16, in_chans=1, embed_dim=64, depth=2, num_heads=4, decoder_embed_dim=256,
+        decoder_depth=2, decoder_num_heads=16, mlp_ratio=2.0, norm_layer=LN, decoder_mode=1, norm_pix_loss=True,
+        backend=backend)
+
+
+def _loss_fn(model):
+    return lambda imgs, noise: model(imgs, mask_ratio=0.75, noise=noise)[0]
+
+
+def test_optimizer_must_be_capturable():
+    model = tiny_mae("reference")
+    optimizer = torch.optim.AdamW(model.parameters())
+    with pytest.raises(ValueError, match="capturable=True"):
+        capture_train_step(model, optimizer, _loss_fn(model), torch.zeros(1))
+    # SGD has no such option and nothing on the host: it gets as far as the input check
+    with pytest.raises(ValueError, match="is on cpu"):
+        capture_train_step(model, torch.optim.SGD(model.parameters(), lr=0.1), _loss_fn(model), torch.zeros(1))
+    with pytest.raises(TypeError, match="optimizer must be a torch.optim.Optimizer"):
+        capture_train_step(model, object(), _loss_fn(model), torch.zeros(1))
+
+
+def test_inputs_must_be_cuda_tensors_and_warmup_positive():
+    model = tiny_mae("reference")
+    optimizer = torch.optim.AdamW(model.parameters(), capturable=True)
+    with pytest.raises(ValueError, match=r"example_inputs\[0\] is on cpu"):
+        capture_train_step(model, optimizer, _loss_fn(model), torch.zeros(2, 1, 128, 64))
+    with pytest.raises(TypeError, match=r"example_inputs\[0\] must be a torch.Tensor"):
+        capture_train_step(model, optimizer, _loss_fn(model), 3.0)
+    with pytest.raises(ValueError, match="at least one input"):
+        capture_train_step(model, optimizer, _loss_fn(model))
+    with pytest.raises(ValueError, match="warmup must be at least 1"):
+        capture_train_step(model, optimizer, _loss_fn(model), torch.zeros(1), warmup=0)
+
+
+def _optimizer(kind, model):
+    if kind == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    return torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True, capturable=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "sdpa"])
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_replays_match_eager_steps(backend, optimizer):
+    """Same weights, same batches and same masking noise: the graph's replays must train the model
+    as eager steps do (and each replay must take the new inputs, not the captured ones)."""
+    torch.manual_seed(0)
+    device = torch.device("cuda")
+    eager = tiny_mae(backend).to(device).train()
+    graphed = copy.deepcopy(eager)
+    batches = [(torch.randn(2, 1, 128, 64, device=device), torch.rand(2, 32, device=device)) for _ in range(5)]
+    opt_eager, opt_graph = _optimizer(optimizer, eager), _optimizer(optimizer, graphed)
+
+    warmup = 2
+    losses_eager = []
+    for imgs, noise in [batches[0]] * warmup + batches[1:]:
+        opt_eager.zero_grad(set_to_none=True)
+        loss = _loss_fn(eager)(imgs, noise)
+        loss.backward()
+        opt_eager.step()
+        losses_eager.append(loss.item())
+
+    step = capture_train_step(graphed, opt_graph, _loss_fn(graphed), *batches[0], warmup=warmup)
+    losses_graph = [step(*batch).item() for batch in batches[1:]]
+
+    torch.testing.assert_close(torch.tensor(losses_graph), torch.tensor(losses_eager[warmup:]), rtol=1e-4, atol=1e-6)
+    if optimizer == "adamw":
+        # Adam divides by the gradients' running RMS, so a rounding difference in a near-zero
+        # gradient (cuBLAS may pick another algorithm on the capture stream) can move a weight by up
+        # to lr a step: bound the drift by that; SGD below is compared tightly.
+        bound = 1e-3 * (warmup + len(batches) - 1) * 2
+        for (name, a), b in zip(eager.named_parameters(), graphed.parameters()):
+            assert (a - b).abs().max().item() <= bound, name
+        return
+    for (name, a), b in zip(eager.named_parameters(), graphed.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-3, atol=1e-5, msg=lambda m: f"grad {name}: {m}")
+
+
+@pytest.mark.gpu
+def test_step_rejects_inputs_unlike_the_captured_ones():
+    device = torch.device("cuda")
+    model = tiny_mae("triton").to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), fused=True, capturable=True)
+    imgs, noise = torch.randn(2, 1, 128, 64, device=device), torch.rand(2, 32, device=device)
+    step = capture_train_step(model, optimizer, _loss_fn(model), imgs, noise, warmup=1)
+    with pytest.raises(ValueError, match=r"inputs\[0\] must match the captured input"):
+        step(torch.randn(3, 1, 128, 64, device=device), noise)
+    with pytest.raises(ValueError, match="takes 2 inputs"):
+        step(imgs)
