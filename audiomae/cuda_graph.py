@@ -75,9 +75,9 @@ def capture_train_step(
     if warmup < 1:
         raise ValueError(f"warmup must be at least 1 (the optimizer state and the kernels must exist "
                          f"before the capture), got {warmup}")
-    _check_inputs(example_inputs, "example_inputs")
     if not model.training:
         raise ValueError("model is in eval mode: a training step is captured in training mode (model.train())")
+    _check_inputs(example_inputs, "example_inputs")
     static_inputs = [t.detach().clone() for t in example_inputs]
 
     def train_step():
@@ -98,8 +98,21 @@ def capture_train_step(
     # every replay writes them afresh instead of adding to the previous step's.
     optimizer.zero_grad(set_to_none=True)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_out = tuple(t.detach() if isinstance(t, torch.Tensor) else t for t in train_step())
+    failure = None
+    try:
+        with torch.cuda.graph(graph):
+            try:
+                static_out = tuple(t.detach() if isinstance(t, torch.Tensor) else t for t in train_step())
+            except Exception as error:  # noqa: BLE001 - re-raised below, once the capture has ended
+                failure = error
+    except Exception:
+        # Ending a capture that broke raises a generic "failed during capture" error: the
+        # step's own error, kept above, is the one that says what went wrong.
+        if failure is None:
+            raise
+    if failure is not None:
+        raise RuntimeError(f"capturing the training step failed: {type(failure).__name__}: {failure} (the step must "
+                           f"not read tensor values on the host or change shapes; see audiomae.cuda_graph)") from failure
 
     shapes = [(t.shape, t.dtype, t.device) for t in static_inputs]
 

@@ -46,6 +46,8 @@ def test_inputs_must_be_cuda_tensors_and_warmup_positive():
         capture_train_step(model, optimizer, _loss_fn(model))
     with pytest.raises(ValueError, match="warmup must be at least 1"):
         capture_train_step(model, optimizer, _loss_fn(model), torch.zeros(1), warmup=0)
+    with pytest.raises(ValueError, match="eval mode"):
+        capture_train_step(model.eval(), optimizer, _loss_fn(model), torch.zeros(1))
 
 
 def _optimizer(kind, model):
@@ -63,6 +65,11 @@ def test_replays_match_eager_steps(backend, optimizer):
     torch.manual_seed(0)
     device = torch.device("cuda")
     eager = tiny_mae(backend).to(device).train()
+    # The decoder's meta-MLPs use dropout: the two runs would draw different masks from the one
+    # generator (a replay draws its own). Without it both run the same kernels on the same data.
+    for module in eager.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
     graphed = copy.deepcopy(eager)
     batches = [(torch.randn(2, 1, 128, 64, device=device), torch.rand(2, 32, device=device)) for _ in range(5)]
     opt_eager, opt_graph = _optimizer(optimizer, eager), _optimizer(optimizer, graphed)
@@ -80,17 +87,18 @@ def test_replays_match_eager_steps(backend, optimizer):
     losses_graph = [step(*batch).item() for batch in batches[1:]]
 
     torch.testing.assert_close(torch.tensor(losses_graph), torch.tensor(losses_eager[warmup:]), rtol=1e-4, atol=1e-6)
-    if optimizer == "adamw":
-        # Adam divides by the gradients' running RMS, so a rounding difference in a near-zero
-        # gradient (cuBLAS may pick another algorithm on the capture stream) can move a weight by up
-        # to lr a step: bound the drift by that; SGD below is compared tightly.
-        bound = 1e-3 * (warmup + len(batches) - 1) * 2
+    if optimizer == "sgd":
         for (name, a), b in zip(eager.named_parameters(), graphed.parameters()):
-            assert (a - b).abs().max().item() <= bound, name
-        return
-    for (name, a), b in zip(eager.named_parameters(), graphed.parameters()):
-        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
-        torch.testing.assert_close(b.grad, a.grad, rtol=1e-3, atol=1e-5, msg=lambda m: f"grad {name}: {m}")
+            torch.testing.assert_close(b.grad, a.grad, rtol=1e-3, atol=1e-5, msg=lambda m: f"grad {name}: {m}")
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+    else:
+        # Adam divides by the gradients' running RMS: where a gradient is near zero, a last-bit
+        # difference (cuBLAS may pick another algorithm on the capture stream) can flip an update
+        # of size lr. Such elements must be rare; a replay that trained wrongly moves them all.
+        off = sum(((b - a).abs() > 1e-5 + 1e-4 * a.abs()).sum().item()
+                  for a, b in zip(eager.parameters(), graphed.parameters()))
+        total = sum(p.numel() for p in eager.parameters())
+        assert off <= max(1, total // 10_000), f"{off} of {total} weights differ after the same steps"
 
 
 @pytest.mark.gpu
