@@ -16,9 +16,14 @@ Autocast is honoured as eager ``F.linear`` honours it: under an enabled autocast
 device, float32 and lower inputs compute in the autocast dtype; otherwise every tensor must share
 one dtype. Dropout is not part of the op (the models use it only with ``drop=0``).
 
-The op is an ``autograd.Function`` over torch operations: torch.compile traces through it (its
-partitioner may then choose what to save), and CPU tensors run it as well as CUDA ones. Under
-torch.func transforms it runs the reference's ops unfused (same values, eager memory).
+Eager calls run an ``autograd.Function`` over torch operations (CPU tensors as well as CUDA
+ones). What torch.compile, export or a dispatch mode traces is the ``torch.library`` op pair
+``audiomae::gelu_mlp`` / ``audiomae::gelu_mlp_backward`` (the same operations inside): traced
+through, the Function's recomputation would be undone by the compiler, which merges the
+backward's fc1 with the forward's and keeps both of the wide tensors again (seen on the CPU: twice
+the hidden activation saved, against none eagerly); an op is opaque to it, so compiled code keeps
+what the eager op keeps. Under torch.func transforms it runs the reference's ops unfused (same
+values, eager memory).
 """
 from __future__ import annotations
 
@@ -27,7 +32,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from kernels._dispatch import first_order_only
+from kernels._dispatch import first_order_only, needs_custom_op
 from kernels.reference.gelu_mlp import gelu_mlp as reference
 
 SAVE_CHOICES = ("input", "hidden")
@@ -37,6 +42,10 @@ APPROXIMATIONS = ("none", "tanh")
 def _rows(t: torch.Tensor) -> torch.Tensor:
     """``t`` [..., n] as [rows, n] (explicit rows: -1 cannot be inferred when n is 0)."""
     return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
+
+
+def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return t.to(dtype) if t is not None else None
 
 
 def _linear_backward(grad2d, inp2d, weight, need_input, need_weight, need_bias, input_shape):
@@ -49,12 +58,13 @@ def _linear_backward(grad2d, inp2d, weight, need_input, need_weight, need_bias, 
 class _GeluMlp(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, compute_dtype, save_hidden, approximate):
-        cast = [t.to(compute_dtype) if t is not None else None for t in (x, fc1_weight, fc1_bias, fc2_weight, fc2_bias)]
-        xc, w1, b1, w2, b2 = cast
+        xc, w1, b1, w2, b2 = (_cast(t, compute_dtype) for t in (x, fc1_weight, fc1_bias, fc2_weight, fc2_bias))
         with torch.autocast(x.device.type, enabled=False):
             hidden = F.linear(xc, w1, b1)
             out = F.linear(F.gelu(hidden, approximate=approximate), w2, b2)
-        ctx.save_for_backward(xc, w1, b1, w2, hidden if save_hidden else None)
+        # The weights are kept as they are and cast again in the backward (as the op does): their
+        # compute-dtype copies would be one more weight-sized tensor per layer kept until then.
+        ctx.save_for_backward(xc, fc1_weight, fc1_bias, fc2_weight, hidden if save_hidden else None)
         ctx.dtypes = tuple(t.dtype if t is not None else None for t in (x, fc1_weight, fc1_bias, fc2_weight, fc2_bias))
         ctx.approximate = approximate
         return out
@@ -63,21 +73,102 @@ class _GeluMlp(torch.autograd.Function):
     @first_order_only("gelu_mlp")
     def backward(ctx, grad):
         xc, w1, b1, w2, hidden = ctx.saved_tensors
-        need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:5]
-        with torch.autocast(xc.device.type, enabled=False):
-            if hidden is None:
-                hidden = F.linear(xc, w1, b1)
-            act = F.gelu(hidden, approximate=ctx.approximate)
-            grad2d = _rows(grad.to(act.dtype))
-            grad_act, grad_w2, grad_b2 = _linear_backward(grad2d, _rows(act), w2,
-                                                          True, need_w2, need_b2, act.shape)
-            del act  # the largest tensor of the backward: free it before the next one is made
-            grad_hidden = torch.ops.aten.gelu_backward(grad_act, hidden, approximate=ctx.approximate)
-            del grad_act, hidden
-            grad_x, grad_w1, grad_b1 = _linear_backward(_rows(grad_hidden), _rows(xc), w1, need_x, need_w1, need_b1,
-                                                        xc.shape)
-        grads = (grad_x, grad_w1, grad_b1, grad_w2, grad_b2)
+        w1, b1, w2 = (_cast(t, xc.dtype) for t in (w1, b1, w2))
+        grads = _backward_math(grad, xc, w1, b1, w2, hidden, ctx.approximate, ctx.needs_input_grad[:5])
         return (*(g.to(dtype) if g is not None else None for g, dtype in zip(grads, ctx.dtypes)), None, None, None)
+
+
+def _backward_math(grad, xc, w1, b1, w2, hidden, approximate, needs):
+    """Gradients of (x, fc1_weight, fc1_bias, fc2_weight, fc2_bias) in the compute dtype (None where
+    ``needs`` says no), from fc1's input ``xc`` and the weights in the compute dtype; ``hidden``
+    (fc1's output) is recomputed when None."""
+    need_x, need_w1, need_b1, need_w2, need_b2 = needs
+    with torch.autocast(xc.device.type, enabled=False):
+        if hidden is None:
+            hidden = F.linear(xc, w1, b1)
+        act = F.gelu(hidden, approximate=approximate)
+        grad2d = _rows(grad.to(act.dtype))
+        grad_act, grad_w2, grad_b2 = _linear_backward(grad2d, _rows(act), w2, True, need_w2, need_b2, act.shape)
+        del act  # the largest tensor of the backward: free it before the next one is made
+        grad_hidden = torch.ops.aten.gelu_backward(grad_act, hidden, approximate=approximate)
+        del grad_act, hidden
+        grad_x, grad_w1, grad_b1 = _linear_backward(_rows(grad_hidden), _rows(xc), w1, need_x, need_w1, need_b1,
+                                                    xc.shape)
+    return grad_x, grad_w1, grad_b1, grad_w2, grad_b2
+
+
+# ----------------------------------------------------------------------------------------------
+# The same computation as torch.library ops, for what traces the call (see the module doc)
+# ----------------------------------------------------------------------------------------------
+@torch.library.custom_op("audiomae::gelu_mlp", mutates_args=())
+def _gelu_mlp_op(
+    x: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: torch.Tensor | None, fc2_weight: torch.Tensor,
+    fc2_bias: torch.Tensor | None, compute_dtype: torch.dtype, save_hidden: bool, approximate: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out, fc1's input cast to the compute dtype, fc1's output): the two last are what the
+    backward keeps, each an empty tensor where there is nothing to keep (the input is already in
+    the compute dtype: the backward keeps ``x`` itself, since an op's output may not alias an input;
+    fc1's output is recomputed)."""
+    xc = x.to(compute_dtype)
+    with torch.autocast(x.device.type, enabled=False):
+        hidden = F.linear(xc, fc1_weight.to(compute_dtype), _cast(fc1_bias, compute_dtype))
+        out = F.linear(F.gelu(hidden, approximate=approximate), fc2_weight.to(compute_dtype), _cast(fc2_bias, compute_dtype))
+    return out, xc if x.dtype != compute_dtype else x.new_empty(0), hidden if save_hidden else hidden.new_empty(0)
+
+
+@_gelu_mlp_op.register_fake
+def _(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, compute_dtype, save_hidden, approximate):
+    hidden = x.new_empty((*x.shape[:-1], fc1_weight.shape[0]), dtype=compute_dtype)
+    out = x.new_empty((*x.shape[:-1], fc2_weight.shape[0]), dtype=compute_dtype)
+    xc = x.new_empty(x.shape, dtype=compute_dtype) if x.dtype != compute_dtype else x.new_empty(0)
+    return out, xc, hidden if save_hidden else hidden.new_empty(0)
+
+
+@torch.library.custom_op("audiomae::gelu_mlp_backward", mutates_args=())
+def _gelu_mlp_backward_op(
+    grad: torch.Tensor, xc: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: torch.Tensor | None,
+    fc2_weight: torch.Tensor, hidden: torch.Tensor, saved_hidden: bool, approximate: str, needs: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of (x, fc1_weight, fc1_bias, fc2_weight, fc2_bias) in the compute dtype; one not
+    in ``needs`` comes back empty (an op cannot return None)."""
+    dtype = xc.dtype
+    w1, b1, w2 = fc1_weight.to(dtype), _cast(fc1_bias, dtype), fc2_weight.to(dtype)
+    grads = _backward_math(grad, xc, w1, b1, w2, hidden if saved_hidden else None, approximate, needs)
+    return tuple(g if g is not None else grad.new_empty(0, dtype=dtype) for g in grads)
+
+
+@_gelu_mlp_backward_op.register_fake
+def _(grad, xc, fc1_weight, fc1_bias, fc2_weight, hidden, saved_hidden, approximate, needs):
+    dtype = xc.dtype
+    shapes = (xc.shape, fc1_weight.shape, (fc1_weight.shape[0],) if fc1_bias is not None else None,
+              fc2_weight.shape, (fc2_weight.shape[0],))
+    return tuple(grad.new_empty(shape if need and shape is not None else (0,), dtype=dtype)
+                 for shape, need in zip(shapes, needs))
+
+
+def _op_setup_context(ctx, inputs, output):
+    x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, compute_dtype, save_hidden, approximate = inputs
+    _, xc, hidden = output
+    ctx.save_for_backward(x if x.dtype == compute_dtype else xc, fc1_weight, fc1_bias, fc2_weight, hidden)
+    ctx.mark_non_differentiable(xc, hidden)
+    ctx.saved_hidden, ctx.approximate = save_hidden, approximate
+    ctx.dtypes = tuple(t.dtype if t is not None else None for t in (x, fc1_weight, fc1_bias, fc2_weight, fc2_bias))
+    ctx.has_bias = (fc1_bias is not None, fc2_bias is not None)
+
+
+@first_order_only("gelu_mlp")
+def _op_backward(ctx, grad, _grad_xc, _grad_hidden):
+    xc, w1, b1, w2, hidden = ctx.saved_tensors
+    needs = list(ctx.needs_input_grad[:5])
+    needs[2] &= ctx.has_bias[0]
+    needs[4] &= ctx.has_bias[1]
+    grads = torch.ops.audiomae.gelu_mlp_backward(grad, xc, w1, b1, w2, hidden, ctx.saved_hidden, ctx.approximate,
+                                                 needs)
+    grads = [g.to(dtype) if need else None for g, dtype, need in zip(grads, ctx.dtypes, needs)]
+    return (*grads, None, None, None)
+
+
+_gelu_mlp_op.register_autograd(_op_backward, setup_context=_op_setup_context)
 
 
 def compute_dtype(x: torch.Tensor, *params: torch.Tensor | None) -> torch.dtype:
@@ -133,4 +224,6 @@ def gelu_mlp(
         # torch.func transforms compose with plain torch ops, not with this Function's saving
         # scheme: run the same ops unfused (same values, eager memory).
         return reference(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate=approximate)
+    if needs_custom_op():
+        return _gelu_mlp_op(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, dtype, save == "hidden", approximate)[0]
     return _GeluMlp.apply(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, dtype, save == "hidden", approximate)

@@ -224,3 +224,56 @@ def test_gpu_decoder_mlp_under_autocast(seed):
     gb = torch.autograd.grad(b, [x, *twin.parameters()], g)
     for u, v in zip(ga, gb):
         torch.testing.assert_close(u, v, rtol=1e-2, atol=1e-2 * u.abs().max().item())
+
+
+@pytest.mark.parametrize("save", ["input", "hidden"])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_opcheck(seed, save, bias, dtype):
+    x, w1, b1, w2, b2 = make(bias=bias)
+    args = (x, w1, b1, w2, b2, dtype, save == "hidden", "none")
+    torch.library.opcheck(torch.ops.audiomae.gelu_mlp.default, args)
+    out, xc, hidden = torch.ops.audiomae.gelu_mlp(*args)
+    kept = x.detach() if dtype == x.dtype else xc
+    needs = [True, True, bias, True, bias]
+    plain = [t.detach() if t is not None else None for t in (kept, w1, b1, w2, hidden)]  # the backward has no backward
+    torch.library.opcheck(torch.ops.audiomae.gelu_mlp_backward.default,
+                          (torch.randn_like(out).detach(), *plain, save == "hidden", "none", needs))
+
+
+@pytest.mark.parametrize("save", ["input", "hidden"])
+def test_compiled_keeps_what_eager_keeps(seed, save):
+    """Traced through, the eager Function's recomputation would be merged away by the compiler
+    (it kept both wide tensors); the op keeps only what the eager call keeps."""
+    inputs = make(shape=(2, 10, 24), hidden=96, out=24)
+    grad = torch.randn(2, 10, 24, device=DEVICE)
+    compiled = torch.compile(lambda *t: gelu_mlp(*t, save=save), fullgraph=True)
+    assert saved_bytes(compiled, inputs) == saved_bytes(gelu_mlp, inputs, save=save)
+    out, grads = run(compiled, inputs, grad)
+    eager, eager_grads = run(reference, inputs, grad)
+    torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
+    for a, e in zip(grads, eager_grads, strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
+
+
+def test_op_path_equals_the_eager_path_under_autocast(seed):
+    """The op (what compiled code runs) computes what the eager Function computes, autocast included."""
+    from kernels import gelu_mlp as module  # noqa: F401  (the attribute is the function)
+    import sys
+
+    gelu_module = sys.modules["kernels.gelu_mlp"]
+    inputs = make(shape=(4, 6, 24))
+    grad = torch.randn(4, 6, 24, device=DEVICE)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        eager, eager_grads = run(gelu_mlp, inputs, grad)
+        original = gelu_module.needs_custom_op
+        gelu_module.needs_custom_op = lambda: True
+        try:
+            out, grads = run(gelu_mlp, inputs, grad)
+        finally:
+            gelu_module.needs_custom_op = original
+    assert out.dtype == eager.dtype == torch.bfloat16
+    torch.testing.assert_close(out, eager, rtol=0, atol=0)
+    for a, e in zip(grads, eager_grads, strict=True):
+        assert a.dtype == e.dtype
+        torch.testing.assert_close(a, e, rtol=0, atol=0)
