@@ -10,6 +10,9 @@ keeps less, recomputing in the backward what it dropped:
   that eager fc1 keeps too); the backward recomputes fc1 and GELU, one extra matmul of fc1's size.
 * ``save="hidden"`` also keeps fc1's output; the backward recomputes only GELU (one elementwise pass).
 
+Both keep the weights as eager ``F.linear`` keeps them (under autocast, their compute-dtype copies),
+so updating a weight in place between the forward and the backward behaves as it does eagerly.
+
 Every operation is the one eager autograd runs (the same matmuls in the same dtypes, GELU's own
 backward), so outputs and gradients equal eager ``Mlp`` up to the order of the bias sums.
 Autocast is honoured as eager ``F.linear`` honours it: under an enabled autocast for the input's
@@ -62,9 +65,10 @@ class _GeluMlp(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             hidden = F.linear(xc, w1, b1)
             out = F.linear(F.gelu(hidden, approximate=approximate), w2, b2)
-        # The weights are kept as they are and cast again in the backward (as the op does): their
-        # compute-dtype copies would be one more weight-sized tensor per layer kept until then.
-        ctx.save_for_backward(xc, fc1_weight, fc1_bias, fc2_weight, hidden if save_hidden else None)
+        # The compute-dtype copies are kept, as eager F.linear keeps them under autocast (so the
+        # weights may change in place before the backward, as eagerly); fc1's bias only where
+        # fc1 is recomputed.
+        ctx.save_for_backward(xc, w1, None if save_hidden else b1, w2, hidden if save_hidden else None)
         ctx.dtypes = tuple(t.dtype if t is not None else None for t in (x, fc1_weight, fc1_bias, fc2_weight, fc2_bias))
         ctx.approximate = approximate
         return out
@@ -73,7 +77,6 @@ class _GeluMlp(torch.autograd.Function):
     @first_order_only("gelu_mlp")
     def backward(ctx, grad):
         xc, w1, b1, w2, hidden = ctx.saved_tensors
-        w1, b1, w2 = (_cast(t, xc.dtype) for t in (w1, b1, w2))
         grads = _backward_math(grad, xc, w1, b1, w2, hidden, ctx.approximate, ctx.needs_input_grad[:5])
         return (*(g.to(dtype) if g is not None else None for g, dtype in zip(grads, ctx.dtypes)), None, None, None)
 
@@ -104,24 +107,36 @@ def _backward_math(grad, xc, w1, b1, w2, hidden, approximate, needs):
 def _gelu_mlp_op(
     x: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: torch.Tensor | None, fc2_weight: torch.Tensor,
     fc2_bias: torch.Tensor | None, compute_dtype: torch.dtype, save_hidden: bool, approximate: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(out, fc1's input cast to the compute dtype, fc1's output): the two last are what the
-    backward keeps, each an empty tensor where there is nothing to keep (the input is already in
-    the compute dtype: the backward keeps ``x`` itself, since an op's output may not alias an input;
-    fc1's output is recomputed)."""
-    xc = x.to(compute_dtype)
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out, then what the backward keeps: x, fc1's output, fc1's weight and bias and fc2's weight in
+    the compute dtype). Each of the kept ones is an empty tensor where there is nothing to keep: an
+    input already in the compute dtype is kept as the input itself (an op's output may not alias
+    one), fc1's output and bias only where the backward needs them."""
+    casts = [_cast(t, compute_dtype) for t in (x, fc1_weight, fc1_bias, fc2_weight, fc2_bias)]
+    xc, w1, b1, w2, b2 = casts
     with torch.autocast(x.device.type, enabled=False):
-        hidden = F.linear(xc, fc1_weight.to(compute_dtype), _cast(fc1_bias, compute_dtype))
-        out = F.linear(F.gelu(hidden, approximate=approximate), fc2_weight.to(compute_dtype), _cast(fc2_bias, compute_dtype))
-    return out, xc if x.dtype != compute_dtype else x.new_empty(0), hidden if save_hidden else hidden.new_empty(0)
+        hidden = F.linear(xc, w1, b1)
+        out = F.linear(F.gelu(hidden, approximate=approximate), w2, b2)
+    keep = _kept(x, fc1_weight, fc1_bias, fc2_weight, compute_dtype, save_hidden)
+    kept = [t if wanted else hidden.new_empty(0) for t, wanted in zip((xc, hidden, w1, b1, w2), keep)]
+    return (out, *kept)
+
+
+def _kept(x, fc1_weight, fc1_bias, fc2_weight, compute_dtype, save_hidden) -> tuple[bool, ...]:
+    """Which of (x, fc1's output, fc1_weight, fc1_bias, fc2_weight) the op returns for the backward."""
+    cast = lambda t: t is not None and t.dtype != compute_dtype  # noqa: E731
+    return cast(x), save_hidden, cast(fc1_weight), cast(fc1_bias) and not save_hidden, cast(fc2_weight)
 
 
 @_gelu_mlp_op.register_fake
 def _(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, compute_dtype, save_hidden, approximate):
     hidden = x.new_empty((*x.shape[:-1], fc1_weight.shape[0]), dtype=compute_dtype)
     out = x.new_empty((*x.shape[:-1], fc2_weight.shape[0]), dtype=compute_dtype)
-    xc = x.new_empty(x.shape, dtype=compute_dtype) if x.dtype != compute_dtype else x.new_empty(0)
-    return out, xc, hidden if save_hidden else hidden.new_empty(0)
+    keep = _kept(x, fc1_weight, fc1_bias, fc2_weight, compute_dtype, save_hidden)
+    # empty_like: a cast keeps the input's strides (a transposed x stays transposed)
+    like = [torch.empty_like(x, dtype=compute_dtype), hidden] + [
+        torch.empty_like(t, dtype=compute_dtype) if t is not None else None for t in (fc1_weight, fc1_bias, fc2_weight)]
+    return (out, *[t if wanted else x.new_empty(0, dtype=compute_dtype) for t, wanted in zip(like, keep)])
 
 
 @torch.library.custom_op("audiomae::gelu_mlp_backward", mutates_args=())
@@ -132,7 +147,7 @@ def _gelu_mlp_backward_op(
     """Gradients of (x, fc1_weight, fc1_bias, fc2_weight, fc2_bias) in the compute dtype; one not
     in ``needs`` comes back empty (an op cannot return None)."""
     dtype = xc.dtype
-    w1, b1, w2 = fc1_weight.to(dtype), _cast(fc1_bias, dtype), fc2_weight.to(dtype)
+    w1, b1, w2 = fc1_weight.to(dtype), _cast(fc1_bias, dtype), fc2_weight.to(dtype)  # no-ops when kept cast
     grads = _backward_math(grad, xc, w1, b1, w2, hidden if saved_hidden else None, approximate, needs)
     return tuple(g if g is not None else grad.new_empty(0, dtype=dtype) for g in grads)
 
@@ -140,24 +155,27 @@ def _gelu_mlp_backward_op(
 @_gelu_mlp_backward_op.register_fake
 def _(grad, xc, fc1_weight, fc1_bias, fc2_weight, hidden, saved_hidden, approximate, needs):
     dtype = xc.dtype
-    shapes = (xc.shape, fc1_weight.shape, (fc1_weight.shape[0],) if fc1_bias is not None else None,
-              fc2_weight.shape, (fc2_weight.shape[0],))
+    # fc1_bias is None when fc1's output was kept (not needed): its gradient's shape is fc1's width
+    shapes = (xc.shape, fc1_weight.shape, (fc1_weight.shape[0],), fc2_weight.shape, (fc2_weight.shape[0],))
     return tuple(grad.new_empty(shape if need and shape is not None else (0,), dtype=dtype)
                  for shape, need in zip(shapes, needs))
 
 
 def _op_setup_context(ctx, inputs, output):
     x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, compute_dtype, save_hidden, approximate = inputs
-    _, xc, hidden = output
-    ctx.save_for_backward(x if x.dtype == compute_dtype else xc, fc1_weight, fc1_bias, fc2_weight, hidden)
-    ctx.mark_non_differentiable(xc, hidden)
+    _, *kept = output
+    keep = _kept(x, fc1_weight, fc1_bias, fc2_weight, compute_dtype, save_hidden)
+    xc, hidden, w1, b1, w2 = (out if wanted else given for out, wanted, given in zip(
+        kept, keep, (x, kept[1], fc1_weight, None if save_hidden else fc1_bias, fc2_weight)))
+    ctx.save_for_backward(xc, w1, b1, w2, hidden)  # hidden: empty unless kept
+    ctx.mark_non_differentiable(*kept)
     ctx.saved_hidden, ctx.approximate = save_hidden, approximate
     ctx.dtypes = tuple(t.dtype if t is not None else None for t in (x, fc1_weight, fc1_bias, fc2_weight, fc2_bias))
     ctx.has_bias = (fc1_bias is not None, fc2_bias is not None)
 
 
 @first_order_only("gelu_mlp")
-def _op_backward(ctx, grad, _grad_xc, _grad_hidden):
+def _op_backward(ctx, grad, *_kept_grads):
     xc, w1, b1, w2, hidden = ctx.saved_tensors
     needs = list(ctx.needs_input_grad[:5])
     needs[2] &= ctx.has_bias[0]

@@ -233,10 +233,13 @@ def test_opcheck(seed, save, bias, dtype):
     x, w1, b1, w2, b2 = make(bias=bias)
     args = (x, w1, b1, w2, b2, dtype, save == "hidden", "none")
     torch.library.opcheck(torch.ops.audiomae.gelu_mlp.default, args)
-    out, xc, hidden = torch.ops.audiomae.gelu_mlp(*args)
-    kept = x.detach() if dtype == x.dtype else xc
+    out, xc, hidden, w1c, b1c, w2c = torch.ops.audiomae.gelu_mlp(*args)
+    cast = dtype != x.dtype  # the op returns copies only of what it cast
+    kept = [xc if cast else x, w1c if cast else w1, None if save == "hidden" or not bias else (b1c if cast else b1),
+            w2c if cast else w2, hidden]
+    assert all(t.numel() == 0 for t in ((xc, w1c, b1c, w2c) if not cast else ()))
+    plain = [t.detach() if t is not None else None for t in kept]  # the backward has no backward
     needs = [True, True, bias, True, bias]
-    plain = [t.detach() if t is not None else None for t in (kept, w1, b1, w2, hidden)]  # the backward has no backward
     torch.library.opcheck(torch.ops.audiomae.gelu_mlp_backward.default,
                           (torch.randn_like(out).detach(), *plain, save == "hidden", "none", needs))
 
@@ -254,6 +257,40 @@ def test_compiled_keeps_what_eager_keeps(seed, save):
     torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
     for a, e in zip(grads, eager_grads, strict=True):
         torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("save", ["input", "hidden"])
+def test_compiled_under_autocast_with_a_transposed_input(seed, save):
+    # The cast copy of x keeps x's strides: the op's fake implementation must say so, or the
+    # compiled graph's stride check fails.
+    x, w1, b1, w2, b2 = make(shape=(5, 3, 24))
+    xt = x.detach().transpose(0, 1)
+    grad = torch.randn(3, 5, 24, device=DEVICE)
+    compiled = torch.compile(lambda *t: gelu_mlp(*t, save=save), fullgraph=True)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        out, grads = run(compiled, [xt, w1, b1, w2, b2], grad)
+        eager, eager_grads = run(gelu_mlp, [xt, w1, b1, w2, b2], grad, save=save)
+    torch.testing.assert_close(out, eager, rtol=0, atol=0)
+    for a, e in zip(grads, eager_grads, strict=True):
+        torch.testing.assert_close(a, e, rtol=0, atol=0)
+
+
+def test_weights_may_change_in_place_before_the_backward_as_eagerly(seed):
+    """Under autocast eager F.linear keeps bfloat16 copies of the weights, so an in-place update
+    between forward and backward is allowed and the backward uses the forward's weights."""
+    inputs = make(shape=(4, 24))
+    grad = torch.randn(4, 24, device=DEVICE)
+    results = []
+    for fn in (gelu_mlp, reference):
+        x, w1, b1, w2, b2 = (t.detach().clone().requires_grad_() for t in inputs)
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
+            out = fn(x, w1, b1, w2, b2)
+        with torch.no_grad():
+            w1.mul_(0.5)
+            w2.mul_(0.5)
+        results.append(torch.autograd.grad(out, (x, w1, b1, w2, b2), grad.to(out.dtype)))
+    for a, e in zip(*results, strict=True):
+        torch.testing.assert_close(a, e, rtol=0, atol=0)
 
 
 def test_op_path_equals_the_eager_path_under_autocast(seed):
