@@ -1,9 +1,9 @@
 """A whole training step (forward, backward, optimizer update) captured once in a CUDA graph.
 
 Why: at batch 64 the eager AudioMAE pretraining step launches about 2,500 kernels, and on an H200
-the ``triton`` backend kept the GPU busy for 58 ms of its 100 ms step
-(``benches/results/gpu_check-h200-2026-11-26-profile.txt``): the rest of the time the GPU waits
-for Python to launch the next kernel. Replaying a captured graph launches every kernel of the step
+the ``triton`` backend kept the GPU busy for 58 ms of each 143 ms profiled step (41 %;
+``benches/results/gpu_check-h200-2026-11-26-profile.txt``; unprofiled the step takes 100 ms): the
+rest of the time the GPU waits for Python to launch the next kernel. Replaying a captured graph launches every kernel of the step
 at once, so the step takes its GPU time.
 
 ``capture_train_step(model, optimizer, loss_fn, *example_inputs, warmup=3)`` returns ``step``;

@@ -191,21 +191,23 @@ def measure(device, *, batch, frames, depths, tokens, embed_dim, num_heads, warm
         for depth in depths:
             for group in groups:  # eager rows against eager SSAST, graphed against graphed
                 try:
-                    cases = [build_case(device, mode=mode, backend=backend, tokens=token_kind, depth=depth,
-                                        batch=batch, frames=frames, embed_dim=embed_dim, num_heads=num_heads)
-                             for mode, backend in group]
-                except Exception as error:  # noqa: BLE001 - a capture that fails is a row that says why
+                    rows += _group_rows(device, group, token_kind, depth, batch, frames, embed_dim, num_heads,
+                                        warmup, reps)
+                except Exception as error:  # noqa: BLE001 - a capture or replay that fails is a row that says why
                     if group is groups[0]:
                         raise
                     rows.append({"suite": SUITE, "name": f"graphed steps {token_kind} depth {depth}", "impl": "mae",
                                  "status": "ERROR", "note": f"{type(error).__name__}: {error}".splitlines()[0][:300]})
-                    release_memory(device)
-                    continue
-                case_rows = time_alternating(cases, device, warmup, reps)
-                rows += _with_ratios(case_rows, baseline=case_rows[0])
-                del cases, case_rows
-                release_memory(device)
+                release_memory(device)  # here, once the cases (and any traceback holding them) are gone
     return rows
+
+
+def _group_rows(device, group, token_kind, depth, batch, frames, embed_dim, num_heads, warmup, reps) -> list[dict]:
+    """One group's cases built, timed in alternation and compared with the group's first (SSAST)."""
+    cases = [build_case(device, mode=mode, backend=backend, tokens=token_kind, depth=depth, batch=batch,
+                        frames=frames, embed_dim=embed_dim, num_heads=num_heads) for mode, backend in group]
+    case_rows = time_alternating(cases, device, warmup, reps)
+    return _with_ratios(case_rows, baseline=case_rows[0])
 
 
 def run(device, quick: bool) -> list[dict]:

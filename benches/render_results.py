@@ -38,8 +38,8 @@ def _load(path: Path) -> tuple[list[dict], dict]:
 def render_targets(paths: list[Path]) -> str:
     """One verdict table per GPU, over the rows of every file measured on it."""
     by_device: dict[str, list[dict]] = {}
-    for path in paths:
-        rows, device = _load(path)
+    # Oldest run first: where two runs measured the same row, the targets take the newer one.
+    for rows, device in sorted((_load(path) for path in paths), key=lambda loaded: loaded[1].get("date", "")):
         name = device.get("device", "")
         if name and "cpu" not in name.lower():  # CPU runs and counts on fake tensors are no GPU figures
             by_device.setdefault(name, []).extend(rows)

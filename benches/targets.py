@@ -48,7 +48,7 @@ def _window_targets(rows):
         ms = core and core["median_ms"]
         ratio = core and core.get("floor_ratio")
         yield _line(4, f"core fwd+bwd ({how}): <= 3x the memory floor and <= 0.4 ms", ms,
-                    lambda v, ratio=ratio: v <= 0.4 and (ratio or 0) <= 3,
+                    lambda v, ratio=ratio: v <= 0.4 and ratio is not None and ratio <= 3,
                     f"{ms:.3f} ms, {ratio:.1f}x floor" if ms and ratio else "")
         for flex in ("flex_attention", "flex_attention_frozen_bias"):
             speed = core and core.get(f"speedup_vs_{flex}")

@@ -67,3 +67,18 @@ def test_render_targets_takes_gpu_files_only(tmp_path):
     assert "### Targets on the NVIDIA H200" in text and "cpu" not in text.split("\n")[0]
     assert "| 6 | pretraining step, triton: >= 3x the reference samples/s at <= 0.5x its peak memory | 3.50x speed, 0.40x memory | met |" in text
     assert text.count("### Targets") == 1
+
+
+def test_render_targets_takes_the_newest_run_where_runs_overlap(tmp_path):
+    def run_file(name, date, speed):
+        data = {"device": {"device": "NVIDIA H200", "date": date}, "benchmarks": [
+            {"suite": "model_pretrain", "impl": "triton", "median_ms": 40.0, "speedup_vs_reference": speed,
+             "mem_fraction_of_reference": 0.4}]}
+        (tmp_path / name).write_text(json.dumps(data))
+        return tmp_path / name
+
+    # File names sort the other way round from the dates: the date decides.
+    older = run_file("run-b.json", "2026-11-26T10:00:00Z", 1.5)
+    newer = run_file("run-a.json", "2026-11-27T10:00:00Z", 3.5)
+    text = render_targets(sorted([older, newer]))
+    assert "3.50x speed" in text and "1.50x speed" not in text
