@@ -207,20 +207,14 @@ def _core_rows(device, quick, dtype):
         for step_name, step in steps.items():
             row = dict(base, impl=name, name=f"{name} {step_name}", step=step_name, floor_ms=floors[step_name],
                        max_abs_err_vs_fp32_reference=err)
-            rows.append(_with_floor_ratio(_measure(row, step, device, quick)))
+            rows.append(_measure(row, step, device, quick))
             if device.type == "cuda":
                 graph_steps.append((dict(row, name=f"{row['name']} (graph)", step=f"{step_name} graph"), step))
     # Captured last, so that a capture that fails cannot disturb the eager rows.
-    rows += [_with_floor_ratio(_measure(row, step, device, quick, capture=True)) for row, step in graph_steps]
+    rows += [_measure(row, step, device, quick, capture=True) for row, step in graph_steps]
     _add_ratios(rows, {"reference": "speedup_vs_reference", "flex_attention": "speedup_vs_flex_attention",
                        "flex_attention_frozen_bias": "speedup_vs_flex_attention_frozen_bias"})
     return rows
-
-
-def _with_floor_ratio(row: dict) -> dict:
-    if row.get("median_ms"):
-        row["floor_ratio"] = row["median_ms"] / row["floor_ms"]
-    return row
 
 
 def _reason(error: Exception) -> str:
@@ -229,14 +223,17 @@ def _reason(error: Exception) -> str:
 
 
 def _measure(row: dict, step, device, quick, capture: bool = False) -> dict:
-    """``row`` with the timing of ``step`` (replayed from a CUDA graph when ``capture``), or with
-    why it could not run (failures are reported). A replay allocates nothing, so graph rows carry
-    no peak memory."""
+    """``row`` with the timing of ``step`` (replayed from a CUDA graph when ``capture``) and, when
+    the row has a ``floor_ms``, its ``floor_ratio``; or with why it could not run (failures are
+    reported). A replay allocates nothing, so graph rows carry no peak memory."""
     try:
-        t = time_fn(graphed(step) if capture else step, device, **_timings(device, quick))
+        t = time_fn(graphed(step) if capture else step, device, measure_memory=not capture, **_timings(device, quick))
     except Exception as e:
         return dict(row, median_ms=None, peak_mem_bytes=None, unavailable=_reason(e))
-    return dict(row, median_ms=t.median_ms, min_ms=t.min_ms, peak_mem_bytes=None if capture else t.peak_mem_bytes)
+    row = dict(row, median_ms=t.median_ms, min_ms=t.min_ms, peak_mem_bytes=t.peak_mem_bytes)
+    if "floor_ms" in row:
+        row["floor_ratio"] = t.median_ms / row["floor_ms"]
+    return row
 
 
 def _add_ratios(rows, baselines):

@@ -27,7 +27,10 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def _load(path: Path) -> tuple[list[dict], dict]:
     """(benchmark rows, device info) of one results file."""
-    data = json.loads(path.read_text())
+    return _rows_and_device(json.loads(path.read_text()))
+
+
+def _rows_and_device(data) -> tuple[list[dict], dict]:
     rows = data if isinstance(data, list) else data.get("benchmarks") or data.get("rows") or []
     device = data.get("device", {}) if isinstance(data, dict) else {}
     if not device and rows:
@@ -54,7 +57,7 @@ def render_targets(paths: list[Path]) -> str:
 
 def render_file(path: Path) -> str:
     data = json.loads(path.read_text())
-    rows, device = _load(path)
+    rows, device = _rows_and_device(data)
     versions = ", ".join(f"{key} {device[key]}" for key in ("torch", "triton", "cuda", "torchaudio", "python")
                          if device.get(key))
     lines = [f"### {path.stem}", "", f"{device.get('device', 'unknown device')}, {device.get('date', 'undated')}; "
