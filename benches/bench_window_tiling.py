@@ -25,7 +25,7 @@ import kernels.window_attention  # noqa: F401  (the package attribute of that na
 
 window_attention_module = sys.modules["kernels.window_attention"]
 
-TILING_CANDIDATES = [(16, 2), (16, 4), (32, 4), (64, 4), (64, 8)]  # (rows per tile, warps)
+TILING_CANDIDATES = [(16, 1), (16, 2), (16, 4), (32, 2), (32, 4), (64, 4)]  # (rows per tile, warps)
 
 
 def run(device, quick: bool) -> list[dict]:

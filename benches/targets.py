@@ -78,7 +78,7 @@ def _fbank_targets(rows):
 
 
 def _step_targets(rows):
-    for impl in ("triton", "triton+graph"):
+    for impl in ("triton", "triton+graph", "triton+compile+graph"):
         row = _find(rows, suite="model_pretrain", impl=impl)
         speed, mem = (row.get("speedup_vs_reference"), row.get("mem_fraction_of_reference")) if row else (None, None)
         value = speed if speed is not None and mem is not None else None

@@ -27,8 +27,9 @@ Contract
   ``bias``. It recomputes the logits from the saved per-row logsumexp. The bias and tau gradients
   are per-program partial sums reduced afterwards, so they are deterministic.
 
-Tiling: a tile is ``BLOCK`` rows (``default_tiling``: chosen per dtype and head dim from the
-sm_90 register use that ``benches/sm90_compile.py`` reports). Windows of at most ``BLOCK`` tokens
+Tiling: a tile is ``BLOCK`` rows (``default_tiling``: per dtype and head dim, from the H100 sweep
+of ``benches/bench_window_tiling.py`` for 16-bit inputs and the sm_90 register use that
+``benches/sm90_compile.py`` reports for float32). Windows of at most ``BLOCK`` tokens
 are packed several to a tile and kept apart by a block-diagonal mask (this also serves windows under
 the 16 rows ``tl.dot`` needs). Larger windows are split into ``BLOCK``-row chunks: the forward runs
 an online softmax over key chunks, and the backward program for chunk ``c`` owns ``dq`` of query
@@ -373,24 +374,25 @@ class Tiling:
 
 
 def default_tiling(area: int, d_pad: int, fp32: bool, backward: bool) -> Tiling:
-    """The tile for windows of ``area`` tokens, chosen from the sm_90 register use that
-    ``python -m benches.sm90_compile`` reports, without a clock (``benches/bench_window_tiling.py``
-    is the measurement that should replace it). On every shape that tool compiles the forward has
-    no spills and the backward spills at most 400 bytes per thread (40 at the decoder's shape),
-    where the tiles before this rule spilled up to 18 KB:
-    - float32 keeps tiles to 32 rows of head dims up to 32 and 16 rows of larger ones: IEEE fp32
-      dots run on the FMA units with operands replicated per thread, and larger tiles spilled
-      kilobytes of stack per thread;
-    - 16-bit inputs pack small windows about four to a 64-row tile (tl.dot wants 16 rows at least;
-      the block-diagonal waste is compute this memory-bound kernel has to spare); the backward of
-      head dims over 64 keeps to 16 rows, which it needs to stay near its registers."""
-    packed = max(16, min(64, next_power_of_2(4 * area)))
+    """The tile for windows of ``area`` tokens. 16-bit inputs take one window to a tile (windows
+    under the 16 rows ``tl.dot`` needs are packed to 16; larger ones are chunked at 64 rows) and two warps for tiles of up to
+    16 x 32: on an H100, at the decoder's shape (bf16, 4x4 windows, head dim 32), the graph-replayed
+    sweep of ``benches/bench_window_tiling.py`` (2026-11-27) read 0.076 ms forward and 0.310 ms
+    forward + backward at 16 rows and 2 warps, against 0.115 and 0.448 ms for the earlier
+    default of 64 packed rows and 4 warps, 0.120 and 0.454 at 16 rows and 4 warps: many small
+    programs keep more loads in flight than a few wide ones. The backward of head dims over 64
+    keeps to 16 rows, which it needs to stay near its registers (``python -m benches.sm90_compile``).
+    float32 keeps the tiles chosen from register use alone, not yet timed: 32 rows of head dims up
+    to 32 and 16 rows of larger ones (IEEE fp32 dots run on the FMA units with operands replicated
+    per thread, and larger tiles spilled kilobytes of stack per thread)."""
     if fp32:
-        rows = min(packed, 32 if d_pad <= 32 else 16)
+        rows = min(max(16, min(64, next_power_of_2(4 * area))), 32 if d_pad <= 32 else 16)
     elif backward and d_pad > 64:
         rows = 16
     else:
-        rows = packed
+        rows = max(16, min(64, next_power_of_2(area)))
+    if not fp32 and rows * d_pad <= 16 * 32:
+        return Tiling(rows, 2)
     return Tiling(rows, 8 if not backward and rows * d_pad >= 64 * 128 else 4)
 
 
