@@ -30,6 +30,7 @@ semantics notes):
 """
 from __future__ import annotations
 
+import gc
 from typing import Callable, Sequence
 
 import torch
@@ -62,6 +63,18 @@ def _as_tuple(out) -> tuple:
     return out if isinstance(out, tuple) else (out,)
 
 
+def _release_rng_capture(device: torch.device) -> None:
+    """Give ``device``'s default generator a fresh state after a capture that broke.
+
+    A capture marks the generator's state as capturing and only ``capture_end`` clears the mark; when
+    the capture broke, ``capture_end`` raises first, and every later random draw on the device fails
+    with "Offset increment outside graph capture encountered unexpectedly" (seen on an H100,
+    2026-11-27: one failed capture took every later benchmark of the process down with it). A
+    clone of the state (same seed and offset) carries no such mark."""
+    generator = torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]
+    generator.graphsafe_set_state(generator.clone_state())
+
+
 def capture_train_step(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -79,6 +92,11 @@ def capture_train_step(
         raise ValueError("model is in eval mode: a training step is captured in training mode (model.train())")
     _check_inputs(example_inputs, "example_inputs")
     static_inputs = [t.detach().clone() for t in example_inputs]
+    # An autograd graph from an earlier step that only a reference cycle keeps alive (a saved-
+    # tensor hook that keeps the tensor itself, say) keeps its parameters' AccumulateGrad nodes,
+    # which belong to the stream they were made on: the captured backward would then touch the
+    # default stream and the capture break. Collect such garbage before warming up.
+    gc.collect()
 
     def train_step():
         out = _as_tuple(loss_fn(*static_inputs))
@@ -109,8 +127,10 @@ def capture_train_step(
         # Ending a capture that broke raises a generic "failed during capture" error: the
         # step's own error, kept above, is the one that says what went wrong.
         if failure is None:
+            _release_rng_capture(static_inputs[0].device)
             raise
     if failure is not None:
+        _release_rng_capture(static_inputs[0].device)
         raise RuntimeError(f"capturing the training step failed: {type(failure).__name__}: {failure} (the step must "
                            f"not read tensor values on the host or change shapes; see audiomae.cuda_graph)") from failure
 

@@ -72,7 +72,10 @@ def saved_activation_bytes(model: MAEAST, spec: torch.Tensor) -> int:
         storage = tensor.untyped_storage()
         if storage.data_ptr() not in parameters:
             saved[storage.data_ptr()] = storage.nbytes()
-        return tensor  # kept alive by the graph, so no pointer is reused while counting
+        # Kept alive by the graph, so no pointer is reused while counting; detached, since a saved
+        # output kept with its grad_fn would tie the graph in a reference cycle that outlives the
+        # step (and its AccumulateGrad nodes, which break a later CUDA graph capture).
+        return tensor.detach()
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), _autocast(spec.device):
         loss = model(spec).loss
@@ -193,10 +196,9 @@ def measure(device, *, batch, frames, depths, tokens, embed_dim, num_heads, warm
                 try:
                     rows += _group_rows(device, group, token_kind, depth, batch, frames, embed_dim, num_heads,
                                         warmup, reps)
-                except Exception as error:  # noqa: BLE001 - a capture or replay that fails is a row that says why
-                    if group is groups[0]:
-                        raise
-                    rows.append({"suite": SUITE, "name": f"graphed steps {token_kind} depth {depth}", "impl": "mae",
+                except Exception as error:  # noqa: BLE001 - a step, capture or replay that fails is a row that says why
+                    kind = "eager" if group is groups[0] else "graphed"
+                    rows.append({"suite": SUITE, "name": f"{kind} steps {token_kind} depth {depth}", "impl": "mae",
                                  "status": "ERROR", "note": f"{type(error).__name__}: {error}".splitlines()[0][:300]})
                 release_memory(device)  # here, once the cases (and any traceback holding them) are gone
     return rows

@@ -1,7 +1,8 @@
 """Benchmark: the window-attention kernel under each candidate tiling, at the decoder's shape (GPU only).
 
-``kernels.window_attention.default_tiling`` picks rows per tile and warps from the sm_90 register
-use that ``benches/sm90_compile.py`` reports, without a clock. This suite times the kernel,
+``kernels.window_attention.default_tiling`` takes its 16-bit tiles from this sweep (H100,
+2026-11-27) and its float32 ones from the sm_90 register use that ``benches/sm90_compile.py``
+reports. This suite times the kernel,
 forward and forward + backward, under the default and under each candidate of
 ``TILING_CANDIDATES`` (forced for both passes), against the memory floor measured in the same run;
 its ``speedup_vs_default`` column is the measurement that should set the default. Each step is

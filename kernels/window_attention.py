@@ -375,16 +375,18 @@ class Tiling:
 
 def default_tiling(area: int, d_pad: int, fp32: bool, backward: bool) -> Tiling:
     """The tile for windows of ``area`` tokens. 16-bit inputs take one window to a tile (windows
-    under the 16 rows ``tl.dot`` needs are packed to 16; larger ones are chunked at 64 rows) and two warps for tiles of up to
-    16 x 32: on an H100, at the decoder's shape (bf16, 4x4 windows, head dim 32), the graph-replayed
-    sweep of ``benches/bench_window_tiling.py`` (2026-11-27) read 0.076 ms forward and 0.310 ms
-    forward + backward at 16 rows and 2 warps, against 0.115 and 0.448 ms for the earlier
-    default of 64 packed rows and 4 warps, 0.120 and 0.454 at 16 rows and 4 warps: many small
-    programs keep more loads in flight than a few wide ones. The backward of head dims over 64
-    keeps to 16 rows, which it needs to stay near its registers (``python -m benches.sm90_compile``).
-    float32 keeps the tiles chosen from register use alone, not yet timed: 32 rows of head dims up
-    to 32 and 16 rows of larger ones (IEEE fp32 dots run on the FMA units with operands replicated
-    per thread, and larger tiles spilled kilobytes of stack per thread)."""
+    under the 16 rows ``tl.dot`` needs are packed to 16; larger ones are chunked at 64 rows) and one
+    warp for tiles of up to 16 x 32. On an H100, at the decoder's shape (bf16, 4x4 windows, head
+    dim 32), the graph-replayed sweeps of ``benches/bench_window_tiling.py`` (2026-11-27, two runs)
+    read, forward and forward + backward: 16 rows and 1 warp 0.060 and 0.246 ms; 16 rows and 2 warps
+    0.077 and 0.310; 32 rows and 2 warps 0.072 and 0.340; 16 rows and 4 warps 0.120 and 0.455; 64
+    packed rows and 4 warps (the earlier default) 0.115 and 0.440 ms. Small programs without the
+    packed tiles' block-diagonal waste keep more loads in flight. The backward of head dims over 64
+    keeps to 16 rows, which it needs to stay near its registers (``python -m benches.sm90_compile``:
+    no spills at the decoder's shape with one warp). float32 keeps the tiles chosen from register
+    use alone, not yet timed: 32 rows of head dims up to 32 and 16 rows of larger ones (IEEE fp32
+    dots run on the FMA units with operands replicated per thread, and larger tiles spilled
+    kilobytes of stack per thread)."""
     if fp32:
         rows = min(max(16, min(64, next_power_of_2(4 * area))), 32 if d_pad <= 32 else 16)
     elif backward and d_pad > 64:
@@ -392,7 +394,7 @@ def default_tiling(area: int, d_pad: int, fp32: bool, backward: bool) -> Tiling:
     else:
         rows = max(16, min(64, next_power_of_2(area)))
     if not fp32 and rows * d_pad <= 16 * 32:
-        return Tiling(rows, 2)
+        return Tiling(rows, 1)
     return Tiling(rows, 8 if not backward and rows * d_pad >= 64 * 128 else 4)
 
 

@@ -112,3 +112,49 @@ def test_step_rejects_inputs_unlike_the_captured_ones():
         step(torch.randn(3, 1, 128, 64, device=device), noise)
     with pytest.raises(ValueError, match="takes 2 inputs"):
         step(imgs)
+
+
+@pytest.mark.gpu
+def test_a_failed_capture_leaves_random_draws_working():
+    """A capture that breaks (here: a host read inside the step) raises the step's own error, and
+    the device's generator is usable afterwards: CUDA marks it as capturing until capture_end, which
+    never completes for a broken capture."""
+    device = torch.device("cuda")
+    model = nn.Sequential(nn.Linear(8, 8), nn.Dropout(0.5)).to(device).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def reads_on_the_host(x):
+        loss = model(x).square().mean()
+        return loss * (1.0 if loss.item() >= 0 else -1.0)
+
+    with pytest.raises(RuntimeError, match="capturing the training step failed"):
+        capture_train_step(model, optimizer, reads_on_the_host, torch.randn(4, 8, device=device), warmup=1)
+    assert torch.rand(16, device=device).shape == (16,)
+    model(torch.randn(4, 8, device=device)).sum().backward()  # dropout draws again
+
+
+@pytest.mark.gpu
+def test_capture_after_a_graph_kept_alive_by_a_cycle():
+    """An earlier forward whose graph only a reference cycle keeps alive (a saved-tensor hook that
+    keeps the tensor itself, as a memory probe might) must not break the capture: its parameters'
+    AccumulateGrad nodes belong to the default stream (first seen in MAE-AST's benchmark on an H100)."""
+    from audiomae.mae_ast import MAEAST
+
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    model = MAEAST(tokens="patch", encoder_depth=1, decoder_depth=1, embed_dim=64, num_heads=4,
+                   backend="triton").to(device).train()
+    spec = torch.randn(2, 64, 128, device=device)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+        loss = model(spec).loss
+    del loss
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, capturable=True)
+
+    def loss_fn(x):
+        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+            return model(x).loss
+
+    step = capture_train_step(model, optimizer, loss_fn, spec, warmup=2)
+    losses = torch.stack([step(spec).clone() for _ in range(3)])
+    assert torch.isfinite(losses).all()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
