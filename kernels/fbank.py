@@ -325,13 +325,17 @@ def _apply_banks(spectrum: torch.Tensor, banks: torch.Tensor, banded: bool) -> t
 # Torch backend.
 
 
-def _framed_sequence(x: torch.Tensor, lengths: torch.Tensor | None, num_frames: int, opts: FbankOptions) -> torch.Tensor:
-    """The ``[B, M]`` samples whose windows of ``window_size`` every ``window_shift`` are the frames:
-    ``x`` itself when edges are snipped, else each clip reflected about its own ends."""
+def _framed_sequence(x: torch.Tensor, lengths: torch.Tensor | None, first_frame: int, num_frames: int,
+                     opts: FbankOptions) -> torch.Tensor:
+    """The ``[B, M]`` samples whose windows of ``window_size`` every ``window_shift`` are frames
+    ``first_frame .. first_frame + num_frames - 1``: a slice of ``x`` when edges are snipped, else
+    each clip reflected about its own ends."""
+    begin = first_frame * opts.window_shift
+    end = begin + (num_frames - 1) * opts.window_shift + opts.window_size
     if opts.snip_edges:
-        return x
+        return x[:, begin:end]
     # Reflect each clip about its own ends: sample -1 is sample 0, sample L is sample L - 1.
-    position = torch.arange((num_frames - 1) * opts.window_shift + opts.window_size, device=x.device) - opts.reflect_pad()
+    position = torch.arange(begin, end, device=x.device) - opts.reflect_pad()
     clip_length = x.shape[1] if lengths is None else lengths.unsqueeze(1)
     position = torch.where(position < 0, -position - 1, position)
     position = torch.where(position >= clip_length, 2 * clip_length - 1 - position, position)
@@ -449,24 +453,27 @@ def fbank_torch(
     # Everything before the FFT stays in compute_dtype too: float32 framing (the window's rounding
     # alone) puts a noise floor under a tone's spectrum that moves quiet Mel bins by more than 1e-3.
     window, banks = _torch_tables(opts, waveforms.device, compute_dtype, feature_dtype, torch.get_default_dtype())
-    sequence = _framed_sequence(waveforms.to(compute_dtype), lengths, num_frames, opts)
-    frames = _frames(sequence, num_frames, opts)
-    emphasized = None
-    if opts.dither == 0.0 and not differentiable:
-        emphasized = _frames(_emphasized(sequence, opts.preemphasis_coefficient), num_frames, opts)
-    B = frames.shape[0]
+    B = waveforms.shape[0]
     step = num_frames if waveforms.is_cuda else max(1, CPU_BLOCK_FRAMES // max(B, 1))
-    padded = frames.new_zeros(B, min(step, num_frames), opts.padded_window_size)
-    if step >= num_frames:
-        features = _frame_features(frames, window, banks, opts, generator, padded, emphasized)
-    else:
-        features = torch.empty(B, num_frames, opts.num_features, dtype=feature_dtype, device=frames.device)
-        for start in range(0, num_frames, step):
-            block = frames[:, start : start + step]
-            buffer = torch.zeros_like(padded[:, : block.shape[1]]) if differentiable else padded[:, : block.shape[1]]
-            features[:, start : start + step] = _frame_features(
-                block, window, banks, opts, generator, buffer,
-                None if emphasized is None else emphasized[:, start : start + step])
+    padded = waveforms.new_zeros(B, min(step, num_frames), opts.padded_window_size, dtype=compute_dtype)
+    features = None if 0 < num_frames <= step else \
+        torch.empty(B, num_frames, opts.num_features, dtype=feature_dtype, device=waveforms.device)
+    for start in range(0, num_frames, step):
+        count = min(step, num_frames - start)
+        # Each block frames its own samples, converted to compute_dtype there (a few MB that stay
+        # near the cores on the CPU): converting and pre-emphasising the whole batch first streamed
+        # two float64 copies of it through memory.
+        sequence = _framed_sequence(waveforms, lengths, start, count, opts).to(compute_dtype)
+        frames = _frames(sequence, count, opts)
+        emphasized = None
+        if opts.dither == 0.0 and not differentiable:
+            emphasized = _frames(_emphasized(sequence, opts.preemphasis_coefficient), count, opts)
+        buffer = torch.zeros_like(padded[:, :count]) if differentiable else padded[:, :count]
+        block = _frame_features(frames, window, banks, opts, generator, buffer, emphasized)
+        if features is None:
+            features = block
+        else:
+            features[:, start : start + count] = block
     if lengths is not None:
         valid = torch.arange(num_frames, device=features.device) < opts.num_frames(lengths).unsqueeze(1)
         features = features.masked_fill(~valid.unsqueeze(-1), 0.0)
