@@ -25,12 +25,14 @@ semantics notes):
   a tensor that you update in place: a float changed later is not seen by the graph.
 - The ``warmup`` calls before the capture are real training steps on the example inputs (they
   compile the Triton kernels, create the optimizer state and let cuBLAS pick its algorithms).
+- A capture that fails raises the step's own error. The stream, the graph's memory pool and the
+  device's random generator are restored (CUDA leaves a broken capture's generator marked as
+  capturing, and every later random draw would fail), and the gradients are dropped.
 - Gradients live in the graph's memory: ``param.grad`` holds the last replay's gradients; do not
   call ``optimizer.zero_grad()`` between replays (the graph writes them afresh each time).
 """
 from __future__ import annotations
 
-import gc
 from typing import Callable, Sequence
 
 import torch
@@ -63,40 +65,38 @@ def _as_tuple(out) -> tuple:
     return out if isinstance(out, tuple) else (out,)
 
 
-def _release_rng_capture(device: torch.device) -> None:
-    """Give ``device``'s default generator a fresh state after a capture that broke.
+def _recover_from_broken_capture(device: torch.device, pool, stream: torch.cuda.Stream,
+                                 optimizer: torch.optim.Optimizer) -> list[str]:
+    """Undo what a capture that broke leaves behind; returns what could not be undone.
 
-    A capture marks the generator's state as capturing and only ``capture_end`` clears the mark; when
-    the capture broke, ``capture_end`` raises first, and every later random draw on the device fails
-    with "Offset increment outside graph capture encountered unexpectedly" (seen on an H100,
-    2026-11-27: one failed capture took every later benchmark of the process down with it). A
-    clone of the state (same seed and offset) carries no such mark."""
-    generator = torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]
-    generator.graphsafe_set_state(generator.clone_state())
+    When a capture breaks, ``capture_end`` raises at ``cudaStreamEndCapture``, before the rest of
+    its work: the current stream stays the capture stream, the caching allocator keeps the
+    graph's pool as a capture underway (its memory is never freed, and ``empty_cache`` stops
+    releasing the other pools), and the device's generator stays marked as capturing, so every
+    later random draw fails with "Offset increment outside graph capture encountered
+    unexpectedly" (seen on an H100, 2026-11-27: one failed capture took every later benchmark of
+    its process down with it). A clone of the generator's state (same seed and offset) carries no
+    such mark. The gradients the capture allocated were never computed: they are dropped."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    steps = (
+        ("restore the current stream", lambda: torch.cuda.set_stream(stream)),
+        ("end the allocator's capture into the graph's pool", lambda: torch._C._cuda_endAllocateToPool(index, pool)),
+        ("release the graph's pool", lambda: torch._C._cuda_releasePool(index, pool)),
+        ("drop the gradients the capture allocated", lambda: optimizer.zero_grad(set_to_none=True)),
+        ("reset the device's random generator", lambda: torch.cuda.default_generators[index].graphsafe_set_state(
+            torch.cuda.default_generators[index].clone_state())),
+    )
+    problems = []
+    for what, undo in steps:
+        try:
+            undo()
+        except Exception as error:  # noqa: BLE001 - the capture's own error is the one to raise
+            problems.append(f"could not {what} ({type(error).__name__}: {error})")
+    return problems
 
 
-def capture_train_step(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    loss_fn: Callable[..., torch.Tensor | tuple],
-    *example_inputs: torch.Tensor,
-    warmup: int = 3,
-) -> Callable[..., torch.Tensor | tuple]:
-    """Capture ``loss_fn(*inputs)``, its backward and ``optimizer.step()`` in one CUDA graph; the
-    returned ``step(*inputs)`` replays it. See the module docstring for what the capture needs."""
-    _check_optimizer(optimizer)
-    if warmup < 1:
-        raise ValueError(f"warmup must be at least 1 (the optimizer state and the kernels must exist "
-                         f"before the capture), got {warmup}")
-    if not model.training:
-        raise ValueError("model is in eval mode: a training step is captured in training mode (model.train())")
-    _check_inputs(example_inputs, "example_inputs")
-    static_inputs = [t.detach().clone() for t in example_inputs]
-    # An autograd graph from an earlier step that only a reference cycle keeps alive (a saved-
-    # tensor hook that keeps the tensor itself, say) keeps its parameters' AccumulateGrad nodes,
-    # which belong to the stream they were made on: the captured backward would then touch the
-    # default stream and the capture break. Collect such garbage before warming up.
-    gc.collect()
+def _capture(optimizer, loss_fn, static_inputs, warmup):
+    """Warm up, then capture one step on the current device: (graph, the step's outputs)."""
 
     def train_step():
         out = _as_tuple(loss_fn(*static_inputs))
@@ -116,24 +116,55 @@ def capture_train_step(
     # every replay writes them afresh instead of adding to the previous step's.
     optimizer.zero_grad(set_to_none=True)
     graph = torch.cuda.CUDAGraph()
-    failure = None
+    pool = torch.cuda.graph_pool_handle()  # named, so that a broken capture's pool can be released
+    stream = torch.cuda.current_stream()
+    failure, static_out = None, None
     try:
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, pool=pool):
             try:
                 static_out = tuple(t.detach() if isinstance(t, torch.Tensor) else t for t in train_step())
             except Exception as error:  # noqa: BLE001 - re-raised below, once the capture has ended
                 failure = error
-    except Exception:
-        # Ending a capture that broke raises a generic "failed during capture" error: the
-        # step's own error, kept above, is the one that says what went wrong.
+    except Exception as error:
+        # Ending a capture that broke raises a generic "operation failed due to a previous error
+        # during capture": the step's own error, kept above, says what went wrong.
+        problems = _recover_from_broken_capture(static_inputs[0].device, pool, stream, optimizer)
         if failure is None:
-            _release_rng_capture(static_inputs[0].device)
+            for problem in problems:
+                error.add_note(problem)
             raise
+        for problem in problems:
+            failure.add_note(problem)
     if failure is not None:
-        _release_rng_capture(static_inputs[0].device)
-        raise RuntimeError(f"capturing the training step failed: {type(failure).__name__}: {failure} (the step must "
-                           f"not read tensor values on the host or change shapes; see audiomae.cuda_graph)") from failure
+        optimizer.zero_grad(set_to_none=True)  # allocated by the capture, never computed
+        raise RuntimeError(
+            f"capturing the training step failed: {type(failure).__name__}: {failure} (the step must not read "
+            f"tensor values on the host or change shapes; an autograd graph of an earlier step that is still "
+            f"alive, a kept loss say, ties the parameters' gradient accumulation to the stream it ran on and "
+            f"breaks the capture too; see audiomae.cuda_graph)") from failure
+    return graph, static_out
 
+
+def capture_train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: Callable[..., torch.Tensor | tuple],
+    *example_inputs: torch.Tensor,
+    warmup: int = 3,
+) -> Callable[..., torch.Tensor | tuple]:
+    """Capture ``loss_fn(*inputs)``, its backward and ``optimizer.step()`` in one CUDA graph; the
+    returned ``step(*inputs)`` replays it. See the module docstring for what the capture needs."""
+    _check_optimizer(optimizer)
+    if warmup < 1:
+        raise ValueError(f"warmup must be at least 1 (the optimizer state and the kernels must exist "
+                         f"before the capture), got {warmup}")
+    if not model.training:
+        raise ValueError("model is in eval mode: a training step is captured in training mode (model.train())")
+    _check_inputs(example_inputs, "example_inputs")
+    static_inputs = [t.detach().clone() for t in example_inputs]
+    device = static_inputs[0].device
+    with torch.cuda.device(device):
+        graph, static_out = _capture(optimizer, loss_fn, static_inputs, warmup)
     shapes = [(t.shape, t.dtype, t.device) for t in static_inputs]
 
     def step(*inputs: torch.Tensor):

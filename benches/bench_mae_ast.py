@@ -256,7 +256,7 @@ def main():
         rows = measure(args.device, batch=args.batch, frames=args.frames, depths=args.depths, tokens=args.tokens,
                        embed_dim=FULL["embed_dim"], num_heads=FULL["num_heads"], warmup=args.warmup, reps=args.reps)
     for row in rows:
-        print(json.dumps({k: row[k] for k in ("name", "tokens", "encoder_depth", "shape", "median_ms",
+        print(json.dumps({k: row.get(k) for k in ("name", "tokens", "encoder_depth", "shape", "median_ms",
                                                "speedup_vs_ssast", "mem_ratio_vs_ssast")}))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -247,12 +247,13 @@ def run(device: str = "cuda", quick: bool = False, batch_sizes=None, steps=STEPS
 
 def profile_step(step: str = "pretrain", variant: str = "triton", batch: int = GPU_BATCH, steps: int = 3,
                  row_limit: int = 30) -> str:
-    """The profiler's table of where ``steps`` steps spend their GPU time, costliest first."""
+    """The profiler's tables of where ``steps`` steps spend their GPU time and their host time,
+    costliest first."""
     from torch.profiler import ProfilerActivity, profile
 
     device = torch.device("cuda")
     model = build_model(step, device, variant.split("+")[0])
-    run = make_step(step, model, batch, device, compiled=variant.endswith("+compile"), graphed=variant.endswith("+graph"))
+    run = make_step(step, model, batch, device, compiled="+compile" in variant, graphed=variant.endswith("+graph"))
     for _ in range(3):
         run()
     torch.cuda.synchronize()
@@ -268,7 +269,11 @@ def profile_step(step: str = "pretrain", variant: str = "triton", batch: int = G
         summary = kernel_time_summary(prof.events(), start.elapsed_time(end) / steps, steps)
     except Exception as error:  # noqa: BLE001 - the table below still says where the time goes
         summary = f"(no kernel summary: {type(error).__name__}: {error})"
-    return "\n".join([title, summary, prof.key_averages().table(sort_by="cuda_time_total", row_limit=row_limit)])
+    averages = prof.key_averages()
+    # The second table says where the host's time goes (the eager step is bound by it): Python
+    # wrappers, autograd Functions and launches, costliest first by their own CPU time.
+    return "\n".join([title, summary, averages.table(sort_by="cuda_time_total", row_limit=row_limit),
+                      "Host time, by self CPU time:", averages.table(sort_by="self_cpu_time_total", row_limit=row_limit)])
 
 
 # This project's Triton kernels, by their exact names (a substring such as "_gather" would also
@@ -318,7 +323,7 @@ def test_model_step(benchmark, step, variant):
     if reason:
         pytest.skip(reason)
     model = build_model(step, device, variant.split("+")[0])
-    run = make_step(step, model, GPU_BATCH, device, compiled=variant.endswith("+compile"), graphed=variant.endswith("+graph"))
+    run = make_step(step, model, GPU_BATCH, device, compiled="+compile" in variant, graphed=variant.endswith("+graph"))
 
     def synced():
         run()

@@ -376,7 +376,7 @@ class Tiling:
 def default_tiling(area: int, d_pad: int, fp32: bool, backward: bool) -> Tiling:
     """The tile for windows of ``area`` tokens. 16-bit inputs take one window to a tile (windows
     under the 16 rows ``tl.dot`` needs are packed to 16; larger ones are chunked at 64 rows) and one
-    warp for tiles of up to 16 x 32. On an H100, at the decoder's shape (bf16, 4x4 windows, head
+    warp for 16-row tiles of head dims up to 32 (other shapes keep four: not yet timed). On an H100, at the decoder's shape (bf16, 4x4 windows, head
     dim 32), the graph-replayed sweeps of ``benches/bench_window_tiling.py`` (2026-11-27, two runs)
     read, forward and forward + backward: 16 rows and 1 warp 0.060 and 0.246 ms; 16 rows and 2 warps
     0.077 and 0.310; 32 rows and 2 warps 0.072 and 0.340; 16 rows and 4 warps 0.120 and 0.455; 64
@@ -393,7 +393,7 @@ def default_tiling(area: int, d_pad: int, fp32: bool, backward: bool) -> Tiling:
         rows = 16
     else:
         rows = max(16, min(64, next_power_of_2(area)))
-    if not fp32 and rows * d_pad <= 16 * 32:
+    if not fp32 and rows == 16 and d_pad <= 32:
         return Tiling(rows, 1)
     return Tiling(rows, 8 if not backward and rows * d_pad >= 64 * 128 else 4)
 

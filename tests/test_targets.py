@@ -29,9 +29,11 @@ def test_step_target_needs_speed_and_memory():
         return {"suite": "model_pretrain", "impl": impl, "median_ms": 40.0, "speedup_vs_reference": speed,
                 "mem_fraction_of_reference": mem}
 
-    v = _verdicts([row("triton", 3.1, 0.45), row("triton+graph", 3.2, 0.6)])
+    v = _verdicts([row("triton", 3.1, 0.45), row("triton+graph", 3.2, 0.6), row("triton+compile+graph", 2.5, 0.45)])
     assert v["pretraining step, triton: >= 3x the reference samples/s at <= 0.5x its peak memory"][0] == "met"
     assert v["pretraining step, triton+graph: >= 3x the reference samples/s at <= 0.5x its peak memory"][0] == "missed"
+    assert v["pretraining step, triton+compile+graph: >= 3x the reference samples/s at <= 0.5x its peak memory"][0] \
+        == "missed"
     # a row without a timing (a SKIP or ERROR row) counts as not measured
     v = _verdicts([{"suite": "model_pretrain", "impl": "triton", "median_ms": None, "status": "ERROR"}])
     assert v["pretraining step, triton: >= 3x the reference samples/s at <= 0.5x its peak memory"][0] == "not measured"
