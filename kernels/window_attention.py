@@ -375,18 +375,21 @@ class Tiling:
 
 def default_tiling(area: int, d_pad: int, fp32: bool, backward: bool) -> Tiling:
     """The tile for windows of ``area`` tokens. 16-bit inputs take one window to a tile (windows
-    under the 16 rows ``tl.dot`` needs are packed to 16; larger ones are chunked at 64 rows) and one
-    warp for 16-row tiles of head dims up to 32 (other shapes keep four: not yet timed). On an H100, at the decoder's shape (bf16, 4x4 windows, head
-    dim 32), the graph-replayed sweeps of ``benches/bench_window_tiling.py`` (2026-11-27, two runs)
-    read, forward and forward + backward: 16 rows and 1 warp 0.060 and 0.246 ms; 16 rows and 2 warps
-    0.077 and 0.310; 32 rows and 2 warps 0.072 and 0.340; 16 rows and 4 warps 0.120 and 0.455; 64
-    packed rows and 4 warps (the earlier default) 0.115 and 0.440 ms. Small programs without the
-    packed tiles' block-diagonal waste keep more loads in flight. The backward of head dims over 64
-    keeps to 16 rows, which it needs to stay near its registers (``python -m benches.sm90_compile``:
-    no spills at the decoder's shape with one warp). float32 keeps the tiles chosen from register
-    use alone, not yet timed: 32 rows of head dims up to 32 and 16 rows of larger ones (IEEE fp32
-    dots run on the FMA units with operands replicated per thread, and larger tiles spilled
-    kilobytes of stack per thread)."""
+    under the 16 rows ``tl.dot`` needs are packed to 16; larger ones are chunked at 64 rows) and two
+    warps for 16-row tiles of head dims up to 32 (other shapes keep four: not yet timed). On an
+    H100, at the decoder's shape (bf16, 4x4 windows, head dim 32), the graph-replayed sweeps of
+    ``benches/bench_window_tiling.py`` (2026-11-27, two runs) read, forward and forward + backward:
+    16 rows and 2 warps 0.077 and 0.310 ms; 32 rows and 2 warps 0.072 and 0.340; 16 rows and 4
+    warps 0.120 and 0.455; 64 packed rows and 4 warps (the earlier default) 0.115 and 0.440 ms.
+    Small programs without the packed tiles' block-diagonal waste keep more loads in flight. 16 rows
+    and 1 warp read faster still (0.060 and 0.246 ms) but have not yet been checked against the
+    reference on a GPU (the interpreter ignores warps; ``test_gpu_candidate_tilings`` checks every
+    candidate there): two warps are the fastest tiling the GPU tests have proven. The backward of
+    head dims over 64 keeps to 16 rows, which it needs to stay near its registers (``python -m
+    benches.sm90_compile``: no spills at the decoder's shape). float32 keeps the tiles chosen from
+    register use alone, not yet timed: 32 rows of head dims up to 32 and 16 rows of larger ones
+    (IEEE fp32 dots run on the FMA units with operands replicated per thread, and larger tiles
+    spilled kilobytes of stack per thread)."""
     if fp32:
         rows = min(max(16, min(64, next_power_of_2(4 * area))), 32 if d_pad <= 32 else 16)
     elif backward and d_pad > 64:
@@ -394,7 +397,7 @@ def default_tiling(area: int, d_pad: int, fp32: bool, backward: bool) -> Tiling:
     else:
         rows = max(16, min(64, next_power_of_2(area)))
     if not fp32 and rows == 16 and d_pad <= 32:
-        return Tiling(rows, 1)
+        return Tiling(rows, 2)
     return Tiling(rows, 8 if not backward and rows * d_pad >= 64 * 128 else 4)
 
 

@@ -315,6 +315,21 @@ def test_gpu_dtypes(window, shift, head_dim, dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_candidate_tilings(dtype):
+    """Every tiling the sweep of benches/bench_window_tiling.py times, compiled for the GPU and
+    checked against the reference at the decoder's window and head dim (the interpreter ignores
+    num_warps, so only a GPU proves a layout), before any can become the default."""
+    from benches.bench_window_tiling import TILING_CANDIDATES
+
+    module = sys.modules["kernels.window_attention"]
+    qkv, tau, bias = make_inputs(4, (64, 8), (4, 4), 16, 32)
+    for rows, num_warps in TILING_CANDIDATES:
+        with module.forced_tiling(rows, num_warps):
+            check_against_reference(qkv, tau, bias, dtype, grid=(64, 8), window=(4, 4), shift=(2, 0), num_heads=16)
+
+
+@pytest.mark.gpu
 def test_gpu_decoder_shape_bf16():
     """The decoder's attention: B=64, grid 64x8, 16 heads of 32, window 4x4, shift (2, 0)."""
     qkv, tau, bias = make_inputs(64, (64, 8), (4, 4), 16, 32)
