@@ -21,7 +21,11 @@ check ends inside 8 minutes), most valuable first:
    ``models-finetune-compiled``.
 
 The first H200 run (2026-11-26) took about 800 s for every part: one call of the default budget
-gets through item 7's first parts, and a second call on the still-warm machine takes the rest.
+gets through item 7's first parts, and a second call on the still-warm machine takes the rest. On
+the H100 (2026-11-27) the parts took: build 38 s, tests 91, bench-window_attention 97 to 105,
+bench-tokens 10, bench-fbank 26, models-pretrain 41, profile 20, bench-window_tiling 16 to 18,
+models-pretrain-compiled 191, bench-post_norm 24 (parity took 43 s and bench-mae_ast 39 on the
+H200; the H100's MAE-AST run crashed after 23 s, since fixed).
 Not everything may fit one 450 s budget on a cold machine: a later call can name the parts left,
 ``python3 benches/gpu_check.py --parts NAME ...`` (the build stays in the checkout while the
 machine is held).
