@@ -25,9 +25,10 @@ semantics notes):
   a tensor that you update in place: a float changed later is not seen by the graph.
 - The ``warmup`` calls before the capture are real training steps on the example inputs (they
   compile the Triton kernels, create the optimizer state and let cuBLAS pick its algorithms).
-- A capture that fails raises the step's own error. The stream, the graph's memory pool and the
-  device's random generator are restored (CUDA leaves a broken capture's generator marked as
-  capturing, and every later random draw would fail), and the gradients are dropped.
+- A capture that fails raises the step's own error, and leaves the process usable: the caller's
+  stream current, the graph's memory pool released, the device's random generator cleared of the
+  capture mark CUDA leaves on it (or every later random draw, and every replay of an earlier graph,
+  would fail) and the gradients dropped. The warm-up and the capture run on one side stream.
 - Gradients live in the graph's memory: ``param.grad`` holds the last replay's gradients; do not
   call ``optimizer.zero_grad()`` between replays (the graph writes them afresh each time).
 """
@@ -65,37 +66,54 @@ def _as_tuple(out) -> tuple:
     return out if isinstance(out, tuple) else (out,)
 
 
-def _recover_from_broken_capture(device: torch.device, pool, stream: torch.cuda.Stream,
-                                 optimizer: torch.optim.Optimizer) -> list[str]:
-    """Undo what a capture that broke leaves behind; returns what could not be undone.
+# Graphs whose capture broke. The pinned-memory allocator keeps a filter that points at the graph
+# object (torch 2.11 has no Python call that ends it): the object must outlive that filter.
+_BROKEN_GRAPHS: list = []
+
+
+def _add_note(error: BaseException, note: str) -> None:
+    if hasattr(error, "add_note"):  # Python 3.11+
+        error.add_note(note)
+
+
+def _recover_from_broken_capture(device: torch.device, pool) -> list[str]:
+    """Undo what a capture that broke leaves behind, on the current (restored) stream; returns
+    what could not be undone.
 
     When a capture breaks, ``capture_end`` raises at ``cudaStreamEndCapture``, before the rest of
-    its work: the current stream stays the capture stream, the caching allocator keeps the
-    graph's pool as a capture underway (its memory is never freed, and ``empty_cache`` stops
-    releasing the other pools), and the device's generator stays marked as capturing, so every
-    later random draw fails with "Offset increment outside graph capture encountered
-    unexpectedly" (seen on an H100, 2026-11-27: one failed capture took every later benchmark of
-    its process down with it). A clone of the generator's state (same seed and offset) carries no
-    such mark. The gradients the capture allocated were never computed: they are dropped."""
+    its work (torch 2.11): the caching allocator keeps the graph's pool as a capture underway (its
+    memory is never freed, and ``empty_cache`` stops releasing the other pools), and the device's
+    generator stays marked as capturing, so every later random draw, and every replay of a graph
+    captured earlier, fails with "Offset increment outside graph capture encountered unexpectedly"
+    (seen on an H100, 2026-11-27: one failed capture took every later benchmark of its process down
+    with it). A capture that completes clears that mark on the same generator state, so an empty
+    one is run; swapping in a fresh state instead would leave earlier graphs on the marked one."""
     index = device.index if device.index is not None else torch.cuda.current_device()
-    steps = (
-        ("restore the current stream", lambda: torch.cuda.set_stream(stream)),
-        ("end the allocator's capture into the graph's pool", lambda: torch._C._cuda_endAllocateToPool(index, pool)),
-        ("release the graph's pool", lambda: torch._C._cuda_releasePool(index, pool)),
-        ("drop the gradients the capture allocated", lambda: optimizer.zero_grad(set_to_none=True)),
-        ("reset the device's random generator", lambda: torch.cuda.default_generators[index].graphsafe_set_state(
-            torch.cuda.default_generators[index].clone_state())),
-    )
     problems = []
-    for what, undo in steps:
+
+    def attempt(what, undo) -> bool:
         try:
             undo()
+            return True
         except Exception as error:  # noqa: BLE001 - the capture's own error is the one to raise
             problems.append(f"could not {what} ({type(error).__name__}: {error})")
+            return False
+
+    # Release only a pool whose capture this call ended: a PyTorch that ends it inside a failed
+    # capture_end releases it with the graph too.
+    if attempt("end the allocator's capture into the graph's pool", lambda: torch._C._cuda_endAllocateToPool(index, pool)):
+        attempt("release the graph's pool", lambda: torch._C._cuda_releasePool(index, pool))
+
+    def clear_generator_mark():
+        marker = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(marker, stream=torch.cuda.Stream(device)):
+            torch.empty(1, device=device).zero_()
+
+    attempt("clear the device generator's capture mark", clear_generator_mark)
     return problems
 
 
-def _capture(optimizer, loss_fn, static_inputs, warmup):
+def _capture(model, optimizer, loss_fn, static_inputs, warmup):
     """Warm up, then capture one step on the current device: (graph, the step's outputs)."""
 
     def train_step():
@@ -104,39 +122,52 @@ def _capture(optimizer, loss_fn, static_inputs, warmup):
         optimizer.step()
         return out
 
-    # Warm up on a side stream, as the capture itself runs on one.
+    def drop_gradients():
+        # The model's too: a parameter outside the optimizer would otherwise keep its warm-up
+        # gradient outside the graph, and every replay would add to it.
+        optimizer.zero_grad(set_to_none=True)
+        model.zero_grad(set_to_none=True)
+
+    # Warm up on a side stream and capture on the same one (a capture needs a side stream; one made
+    # here is on this device, where torch.cuda.graph's shared default stream may not be).
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         for _ in range(warmup):
-            optimizer.zero_grad(set_to_none=True)
+            drop_gradients()
             train_step()
     torch.cuda.current_stream().wait_stream(side)
     # Gradients are None at the capture, so its backward allocates them in the graph's memory and
     # every replay writes them afresh instead of adding to the previous step's.
-    optimizer.zero_grad(set_to_none=True)
+    drop_gradients()
+    torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     pool = torch.cuda.graph_pool_handle()  # named, so that a broken capture's pool can be released
-    stream = torch.cuda.current_stream()
     failure, static_out = None, None
-    try:
-        with torch.cuda.graph(graph, pool=pool):
-            try:
-                static_out = tuple(t.detach() if isinstance(t, torch.Tensor) else t for t in train_step())
-            except Exception as error:  # noqa: BLE001 - re-raised below, once the capture has ended
-                failure = error
-    except Exception as error:
-        # Ending a capture that broke raises a generic "operation failed due to a previous error
-        # during capture": the step's own error, kept above, says what went wrong.
-        problems = _recover_from_broken_capture(static_inputs[0].device, pool, stream, optimizer)
+    with torch.cuda.stream(side):  # restores the caller's stream whatever happens inside
+        graph.capture_begin(pool=pool)
+        try:
+            static_out = tuple(t.detach() if isinstance(t, torch.Tensor) else t for t in train_step())
+        except Exception as error:  # noqa: BLE001 - re-raised below, once the capture has ended
+            failure = error
+        try:
+            graph.capture_end()
+        except Exception as end_error:
+            # A broken capture ends with a generic "operation failed due to a previous error during
+            # capture": the step's own error, kept above, says what went wrong.
+            _BROKEN_GRAPHS.append(graph)
+            end_failure = end_error
+        else:
+            end_failure = None
+    if end_failure is not None:
+        drop_gradients()  # allocated by the capture, never computed
+        for problem in _recover_from_broken_capture(static_inputs[0].device, pool):
+            _add_note(failure if failure is not None else end_failure, problem)
         if failure is None:
-            for problem in problems:
-                error.add_note(problem)
-            raise
-        for problem in problems:
-            failure.add_note(problem)
+            raise end_failure
     if failure is not None:
-        optimizer.zero_grad(set_to_none=True)  # allocated by the capture, never computed
+        drop_gradients()
+        graph = None  # its pool goes with it, not with the exception's lifetime
         raise RuntimeError(
             f"capturing the training step failed: {type(failure).__name__}: {failure} (the step must not read "
             f"tensor values on the host or change shapes; an autograd graph of an earlier step that is still "
@@ -164,7 +195,7 @@ def capture_train_step(
     static_inputs = [t.detach().clone() for t in example_inputs]
     device = static_inputs[0].device
     with torch.cuda.device(device):
-        graph, static_out = _capture(optimizer, loss_fn, static_inputs, warmup)
+        graph, static_out = _capture(model, optimizer, loss_fn, static_inputs, warmup)
     shapes = [(t.shape, t.dtype, t.device) for t in static_inputs]
 
     def step(*inputs: torch.Tensor):

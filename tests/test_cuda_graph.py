@@ -117,13 +117,26 @@ def test_step_rejects_inputs_unlike_the_captured_ones():
 @pytest.mark.gpu
 def test_a_failed_capture_leaves_the_process_usable():
     """A capture that breaks (here: a host read inside the step) raises the step's own error and
-    leaves the process as it found it: the default stream current, random draws working (CUDA
-    leaves a broken capture's generator marked as capturing) and a later capture possible."""
+    leaves the process as it found it: the caller's stream current, random draws working (CUDA
+    leaves a broken capture's generator marked as capturing), a graph captured before it still
+    replaying, and a later capture possible."""
     device = torch.device("cuda")
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(8, 8), nn.Dropout(0.5)).to(device).train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def dropout_model():
+        return nn.Sequential(nn.Linear(8, 8), nn.Dropout(0.5)).to(device).train()
+
+    def squared(model):
+        return lambda inputs: model(inputs).square().mean()
+
     x = torch.randn(4, 8, device=device)
+    earlier = dropout_model()
+    earlier_step = capture_train_step(earlier, torch.optim.SGD(earlier.parameters(), lr=0.1), squared(earlier), x,
+                                      warmup=1)
+    earlier_step(x)
+
+    model = dropout_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
 
     def reads_on_the_host(inputs):
         loss = model(inputs).square().mean()
@@ -134,8 +147,9 @@ def test_a_failed_capture_leaves_the_process_usable():
     assert torch.cuda.current_stream() == torch.cuda.default_stream()
     assert all(p.grad is None for p in model.parameters())
     assert torch.rand(16, device=device).shape == (16,)
+    assert torch.isfinite(earlier_step(torch.randn(4, 8, device=device))).all()
 
-    step = capture_train_step(model, optimizer, lambda inputs: model(inputs).square().mean(), x, warmup=1)
+    step = capture_train_step(model, optimizer, squared(model), x, warmup=1)
     losses = torch.stack([step(torch.randn(4, 8, device=device)).clone() for _ in range(3)])
     assert torch.isfinite(losses).all() and losses.unique().numel() == 3  # new inputs, new dropout masks
 
@@ -160,7 +174,7 @@ def test_mae_ast_step_replays_like_eager_steps(backend):
     opt_graph = torch.optim.SGD(graphed.parameters(), lr=0.01)
 
     losses_eager = []
-    for spec in [specs[0], *specs[1:]]:
+    for spec in specs:
         opt_eager.zero_grad(set_to_none=True)
         loss = eager(spec, noise=noise).loss
         loss.backward()
