@@ -18,7 +18,8 @@ check ends inside 8 minutes), most valuable first:
    window-attention default), ``models-pretrain-compiled`` (the compiled variants, with their own
    reference row), every other ``benches/bench_*.py`` at its target shapes (memory estimate,
    post-norm kernel, training CLI), then ``models-finetune``, ``models-embed`` and
-   ``models-finetune-compiled``.
+   ``models-finetune-compiled``, and ``profile-compiled`` (the compiled step's profile, appended
+   to ``profile.txt``).
 
 The first H200 run (2026-11-26) took about 800 s for every part: one call of the default budget
 gets through item 7's first parts, and a second call on the still-warm machine takes the rest. On
@@ -103,6 +104,10 @@ def plan(work: Path) -> list[dict]:
     parts += [bench(name) for name in report.benchmark_modules()
               if name not in ("models", *FIRST_BENCHES, *SECOND_BENCHES)]
     parts += [models("finetune", QUICK_VARIANTS), models("embed"), models("finetune", COMPILED_VARIANTS, "-compiled")]
+    # What the compiler leaves of the step's GPU time (elementwise work it fused, kernels it kept):
+    # last, since compiling takes a minute; its tables join profile.txt.
+    parts.append({"name": "profile-compiled", "argv": [py, "-m", "benches.bench_models", "--profile", "pretrain",
+                                                       "--variants", "triton+compile"], "timeout": 150, "profile": True})
     return parts
 
 
@@ -187,8 +192,8 @@ def main() -> int:
             if part.get("rows") and part["rows"].exists():
                 bench_rows += json.loads(part["rows"].read_text())
             if part.get("profile"):
-                profile = output
-                (out / "profile.txt").write_text(output)
+                profile += (f"\n===== {part['name']}\n" if profile else "") + output
+                (out / "profile.txt").write_text(profile)
 
     info["elapsed_s"] = round(time.monotonic() - started, 1)
     report.write_results(out / "gpu_check.json", info, parity_rows, bench_rows, parts=parts)
