@@ -114,9 +114,11 @@ def _graphed_step(model: MAEAST, spec: torch.Tensor):
     return lambda: replay(spec)
 
 
-def build_case(device, *, mode, backend, tokens, depth, batch, frames, embed_dim, num_heads) -> dict:
+def build_case(device, *, mode, backend, tokens, depth, batch, frames, embed_dim, num_heads, counts=None) -> dict:
     """Model, step and the step's FLOPs and saved activations, measured once. A ``backend`` ending
-    in ``+graph`` (CUDA) replays the step from a CUDA graph."""
+    in ``+graph`` (CUDA) replays the step from a CUDA graph. ``counts``, a dict shared between
+    calls, keeps the FLOPs and saved activations of each model, which a graphed case shares with
+    its eager twin (the same seed builds the same model)."""
     device = torch.device(device)
     torch.manual_seed(0)
     backend, graph = backend.removesuffix("+graph"), backend.endswith("+graph")
@@ -126,13 +128,17 @@ def build_case(device, *, mode, backend, tokens, depth, batch, frames, embed_dim
     # A copy, not a view: a saved view would count the whole batch's storage.
     probe = spec if device.type == "cuda" else spec[: min(batch, CPU_PROBE_BATCH)].clone()
     scale = batch / probe.shape[0]
-    flops = round(step_flops(model, probe) * scale)
+    key = (str(device), mode, backend, tokens, depth, batch, frames, embed_dim, num_heads)
+    counts = {} if counts is None else counts
+    if key not in counts:
+        counts[key] = (round(step_flops(model, probe) * scale), round(saved_activation_bytes(model, probe) * scale))
+    flops, saved = counts[key]
     row = {
         "suite": SUITE, "name": f"{mode}/{backend}{'+graph' if graph else ''} {tokens} depth {depth}", "impl": mode,
         "backend": backend, "cuda_graph": graph, "tokens": tokens,
         "encoder_depth": depth, "decoder_depth": 2 if mode == "mae" else 0, "embed_dim": embed_dim,
         "shape": f"B{batch}xT{frames}x128", "dtype": "bf16-autocast" if device.type == "cuda" else "fp32",
-        "saved_activation_bytes": round(saved_activation_bytes(model, probe) * scale), "flops": flops,
+        "saved_activation_bytes": saved, "flops": flops,
         "counted_at_batch": probe.shape[0],
         "flop_floor_ms": flops / (matmul_tflops(str(device)) * 1e12) * 1e3,
     }
@@ -142,11 +148,12 @@ def build_case(device, *, mode, backend, tokens, depth, batch, frames, embed_dim
     return {"row": row, "step": step}
 
 
-def _first_timing(step, device: torch.device, warmup: int):
+def _first_timing(step, device: torch.device, warmup: int, measure_memory: bool = True):
     """The first timed step, with its peak memory: the GPU's peak allocation (one more, untimed
-    step), the CPU's peak resident memory (read around the timed step itself)."""
+    step, unless not ``measure_memory``), the CPU's peak resident memory (read around the timed
+    step itself)."""
     if device.type == "cuda":
-        return time_fn(step, device, warmup=warmup, reps=1)
+        return time_fn(step, device, warmup=warmup, reps=1, measure_memory=measure_memory)
     peak = {}
 
     def measured_step():
@@ -160,7 +167,8 @@ def time_alternating(cases: list[dict], device, warmup: int, reps: int) -> list[
     shared machine hit every case alike; the peak memory comes from each case's first timed step."""
     device = torch.device(device)
     for case in cases:
-        case["timings"] = [_first_timing(case["step"], device, warmup)]
+        # A replay allocates nothing: graphed cases report no peak, so none is measured.
+        case["timings"] = [_first_timing(case["step"], device, warmup, not case["row"].get("cuda_graph"))]
     for _ in range(reps - 1):
         for case in cases:
             case["timings"].append(time_fn(case["step"], device, warmup=0, reps=1, measure_memory=False))
@@ -189,13 +197,13 @@ def measure(device, *, batch, frames, depths, tokens, embed_dim, num_heads, warm
     device = torch.device(device)
     variants = [("ssast", "sdpa"), ("mae", "sdpa")] + ([("mae", "triton")] if device.type == "cuda" else [])
     groups = [variants] + ([[(mode, f"{backend}+graph") for mode, backend in variants]] if device.type == "cuda" else [])
-    rows = []
+    rows, counts = [], {}
     for token_kind in tokens:
         for depth in depths:
             for group in groups:  # eager rows against eager SSAST, graphed against graphed
                 try:
                     rows += _group_rows(device, group, token_kind, depth, batch, frames, embed_dim, num_heads,
-                                        warmup, reps)
+                                        warmup, reps, counts)
                 except Exception as error:  # noqa: BLE001 - a step, capture or replay that fails is a row that says why
                     kind = "eager" if group is groups[0] else "graphed"
                     rows.append({"suite": SUITE, "name": f"{kind} steps {token_kind} depth {depth}", "impl": "mae",
@@ -204,10 +212,12 @@ def measure(device, *, batch, frames, depths, tokens, embed_dim, num_heads, warm
     return rows
 
 
-def _group_rows(device, group, token_kind, depth, batch, frames, embed_dim, num_heads, warmup, reps) -> list[dict]:
+def _group_rows(device, group, token_kind, depth, batch, frames, embed_dim, num_heads, warmup, reps,
+                counts=None) -> list[dict]:
     """One group's cases built, timed in alternation and compared with the group's first (SSAST)."""
     cases = [build_case(device, mode=mode, backend=backend, tokens=token_kind, depth=depth, batch=batch,
-                        frames=frames, embed_dim=embed_dim, num_heads=num_heads) for mode, backend in group]
+                        frames=frames, embed_dim=embed_dim, num_heads=num_heads, counts=counts)
+             for mode, backend in group]
     case_rows = time_alternating(cases, device, warmup, reps)
     return _with_ratios(case_rows, baseline=case_rows[0])
 

@@ -42,6 +42,7 @@ import torch
 import torch.nn as nn
 
 from benches.harness import count_flops, matmul_tflops, release_memory, time_fn
+from benches.targets import STEP_VARIANTS, step_target_met
 
 STEPS = ("pretrain", "finetune", "embed")
 # Most wanted first: a time limit that cuts the run short keeps the reference and triton rows.
@@ -237,8 +238,8 @@ def run(device: str = "cuda", quick: bool = False, batch_sizes=None, steps=STEPS
                     row["speedup_vs_reference"] = reference["median_ms"] / row["median_ms"]
                     if row["peak_mem_bytes"] and reference["peak_mem_bytes"]:
                         row["mem_fraction_of_reference"] = row["peak_mem_bytes"] / reference["peak_mem_bytes"]
-                if step == "pretrain" and variant.startswith("triton") and on_gpu and "mem_fraction_of_reference" in row:
-                    met = row["speedup_vs_reference"] >= 3 and row["mem_fraction_of_reference"] <= 0.5
+                if step == "pretrain" and variant in STEP_VARIANTS and on_gpu and "mem_fraction_of_reference" in row:
+                    met = step_target_met(row["speedup_vs_reference"], row["mem_fraction_of_reference"])
                     row["note"] = f"{'meets' if met else 'misses'} target: {TARGET}"
                 rows.append(row)
                 on_row and on_row(rows)

@@ -35,7 +35,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from kernels._dispatch import first_order_only, needs_custom_op
+from kernels._dispatch import check_same_device, first_order_only, needs_custom_op
 from kernels.reference.gelu_mlp import gelu_mlp as reference
 
 SAVE_CHOICES = ("input", "hidden")
@@ -58,13 +58,20 @@ def _linear_backward(grad2d, inp2d, weight, need_input, need_weight, need_bias, 
     return grad_input, grad_weight, grad_bias
 
 
+def _forward_math(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, compute_dtype, approximate):
+    """(out, and the inputs cast to the compute dtype: xc, w1, b1, w2, then fc1's output)."""
+    xc, w1, b1, w2, b2 = (_cast(t, compute_dtype) for t in (x, fc1_weight, fc1_bias, fc2_weight, fc2_bias))
+    with torch.autocast(x.device.type, enabled=False):
+        hidden = F.linear(xc, w1, b1)
+        out = F.linear(F.gelu(hidden, approximate=approximate), w2, b2)
+    return out, xc, w1, b1, w2, hidden
+
+
 class _GeluMlp(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, compute_dtype, save_hidden, approximate):
-        xc, w1, b1, w2, b2 = (_cast(t, compute_dtype) for t in (x, fc1_weight, fc1_bias, fc2_weight, fc2_bias))
-        with torch.autocast(x.device.type, enabled=False):
-            hidden = F.linear(xc, w1, b1)
-            out = F.linear(F.gelu(hidden, approximate=approximate), w2, b2)
+        out, xc, w1, b1, w2, hidden = _forward_math(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, compute_dtype,
+                                                    approximate)
         # The compute-dtype copies are kept, as eager F.linear keeps them under autocast (so the
         # weights may change in place before the backward, as eagerly); fc1's bias only where
         # fc1 is recomputed.
@@ -112,11 +119,8 @@ def _gelu_mlp_op(
     the compute dtype). Each of the kept ones is an empty tensor where there is nothing to keep: an
     input already in the compute dtype is kept as the input itself (an op's output may not alias
     one), fc1's output and bias only where the backward needs them."""
-    casts = [_cast(t, compute_dtype) for t in (x, fc1_weight, fc1_bias, fc2_weight, fc2_bias)]
-    xc, w1, b1, w2, b2 = casts
-    with torch.autocast(x.device.type, enabled=False):
-        hidden = F.linear(xc, w1, b1)
-        out = F.linear(F.gelu(hidden, approximate=approximate), w2, b2)
+    out, xc, w1, b1, w2, hidden = _forward_math(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, compute_dtype,
+                                                approximate)
     keep = _kept(x, fc1_weight, fc1_bias, fc2_weight, compute_dtype, save_hidden)
     kept = [t if wanted else hidden.new_empty(0) for t, wanted in zip((xc, hidden, w1, b1, w2), keep)]
     return (out, *kept)
@@ -233,10 +237,7 @@ def gelu_mlp(
     for name, bias, size in (("fc1_bias", fc1_bias, hidden), ("fc2_bias", fc2_bias, fc2_weight.shape[0])):
         if bias is not None and tuple(bias.shape) != (size,):
             raise ValueError(f"{name} must be [{size}], got {tuple(bias.shape)}")
-    devices = {t.device for t in named.values() if t is not None}
-    if len(devices) > 1:
-        found = ", ".join(f"{name} on {t.device}" for name, t in named.items() if t is not None)
-        raise ValueError(f"gelu_mlp: all tensors must share one device, got {found}")
+    check_same_device(**named)
     dtype = compute_dtype(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
     if torch._C._are_functorch_transforms_active():
         # torch.func transforms compose with plain torch ops, not with this Function's saving

@@ -391,11 +391,12 @@ def default_tiling(area: int, d_pad: int, fp32: bool, backward: bool) -> Tiling:
     (IEEE fp32 dots run on the FMA units with operands replicated per thread, and larger tiles
     spilled kilobytes of stack per thread)."""
     if fp32:
-        rows = min(max(16, min(64, next_power_of_2(4 * area))), 32 if d_pad <= 32 else 16)
+        packed = max(16, min(64, next_power_of_2(4 * area)))  # about four windows a tile
+        rows = min(packed, 32 if d_pad <= 32 else 16)
     elif backward and d_pad > 64:
         rows = 16
     else:
-        rows = max(16, min(64, next_power_of_2(area)))
+        rows = max(16, min(64, next_power_of_2(area)))  # one window a tile
     if not fp32 and rows == 16 and d_pad <= 32:
         return Tiling(rows, 2)
     return Tiling(rows, 8 if not backward and rows * d_pad >= 64 * 128 else 4)

@@ -293,22 +293,16 @@ def test_weights_may_change_in_place_before_the_backward_as_eagerly(seed):
         torch.testing.assert_close(a, e, rtol=0, atol=0)
 
 
-def test_op_path_equals_the_eager_path_under_autocast(seed):
+def test_op_path_equals_the_eager_path_under_autocast(seed, monkeypatch):
     """The op (what compiled code runs) computes what the eager Function computes, autocast included."""
-    from kernels import gelu_mlp as module  # noqa: F401  (the attribute is the function)
     import sys
 
-    gelu_module = sys.modules["kernels.gelu_mlp"]
     inputs = make(shape=(4, 6, 24))
     grad = torch.randn(4, 6, 24, device=DEVICE)
     with torch.autocast(DEVICE, dtype=torch.bfloat16):
         eager, eager_grads = run(gelu_mlp, inputs, grad)
-        original = gelu_module.needs_custom_op
-        gelu_module.needs_custom_op = lambda: True
-        try:
-            out, grads = run(gelu_mlp, inputs, grad)
-        finally:
-            gelu_module.needs_custom_op = original
+        monkeypatch.setattr(sys.modules["kernels.gelu_mlp"], "needs_custom_op", lambda: True)
+        out, grads = run(gelu_mlp, inputs, grad)
     assert out.dtype == eager.dtype == torch.bfloat16
     torch.testing.assert_close(out, eager, rtol=0, atol=0)
     for a, e in zip(grads, eager_grads, strict=True):
