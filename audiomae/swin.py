@@ -76,8 +76,11 @@ def window_attention_sdpa(qkv, *, grid, window, shift, num_heads, tau, bias, mas
     return out.reshape(B, L, C)
 
 
-def window_attention_core(qkv, *, backend, grid, window, shift, num_heads, tau, bias, mask_value=-100.0):
-    """[B, L, 3C] qkv in token order -> [B, L, C] attention output in token order."""
+def window_attention_core(qkv, *, backend, grid, window, shift, num_heads, tau, bias, mask_value=-100.0,
+                          overwrite_qkv=False):
+    """[B, L, 3C] qkv in token order -> [B, L, C] attention output in token order.
+    ``overwrite_qkv``: the caller reads qkv nowhere else, so the Triton backward may write qkv's
+    gradient over it (``kernels.window_attention``); the other backends ignore it."""
     kwargs = dict(grid=grid, window=window, shift=shift, num_heads=num_heads, tau=tau, bias=bias,
                   mask_value=mask_value)
     if backend == "reference":
@@ -87,7 +90,7 @@ def window_attention_core(qkv, *, backend, grid, window, shift, num_heads, tau, 
     if backend == "triton":
         from kernels.window_attention import window_attention
 
-        return window_attention(qkv, **kwargs)
+        return window_attention(qkv, overwrite_qkv=overwrite_qkv, **kwargs)
     if backend == "sdpa":
         return window_attention_sdpa(qkv, **kwargs)
     if backend == "xformers":
@@ -129,6 +132,8 @@ class WindowMultiHeadAttention(nn.Module):
         out = window_attention_core(
             qkv, backend=self.backend, grid=grid, window=self.window_size, shift=shift,
             num_heads=self.num_heads, tau=self.tau, bias=self.position_bias().to(qkv.dtype),
+            # qkv goes nowhere but the attention, unless a hook on the projection sees it
+            overwrite_qkv=without_hooks(self.qkv),
         )
         return self.proj_drop(self.proj(out))
 

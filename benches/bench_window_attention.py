@@ -22,7 +22,8 @@ dout, write dq, dk, dv) over the copy bandwidth measured in the same run.
 
 Suite ``window_attention_block``: one decoder block's attention path (qkv Linear, attention, proj
 Linear), forward + backward, the official order (roll, partition, Linear on windows, attend,
-Linear, reverse, roll back) eager and compiled, against Linear -> ``window_attention`` -> Linear.
+Linear, reverse, roll back) eager and compiled, against Linear -> ``window_attention`` -> Linear
+(with ``overwrite_qkv``, as the decoder calls it); on CUDA eager and graph-replayed.
 
 Target shape (issue 4): H100, bf16, B=64, grid 64x8, C=512, 16 heads, window 4x4, shift (2, 0).
 """
@@ -272,8 +273,10 @@ class _AttentionPath(torch.nn.Module):
 
     def fused(self, x):
         cfg = self.cfg
+        # as the decoder calls it: qkv is read by nothing else, so its gradient may take its memory
         out = window_attention(self.qkv(x), grid=cfg["grid"], window=cfg["window"], shift=cfg["shift"],
-                               num_heads=cfg["num_heads"], tau=self.tau, bias=self.bias, mask_value=MASK_VALUE)
+                               num_heads=cfg["num_heads"], tau=self.tau, bias=self.bias, mask_value=MASK_VALUE,
+                               overwrite_qkv=True)
         return self.proj(out)
 
 
@@ -289,14 +292,21 @@ def _block_rows(device, quick, dtype):
     if device.type == "cuda":
         impls["official_compiled"] = torch.compile(path.official)
     base = dict(suite="window_attention_block", shape=_shape(cfg), dtype=str(dtype).removeprefix("torch."),
-                device=str(device), step="fwd+bwd")
-    rows = [_measure(dict(base, impl=name, name=f"block {name} fwd+bwd"),
-                     lambda fn=fn: torch.autograd.grad(fn(x), params, grad), device, quick)
-            for name, fn in impls.items()]
+                device=str(device))
+    steps = {name: lambda fn=fn: torch.autograd.grad(fn(x), params, grad) for name, fn in impls.items()}
+    rows = [_measure(dict(base, impl=name, name=f"block {name} fwd+bwd", step="fwd+bwd"), step, device, quick)
+            for name, step in steps.items()]
+    if device.type == "cuda":
+        # Graph-replayed too (captured last, as for the core): the eager triton block is mostly
+        # the host's launch time, which differs from machine to machine (0.98 and 1.99 ms on two
+        # H100 machines for the same kernels); a replay times the kernels alone, as the graphed
+        # training step runs them.
+        rows += [_measure(dict(base, impl=name, name=f"block {name} fwd+bwd (graph)", step="fwd+bwd graph"), step,
+                          device, quick, capture=True) for name, step in steps.items()]
     _add_ratios(rows, {"official": "speedup_vs_official", "official_compiled": "speedup_vs_official_compiled"})
     for r in rows:
         for other in ("official", "official_compiled"):
-            peak = next((o["peak_mem_bytes"] for o in rows if o["impl"] == other), None)
+            peak = next((o["peak_mem_bytes"] for o in rows if o["impl"] == other and o.get("peak_mem_bytes")), None)
             if peak and r.get("peak_mem_bytes") is not None:
                 r[f"peak_mem_vs_{other}"] = r["peak_mem_bytes"] / peak
     return rows

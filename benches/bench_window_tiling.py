@@ -26,7 +26,17 @@ import kernels.window_attention  # noqa: F401  (the package attribute of that na
 
 window_attention_module = sys.modules["kernels.window_attention"]
 
-TILING_CANDIDATES = [(16, 1), (16, 2), (16, 4), (32, 2), (32, 4), (64, 4)]  # (rows per tile, warps)
+# (rows per tile, warps, batch elements per backward program)
+TILING_CANDIDATES = [(16, 1, 1), (16, 1, 4), (16, 2, 1), (16, 2, 4), (16, 2, 8), (16, 4, 4), (32, 2, 4),
+                     (32, 4, 4), (64, 4, 1)]
+
+
+def _default_batch_per_program(cfg, qkv) -> int:
+    """The batch elements a default backward program takes at this shape."""
+    _, meta, _ = window_attention_module._launch_plan(
+        qkv.shape[0], qkv.shape[-1], qkv.dtype == torch.float32, qkv.dtype.itemsize, cfg["grid"], cfg["window"],
+        cfg["shift"], cfg["num_heads"], True, True, True, None)
+    return meta["BATCH_PER_PROGRAM"]
 
 
 def run(device, quick: bool) -> list[dict]:
@@ -51,14 +61,16 @@ def run(device, quick: bool) -> list[dict]:
     base = dict(suite="window_attention_tiling", shape=_shape(cfg), dtype=str(dtype).removeprefix("torch."),
                 device=str(device),
                 default=f"fwd rows={defaults['fwd'].rows} warps={defaults['fwd'].num_warps}, "
-                        f"bwd rows={defaults['bwd'].rows} warps={defaults['bwd'].num_warps}")
+                        f"bwd rows={defaults['bwd'].rows} warps={defaults['bwd'].num_warps} "
+                        f"batch={_default_batch_per_program(cfg, qkv)}")
     rows = []
     detached = tuple(t.detach() for t in (qkv, tau, bias))
     steps = {"fwd": lambda: fn(*detached),
              "fwd+bwd": lambda: torch.autograd.grad(fn(qkv, tau, bias), (qkv, tau, bias), grad)}
-    for tile_rows, warps in [(None, None)] + TILING_CANDIDATES:
-        impl = "default" if tile_rows is None else f"rows={tile_rows} warps={warps}"
-        with window_attention_module.forced_tiling(tile_rows, warps) if tile_rows else contextlib.nullcontext():
+    for tile_rows, warps, per_program in [(None, None, None)] + TILING_CANDIDATES:
+        impl = "default" if tile_rows is None else f"rows={tile_rows} warps={warps} batch={per_program}"
+        forced = window_attention_module.forced_tiling(tile_rows, warps, per_program) if tile_rows else None
+        with forced or contextlib.nullcontext():
             for step_name, step in steps.items():
                 rows.append(_measure(dict(base, impl=impl, name=f"tiling {impl} {step_name}", step=step_name,
                                           floor_ms=floors[step_name]), step, device, True, capture=True))

@@ -155,8 +155,8 @@ def _post_norm_case(x_dtype, branch_dtype, M, C, params=True):
     out.backward(torch.randn_like(out))
 
 
-def _forced(rows, warps, launch):
-    with sys.modules["kernels.window_attention"].forced_tiling(rows, warps):
+def _forced(rows, warps, batch_per_program, launch):
+    with sys.modules["kernels.window_attention"].forced_tiling(rows, warps, batch_per_program):
         launch()
 
 
@@ -182,9 +182,18 @@ def cases() -> dict:
     table["postnorm-wide-fp64"] = lambda: _post_norm_case(torch.float64, torch.float64, 3, 8192)
     # The tilings benches/bench_window_tiling.py times on the GPU, each forced for both passes.
     from benches.bench_window_tiling import TILING_CANDIDATES
-    for rows, warps in TILING_CANDIDATES:
-        table[f"window-target-bf16-rows{rows}-warps{warps}"] = lambda r=rows, w=warps: _forced(
-            r, w, lambda: _window_case(torch.bfloat16, 1, (64, 8), (4, 4), (2, 0), 16, 32))
+    for rows, warps, per_program in TILING_CANDIDATES:
+        table[f"window-target-bf16-rows{rows}-warps{warps}-batch{per_program}"] = \
+            lambda r=rows, w=warps, n=per_program: _forced(
+                r, w, n, lambda: _window_case(torch.bfloat16, 1, (64, 8), (4, 4), (2, 0), 16, 32))
+    # Chunked windows whose backward programs take several batch elements (the partial summed in
+    # memory), as default_batch_per_program gives them at real batch sizes: the widest head dim at
+    # the backward's 16 rows, and head dim 32 at the default tiles.
+    table["window-16x16-d128-bf16-batch2"] = lambda: _forced(
+        16, 4, 2, lambda: _window_case(torch.bfloat16, 1, (16, 16), (16, 16), (8, 8), 1, 128))
+    for name in ("bf16", "fp32"):
+        table[f"window-16x16-d32-{name}-batch8"] = lambda d=dtypes[name]: _forced(
+            32, 4, 8, lambda: _window_case(d, 1, (16, 16), (16, 16), (8, 8), 2, 32))
     edges = [  # (grid, window, shift, heads, head_dim, tau, bias)
         ((8, 8), (2, 2), (1, 1), 2, 16, True, True),
         ((16, 8), (8, 8), (4, 4), 2, 64, True, True),

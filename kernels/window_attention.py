@@ -25,7 +25,10 @@ Contract
   ``bias`` may have their own float dtype; their gradients come back in it.
 - Backward: gradients of ``qkv``, ``tau`` (zero where ``tau < 0.01``, as the official clamp) and
   ``bias``. It recomputes the logits from the saved per-row logsumexp. The bias and tau gradients
-  are per-program partial sums reduced afterwards, so they are deterministic.
+  are per-program partial sums reduced afterwards, so they are deterministic; a backward program
+  takes several batch elements in turn (``default_batch_per_program``) so that the partials stay
+  small beside qkv.
+- ``overwrite_qkv=True``: the backward writes dqkv over qkv's memory (see ``window_attention``).
 
 Tiling: a tile is ``BLOCK`` rows (``default_tiling``: per dtype and head dim, from the H100 sweep
 of ``benches/bench_window_tiling.py`` for 16-bit inputs and the sm_90 register use that
@@ -246,131 +249,180 @@ def _key_side(k_ptr, v_ptr, rows, valid, stride_l, cols_in, col_mask, HAS_TAU: t
 
 
 @triton.jit
-def _store_bias_grad(part_ptr, ds, q_pos, q_valid, k_pos, k_valid, q_base, k_base,
-                     N: tl.constexpr, POS_BLOCK: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Sum ``ds`` over the windows in the block onto bias positions and store the
-    [POS_BLOCK, POS_BLOCK] result at (q_base, k_base) of this program's [N, N] partial sum.
-    The sum over windows is a product with one-hot position matrices."""
+def _fold_bias_grad(ds, q_pos, q_valid, k_pos, k_valid, q_base, k_base,
+                    POS_BLOCK: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """``ds`` summed over the windows in the block onto bias positions: the [POS_BLOCK, POS_BLOCK]
+    tile at (q_base, k_base) of the [N, N] bias gradient. The sum over windows is a product with
+    one-hot position matrices."""
     positions = tl.arange(0, POS_BLOCK)
     q_onehot = (((q_pos - q_base)[:, None] == positions[None, :]) & q_valid[:, None]).to(tl.float32)
     k_onehot = (((k_pos - k_base)[:, None] == positions[None, :]) & k_valid[:, None]).to(tl.float32)
     per_key = tl.dot(ds, k_onehot, input_precision=DOT_PRECISION)
-    folded = tl.dot(tl.trans(q_onehot), per_key, input_precision=DOT_PRECISION)
+    return tl.dot(tl.trans(q_onehot), per_key, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _store_bias_grad(part_ptr, folded, q_base, k_base, accumulate,
+                     N: tl.constexpr, POS_BLOCK: tl.constexpr):
+    """Store (or with ``accumulate``, add) a folded tile into this program's [N, N] partial sum;
+    the partial belongs to this program alone, so the read-modify-write is race-free and ordered."""
+    positions = tl.arange(0, POS_BLOCK)
     q_at = q_base + positions
     k_at = k_base + positions
-    tl.store(part_ptr + q_at[:, None] * N + k_at[None, :], folded, mask=(q_at < N)[:, None] & (k_at < N)[None, :])
+    at = part_ptr + q_at[:, None] * N + k_at[None, :]
+    in_table = (q_at < N)[:, None] & (k_at < N)[None, :]
+    if accumulate:
+        folded += tl.load(at, mask=in_table, other=0.0)
+    tl.store(at, folded, mask=in_table)
 
 
 @triton.jit
 def _window_attention_bwd(
     qkv_ptr, tau_ptr, bias_ptr, out_ptr, dout_ptr, lse_ptr, dqkv_ptr, dbias_part_ptr, dtau_part_ptr,
     stride_b, stride_l, stride_c, stride_dout_b, stride_dout_l, stride_dout_c,
-    seq_len, T, F, shift_t, shift_f, num_heads, num_groups, num_windows, scale, mask_value,
+    batch, seq_len, T, F, shift_t, shift_f, num_heads, num_groups, num_windows, scale, mask_value,
     WT: tl.constexpr, WF: tl.constexpr, WINDOWS_PER_GROUP: tl.constexpr, NUM_CHUNKS: tl.constexpr,
     BLOCK: tl.constexpr, POS_BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+    BATCH_PER_PROGRAM: tl.constexpr,
     HAS_TAU: tl.constexpr, HAS_BIAS: tl.constexpr, SHIFTED: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    b, group, chunk, h = _program_coordinates(num_heads, num_groups, NUM_CHUNKS)
+    # A program takes one (window group, chunk, head) in BATCH_PER_PROGRAM consecutive batch
+    # elements, one after the other, and sums their bias and tau gradients into one partial: the
+    # partials then take 1/BATCH_PER_PROGRAM of the memory (and of the reduction's reads).
+    batch_block, group, chunk, h = _program_coordinates(num_heads, num_groups, NUM_CHUNKS)
     C = num_heads * HEAD_DIM
     N: tl.constexpr = WT * WF
 
     offs = tl.arange(0, BLOCK)
     cols = tl.arange(0, D_PAD)
     col_mask = cols < HEAD_DIM
-    q_ptr, k_ptr, v_ptr = _qkv_pointers(qkv_ptr, b, h, stride_b, stride_c, C, HEAD_DIM)
     cols_in = cols * stride_c
-    o_ptr = out_ptr + b.to(tl.int64) * seq_len * C + h * HEAD_DIM
-    do_ptr = dout_ptr + b.to(tl.int64) * stride_dout_b + h * HEAD_DIM * stride_dout_c
     cols_do = cols * stride_dout_c
-    lse_ptr += (b * num_heads + h).to(tl.int64) * seq_len
     inv_tau = _inverse_tau(tau_ptr, h, HAS_TAU)
     if HAS_BIAS:
         bias_ptr += h * N * N
-        part_ptr = dbias_part_ptr + ((b * num_groups + group) * num_heads + h).to(tl.int64) * N * N
-
-    row, win, pos, valid, region = _window_rows(
+        part_ptr = dbias_part_ptr + ((batch_block * num_groups + group) * num_heads + h).to(tl.int64) * N * N
+    row, win, pos, valid_any, region = _window_rows(
         group, chunk * BLOCK + offs, T, F, shift_t, shift_f, num_windows, WT, WF, WINDOWS_PER_GROUP)
-    dq_ptr = dqkv_ptr + b.to(tl.int64) * seq_len * 3 * C + h * HEAD_DIM + row[:, None] * 3 * C + cols[None, :]
-    mask = valid[:, None] & col_mask[None, :]
     elem = dqkv_ptr.dtype.element_ty
+    dtau_sum = 0.0
     if NUM_CHUNKS == 1:
-        # The whole window group in one tile: one pass over its pairs gives dq, dk and dv.
-        q, do, lse, delta, q_norm = _query_side(q_ptr, do_ptr, o_ptr, lse_ptr, row, valid, stride_l, stride_dout_l,
-                                                C, cols_in, cols_do, cols, col_mask, HAS_TAU)
-        k, v, k_norm = _key_side(k_ptr, v_ptr, row, valid, stride_l, cols_in, col_mask, HAS_TAU)
-        p, ds, unscaled, d_dot, d_norm_product = _pair_grads(
-            q, k, v, do, lse, delta, q_norm, k_norm, win, pos, valid, region, win, pos, valid, region,
-            bias_ptr, inv_tau, scale, mask_value, N, HAS_TAU, HAS_BIAS, SHIFTED, DOT_PRECISION)
-        dv = tl.dot(tl.trans(p).to(do.dtype), do, input_precision=DOT_PRECISION)
-        dk = tl.dot(tl.trans(d_dot).to(q.dtype), q, input_precision=DOT_PRECISION)
-        dq = tl.dot(d_dot.to(k.dtype), k, input_precision=DOT_PRECISION)
-        if HAS_TAU:
-            dq = _add_norm_grad(dq, q, q_norm, tl.sum(d_norm_product * k_norm[None, :], axis=1))
-            dk = _add_norm_grad(dk, k, k_norm, tl.sum(d_norm_product * q_norm[:, None], axis=0))
-            tl.store(dtau_part_ptr + tl.program_id(0), tl.sum(tl.sum(ds * unscaled, axis=1), axis=0))
-        if HAS_BIAS:
-            _store_bias_grad(part_ptr, ds, pos, valid, pos, valid, 0, 0, N, POS_BLOCK, DOT_PRECISION)
-        tl.store(dq_ptr, dq.to(elem), mask=mask)
-        tl.store(dq_ptr + C, dk.to(elem), mask=mask)
-        tl.store(dq_ptr + 2 * C, dv.to(elem), mask=mask)
-    else:
-        # A window split into chunks. Two passes, so that each holds only one side's tiles (one pass
-        # holding both spilled registers on sm_90 at every block size):
-        # 1. this chunk's queries against every key chunk: dq, and the tau and bias gradients of
-        #    each pair (every pair has exactly one query chunk, so each is counted once);
-        q, do, lse, delta, q_norm = _query_side(q_ptr, do_ptr, o_ptr, lse_ptr, row, valid, stride_l, stride_dout_l,
-                                                C, cols_in, cols_do, cols, col_mask, HAS_TAU)
-        dq = tl.zeros([BLOCK, D_PAD], tl.float32)
-        dq_norm = tl.zeros([BLOCK], tl.float32)
-        dtau_sum = 0.0
-        for key_chunk in range(NUM_CHUNKS):
-            k_row, k_win, k_pos, k_valid, k_region = _window_rows(
-                group, key_chunk * BLOCK + offs, T, F, shift_t, shift_f, num_windows, WT, WF, WINDOWS_PER_GROUP)
-            k, v, k_norm = _key_side(k_ptr, v_ptr, k_row, k_valid, stride_l, cols_in, col_mask, HAS_TAU)
-            _, ds, unscaled, d_dot, d_norm_product = _pair_grads(
-                q, k, v, do, lse, delta, q_norm, k_norm, win, pos, valid, region, k_win, k_pos, k_valid, k_region,
+        dbias_sum = tl.zeros([POS_BLOCK, POS_BLOCK], tl.float32)
+    # One element after another, not pipelined: prefetching the next element doubled the registers
+    # (sm_90: 112 -> 231 a thread at the decoder shape), and other programs hide the latency.
+    for i in tl.range(0, BATCH_PER_PROGRAM, num_stages=1):
+        b = batch_block * BATCH_PER_PROGRAM + i
+        # Past the batch (its last block), every row is invalid: loads give zeros, ds is zero.
+        valid = valid_any & (b < batch)
+        q_ptr, k_ptr, v_ptr = _qkv_pointers(qkv_ptr, b, h, stride_b, stride_c, C, HEAD_DIM)
+        o_ptr = out_ptr + b.to(tl.int64) * seq_len * C + h * HEAD_DIM
+        do_ptr = dout_ptr + b.to(tl.int64) * stride_dout_b + h * HEAD_DIM * stride_dout_c
+        lse_rows = lse_ptr + (b * num_heads + h).to(tl.int64) * seq_len
+        dq_ptr = dqkv_ptr + b.to(tl.int64) * seq_len * 3 * C + h * HEAD_DIM + row[:, None] * 3 * C + cols[None, :]
+        mask = valid[:, None] & col_mask[None, :]
+        if NUM_CHUNKS == 1:
+            # The whole window group in one tile: one pass over its pairs gives dq, dk and dv. Every
+            # store depends on every load of this tile, so dqkv may be qkv itself (in place).
+            q, do, lse, delta, q_norm = _query_side(q_ptr, do_ptr, o_ptr, lse_rows, row, valid, stride_l,
+                                                    stride_dout_l, C, cols_in, cols_do, cols, col_mask, HAS_TAU)
+            k, v, k_norm = _key_side(k_ptr, v_ptr, row, valid, stride_l, cols_in, col_mask, HAS_TAU)
+            p, ds, unscaled, d_dot, d_norm_product = _pair_grads(
+                q, k, v, do, lse, delta, q_norm, k_norm, win, pos, valid, region, win, pos, valid, region,
                 bias_ptr, inv_tau, scale, mask_value, N, HAS_TAU, HAS_BIAS, SHIFTED, DOT_PRECISION)
-            dq += tl.dot(d_dot.to(k.dtype), k, input_precision=DOT_PRECISION)
-            dq_norm += tl.sum(d_norm_product * k_norm[None, :], axis=1)
-            dtau_sum += tl.sum(tl.sum(ds * unscaled, axis=1), axis=0)
+            dv = tl.dot(tl.trans(p).to(do.dtype), do, input_precision=DOT_PRECISION)
+            dk = tl.dot(tl.trans(d_dot).to(q.dtype), q, input_precision=DOT_PRECISION)
+            dq = tl.dot(d_dot.to(k.dtype), k, input_precision=DOT_PRECISION)
+            if HAS_TAU:
+                dq = _add_norm_grad(dq, q, q_norm, tl.sum(d_norm_product * k_norm[None, :], axis=1))
+                dk = _add_norm_grad(dk, k, k_norm, tl.sum(d_norm_product * q_norm[:, None], axis=0))
+                dtau_sum += tl.sum(tl.sum(ds * unscaled, axis=1), axis=0)
             if HAS_BIAS:
-                _store_bias_grad(part_ptr, ds, pos, valid, k_pos, k_valid, chunk * BLOCK, key_chunk * BLOCK, N,
-                                 POS_BLOCK, DOT_PRECISION)
-        if HAS_TAU:
-            dq = _add_norm_grad(dq, q, q_norm, dq_norm)
-            tl.store(dtau_part_ptr + tl.program_id(0), dtau_sum)
-        tl.store(dq_ptr, dq.to(elem), mask=mask)
+                dbias_sum += _fold_bias_grad(ds, pos, valid, pos, valid, 0, 0, POS_BLOCK, DOT_PRECISION)
+            tl.store(dq_ptr, dq.to(elem), mask=mask)
+            tl.store(dq_ptr + C, dk.to(elem), mask=mask)
+            tl.store(dq_ptr + 2 * C, dv.to(elem), mask=mask)
+        else:
+            # A window split into chunks. Two passes, so that each holds only one side's tiles (one
+            # pass holding both spilled registers on sm_90 at every block size):
+            # 1. this chunk's queries against every key chunk: dq, and the tau and bias gradients of
+            #    each pair (every pair has exactly one query chunk, so each is counted once);
+            q, do, lse, delta, q_norm = _query_side(q_ptr, do_ptr, o_ptr, lse_rows, row, valid, stride_l,
+                                                    stride_dout_l, C, cols_in, cols_do, cols, col_mask, HAS_TAU)
+            dq = tl.zeros([BLOCK, D_PAD], tl.float32)
+            dq_norm = tl.zeros([BLOCK], tl.float32)
+            for key_chunk in range(NUM_CHUNKS):
+                k_row, k_win, k_pos, k_valid, k_region = _window_rows(
+                    group, key_chunk * BLOCK + offs, T, F, shift_t, shift_f, num_windows, WT, WF, WINDOWS_PER_GROUP)
+                k_valid = k_valid & (b < batch)
+                k, v, k_norm = _key_side(k_ptr, v_ptr, k_row, k_valid, stride_l, cols_in, col_mask, HAS_TAU)
+                _, ds, unscaled, d_dot, d_norm_product = _pair_grads(
+                    q, k, v, do, lse, delta, q_norm, k_norm, win, pos, valid, region, k_win, k_pos, k_valid,
+                    k_region, bias_ptr, inv_tau, scale, mask_value, N, HAS_TAU, HAS_BIAS, SHIFTED, DOT_PRECISION)
+                dq += tl.dot(d_dot.to(k.dtype), k, input_precision=DOT_PRECISION)
+                dq_norm += tl.sum(d_norm_product * k_norm[None, :], axis=1)
+                dtau_sum += tl.sum(tl.sum(ds * unscaled, axis=1), axis=0)
+                if HAS_BIAS:
+                    folded = _fold_bias_grad(ds, pos, valid, k_pos, k_valid, chunk * BLOCK, key_chunk * BLOCK,
+                                             POS_BLOCK, DOT_PRECISION)
+                    _store_bias_grad(part_ptr, folded, chunk * BLOCK, key_chunk * BLOCK, i > 0, N, POS_BLOCK)
+            if HAS_TAU:
+                dq = _add_norm_grad(dq, q, q_norm, dq_norm)
+            tl.store(dq_ptr, dq.to(elem), mask=mask)
 
-        # 2. this chunk's keys against every query chunk: dk and dv.
-        k, v, k_norm = _key_side(k_ptr, v_ptr, row, valid, stride_l, cols_in, col_mask, HAS_TAU)
-        dk = tl.zeros([BLOCK, D_PAD], tl.float32)
-        dv = tl.zeros([BLOCK, D_PAD], tl.float32)
-        dk_norm = tl.zeros([BLOCK], tl.float32)
-        for query_chunk in range(NUM_CHUNKS):
-            q_row, q_win, q_pos, q_valid, q_region = _window_rows(
-                group, query_chunk * BLOCK + offs, T, F, shift_t, shift_f, num_windows, WT, WF, WINDOWS_PER_GROUP)
-            q_other, do_other, lse_other, delta_other, q_other_norm = _query_side(
-                q_ptr, do_ptr, o_ptr, lse_ptr, q_row, q_valid, stride_l, stride_dout_l, C, cols_in, cols_do, cols,
-                col_mask, HAS_TAU)
-            p, _, _, d_dot, d_norm_product = _pair_grads(
-                q_other, k, v, do_other, lse_other, delta_other, q_other_norm, k_norm,
-                q_win, q_pos, q_valid, q_region, win, pos, valid, region, bias_ptr, inv_tau, scale,
-                mask_value, N, HAS_TAU, HAS_BIAS, SHIFTED, DOT_PRECISION)
-            dv += tl.dot(tl.trans(p).to(do_other.dtype), do_other, input_precision=DOT_PRECISION)
-            dk += tl.dot(tl.trans(d_dot).to(q_other.dtype), q_other, input_precision=DOT_PRECISION)
-            dk_norm += tl.sum(d_norm_product * q_other_norm[:, None], axis=0)
-        if HAS_TAU:
-            dk = _add_norm_grad(dk, k, k_norm, dk_norm)
-        tl.store(dq_ptr + C, dk.to(elem), mask=mask)
-        tl.store(dq_ptr + 2 * C, dv.to(elem), mask=mask)
+            # 2. this chunk's keys against every query chunk: dk and dv.
+            k, v, k_norm = _key_side(k_ptr, v_ptr, row, valid, stride_l, cols_in, col_mask, HAS_TAU)
+            dk = tl.zeros([BLOCK, D_PAD], tl.float32)
+            dv = tl.zeros([BLOCK, D_PAD], tl.float32)
+            dk_norm = tl.zeros([BLOCK], tl.float32)
+            for query_chunk in range(NUM_CHUNKS):
+                q_row, q_win, q_pos, q_valid, q_region = _window_rows(
+                    group, query_chunk * BLOCK + offs, T, F, shift_t, shift_f, num_windows, WT, WF, WINDOWS_PER_GROUP)
+                q_valid = q_valid & (b < batch)
+                q_other, do_other, lse_other, delta_other, q_other_norm = _query_side(
+                    q_ptr, do_ptr, o_ptr, lse_rows, q_row, q_valid, stride_l, stride_dout_l, C, cols_in, cols_do,
+                    cols, col_mask, HAS_TAU)
+                p, _, _, d_dot, d_norm_product = _pair_grads(
+                    q_other, k, v, do_other, lse_other, delta_other, q_other_norm, k_norm,
+                    q_win, q_pos, q_valid, q_region, win, pos, valid, region, bias_ptr, inv_tau, scale,
+                    mask_value, N, HAS_TAU, HAS_BIAS, SHIFTED, DOT_PRECISION)
+                dv += tl.dot(tl.trans(p).to(do_other.dtype), do_other, input_precision=DOT_PRECISION)
+                dk += tl.dot(tl.trans(d_dot).to(q_other.dtype), q_other, input_precision=DOT_PRECISION)
+                dk_norm += tl.sum(d_norm_product * q_other_norm[:, None], axis=0)
+            if HAS_TAU:
+                dk = _add_norm_grad(dk, k, k_norm, dk_norm)
+            tl.store(dq_ptr + C, dk.to(elem), mask=mask)
+            tl.store(dq_ptr + 2 * C, dv.to(elem), mask=mask)
+    if HAS_TAU:
+        tl.store(dtau_part_ptr + tl.program_id(0), dtau_sum)
+    if NUM_CHUNKS == 1:
+        if HAS_BIAS:
+            _store_bias_grad(part_ptr, dbias_sum, 0, 0, False, N, POS_BLOCK)
 
 
 @dataclasses.dataclass(frozen=True)
 class Tiling:
     """How the launch tiles a window group: ``rows`` per tile (a power of two, at least 16 for
-    ``tl.dot``) and ``num_warps``."""
+    ``tl.dot``) and ``num_warps``; for the backward, ``batch_per_program`` batch elements that one
+    program takes in turn (``None``: ``default_batch_per_program``)."""
     rows: int
     num_warps: int
+    batch_per_program: int | None = None
+
+
+def default_batch_per_program(batch: int, programs_per_element: int, partial_bytes: int, qkv_bytes: int) -> int:
+    """Batch elements per backward program. Each program writes a private [N, N] fp32 partial of
+    the bias gradient (``partial_bytes``) for the window group whose qkv slice is ``qkv_bytes``.
+    At the decoder's shape (4x4 windows, head dim 32, bf16) the partials are a third of qkv's size
+    and one element a program stays (the layout the GPU has timed); 16x16 windows of head dim 32
+    would make them five times qkv's size. Programs that take elements in turn and sum them keep
+    the partials no larger than qkv, while leaving at least 2048 programs where the batch allows.
+    (Looping costs registers: 112 -> 192 a thread at the decoder's shape on sm_90, by
+    ``benches.sm90_compile``; the tiling sweep times looped candidates there.)"""
+    wanted = next_power_of_2(cdiv(partial_bytes, qkv_bytes))
+    parallel = 1
+    while parallel * 2 <= batch and batch * programs_per_element // (parallel * 2) >= 2048:
+        parallel *= 2
+    return max(1, min(wanted, parallel))
 
 
 def default_tiling(area: int, d_pad: int, fp32: bool, backward: bool) -> Tiling:
@@ -385,8 +437,10 @@ def default_tiling(area: int, d_pad: int, fp32: bool, backward: bool) -> Tiling:
     and 1 warp read faster still (0.060 and 0.246 ms) but have not yet been checked against the
     reference on a GPU (the interpreter ignores warps; ``test_gpu_candidate_tilings`` checks every
     candidate there): two warps are the fastest tiling the GPU tests have proven. The backward of
-    head dims over 64 keeps to 16 rows, which it needs to stay near its registers (``python -m
-    benches.sm90_compile``: no spills at the decoder's shape). float32 keeps the tiles chosen from
+    head dims over 64 keeps to 16 rows, and that of windows over 64 tokens (chunked) to 32 rows,
+    which they need to stay near their registers (``python -m benches.sm90_compile``: no spills at
+    the decoder's shape; 64-row chunks of 16x16 windows spilled 440 bytes a thread, 1.2 KB when
+    their programs loop over batch elements, 32-row ones 72 bytes). float32 keeps the tiles chosen from
     register use alone, not yet timed: 32 rows of head dims up to 32 and 16 rows of larger ones
     (IEEE fp32 dots run on the FMA units with operands replicated per thread, and larger tiles
     spilled kilobytes of stack per thread)."""
@@ -395,6 +449,8 @@ def default_tiling(area: int, d_pad: int, fp32: bool, backward: bool) -> Tiling:
         rows = min(packed, 32 if d_pad <= 32 else 16)
     elif backward and d_pad > 64:
         rows = 16
+    elif backward and area > 64:
+        rows = 32  # chunked windows: 64-row backward tiles spilled (440 B a thread, 16x16 windows of 32)
     else:
         rows = max(16, min(64, next_power_of_2(area)))  # one window a tile
     if not fp32 and rows == 16 and d_pad <= 32:
@@ -408,54 +464,66 @@ TILING_OVERRIDE: Tiling | None = None
 
 
 @contextlib.contextmanager
-def forced_tiling(rows: int, num_warps: int):
+def forced_tiling(rows: int, num_warps: int, batch_per_program: int | None = None):
     """Launch forward and backward with this tiling inside the block (for measuring tilings; a
-    process-wide setting, not for concurrent use)."""
+    process-wide setting, not for concurrent use). ``batch_per_program`` applies to the backward."""
     global TILING_OVERRIDE
     if rows < 16 or rows & (rows - 1):
         raise ValueError(f"rows must be a power of two of at least 16 (tl.dot), got {rows}")
     if num_warps not in (1, 2, 4, 8, 16):
         raise ValueError(f"num_warps must be 1, 2, 4, 8 or 16, got {num_warps}")
-    previous, TILING_OVERRIDE = TILING_OVERRIDE, Tiling(rows, num_warps)
+    if batch_per_program is not None and (not isinstance(batch_per_program, int) or batch_per_program < 1):
+        raise ValueError(f"batch_per_program must be a positive int or None, got {batch_per_program!r}")
+    previous, TILING_OVERRIDE = TILING_OVERRIDE, Tiling(rows, num_warps, batch_per_program)
     try:
         yield
     finally:
         TILING_OVERRIDE = previous
 
 
-def _tiling(num_windows: int, area: int, d_pad: int, fp32: bool, backward: bool) -> tuple[int, int, int, int]:
-    """(BLOCK, windows per group, chunks per window, num_warps). Windows of up to ``rows`` tokens
+def _tiling(num_windows: int, area: int, d_pad: int, fp32: bool, backward: bool) -> tuple[int, int, int, Tiling]:
+    """(BLOCK, windows per group, chunks per window, tiling). Windows of up to ``rows`` tokens
     are packed as many to a tile as fit; larger ones are split into ``rows``-row chunks."""
     tiling = TILING_OVERRIDE or default_tiling(area, d_pad, fp32, backward)
     if area > tiling.rows:
-        return tiling.rows, 1, cdiv(area, tiling.rows), tiling.num_warps
+        return tiling.rows, 1, cdiv(area, tiling.rows), tiling
     windows_per_group = min(tiling.rows // area, num_windows)
-    return max(16, next_power_of_2(windows_per_group * area)), windows_per_group, 1, tiling.num_warps
+    return max(16, next_power_of_2(windows_per_group * area)), windows_per_group, 1, tiling
 
 
 def _launch_args(qkv, grid, window, shift, num_heads, tau, bias, backward):
     """(runtime arguments, compile-time arguments, number of programs) of a launch; read-only
     dicts, shared between calls with the same shapes."""
-    return _launch_plan(qkv.shape[0], qkv.shape[-1], qkv.dtype == torch.float32, grid, window, shift, num_heads,
-                        tau is not None, bias is not None, backward, TILING_OVERRIDE)
+    return _launch_plan(qkv.shape[0], qkv.shape[-1], qkv.dtype == torch.float32, qkv.dtype.itemsize, grid, window,
+                        shift, num_heads, tau is not None, bias is not None, backward, TILING_OVERRIDE)
 
 
 # Cached: working the plan out costs about as much host time as launching the kernel, and a
 # decoder calls the same shapes 16 times a step.
 @functools.lru_cache(maxsize=256)
-def _launch_plan(batch, c3, fp32, grid, window, shift, num_heads, has_tau, has_bias, backward, tiling_override):
+def _launch_plan(batch, c3, fp32, itemsize, grid, window, shift, num_heads, has_tau, has_bias, backward,
+                 tiling_override):
     head_dim = c3 // (3 * num_heads)
     (T, F), (wt, wf) = grid, window
     num_windows = (T // wt) * (F // wf)
     d_pad = max(16, next_power_of_2(head_dim))
-    block, windows_per_group, num_chunks, num_warps = _tiling(num_windows, wt * wf, d_pad, fp32, backward)
+    block, windows_per_group, num_chunks, tiling = _tiling(num_windows, wt * wf, d_pad, fp32, backward)
     num_groups = cdiv(num_windows, windows_per_group)
+    batch_per_program = 1
+    if backward:
+        batch_per_program = tiling.batch_per_program or default_batch_per_program(
+            batch, num_groups * num_chunks * num_heads, partial_bytes=4 * (wt * wf) ** 2,
+            qkv_bytes=windows_per_group * wt * wf * 3 * head_dim * itemsize)
     runtime = dict(seq_len=T * F, T=T, F=F, shift_t=shift[0], shift_f=shift[1], num_heads=num_heads,
                    num_groups=num_groups, num_windows=num_windows, scale=head_dim**-0.5)
     meta = dict(WT=wt, WF=wf, WINDOWS_PER_GROUP=windows_per_group, NUM_CHUNKS=num_chunks, BLOCK=block,
                 HEAD_DIM=head_dim, D_PAD=d_pad, HAS_TAU=has_tau, HAS_BIAS=has_bias,
-                SHIFTED=any(shift), DOT_PRECISION="ieee" if fp32 else "tf32", num_warps=num_warps, num_stages=2)
-    num_programs = batch * num_groups * num_chunks * num_heads
+                SHIFTED=any(shift), DOT_PRECISION="ieee" if fp32 else "tf32", num_warps=tiling.num_warps,
+                num_stages=2)
+    if backward:
+        runtime["batch"] = batch
+        meta["BATCH_PER_PROGRAM"] = batch_per_program
+    num_programs = cdiv(batch, batch_per_program) * num_groups * num_chunks * num_heads
     return runtime, meta, num_programs
 
 
@@ -469,16 +537,19 @@ def _forward(qkv, tau, bias, grid, window, shift, num_heads, mask_value):
     return out, lse
 
 
-def _backward(dout, qkv, tau, bias, out, lse, grid, window, shift, num_heads, mask_value):
-    B = qkv.shape[0]
+def _backward(dout, qkv, tau, bias, out, lse, grid, window, shift, num_heads, mask_value, dqkv=None):
+    """(dqkv, dtau, dbias). ``dqkv``: the contiguous buffer to write qkv's gradient into (qkv itself
+    for ``overwrite_qkv``; the caller checks that the launch allows it); by default a new one."""
     area = window[0] * window[1]
     runtime, meta, num_programs = _launch_args(qkv, grid, window, shift, num_heads, tau, bias, backward=True)
-    dqkv = torch.empty(qkv.shape, device=qkv.device, dtype=qkv.dtype)
-    num_groups = runtime["num_groups"]
-    dbias_part = torch.empty(B, num_groups, num_heads, area, area, device=qkv.device, dtype=torch.float32) \
-        if bias is not None else None
-    dtau_part = torch.empty(B, num_groups * meta["NUM_CHUNKS"], num_heads, device=qkv.device, dtype=torch.float32) \
-        if tau is not None else None
+    if dqkv is None:
+        dqkv = torch.empty(qkv.shape, device=qkv.device, dtype=qkv.dtype)
+    num_groups, num_chunks = runtime["num_groups"], meta["NUM_CHUNKS"]
+    batch_blocks = cdiv(qkv.shape[0], meta["BATCH_PER_PROGRAM"])
+    dbias_part = torch.empty(batch_blocks, num_groups, num_heads, area, area, device=qkv.device,
+                             dtype=torch.float32) if bias is not None else None
+    dtau_part = torch.empty(batch_blocks, num_groups * num_chunks, num_heads, device=qkv.device,
+                            dtype=torch.float32) if tau is not None else None
     pos_block = max(16, min(next_power_of_2(area), meta["BLOCK"]))
     _window_attention_bwd[(num_programs,)](
         qkv, tau, bias, out, dout, lse, dqkv, dbias_part, dtau_part, *qkv.stride(), *dout.stride(),
@@ -491,6 +562,16 @@ def _backward(dout, qkv, tau, bias, out, lse, grid, window, shift, num_heads, ma
     if bias is not None:
         dbias = dbias_part.sum((0, 1)).to(bias.dtype)
     return dqkv, dtau, dbias
+
+
+def _can_overwrite(qkv, grid, window, shift, num_heads, tau, bias) -> bool:
+    """Whether the backward may write dqkv over qkv: qkv contiguous (the kernel writes dqkv
+    contiguous), every window in one tile (a chunked window's programs read rows that others
+    write), and the graph not kept for another backward (which would read qkv again)."""
+    if not qkv.is_contiguous() or torch._C._autograd._get_current_graph_task_keep_graph():
+        return False
+    _, meta, _ = _launch_args(qkv, grid, window, shift, num_heads, tau, bias, backward=True)
+    return meta["NUM_CHUNKS"] == 1
 
 
 @torch.library.custom_op("audiomae::window_attention", mutates_args=())
@@ -550,21 +631,29 @@ class _WindowAttentionFunction(torch.autograd.Function):
     traces the custom ops instead."""
 
     @staticmethod
-    def forward(ctx, qkv, tau, bias, grid, window, shift, num_heads, mask_value):
+    def forward(ctx, qkv, tau, bias, grid, window, shift, num_heads, mask_value, overwrite_qkv):
         out, lse = _forward(qkv, tau, bias, grid, window, shift, num_heads, mask_value)
         ctx.save_for_backward(qkv, tau, bias, out, lse)
         ctx.args = (grid, window, shift, num_heads, mask_value)
+        ctx.overwrite_qkv = overwrite_qkv
         return out
 
     @staticmethod
     @first_order_only("window_attention")  # double backward is an error, as for the op
     def backward(ctx, dout):
         qkv, tau, bias, out, lse = ctx.saved_tensors
-        # Compiled autograd traces this backward: there it takes the op too.
-        backward = _window_attention_backward_op if needs_custom_op() else _backward
-        dqkv, dtau, dbias = backward(dout, qkv, tau, bias, out, lse, *ctx.args)
+        if needs_custom_op():  # compiled autograd traces this backward: there it takes the op too
+            dqkv, dtau, dbias = _window_attention_backward_op(dout, qkv, tau, bias, out, lse, *ctx.args)
+        else:
+            overwrite = ctx.overwrite_qkv and ctx.needs_input_grad[0] and _can_overwrite(qkv, *ctx.args[:4], tau, bias)
+            dqkv, dtau, dbias = _backward(dout, qkv, tau, bias, out, lse, *ctx.args,
+                                          dqkv=qkv.detach() if overwrite else None)
+            if overwrite:
+                # Any other node that saved qkv and runs later now fails loudly (modified in place)
+                # instead of reading the gradient as qkv.
+                torch.autograd.graph.increment_version(qkv)
         return (dqkv, dtau if tau is not None else None, dbias if bias is not None else None,
-                None, None, None, None, None)
+                None, None, None, None, None, None)
 
 
 def window_attention(
@@ -577,10 +666,24 @@ def window_attention(
     tau: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
     mask_value: float = -100.0,
+    overwrite_qkv: bool = False,
 ) -> torch.Tensor:
-    """qkv [B, L, 3*C] in token order on ``grid`` -> [B, L, C]; the contract is the module docstring."""
+    """qkv [B, L, 3*C] in token order on ``grid`` -> [B, L, C]; the contract is the module docstring.
+
+    ``overwrite_qkv=True`` lets the backward write qkv's gradient over qkv's memory instead of a
+    new qkv-sized buffer (the decoder's qkv projection output, read by nothing else, saves that
+    much at the backward's peak). Only a promise from the caller that nothing reads qkv after the
+    backward: another autograd node that saved qkv and runs later fails with PyTorch's in-place
+    modification error. qkv must come from an op (a leaf's values would be lost). It takes effect
+    on the eager CUDA/interpreter path when qkv is contiguous, each window fits one tile and the
+    graph is not retained; otherwise (and under ``torch.compile``) the gradient gets its own buffer."""
     grid, window, shift = tuple(grid), tuple(window), tuple(shift)
     head_dim, _ = check_window_attention_args(qkv, grid, window, shift, num_heads, tau, bias, mask_value)
+    if not isinstance(overwrite_qkv, bool):
+        raise TypeError(f"overwrite_qkv must be a bool, got {type(overwrite_qkv).__name__}")
+    if overwrite_qkv and qkv.requires_grad and qkv.is_leaf:
+        raise ValueError("overwrite_qkv=True needs qkv produced by an op (such as the qkv Linear); qkv is a leaf "
+                         "tensor, whose values the backward would overwrite with its gradient")
     if not 16 <= head_dim <= 128:  # the kernel's tiles; the reference itself takes any head_dim
         raise ValueError(f"head_dim must be in [16, 128], got {head_dim} (qkv last axis {qkv.shape[-1]}, "
                          f"{num_heads} heads)")
@@ -600,4 +703,5 @@ def window_attention(
     if needs_custom_op():
         out, _ = _window_attention_op(qkv, tau, bias, grid, window, shift, num_heads, float(mask_value))
         return out
-    return _WindowAttentionFunction.apply(qkv, tau, bias, grid, window, shift, num_heads, float(mask_value))
+    return _WindowAttentionFunction.apply(qkv, tau, bias, grid, window, shift, num_heads, float(mask_value),
+                                          overwrite_qkv)

@@ -56,6 +56,22 @@ def test_fbank_and_window_targets_use_the_newest_row():
     assert v["core fwd+bwd (graph replay): >= 10x flex_attention"] == ("missed", "9.0x")
 
 
+def test_block_targets_eager_and_graph_replayed():
+    rows = [
+        {"suite": "window_attention_block", "impl": "triton", "step": "fwd+bwd", "median_ms": 2.0,
+         "speedup_vs_official": 2.0, "speedup_vs_official_compiled": 0.9, "peak_mem_vs_official": 0.45},
+        {"suite": "window_attention_block", "impl": "triton", "step": "fwd+bwd graph", "median_ms": 0.7,
+         "speedup_vs_official": 5.5, "speedup_vs_official_compiled": 2.4, "peak_mem_bytes": None},
+    ]
+    v = _verdicts(rows)
+    assert v["block fwd+bwd (both eager): >= 3x the official path"] == ("missed", "2.00x")
+    assert v["block fwd+bwd (both graph-replayed): >= 3x the official path"] == ("met", "5.50x")
+    assert v["block fwd+bwd (both graph-replayed): >= 2x the official path compiled"] == ("met", "2.40x")
+    assert v["block fwd+bwd: <= 0.5x the official peak memory"] == ("met", "0.45x")
+    v = _verdicts(rows[1:])
+    assert v["block fwd+bwd: <= 0.5x the official peak memory"][0] == "not measured"
+
+
 def test_render_targets_takes_gpu_files_only(tmp_path):
     gpu = {"device": {"device": "NVIDIA H200"}, "benchmarks": [
         {"suite": "model_pretrain", "impl": "triton", "median_ms": 40.0, "speedup_vs_reference": 3.5,

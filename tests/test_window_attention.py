@@ -323,9 +323,9 @@ def test_gpu_candidate_tilings(dtype):
     from benches.bench_window_tiling import TILING_CANDIDATES
 
     module = sys.modules["kernels.window_attention"]
-    qkv, tau, bias = make_inputs(4, (64, 8), (4, 4), 16, 32)
-    for rows, num_warps in TILING_CANDIDATES:
-        with module.forced_tiling(rows, num_warps):
+    qkv, tau, bias = make_inputs(5, (64, 8), (4, 4), 16, 32)  # 5: a part-empty last batch block
+    for rows, num_warps, batch_per_program in TILING_CANDIDATES:
+        with module.forced_tiling(rows, num_warps, batch_per_program):
             check_against_reference(qkv, tau, bias, dtype, grid=(64, 8), window=(4, 4), shift=(2, 0), num_heads=16)
 
 
@@ -396,3 +396,94 @@ def test_forced_tiling_nests():
             assert module.TILING_OVERRIDE == module.Tiling(16, 2)
         assert module.TILING_OVERRIDE == module.Tiling(64, 4)
     assert module.TILING_OVERRIDE is None
+
+
+@pytest.mark.parametrize("batch_per_program", [2, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_batch_elements_per_program_match_reference(batch_per_program, dtype):
+    """A backward program that takes several batch elements in turn (a last block part-empty with
+    B=3) sums their bias and tau gradients right: packed 2x2 windows, one 4x4 window to a tile,
+    and a 144-token window chunked at 64 rows (its partial summed in memory)."""
+    module = sys.modules["kernels.window_attention"]
+    cases = [((8, 8), (2, 2), (1, 1), 16), ((8, 8), (4, 4), (2, 0), 16), ((12, 12), (12, 12), (7, 5), 64)]
+    for grid, window, shift, rows in cases:
+        with module.forced_tiling(rows, 4, batch_per_program):
+            qkv, tau, bias = make_inputs(3, grid, window, 2, 16)
+            check_against_reference(qkv, tau, bias, dtype, grid=grid, window=window, shift=shift, num_heads=2)
+
+
+def test_default_batch_per_program():
+    rule = sys.modules["kernels.window_attention"].default_batch_per_program
+    # the decoder (B=64, 32 windows of 4x4, 16 heads of 32, bf16): partials a third of qkv, kept
+    assert rule(64, 32 * 16, partial_bytes=4 * 16**2, qkv_bytes=16 * 3 * 32 * 2) == 1
+    # 16x16 windows of head dim 32: partials 5.3x qkv with one element a program; 8 elements keep
+    # them under qkv's size, if the batch leaves enough programs
+    assert rule(64, 4 * 16, partial_bytes=4 * 256**2, qkv_bytes=256 * 3 * 32 * 2) == 2
+    assert rule(2048, 4 * 16, partial_bytes=4 * 256**2, qkv_bytes=256 * 3 * 32 * 2) == 8
+    # a small launch keeps one element a program
+    assert rule(2, 8, partial_bytes=4 * 256**2, qkv_bytes=256 * 3 * 16 * 4) == 1
+
+
+def _projected_attention(x, weight, overwrite, **kwargs):
+    qkv = torch.nn.functional.linear(x, weight)
+    seen = []
+    qkv.register_hook(lambda g: seen.append((g.data_ptr() == qkv.data_ptr(), g.clone())))
+    return window_attention(qkv, overwrite_qkv=overwrite, **kwargs), seen
+
+
+@pytest.mark.parametrize("window,shift,grid", [((4, 4), (2, 0), (8, 8)), ((12, 12), (7, 5), (12, 12))])
+def test_overwrite_qkv_gives_the_same_gradients(window, shift, grid):
+    """With overwrite_qkv the backward writes dqkv into qkv's own memory (a 4x4 window a tile) or,
+    for a chunked window, into a new buffer; either way every gradient is the one without it."""
+    qkv64, tau64, bias64 = make_inputs(2, grid, window, 2, 16)
+    x0 = torch.randn(2, grid[0] * grid[1], 32, device=DEVICE)
+    w0 = torch.randn(qkv64.shape[-1], 32, device=DEVICE) / 6
+    args = dict(grid=grid, window=window, shift=shift, num_heads=2)
+    results = []
+    for overwrite in (False, True):
+        x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+        tau, bias = tau64.float().requires_grad_(), bias64.float().requires_grad_()
+        out, seen = _projected_attention(x, w, overwrite, tau=tau, bias=bias, **args)
+        out.backward(torch.ones_like(out))
+        results.append((seen, [t.grad for t in (x, w, tau, bias)]))
+    (seen_plain, plain), (seen_overwrite, overwritten) = results
+    assert not seen_plain[0][0]
+    assert seen_overwrite[0][0] == (window == (4, 4)), "in place exactly when every window fits a tile"
+    torch.testing.assert_close(seen_overwrite[0][1], seen_plain[0][1], rtol=0, atol=0)
+    for a, b in zip(overwritten, plain):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_overwrite_qkv_keeps_qkv_for_a_retained_graph():
+    qkv64, tau64, bias64 = make_inputs(1, (8, 8), (4, 4), 2, 16)
+    x = torch.randn(1, 64, 32, device=DEVICE, requires_grad=True)
+    w = torch.randn(qkv64.shape[-1], 32, device=DEVICE, requires_grad=True)
+    out, seen = _projected_attention(x, w, True, grid=(8, 8), window=(4, 4), shift=(2, 0), num_heads=2,
+                                     tau=tau64.float(), bias=bias64.float())
+    out.sum().backward(retain_graph=True)
+    first = x.grad.clone()
+    out.sum().backward()
+    assert not seen[0][0], "a retained graph keeps qkv"
+    assert seen[1][0], "the last backward may overwrite it"
+    torch.testing.assert_close(x.grad, 2 * first)
+
+
+def test_overwrite_qkv_makes_a_later_reader_of_qkv_fail_loudly():
+    """Another node that saved qkv and runs after the attention's backward must not read dqkv."""
+    qkv64, _, _ = make_inputs(1, (8, 8), (4, 4), 2, 16)
+    x = torch.randn(1, 64, 32, device=DEVICE, requires_grad=True)
+    w = torch.randn(qkv64.shape[-1], 32, device=DEVICE, requires_grad=True)
+    qkv = torch.nn.functional.linear(x, w)
+    scale = torch.ones(qkv.shape[-1], device=DEVICE, requires_grad=True)
+    other = (qkv * scale).sum()  # saves qkv; created first, so its backward runs after the attention's
+    out = window_attention(qkv, grid=(8, 8), window=(4, 4), shift=(2, 0), num_heads=2, overwrite_qkv=True)
+    with pytest.raises(RuntimeError, match="inplace"):
+        (out.sum() + other).backward()
+
+
+def test_overwrite_qkv_rejects_a_leaf_and_non_bools():
+    qkv = torch.randn(1, 64, 96, device=DEVICE, requires_grad=True)
+    with pytest.raises(ValueError, match="leaf"):
+        window_attention(qkv, grid=(8, 8), window=(4, 4), num_heads=2, overwrite_qkv=True)
+    with pytest.raises(TypeError, match="overwrite_qkv"):
+        window_attention(qkv.detach(), grid=(8, 8), window=(4, 4), num_heads=2, overwrite_qkv=1)
