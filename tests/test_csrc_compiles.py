@@ -35,9 +35,20 @@ def test_every_csrc_source_compiles_for_sm90(tmp_path):
         results = list(pool.map(lambda s: nvcc_compile(s, tmp_path), SOURCES))
     failures = [f"{s.relative_to(CSRC)}:\n{r.stderr[-4000:]}" for s, r in zip(SOURCES, results) if r.returncode]
     assert not failures, "\n\n".join(failures)
-    # ptxas reports each kernel's registers and spills: a spill here would be a slow kernel on the H100.
-    spills = [f"{s.relative_to(CSRC)}: {line.strip()}" for s, r in zip(SOURCES, results)
-              for line in r.stderr.splitlines() if re.search(r"[1-9]\d* bytes spill (stores|loads)", line)]
+    # ptxas reports each kernel's registers and spills: a spill in a default kernel would be a slow
+    # kernel on the H100. The fbank kernel's candidate launch shapes (template shape > 0, capped
+    # registers, timed against the default by the benchmark) may spill a little, no more.
+    spills = []
+    for source, result in zip(SOURCES, results):
+        kernel = None
+        for line in result.stderr.splitlines():
+            if "Compiling entry function" in line:
+                kernel = line
+            found = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)
+            if found and max(map(int, found.groups())) > 0:
+                candidate = re.search(r"fbank_kernelI[fd]Li([1-9])E", kernel or "")
+                if not candidate or max(map(int, found.groups())) > 256:
+                    spills.append(f"{source.relative_to(CSRC)}: {kernel}: {line.strip()}")
     assert not spills, "\n".join(spills)
     reports = [line for r in results for line in r.stderr.splitlines() if "ptxas info" in line and "registers" in line]
     assert reports, "ptxas printed no register report: is -Xptxas=-v still passed?"

@@ -18,7 +18,9 @@ import pytest
 import torch
 from torchaudio.compliance import kaldi
 
-from kernels.fbank import FbankOptions, _fbank_cuda_op, _unit_circle, _warn_once, fbank, kernel_tables
+from kernels.fbank import (
+    LAUNCH_SHAPES, FbankOptions, _fbank_cuda_op, _unit_circle, _warn_once, fbank, forced_launch_shape, kernel_tables,
+)
 
 ATOL = 1e-3
 CSRC = Path(__file__).resolve().parent.parent / "csrc" / "fbank"
@@ -399,6 +401,38 @@ def test_cuda_kernel_padded_batch_equals_torch_backend(dtype):
 
 
 @gpu
+@pytest.mark.parametrize("shape", range(len(LAUNCH_SHAPES)))
+def test_cuda_every_launch_shape_matches_torchaudio_float64(shape):
+    """Each launch shape the benchmark times (fewer frames a block, capped registers) is the same
+    arithmetic: checked against torchaudio on every option set, with a padded batch and the
+    largest FFT (one frame a block), before any can become the default."""
+    with forced_launch_shape(shape):
+        for name in KERNEL_OPTION_SETS:
+            options = OPTION_SETS[name]
+            clips = clips_for(options)
+            assert_matches_reference(fbank(clips.cuda(), backend="cuda", **options).cpu(), clips, options)
+        clips = torch.cat([clips_for({}, num_samples=16000)] * 4).cuda()
+        lengths = torch.randint(400, 16001, (len(clips),), generator=torch.Generator().manual_seed(1)).cuda()
+        got, _ = fbank(clips, lengths=lengths, backend="cuda", snip_edges=False)
+        want, _ = fbank(clips, lengths=lengths, backend="torch", snip_edges=False)
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+        options = dict(frame_length=4096 / 16.0, frame_shift=128 / 16.0, num_mel_bins=4, low_freq=0.0)
+        clips = clips_for({}, num_samples=9000)
+        assert_matches_reference(fbank(clips.cuda(), backend="cuda", **options).cpu(), clips, options)
+
+
+def test_forced_launch_shape_rejects_unknown_shapes_and_restores():
+    module = sys.modules["kernels.fbank"]
+    for bad in (-1, len(LAUNCH_SHAPES), 1.0):
+        with pytest.raises(ValueError, match="LAUNCH_SHAPES"):
+            with forced_launch_shape(bad):
+                pass
+    with forced_launch_shape(2):
+        assert module._LAUNCH_SHAPE == 2
+    assert module._LAUNCH_SHAPE == 0
+
+
+@gpu
 def test_cuda_every_fft_size_and_noncontiguous():
     clips = clips_for({}, num_samples=9000)
     for padded in [2, 16, 256, 1024, 4096]:
@@ -457,7 +491,7 @@ def test_cuda_op_registration():
     lengths = torch.full((len(clips),), 2000, device="cuda")
     t = kernel_tables(opts, clips.device, torch.get_default_dtype())
     args = (clips, lengths, opts.num_frames(2000), t.window, t.fft_twiddles, t.real_twiddles, t.mel_start, t.mel_len,
-            t.mel_weights, opts.window_shift, opts.reflect_pad(), True, True, 0.97, True, 1.0, True, False, True, True)  # fmt: skip
+            t.mel_weights, opts.window_shift, opts.reflect_pad(), True, True, 0.97, True, 1.0, True, False, True, True, 0)  # fmt: skip
     torch.library.opcheck(_fbank_cuda_op, args)
     compiled = torch.compile(lambda x: _fbank_cuda_op(x, *args[1:]), fullgraph=True)
     torch.testing.assert_close(compiled(clips), fbank(clips, backend="cuda", num_mel_bins=40, use_energy=True))

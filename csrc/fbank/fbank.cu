@@ -19,8 +19,18 @@ namespace fbank {
 namespace {
 
 constexpr int kWarp = 32;
-constexpr int kMaxFramesPerBlock = 8;
 constexpr int kSharedBudget = 64 * 1024;  // bytes per block; a 4096-point frame alone needs 64 KiB
+
+// Launch shapes: warps (frames) per block, and the blocks per SM that __launch_bounds__ asks the
+// register allocator to fit. Shape 0 is the default; the others are candidates that
+// benches/bench_fbank.py times on the GPU (at 100 registers a thread, shape 0 fits two blocks, 16
+// warps, an SM: the warps' shared-memory and fp64 latencies are hidden by few others). Float64
+// clips always take shape 0.
+struct LaunchShape {
+  int frames_per_block, min_blocks_per_sm;
+};
+constexpr LaunchShape kLaunchShapes[] = {{8, 1}, {4, 5}, {8, 3}, {4, 7}, {2, 14}};
+constexpr int kNumLaunchShapes = sizeof(kLaunchShapes) / sizeof(kLaunchShapes[0]);
 
 struct WarpTeam {
   int lane;
@@ -33,8 +43,10 @@ struct WarpTeam {
   }
 };
 
-template <class scalar_t>
-__global__ void fbank_kernel(const scalar_t* __restrict__ waveforms, int64_t num_clips, int64_t num_samples,
+template <class scalar_t, int kShape>
+__global__ void __launch_bounds__(kWarp * kLaunchShapes[kShape].frames_per_block,
+                                  kLaunchShapes[kShape].min_blocks_per_sm)
+fbank_kernel(const scalar_t* __restrict__ waveforms, int64_t num_clips, int64_t num_samples,
                              const int64_t* __restrict__ lengths, int64_t num_frames, int num_features,
                              int frames_per_block, FrameConfig config, scalar_t* __restrict__ out) {
   extern __shared__ __align__(16) unsigned char shared[];
@@ -67,8 +79,8 @@ std::string fbank_cuda_unavailable(int64_t device_index) {
   using namespace fbank;
   const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device_index));
   cudaFuncAttributes attributes;
-  for (const void* kernel : {reinterpret_cast<const void*>(fbank_kernel<float>),
-                             reinterpret_cast<const void*>(fbank_kernel<double>)}) {
+  for (const void* kernel : {reinterpret_cast<const void*>(fbank_kernel<float, 0>),
+                             reinterpret_cast<const void*>(fbank_kernel<double, 0>)}) {
     const cudaError_t status = cudaFuncGetAttributes(&attributes, kernel);
     if (status != cudaSuccess) {
       cudaGetLastError();  // not sticky: clear it so that later launches do not report it
@@ -83,8 +95,12 @@ at::Tensor fbank_cuda(const at::Tensor& waveforms, const at::Tensor& lengths, in
                       const at::Tensor& mel_start, const at::Tensor& mel_len, const at::Tensor& mel_weights,
                       int64_t window_shift, int64_t reflect_pad, bool snip_edges, bool remove_dc_offset,
                       double preemphasis_coefficient, bool raw_energy, double energy_floor, bool use_energy,
-                      bool htk_compat, bool use_log_fbank, bool use_power) {
+                      bool htk_compat, bool use_log_fbank, bool use_power, int64_t launch_shape) {
   using namespace fbank;
+  TORCH_CHECK(launch_shape >= 0 && launch_shape < kNumLaunchShapes, "fbank_cuda: launch_shape must be in [0, ",
+              kNumLaunchShapes, "), got ", launch_shape);
+  TORCH_CHECK(launch_shape == 0 || waveforms.scalar_type() == at::kFloat,
+              "fbank_cuda: float64 waveforms take launch shape 0 only, got ", launch_shape);
   TORCH_CHECK(waveforms.is_cuda(), "fbank_cuda: waveforms must be a CUDA tensor, got ", waveforms.device());
   TORCH_CHECK(waveforms.dim() == 2 && waveforms.is_contiguous(), "fbank_cuda: waveforms must be contiguous [B, N]");
   TORCH_CHECK(waveforms.scalar_type() == at::kFloat || waveforms.scalar_type() == at::kDouble,
@@ -121,21 +137,34 @@ at::Tensor fbank_cuda(const at::Tensor& waveforms, const at::Tensor& lengths, in
       mel_len.data_ptr<int>(), mel_weights.data_ptr<double>());
 
   const int frame_bytes = 2 * config.padded_size * static_cast<int>(sizeof(double));
-  const int frames_per_block = std::max(1, std::min(kMaxFramesPerBlock, kSharedBudget / frame_bytes));
+  const int frames_per_block = std::max(
+      1, std::min(kLaunchShapes[launch_shape].frames_per_block, kSharedBudget / frame_bytes));
   const int shared_bytes = frames_per_block * frame_bytes;
   const dim3 grid(static_cast<unsigned>((num_frames + frames_per_block - 1) / frames_per_block),
                   static_cast<unsigned>(std::min<int64_t>(num_clips, 65535)));
   const c10::cuda::CUDAGuard guard(device);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES(waveforms.scalar_type(), "fbank_cuda", [&] {
-    auto kernel = fbank_kernel<scalar_t>;
+  auto launch = [&](auto kernel, auto* samples, auto* features) {
     if (shared_bytes > 48 * 1024) {
       C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, shared_bytes));
     }
     kernel<<<grid, kWarp * frames_per_block, shared_bytes, stream>>>(
-        waveforms.data_ptr<scalar_t>(), num_clips, waveforms.size(1), lengths.data_ptr<int64_t>(), num_frames,
-        num_features, frames_per_block, config, out.data_ptr<scalar_t>());
+        samples, num_clips, waveforms.size(1), lengths.data_ptr<int64_t>(), num_frames, num_features,
+        frames_per_block, config, features);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+  };
+  if (waveforms.scalar_type() == at::kDouble) {
+    launch(fbank_kernel<double, 0>, waveforms.data_ptr<double>(), out.data_ptr<double>());
+  } else {
+    const float* samples = waveforms.data_ptr<float>();
+    float* features = out.data_ptr<float>();
+    switch (launch_shape) {
+      case 0: launch(fbank_kernel<float, 0>, samples, features); break;
+      case 1: launch(fbank_kernel<float, 1>, samples, features); break;
+      case 2: launch(fbank_kernel<float, 2>, samples, features); break;
+      case 3: launch(fbank_kernel<float, 3>, samples, features); break;
+      default: launch(fbank_kernel<float, 4>, samples, features); break;
+    }
+  }
   return out;
 }
