@@ -155,6 +155,14 @@ def _post_norm_case(x_dtype, branch_dtype, M, C, params=True):
     out.backward(torch.randn_like(out))
 
 
+def _gelu_case(dtype, rows, cols, approximate):
+    import torch
+
+    from kernels.gelu_grad import gelu_and_grad
+    hidden = torch.randn(rows, cols, dtype=dtype)
+    gelu_and_grad(hidden, torch.randn_like(hidden), approximate, True)
+
+
 def _forced(rows, warps, batch_per_program, launch):
     with sys.modules["kernels.window_attention"].forced_tiling(rows, warps, batch_per_program):
         launch()
@@ -172,6 +180,9 @@ def cases() -> dict:
                                                           _tokens_case(d, 2, 512, 102, 512))
         # #4: decoder grid 64x8, 16 heads of 32, window 4x4, shift (2, 0).
         table[f"window-target-{name}"] = lambda d=dtype: _window_case(d, 1, (64, 8), (4, 4), (2, 0), 16, 32)
+    # The MLP backward's fused GELU pass at the decoder's hidden width, exact and tanh.
+    for name, dtype in dtypes.items():
+        table[f"gelu-target-{name}"] = lambda d=dtype: (_gelu_case(d, 128, 2048, "none"), _gelu_case(d, 70, 33, "tanh"))
     table["tokens-odd-channels"] = lambda: _tokens_case(torch.bfloat16, 1, 37, 5, 1000, pos=False)
     # The decoder's post-norm residual (fp32 stream, bf16 branch), and the edges: float64, odd and
     # widest rows, no parameters.

@@ -13,8 +13,10 @@ keeps less, recomputing in the backward what it dropped:
 Both keep the weights as eager ``F.linear`` keeps them (under autocast, their compute-dtype copies),
 so updating a weight in place between the forward and the backward behaves as it does eagerly.
 
-Every operation is the one eager autograd runs (the same matmuls in the same dtypes, GELU's own
-backward), so outputs and gradients equal eager ``Mlp`` up to the order of the bias sums.
+Every matmul is the one eager autograd runs (the same matmuls in the same dtypes); the backward's
+GELU, GELU gradient and fc1 bias gradient are one pass (``kernels.gelu_grad``, PyTorch's
+arithmetic), so outputs and gradients equal eager ``Mlp`` up to the order of the bias sums and the
+last bit of erf/tanh on the GPU.
 Autocast is honoured as eager ``F.linear`` honours it: under an enabled autocast for the input's
 device, float32 and lower inputs compute in the autocast dtype; otherwise every tensor must share
 one dtype. Dropout is not part of the op (the models use it only with ``drop=0``).
@@ -36,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels._dispatch import check_same_device, first_order_only, needs_custom_op
+from kernels.gelu_grad import gelu_and_grad
 from kernels.reference.gelu_mlp import gelu_mlp as reference
 
 SAVE_CHOICES = ("input", "hidden")
@@ -96,14 +99,17 @@ def _backward_math(grad, xc, w1, b1, w2, hidden, approximate, needs):
     with torch.autocast(xc.device.type, enabled=False):
         if hidden is None:
             hidden = F.linear(xc, w1, b1)
-        act = F.gelu(hidden, approximate=approximate)
-        grad2d = _rows(grad.to(act.dtype))
-        grad_act, grad_w2, grad_b2 = _linear_backward(grad2d, _rows(act), w2, True, need_w2, need_b2, act.shape)
+        hidden2d = _rows(hidden)
+        grad2d = _rows(grad.to(hidden.dtype))
+        grad_act = grad2d @ w2
+        # GELU again (for fc2's weight gradient), GELU's backward (over grad_act, which is ours) and
+        # fc1's bias gradient in one pass over the hidden width (kernels/gelu_grad.py)
+        act, grad_hidden, grad_b1 = gelu_and_grad(hidden2d, grad_act, approximate, need_b1)
+        del hidden, hidden2d, grad_act
+        grad_w2 = grad2d.t() @ act if need_w2 else None
+        grad_b2 = grad2d.sum(0) if need_b2 else None
         del act  # the largest tensor of the backward: free it before the next one is made
-        grad_hidden = torch.ops.aten.gelu_backward(grad_act, hidden, approximate=approximate)
-        del grad_act, hidden
-        grad_x, grad_w1, grad_b1 = _linear_backward(_rows(grad_hidden), _rows(xc), w1, need_x, need_w1, need_b1,
-                                                    xc.shape)
+        grad_x, grad_w1, _ = _linear_backward(grad_hidden, _rows(xc), w1, need_x, need_w1, False, xc.shape)
     return grad_x, grad_w1, grad_b1, grad_w2, grad_b2
 
 

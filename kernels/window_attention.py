@@ -427,7 +427,8 @@ def default_batch_per_program(batch: int, programs_per_element: int, partial_byt
 
 def default_tiling(area: int, d_pad: int, fp32: bool, backward: bool) -> Tiling:
     """The tile for windows of ``area`` tokens. 16-bit inputs take one window to a tile (windows
-    under the 16 rows ``tl.dot`` needs are packed to 16; larger ones are chunked at 64 rows) and two
+    under the 16 rows ``tl.dot`` needs are packed to 16; larger ones are chunked at 64 rows, 32 in
+    the backward) and two
     warps for 16-row tiles of head dims up to 32 (other shapes keep four: not yet timed). On an
     H100, at the decoder's shape (bf16, 4x4 windows, head dim 32), the graph-replayed sweeps of
     ``benches/bench_window_tiling.py`` (2026-11-27, two runs) read, forward and forward + backward:
@@ -510,7 +511,7 @@ def _launch_plan(batch, c3, fp32, itemsize, grid, window, shift, num_heads, has_
     block, windows_per_group, num_chunks, tiling = _tiling(num_windows, wt * wf, d_pad, fp32, backward)
     num_groups = cdiv(num_windows, windows_per_group)
     batch_per_program = 1
-    if backward:
+    if backward and has_bias:  # without a bias there is no partial to shrink (tau's are a float a program)
         batch_per_program = tiling.batch_per_program or default_batch_per_program(
             batch, num_groups * num_chunks * num_heads, partial_bytes=4 * (wt * wf) ** 2,
             qkv_bytes=windows_per_group * wt * wf * 3 * head_dim * itemsize)
@@ -564,11 +565,21 @@ def _backward(dout, qkv, tau, bias, out, lse, grid, window, shift, num_heads, ma
     return dqkv, dtau, dbias
 
 
+def _owns_its_memory(qkv: torch.Tensor) -> bool:
+    """qkv made by an op (neither a leaf nor a view of one: a parameter's values must survive) and
+    spanning its whole storage (a slice of a larger buffer shares it, and its version counter,
+    with other slices)."""
+    root = qkv._base if qkv._base is not None else qkv
+    return (not root.is_leaf and qkv.is_contiguous() and qkv.storage_offset() == 0
+            and qkv.untyped_storage().nbytes() == qkv.numel() * qkv.element_size())
+
+
 def _can_overwrite(qkv, grid, window, shift, num_heads, tau, bias) -> bool:
-    """Whether the backward may write dqkv over qkv: qkv contiguous (the kernel writes dqkv
-    contiguous), every window in one tile (a chunked window's programs read rows that others
-    write), and the graph not kept for another backward (which would read qkv again)."""
-    if not qkv.is_contiguous() or torch._C._autograd._get_current_graph_task_keep_graph():
+    """Whether the backward may write dqkv over qkv: qkv owns its memory (``_owns_its_memory``;
+    the kernel writes dqkv contiguous), every window fits one tile (a chunked window's programs
+    read rows that others write), and the graph is not kept for another backward (which would
+    read qkv again)."""
+    if not _owns_its_memory(qkv) or torch._C._autograd._get_current_graph_task_keep_graph():
         return False
     _, meta, _ = _launch_args(qkv, grid, window, shift, num_heads, tau, bias, backward=True)
     return meta["NUM_CHUNKS"] == 1
@@ -672,18 +683,17 @@ def window_attention(
 
     ``overwrite_qkv=True`` lets the backward write qkv's gradient over qkv's memory instead of a
     new qkv-sized buffer (the decoder's qkv projection output, read by nothing else, saves that
-    much at the backward's peak). Only a promise from the caller that nothing reads qkv after the
-    backward: another autograd node that saved qkv and runs later fails with PyTorch's in-place
-    modification error. qkv must come from an op (a leaf's values would be lost). It takes effect
-    on the eager CUDA/interpreter path when qkv is contiguous, each window fits one tile and the
-    graph is not retained; otherwise (and under ``torch.compile``) the gradient gets its own buffer."""
+    much at the backward's peak). It is the caller's promise that nothing reads qkv after the
+    backward. Another autograd node that saved qkv and runs later fails with PyTorch's in-place
+    modification error, except where saved-tensor hooks hold it (non-reentrant checkpointing,
+    offloading), which PyTorch does not version-check. It takes effect on the eager CUDA or
+    interpreter path when qkv was made by an op (not a leaf or a view of one) and spans its whole
+    contiguous storage, each window fits one tile and the graph is not retained; otherwise, and
+    under ``torch.compile``, the gradient gets its own buffer (the same values either way)."""
     grid, window, shift = tuple(grid), tuple(window), tuple(shift)
     head_dim, _ = check_window_attention_args(qkv, grid, window, shift, num_heads, tau, bias, mask_value)
     if not isinstance(overwrite_qkv, bool):
         raise TypeError(f"overwrite_qkv must be a bool, got {type(overwrite_qkv).__name__}")
-    if overwrite_qkv and qkv.requires_grad and qkv.is_leaf:
-        raise ValueError("overwrite_qkv=True needs qkv produced by an op (such as the qkv Linear); qkv is a leaf "
-                         "tensor, whose values the backward would overwrite with its gradient")
     if not 16 <= head_dim <= 128:  # the kernel's tiles; the reference itself takes any head_dim
         raise ValueError(f"head_dim must be in [16, 128], got {head_dim} (qkv last axis {qkv.shape[-1]}, "
                          f"{num_heads} heads)")

@@ -289,8 +289,10 @@ def test_weights_may_change_in_place_before_the_backward_as_eagerly(seed):
             w1.mul_(0.5)
             w2.mul_(0.5)
         results.append(torch.autograd.grad(out, (x, w1, b1, w2, b2), grad.to(out.dtype)))
+    # equal up to bfloat16 rounding (the backward's fused GELU pass, kernels/gelu_grad.py); the
+    # halved weights would be off by half
     for a, e in zip(*results, strict=True):
-        torch.testing.assert_close(a, e, rtol=0, atol=0)
+        torch.testing.assert_close(a, e, rtol=0, atol=2**-7 * e.abs().max().item())
 
 
 def test_op_path_equals_the_eager_path_under_autocast(seed, monkeypatch):

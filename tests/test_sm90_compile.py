@@ -22,6 +22,7 @@ KERNELS = {
     "tokens": {"_gather_kernel", "_gather_backward_kernel", "_unshuffle_kernel", "_mask_pos_backward_kernel"},
     "window": {"_window_attention_fwd", "_window_attention_bwd"},
     "postnorm": {"_forward_kernel", "_backward_kernel"},
+    "gelu": {"_gelu_grad_kernel"},
 }
 
 

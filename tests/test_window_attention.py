@@ -481,9 +481,30 @@ def test_overwrite_qkv_makes_a_later_reader_of_qkv_fail_loudly():
         (out.sum() + other).backward()
 
 
-def test_overwrite_qkv_rejects_a_leaf_and_non_bools():
-    qkv = torch.randn(1, 64, 96, device=DEVICE, requires_grad=True)
-    with pytest.raises(ValueError, match="leaf"):
-        window_attention(qkv, grid=(8, 8), window=(4, 4), num_heads=2, overwrite_qkv=True)
+@pytest.mark.parametrize("make", ["leaf", "view_of_leaf", "slice_of_a_projection"])
+def test_overwrite_qkv_never_writes_memory_it_does_not_own(make):
+    """A leaf, a view of one (a parameter's values must survive) or a slice of a larger buffer
+    (whose other slices share its memory and version counter) keeps its values: the gradient gets
+    its own buffer, and two slices of one projection both backpropagate."""
+    qkv64, tau64, bias64 = make_inputs(2, (8, 8), (4, 4), 2, 16)
+    args = dict(grid=(8, 8), window=(4, 4), shift=(2, 0), num_heads=2, tau=tau64.float(), bias=bias64.float(),
+                overwrite_qkv=True)
+    leaf = qkv64.float().requires_grad_()
+    if make == "leaf":
+        parts = [leaf]
+    elif make == "view_of_leaf":
+        parts = [leaf.view(2, 64, 96)]
+    else:
+        parts = list((leaf * 1).split(1))
+    before = leaf.detach().clone()
+    sum(window_attention(p, **args).sum() for p in parts).backward()
+    torch.testing.assert_close(leaf.detach(), before, rtol=0, atol=0)
+    plain = qkv64.float().requires_grad_()
+    window_attention(plain, **{**args, "overwrite_qkv": False}).sum().backward()
+    torch.testing.assert_close(leaf.grad, plain.grad, rtol=0, atol=0)
+
+
+def test_overwrite_qkv_must_be_a_bool():
+    qkv = torch.randn(1, 64, 96, device=DEVICE)
     with pytest.raises(TypeError, match="overwrite_qkv"):
-        window_attention(qkv.detach(), grid=(8, 8), window=(4, 4), num_heads=2, overwrite_qkv=1)
+        window_attention(qkv, grid=(8, 8), window=(4, 4), num_heads=2, overwrite_qkv=1)
