@@ -31,11 +31,10 @@ TILING_CANDIDATES = [(16, 1, 1), (16, 1, 4), (16, 2, 1), (16, 2, 4), (16, 2, 8),
                      (32, 4, 4), (64, 4, 1)]
 
 
-def _default_batch_per_program(cfg, qkv) -> int:
+def _default_batch_per_program(cfg, qkv, tau, bias) -> int:
     """The batch elements a default backward program takes at this shape."""
-    _, meta, _ = window_attention_module._launch_plan(
-        qkv.shape[0], qkv.shape[-1], qkv.dtype == torch.float32, qkv.dtype.itemsize, cfg["grid"], cfg["window"],
-        cfg["shift"], cfg["num_heads"], True, True, True, None)
+    _, meta, _ = window_attention_module._launch_args(qkv, cfg["grid"], cfg["window"], cfg["shift"], cfg["num_heads"],
+                                                      tau, bias, backward=True)
     return meta["BATCH_PER_PROGRAM"]
 
 
@@ -62,7 +61,7 @@ def run(device, quick: bool) -> list[dict]:
                 device=str(device),
                 default=f"fwd rows={defaults['fwd'].rows} warps={defaults['fwd'].num_warps}, "
                         f"bwd rows={defaults['bwd'].rows} warps={defaults['bwd'].num_warps} "
-                        f"batch={_default_batch_per_program(cfg, qkv)}")
+                        f"batch={_default_batch_per_program(cfg, qkv, tau, bias)}")
     rows = []
     detached = tuple(t.detach() for t in (qkv, tau, bias))
     steps = {"fwd": lambda: fn(*detached),

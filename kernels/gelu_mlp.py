@@ -106,8 +106,7 @@ def _backward_math(grad, xc, w1, b1, w2, hidden, approximate, needs):
         # fc1's bias gradient in one pass over the hidden width (kernels/gelu_grad.py)
         act, grad_hidden, grad_b1 = gelu_and_grad(hidden2d, grad_act, approximate, need_b1)
         del hidden, hidden2d, grad_act
-        grad_w2 = grad2d.t() @ act if need_w2 else None
-        grad_b2 = grad2d.sum(0) if need_b2 else None
+        _, grad_w2, grad_b2 = _linear_backward(grad2d, act, w2, False, need_w2, need_b2, act.shape)
         del act  # the largest tensor of the backward: free it before the next one is made
         grad_x, grad_w1, _ = _linear_backward(grad_hidden, _rows(xc), w1, need_x, need_w1, False, xc.shape)
     return grad_x, grad_w1, grad_b1, grad_w2, grad_b2
