@@ -15,7 +15,8 @@ check ends inside 8 minutes), most valuable first:
 5. ``profile``: where the ``triton`` pretraining step spends its time (``torch.profiler``);
 6. ``parity``: ``audiomae validate`` at the GPU shapes;
 7. ``bench-mae_ast`` (issue 7's ratios), ``bench-window_tiling`` (the sweep that should set the
-   window-attention default), ``models-pretrain-compiled`` (the compiled variants, with their own
+   window-attention default), ``bench-gelu_grad`` (the MLP backward's fused GELU pass),
+   ``models-pretrain-compiled`` (the compiled variants, with their own
    reference row), every other ``benches/bench_*.py`` at its target shapes (memory estimate,
    post-norm kernel, training CLI), then ``models-finetune``, ``models-embed`` and
    ``models-finetune-compiled``, and ``profile-compiled`` (the compiled step's profile, appended
@@ -66,7 +67,8 @@ QUICK_VARIANTS = ("reference", "triton", "triton+graph", "sdpa", "reference+grap
 COMPILED_VARIANTS = ("reference", "triton+compile+graph", "triton+compile", "reference+compile")
 MODEL_TIMEOUTS = {"pretrain": 220, "pretrain-compiled": 260, "finetune": 150, "finetune-compiled": 260, "embed": 70}
 FIRST_BENCHES = ("window_attention", "tokens", "fbank")  # issues 4, 3 and 5
-SECOND_BENCHES = ("mae_ast", "window_tiling")  # issue 7's ratios, then the tiling that sets issue 4's default
+# issue 7's ratios, the tiling that sets issue 4's default, the MLP backward's GELU pass (issue 6)
+SECOND_BENCHES = ("mae_ast", "window_tiling", "gelu_grad")
 BENCH_TIMEOUTS = {"window_attention": 180, "tokens": 90, "window_tiling": 90, "post_norm": 90, "mae_ast": 180}
 
 

@@ -186,6 +186,20 @@ def post_norm_residual_case(device, dtype, quick):
     return _check_op("triton", post_norm_residual, reference, inputs, ROUNDING[dtype])
 
 
+def gelu_mlp_case(device, dtype, quick):
+    """The MLP, whose backward's GELU pass is a Triton kernel (kernels/gelu_grad.py)."""
+    from kernels.gelu_mlp import gelu_mlp
+    from kernels.reference.gelu_mlp import gelu_mlp as reference
+
+    M, C, H = (4 * 512, 512, 2048) if device.type == "cuda" else (37, 24, 96)  # the decoder's MLP
+    inputs = {"x": torch.randn(M, C, device=device, dtype=dtype),
+              "fc1_weight": (torch.randn(H, C, device=device) / C**0.5).to(dtype),
+              "fc1_bias": (0.1 * torch.randn(H, device=device)).to(dtype),
+              "fc2_weight": (torch.randn(C, H, device=device) / H**0.5).to(dtype),
+              "fc2_bias": (0.1 * torch.randn(C, device=device)).to(dtype)}
+    return _check_op("triton", gelu_mlp, reference, inputs, ATTENTION[dtype])
+
+
 FBANK_OPTIONS = dict(htk_compat=True, sample_frequency=16000, use_energy=False, window_type="hanning",
                      num_mel_bins=128, dither=0.0, frame_shift=10)
 
@@ -312,6 +326,7 @@ CASES: dict[str, Case] = {
         Case("unshuffle_tokens", unshuffle_tokens_case),
         Case("window_attention", window_attention_case),
         Case("post_norm_residual", post_norm_residual_case),
+        Case("gelu_mlp", gelu_mlp_case),
         Case("fbank", fbank_case, dtypes=("float32", "float64")),
         Case("models", models_case),
     )

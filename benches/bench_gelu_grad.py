@@ -1,0 +1,97 @@
+"""Benchmark: the MLP backward's GELU pass, PyTorch's three passes against the fused kernel.
+
+What ``gelu_mlp``'s backward needs of fc1's output ``hidden`` once fc2's input gradient
+``grad_act`` is known: GELU(hidden) again (for fc2's weight gradient), GELU's backward, and fc1's
+bias gradient (the column sums). Implementations:
+- ``official``: ``F.gelu``, ``aten.gelu_backward`` and ``sum(0)``, as eager autograd runs them;
+- ``official_compiled``: the same under ``torch.compile`` (GPU only), which may fuse the three;
+- ``kernel``: ``kernels.gelu_grad.gelu_and_grad`` (one pass, the gradient over ``grad_act``).
+On CUDA also ``official_graph`` and ``kernel_graph``, replayed from a CUDA graph (the kernels
+without the host's launch time), each against the official replay.
+
+Shape (CUDA): the decoder's MLP at batch 64, M = 64 x 512 tokens, H = 2048, bfloat16, 16 of these
+per pretraining step. On the CPU (smoke test) a small float32 shape; its figures say nothing about
+the GPU. Fewest bytes (``floor_ms``, over the copy bandwidth of the same run): read ``hidden`` and
+``grad_act`` and write GELU's output and the gradient once (the [H] bias gradient is negligible).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from benches.harness import copy_bandwidth_gbps, device_info, graphed, memory_floor_ms, time_fn
+from kernels.gelu_grad import gelu_and_grad, gelu_and_grad_reference
+
+SUITE = "gelu_grad"
+
+
+def _config(device: torch.device) -> tuple[int, int, torch.dtype]:
+    return (64 * 512, 2048, torch.bfloat16) if device.type == "cuda" else (256, 384, torch.float32)
+
+
+def _impls(device: torch.device) -> dict:
+    def official(hidden, grad_act):
+        return gelu_and_grad_reference(hidden, grad_act, "none", True)
+
+    def kernel(hidden, grad_act):
+        # the kernel writes the gradient over grad_act, as the MLP's backward lets it: a copy keeps
+        # the benchmark's input (its cost is timed too, and makes the figure conservative)
+        return gelu_and_grad(hidden, grad_act.clone(), "none", True)
+
+    impls = {"official": official, "kernel": kernel}
+    if device.type == "cuda":
+        impls["official_compiled"] = torch.compile(official)
+    return impls
+
+
+def run(device="cuda", quick: bool = False) -> list[dict]:
+    device = torch.device(device)
+    rows_, cols, dtype = _config(device)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    hidden = (2 * torch.randn(rows_, cols, generator=gen)).to(device, dtype)
+    grad_act = torch.randn(rows_, cols, generator=gen).to(device, dtype)
+    nbytes = 4 * rows_ * cols * dtype.itemsize
+    floor = memory_floor_ms(nbytes, str(device))
+    common = {"suite": SUITE, "name": "gelu_grad fwd+bwd", "shape": f"M={rows_} H={cols}",
+              "dtype": str(dtype).removeprefix("torch."), "bytes": nbytes, "floor_ms": floor,
+              "copy_gbps": copy_bandwidth_gbps(str(device)), **device_info(device)}
+    impls = _impls(device)
+    timed = list(impls.items())
+    if device.type == "cuda":
+        timed += [(f"{impl}_graph", impls[impl]) for impl in ("official", "kernel")]
+    warmup, reps = (2, 5) if quick else (10, 50)
+    rows, official_ms = [], {}
+    for impl, fn in timed:
+        graph = impl.endswith("_graph")
+        step = lambda fn=fn: fn(hidden, grad_act)  # noqa: E731
+        t = time_fn(graphed(step) if graph else step, device, warmup=warmup, reps=reps, measure_memory=not graph)
+        official_ms.setdefault(graph, t.median_ms)
+        rows.append({**common, "impl": impl, "median_ms": t.median_ms, "min_ms": t.min_ms,
+                     "peak_mem_bytes": t.peak_mem_bytes, "fraction_of_copy_bandwidth": floor / t.median_ms,
+                     "speedup_vs_official": official_ms[graph] / t.median_ms})
+    return rows
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("impl", ["official", "official_compiled", "kernel"])
+def test_gelu_grad(benchmark, impl):
+    device = torch.device("cuda")
+    rows_, cols, dtype = _config(device)
+    hidden = torch.randn(rows_, cols, device=device, dtype=dtype)
+    grad_act = torch.randn_like(hidden)
+    fn = _impls(device)[impl]
+
+    def synced():
+        fn(hidden, grad_act)
+        torch.cuda.synchronize()
+
+    benchmark(synced)
+
+
+if __name__ == "__main__":
+    import sys
+
+    dev = sys.argv[1] if len(sys.argv) > 1 else ("cuda" if torch.cuda.is_available() else "cpu")
+    for r in run(dev, quick="--quick" in sys.argv):
+        print(f"{r['impl']:18s} {r['median_ms']:8.4f} ms  {r['fraction_of_copy_bandwidth']:6.1%} of copy bw  "
+              f"x{r['speedup_vs_official']:.2f} vs official")
