@@ -35,7 +35,10 @@ PAD_MODES = ("official", "silence")
 NUM_MEL_BINS = 128
 
 
-def _check_settings(dataset: str, pad_mode: str) -> None:
+def _check_settings(dataset: str, pad_mode: str, target_length) -> None:
+    if target_length is not None and (isinstance(target_length, bool) or not hasattr(target_length, "__index__")
+                                      or target_length < 1):
+        raise ValueError(f"target_length must be None or an integer >= 1, got {target_length!r}")
     if dataset not in DATASETS:
         raise ValueError(f"dataset must be one of {sorted(DATASETS)}, got {dataset!r}")
     if pad_mode not in PAD_MODES:
@@ -58,11 +61,9 @@ def audio_to_features(
     if it were only that long). ``target_length`` defaults to the dataset's (1024 AudioSet, 512
     ESC-50, 128 Speech Commands).
     """
-    _check_settings(dataset, pad_mode)
+    _check_settings(dataset, pad_mode, target_length)
     mean, std, default_length = DATASETS[dataset]
-    target_length = default_length if target_length is None else target_length
-    if target_length < 1:
-        raise ValueError(f"target_length must be >= 1, got {target_length}")
+    target_length = default_length if target_length is None else int(target_length)
     if not isinstance(waveforms, torch.Tensor) or waveforms.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"waveforms must be a float32 or float64 tensor, got {getattr(waveforms, 'dtype', type(waveforms))}")
     if waveforms.dim() == 1:
@@ -101,7 +102,7 @@ class AudioMAEFeatures(nn.Module):
     def __init__(self, sample_rate: float = 16000.0, dataset: str = "audioset", target_length: int | None = None,
                  pad_mode: str = "official", backend: str = "auto"):
         super().__init__()
-        _check_settings(dataset, pad_mode)
+        _check_settings(dataset, pad_mode, target_length)
         self.sample_rate = sample_rate
         self.dataset = dataset
         self.target_length = DATASETS[dataset][2] if target_length is None else target_length

@@ -22,7 +22,7 @@ from .backends import check_backend
 from .layers import Block, PatchEmbed, to_2tuple
 from .masking import draw_noise, draw_noise_2d, num_kept, random_masking_ids, structured_masking_ids
 from .pos_embed import sincos_2d_official
-from .swin import SwinTransformerBlock
+from .swin import SwinTransformerBlock, run_blocks
 
 
 class ModelMixin:
@@ -278,8 +278,7 @@ class MaskedAutoencoderViT(ModelMixin, nn.Module):
             x = torch.cat([x[:, :1, :] + self.decoder_pos_embed[:, :1, :], tokens], dim=1)
         else:
             x = tokens  # modes 1-3 drop the cls token, as the official `decoder_mode != 0`
-        for blk in self.decoder_blocks:
-            x = blk(x)
+        x = run_blocks(self.decoder_blocks, x)  # blk(x) in turn (Swin blocks pass autocast's copy along)
         pred = self.decoder_pred(self.decoder_norm(x))
         if self.decoder_mode == 0:
             pred = pred[:, 1:, :]

@@ -16,6 +16,10 @@ from .backends import BackendUnavailableError, check_backend
 from .layers import Mlp, to_2tuple, without_hooks
 
 
+# Device types with an autocast (torch.amp.is_autocast_available's list for the devices in use).
+AUTOCAST_DEVICES = ("cuda", "cpu", "xpu", "mps", "hpu")
+
+
 def fit_window(grid, window, shift) -> tuple[tuple[int, int], tuple[int, int]]:
     """The official clamp: a window no larger than the grid, and no shift along an axis it spans."""
     window = tuple(min(g, w) for g, w in zip(grid, window))
@@ -156,13 +160,73 @@ class SwinTransformerBlock(nn.Module):
 
     def _add_norm(self, x: torch.Tensor, branch: torch.Tensor, norm: nn.Module) -> torch.Tensor:
         """``x + norm(branch)``: one fused kernel on the ``"triton"`` backend (same dtypes and values)."""
-        if (self.attn.backend == "triton" and type(norm) is nn.LayerNorm and len(norm.normalized_shape) == 1
-                and without_hooks(norm)):
+        if self._fusable_norm(norm):
             from kernels.post_norm_residual import post_norm_residual
 
             return post_norm_residual(x, branch, norm.weight, norm.bias, eps=norm.eps)
         return x + norm(branch)
 
+    def _fusable_norm(self, norm: nn.Module) -> bool:
+        return (self.attn.backend == "triton" and type(norm) is nn.LayerNorm and len(norm.normalized_shape) == 1
+                and without_hooks(norm))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self._add_norm(x, self.attn(x, self.feat_size, self.shift_size), self.norm1)
         return self._add_norm(x, self.mlp(x), self.norm2)
+
+    def stream_copy_dtype(self, x: torch.Tensor) -> torch.dtype | None:
+        """The dtype autocast casts this block's input to for its Linears, when the ``"triton"``
+        backend can make that copy inside the post-norm kernels instead (see ``forward_with_copy``);
+        None otherwise: no autocast, an input autocast leaves alone, hooks that would see it."""
+        device = x.device.type
+        # (torch.amp.is_autocast_available would do, but torch.compile cannot trace it)
+        autocast = device in AUTOCAST_DEVICES and torch.is_autocast_enabled(device)
+        # The copy stands in for autocast's cast only where x goes straight into one Linear in each
+        # branch: the stock attention and MLP (not a replaced or wrapped module, nor a patched forward).
+        stock = (_stock(self.attn, WindowMultiHeadAttention) and _stock(self.attn.qkv, nn.Linear)
+                 and _stock(self.mlp, Mlp) and _stock(self.mlp.fc1, nn.Linear))
+        if not (autocast and x.dtype == torch.float32 and stock and self._fusable_norm(self.norm1)
+                and self._fusable_norm(self.norm2) and without_hooks(*self.modules())):
+            return None
+        return torch.get_autocast_dtype(device)
+
+    def forward_with_copy(self, x: torch.Tensor, x_copy: torch.Tensor | None, keep_copy: bool):
+        """``forward`` for a decoder that runs the blocks in turn under autocast: ``(x, x_copy)``, with
+        ``x_copy`` = ``x`` in ``stream_copy_dtype`` (None without one, or not ``keep_copy``).
+
+        Under autocast the float32 residual stream reaches each Linear through autocast's cast to
+        bfloat16, and its gradient comes back through a cast to float32 and an add. Here the
+        post-norm kernels write the bfloat16 copy beside the sum and add the gradients in their
+        backward; the Linears get the copy, the very values autocast would give them. Outputs and
+        gradients are those of ``forward``: only passes over memory go."""
+        copy_dtype = self.stream_copy_dtype(x)
+        if copy_dtype is None:
+            return self(x), None
+        from kernels.post_norm_residual import post_norm_residual
+
+        attn = self.attn(x_copy if x_copy is not None else x, self.feat_size, self.shift_size)
+        x, x_copy = post_norm_residual(x, attn, self.norm1.weight, self.norm1.bias, eps=self.norm1.eps,
+                                       copy_dtype=copy_dtype)
+        mlp = self.mlp(x_copy)
+        if not keep_copy:
+            return post_norm_residual(x, mlp, self.norm2.weight, self.norm2.bias, eps=self.norm2.eps), None
+        return post_norm_residual(x, mlp, self.norm2.weight, self.norm2.bias, eps=self.norm2.eps,
+                                  copy_dtype=copy_dtype)
+
+
+def _stock(module: nn.Module, cls: type) -> bool:
+    """``module`` is a ``cls`` itself (not a subclass) whose ``forward`` nobody replaced."""
+    return type(module) is cls and "forward" not in vars(module)
+
+
+def run_blocks(blocks, x: torch.Tensor) -> torch.Tensor:
+    """``for blk in blocks: x = blk(x)``, handing each Swin block the compute-dtype copy of its
+    input that the previous one made (``SwinTransformerBlock.forward_with_copy``) where it can."""
+    x_copy = None
+    for n, blk in enumerate(blocks):
+        if _stock(blk, SwinTransformerBlock) and without_hooks(blk):
+            last = n == len(blocks) - 1
+            x, x_copy = blk.forward_with_copy(x, x_copy, keep_copy=not last)
+        else:
+            x, x_copy = blk(x), None
+    return x

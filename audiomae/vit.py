@@ -67,11 +67,14 @@ class VisionTransformer(ModelMixin, nn.Module):
              for rate in rates]
         )
         self.global_pool = global_pool
-        if global_pool:
-            self.fc_norm = norm_layer(embed_dim)
-        else:
+        # The official order: timm's ViT makes norm and head, then models_vit swaps norm for a
+        # fc_norm made after head. named_parameters() follows it, and with it the layer-decay
+        # parameter groups whose optimizer state an official checkpoint saves.
+        if not global_pool:
             self.norm = norm_layer(embed_dim)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        if global_pool:
+            self.fc_norm = norm_layer(embed_dim)
         self.mask_2d = mask_2d
         self.use_custom_patch = False
         self.backend = check_backend(backend)
@@ -142,7 +145,7 @@ class VisionTransformer(ModelMixin, nn.Module):
         x = x.reshape(B, T, F, D)
         x = torch.gather(x, 1, ids_keep_t[:, :, None, None].expand(-1, -1, F, D))
         x = torch.gather(x, 2, ids_keep_f[:, None, :, None].expand(-1, x.shape[1], -1, D))
-        return x.reshape(B, -1, D), None, None
+        return x.reshape(B, ids_keep_t.shape[1] * ids_keep_f.shape[1], D), None, None  # -1 fails for B = 0
 
     def forward_features_mask(self, x, mask_t_prob, mask_f_prob, noise=None):
         """Pooled features of the tokens left after dropping random time rows and frequency columns."""

@@ -15,6 +15,13 @@ this size an eager call's host time (launches, autograd) is a large part of what
 replays compare the kernels alone (each against the official replay).
 Passes: ``fwd`` (no grad) and ``fwd+bwd`` (gradients of ``x``, ``branch``, the weight and the bias).
 
+``post_norm+copy`` rows: the same residual as the decoder uses it, whose sum also feeds the next
+Linear in bfloat16 (``copy_dtype``): ``official`` and ``kernel`` cast the sum with ``.to()`` (as
+autocast does before the Linear; autograd casts the copy's gradient back and adds it to the sum's),
+``kernel_copy`` writes the copy in the kernel's pass and adds the two gradients in its backward.
+Both incoming gradients are given. Fewest bytes add the copy's write, the copy gradient's read and
+``x``'s gradient (now a sum) written.
+
 Fewest bytes (``floor_ms`` divides them by the copy bandwidth measured in the same run): forward,
 read ``x`` and ``branch`` and write the sum; backward, read ``grad_out`` and ``branch`` and write
 the branch's gradient (``x``'s gradient is ``grad_out`` itself, and the per-row statistics and
@@ -65,13 +72,33 @@ def _impls(cfg: dict, device: torch.device, norm: nn.Module) -> dict:
     return impls
 
 
+def _copy_impls(cfg: dict, device: torch.device, norm: nn.Module) -> dict:
+    """The residual whose sum also goes to the next Linear as a bfloat16 copy: ``(out, copy)``."""
+    plain = _impls(cfg, device, norm)
+
+    def cast_after(fn):
+        def both(x, branch):
+            out = fn(x, branch)
+            return out, out.to(torch.bfloat16)
+        return both
+
+    def kernel_copy(x, branch):
+        return post_norm_residual(x, branch, norm.weight, norm.bias, eps=norm.eps, copy_dtype=torch.bfloat16)
+
+    impls = {"official": cast_after(plain["official"]), "kernel": cast_after(plain["kernel"]), "kernel_copy": kernel_copy}
+    if device.type == "cuda":
+        impls["official_compiled"] = torch.compile(cast_after(plain["official"]))
+    return impls
+
+
 def _timed(impls: dict, device: torch.device):
     """(impl, fn) to time: every impl eagerly, then on CUDA the official and kernel steps again as
     CUDA-graph replays (``_graph``), which time the kernels without the host's launch time."""
     yield from impls.items()
     if device.type == "cuda":
-        for impl in ("official", "kernel"):
-            yield f"{impl}_graph", impls[impl]
+        for impl in ("official", "kernel", "kernel_copy"):
+            if impl in impls:
+                yield f"{impl}_graph", impls[impl]
 
 
 def _bytes(cfg: dict) -> tuple[int, int]:
@@ -81,6 +108,13 @@ def _bytes(cfg: dict) -> tuple[int, int]:
     forward = elements * (x_size + branch_size + out_size)
     backward = elements * (out_size + 2 * branch_size)
     return forward, backward
+
+
+def _copy_bytes(cfg: dict) -> tuple[int, int]:
+    """``_bytes`` plus the bfloat16 copy written, its gradient read and x's gradient (a sum) written."""
+    elements = cfg["B"] * cfg["L"] * cfg["C"]
+    forward, backward = _bytes(cfg)
+    return forward + 2 * elements, backward + elements * (2 + cfg["x_dtype"].itemsize)
 
 
 def _saved_bytes(fn, x, branch, device: torch.device) -> int | None:
@@ -96,6 +130,42 @@ def _saved_bytes(fn, x, branch, device: torch.device) -> int | None:
     return kept
 
 
+def _pass_rows(variant, impls, pass_name, nbytes, cfg, device, x, branch, params, grad, grad_copy, warmup, reps,
+               dtype, shape, info, bandwidth) -> list[dict]:
+    rows = []
+    floor = memory_floor_ms(nbytes, str(device))
+    official_ms = {}  # eager against eager official, graph replays against the official replay
+    for impl, fn in _timed(impls, device):
+        def step(fn=fn):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg["autocast"], cache_enabled=False):
+                if pass_name == "fwd":
+                    with torch.no_grad():
+                        return fn(x, branch)
+                outputs = fn(x, branch)
+            if isinstance(outputs, tuple):  # (out, copy): both get a gradient
+                out, copy = outputs
+                return torch.autograd.grad(outputs, params, (grad.to(out.dtype), grad_copy.to(copy.dtype)))
+            return torch.autograd.grad(outputs, params, grad.to(outputs.dtype))
+
+        graph = impl.endswith("_graph")
+        t = time_fn(graphed(step) if graph else step, device, warmup=warmup, reps=reps, measure_memory=not graph)
+        official_ms.setdefault(graph, t.median_ms)
+        row = {
+            "suite": SUITE, "name": f"{variant} {pass_name}", "impl": impl, "shape": shape, "dtype": dtype,
+            "median_ms": t.median_ms, "min_ms": t.min_ms, "peak_mem_bytes": t.peak_mem_bytes,
+            "bytes": nbytes, "floor_ms": floor, "fraction_of_copy_bandwidth": floor / t.median_ms,
+            "achieved_gbps": nbytes / (t.median_ms * 1e-3) / 1e9, "copy_gbps": bandwidth,
+            "speedup_vs_official": official_ms[graph] / t.median_ms, **info,
+        }
+        if pass_name == "fwd+bwd" and not graph and variant == "post_norm":
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg["autocast"]):
+                saved = _saved_bytes(fn, x, branch, device)
+            row["saved_bytes"] = saved
+            row["saved_bytes_per_step"] = saved * NORMS_PER_STEP if saved is not None else None
+        rows.append(row)
+    return rows
+
+
 def run(device="cuda", quick: bool = False) -> list[dict]:
     device = torch.device(device)
     cfg = _config(device)
@@ -109,35 +179,14 @@ def run(device="cuda", quick: bool = False) -> list[dict]:
     dtype = "bf16-autocast" if cfg["autocast"] else str(cfg["branch_dtype"]).removeprefix("torch.")
     shape = f"B={cfg['B']} L={cfg['L']} C={cfg['C']} x={str(cfg['x_dtype'])[6:]} branch={str(cfg['branch_dtype'])[6:]}"
     params = (x, branch, norm.weight, norm.bias)
+    grad_copy = torch.randn(x.shape, device=device).to(torch.bfloat16)
     rows = []
-    for pass_name, nbytes in (("fwd", fwd_bytes), ("fwd+bwd", fwd_bytes + bwd_bytes)):
-        floor = memory_floor_ms(nbytes, str(device))
-        official_ms = {}  # eager against eager official, graph replays against the official replay
-        for impl, fn in _timed(impls, device):
-            def step(fn=fn):
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg["autocast"], cache_enabled=False):
-                    if pass_name == "fwd":
-                        with torch.no_grad():
-                            return fn(x, branch)
-                    out = fn(x, branch)
-                return torch.autograd.grad(out, params, grad.to(out.dtype))
-
-            graph = impl.endswith("_graph")
-            t = time_fn(graphed(step) if graph else step, device, warmup=warmup, reps=reps, measure_memory=not graph)
-            official_ms.setdefault(graph, t.median_ms)
-            row = {
-                "suite": SUITE, "name": f"post_norm {pass_name}", "impl": impl, "shape": shape, "dtype": dtype,
-                "median_ms": t.median_ms, "min_ms": t.min_ms, "peak_mem_bytes": t.peak_mem_bytes,
-                "bytes": nbytes, "floor_ms": floor, "fraction_of_copy_bandwidth": floor / t.median_ms,
-                "achieved_gbps": nbytes / (t.median_ms * 1e-3) / 1e9, "copy_gbps": bandwidth,
-                "speedup_vs_official": official_ms[graph] / t.median_ms, **info,
-            }
-            if pass_name == "fwd+bwd" and not graph:
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg["autocast"]):
-                    saved = _saved_bytes(fn, x, branch, device)
-                row["saved_bytes"] = saved
-                row["saved_bytes_per_step"] = saved * NORMS_PER_STEP if saved is not None else None
-            rows.append(row)
+    variants = (("post_norm", impls, (fwd_bytes, bwd_bytes)),
+                ("post_norm+copy", _copy_impls(cfg, device, norm), _copy_bytes(cfg)))
+    for variant, variant_impls, (fwd_nbytes, bwd_nbytes) in variants:
+        for pass_name, nbytes in (("fwd", fwd_nbytes), ("fwd+bwd", fwd_nbytes + bwd_nbytes)):
+            rows += _pass_rows(variant, variant_impls, pass_name, nbytes, cfg, device, x, branch, params, grad,
+                               grad_copy, warmup, reps, dtype, shape, info, bandwidth)
     return rows
 
 

@@ -35,14 +35,29 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+# Seconds of timed calls a row may take: a slow implementation (FlexAttention's backward without
+# a frozen bias runs 350 ms a call) takes fewer repetitions, at least MIN_REPS, rather than minutes.
+TIME_BUDGET_S = 3.0
+MIN_REPS = 5
+
+
 def time_fn(fn: Callable[[], object], device: torch.device | str, *, warmup: int = 5, reps: int = 30,
-            measure_memory: bool = True) -> Timing:
+            measure_memory: bool = True, budget_s: float = TIME_BUDGET_S) -> Timing:
     """Median wall time of ``fn()`` on ``device``, and the extra memory one call peaks at (one more,
-    untimed call on the GPU; ``measure_memory=False`` skips it)."""
+    untimed call on the GPU; ``measure_memory=False`` skips it). Calls that would take more than
+    ``budget_s`` over ``reps`` (judged from the last warm-up call; the first may compile) are
+    timed fewer times, ``MIN_REPS`` at least, and warm up less."""
     device = torch.device(device)
-    for _ in range(warmup):
+    call_s = 0.0
+    for i in range(warmup):
+        t0 = time.perf_counter()
         fn()
-    _sync(device)
+        _sync(device)
+        call_s = time.perf_counter() - t0
+        if i >= 1 and call_s * (warmup - i - 1 + reps) > 2 * budget_s:
+            break  # warmed up (past the first call) and slow: the rest of the warm-up would dominate
+    if call_s > 0:
+        reps = max(MIN_REPS, min(reps, int(budget_s / call_s)))
     peak = None
     if device.type == "cuda":
         if measure_memory:

@@ -186,6 +186,28 @@ def post_norm_residual_case(device, dtype, quick):
     return _check_op("triton", post_norm_residual, reference, inputs, ROUNDING[dtype])
 
 
+def post_norm_residual_copy_case(device, dtype, quick):
+    """The residual with its copy (``copy_dtype``, as the decoder feeds its Linears): both outputs
+    take a gradient, which the kernel's backward adds up."""
+    from kernels.post_norm_residual import post_norm_residual
+    from kernels.reference.post_norm_residual import post_norm_residual as reference
+
+    def kernel(**kw):
+        out, copy = post_norm_residual(**kw, copy_dtype=dtype)
+        return out + 0.5 * copy.to(out.dtype)
+
+    def expected(**kw):  # float64, the copy rounded to the case's dtype as the kernel's is
+        out = reference(**kw)
+        return out + 0.5 * out.to(dtype).to(out.dtype)
+
+    B, L, C = (4, 512, 512) if device.type == "cuda" else (3, 37, 24)
+    inputs = {"x": torch.randn(B, L, C, device=device, dtype=dtype),
+              "branch": (2 * torch.randn(B, L, C, device=device) + 0.5).to(dtype),
+              "weight": (1 + 0.2 * torch.randn(C, device=device)).to(dtype),
+              "bias": (0.2 * torch.randn(C, device=device)).to(dtype)}
+    return _check_op("triton", kernel, expected, inputs, ROUNDING[dtype])
+
+
 def gelu_mlp_case(device, dtype, quick):
     """The MLP, whose backward's GELU pass is a Triton kernel (kernels/gelu_grad.py)."""
     from kernels.gelu_mlp import gelu_mlp
@@ -326,6 +348,7 @@ CASES: dict[str, Case] = {
         Case("unshuffle_tokens", unshuffle_tokens_case),
         Case("window_attention", window_attention_case),
         Case("post_norm_residual", post_norm_residual_case),
+        Case("post_norm_residual_copy", post_norm_residual_copy_case),
         Case("gelu_mlp", gelu_mlp_case),
         Case("fbank", fbank_case, dtypes=("float32", "float64")),
         Case("models", models_case),

@@ -143,7 +143,7 @@ def _window_case(dtype, B, grid, window, shift, heads, head_dim, tau=True, bias=
     out.backward(torch.randn_like(out))
 
 
-def _post_norm_case(x_dtype, branch_dtype, M, C, params=True):
+def _post_norm_case(x_dtype, branch_dtype, M, C, params=True, copy_dtype=None):
     import torch
 
     import kernels
@@ -151,8 +151,12 @@ def _post_norm_case(x_dtype, branch_dtype, M, C, params=True):
     branch = torch.randn(M, C, dtype=branch_dtype, requires_grad=True)
     weight = torch.randn(C, requires_grad=True).to(branch_dtype if branch_dtype == torch.float64 else torch.float32)
     bias = weight.detach().clone().requires_grad_() if params else None
-    out = kernels.post_norm_residual(x, branch, weight if params else None, bias)
-    out.backward(torch.randn_like(out))
+    if copy_dtype is None:
+        out = kernels.post_norm_residual(x, branch, weight if params else None, bias)
+        out.backward(torch.randn_like(out))
+        return
+    out, copy = kernels.post_norm_residual(x, branch, weight if params else None, bias, copy_dtype=copy_dtype)
+    torch.autograd.backward((out, copy), (torch.randn_like(out), torch.randn_like(copy)))
 
 
 def _gelu_case(dtype, rows, cols, approximate):
@@ -187,6 +191,8 @@ def cases() -> dict:
     # The decoder's post-norm residual (fp32 stream, bf16 branch), and the edges: float64, odd and
     # widest rows, no parameters.
     table["postnorm-target-bf16"] = lambda: _post_norm_case(torch.float32, torch.bfloat16, 64, 512)
+    table["postnorm-target-bf16-copy"] = lambda: _post_norm_case(torch.float32, torch.bfloat16, 64, 512,
+                                                                 copy_dtype=torch.bfloat16)
     table["postnorm-fp64"] = lambda: _post_norm_case(torch.float64, torch.float64, 40, 768)
     table["postnorm-odd-fp16-noparams"] = lambda: _post_norm_case(torch.float16, torch.float16, 7, 1000, params=False)
     table["postnorm-widest-fp32"] = lambda: _post_norm_case(torch.float32, torch.float32, 3, 16384)

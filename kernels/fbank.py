@@ -417,10 +417,15 @@ def _frame_features(frames, window, banks, opts: FbankOptions, generator, padded
         log_energy = _log_energy(body, opts.energy_floor)
     # |X|^2 from the real and imaginary parts (no square root and square), Nyquist bin dropped.
     spectrum = torch.fft.rfft(padded)[..., : opts.padded_window_size // 2]
-    squares = torch.view_as_real(spectrum).to(banks.dtype).square_()
-    spectrum = squares[..., 0] + squares[..., 1]
-    if not opts.use_power:
-        spectrum.sqrt_()
+    if not opts.use_power and spectrum.requires_grad and torch.is_grad_enabled():
+        # |X| itself, as torchaudio takes it: its gradient at a silent bin is 0, where the square
+        # root of the power would give 0/0 = NaN to every sample of a silent frame.
+        spectrum = spectrum.abs().to(banks.dtype)
+    else:
+        squares = torch.view_as_real(spectrum).to(banks.dtype).square_()
+        spectrum = squares[..., 0] + squares[..., 1]
+        if not opts.use_power:
+            spectrum.sqrt_()
     banded = spectrum.device.type == "cpu" and not (spectrum.requires_grad and torch.is_grad_enabled())
     features = _apply_banks(spectrum, banks, banded)
     if opts.use_log_fbank:
@@ -451,6 +456,11 @@ def fbank_torch(
     feature_dtype = waveforms.dtype if compute_dtype == torch.float64 else compute_dtype
     # Autograd keeps each block's FFT input for the backward: a differentiable call cannot reuse it.
     differentiable = waveforms.requires_grad and torch.is_grad_enabled()
+    if differentiable and lengths is not None:
+        # Frames past a clip's end are zeroed after the fact; their backward multiplies zeros by
+        # whatever they computed, so padding that is NaN or Inf would reach the clip's samples.
+        past_end = torch.arange(waveforms.shape[1], device=waveforms.device) >= lengths.unsqueeze(1)
+        waveforms = waveforms.masked_fill(past_end, 0.0)
     # Everything before the FFT stays in compute_dtype too: float32 framing (the window's rounding
     # alone) puts a noise floor under a tone's spectrum that moves quiet Mel bins by more than 1e-3.
     window, banks = _torch_tables(opts, waveforms.device, compute_dtype, feature_dtype, torch.get_default_dtype())
@@ -525,8 +535,10 @@ def _fbank_cuda_op(
 
 
 @_fbank_cuda_op.register_fake
-def _(waveforms, lengths, num_frames, window, fft_twiddles, real_twiddles, mel_start, mel_len, mel_weights, *args):
-    num_features = mel_start.shape[0] + int(args[6])  # args[6] is use_energy
+def _(waveforms, lengths, num_frames, window, fft_twiddles, real_twiddles, mel_start, mel_len, mel_weights,
+      window_shift, reflect_pad, snip_edges, remove_dc_offset, preemphasis_coefficient, raw_energy, energy_floor,
+      use_energy, htk_compat, use_log_fbank, use_power, launch_shape):
+    num_features = mel_start.shape[0] + (1 if use_energy else 0)
     return waveforms.new_empty(waveforms.shape[0], num_frames, num_features)
 
 

@@ -135,9 +135,10 @@ def range_checked(*checks: tuple[torch.Tensor, int, str]) -> list[torch.Tensor]:
     Eagerly the check runs now and the indices come back as they are. While ``torch.compile``
     traces, each index goes through ``audiomae::check_index_range``, an identity op whose body
     checks the real values when the compiled graph runs (the kernels consume its output, so no
-    pass can drop it). Fake tensors and CUDA-graph capture have no values to check.
+    pass can drop it); so under torch.func transforms (vmap, functionalize), whose wrapped tensors
+    have no values to read here. Fake tensors and CUDA-graph capture have no values to check.
     """
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
         return [torch.ops.audiomae.check_index_range(ids, upper, name) for ids, upper, name in checks]
     check_index_range(*checks)
     return [ids for ids, _, _ in checks]
@@ -470,6 +471,8 @@ def gather_tokens_2d(
     token's ``pos_embed``). See the module doc."""
     pos = _check_tokens(x, pos_embed)
     T, F = grid
+    if T < 0 or F < 0:
+        raise ValueError(f"grid must be (T, F) with T, F >= 0, got {tuple(grid)}")
     if T * F != x.shape[1]:
         raise ValueError(f"grid {tuple(grid)} holds {T * F} tokens but x has {x.shape[1]}")
     check_index(ids_keep_t, "ids_keep_t", x.shape[0])
@@ -481,5 +484,6 @@ def gather_tokens_2d(
         return reference.gather_tokens_2d(x, ids_keep_t, ids_keep_f, (T, F), pos_embed)
     # The kept tokens of a sequence are the product of its kept rows and columns: one small
     # [B, Kt*Kf] index, then the same gather (and the same duplicate-safe backward).
-    ids_keep = (ids_keep_t[:, :, None] * F + ids_keep_f[:, None, :]).reshape(x.shape[0], -1)
+    kept = ids_keep_t.shape[1] * ids_keep_f.shape[1]  # explicit: -1 cannot be inferred for B = 0
+    ids_keep = (ids_keep_t[:, :, None] * F + ids_keep_f[:, None, :]).reshape(x.shape[0], kept)
     return _gather(x, ids_keep, pos)

@@ -273,6 +273,8 @@ def unshuffle_tokens(
     """``x`` [B, K, C], ``ids_restore`` [B, L] int64, ``mask_token`` [C] or [1, 1, C], ``pos_embed``
     [L, C] or [1, L, C] -> [B, L, C] with ``out[b, i] = (x[b, r] if r < K else mask_token) +
     pos_embed[i]``, ``r = ids_restore[b, i]``. See the module doc."""
+    if not isinstance(mask_token, torch.Tensor):
+        raise TypeError(f"mask_token must be a tensor [C] or [1, 1, C], got {type(mask_token).__name__}")
     check_floats(x=x, mask_token=mask_token, pos_embed=pos_embed)
     if x.dim() != 3:
         raise ValueError(f"x must be [B, K, C], got shape {tuple(x.shape)}")

@@ -428,16 +428,15 @@ def default_batch_per_program(batch: int, programs_per_element: int, partial_byt
 def default_tiling(area: int, d_pad: int, fp32: bool, backward: bool) -> Tiling:
     """The tile for windows of ``area`` tokens. 16-bit inputs take one window to a tile (windows
     under the 16 rows ``tl.dot`` needs are packed to 16; larger ones are chunked at 64 rows, 32 in
-    the backward) and two
-    warps for 16-row tiles of head dims up to 32 (other shapes keep four: not yet timed). On an
-    H100, at the decoder's shape (bf16, 4x4 windows, head dim 32), the graph-replayed sweeps of
-    ``benches/bench_window_tiling.py`` (2026-11-27, two runs) read, forward and forward + backward:
-    16 rows and 2 warps 0.077 and 0.310 ms; 32 rows and 2 warps 0.072 and 0.340; 16 rows and 4
-    warps 0.120 and 0.455; 64 packed rows and 4 warps (the earlier default) 0.115 and 0.440 ms.
-    Small programs without the packed tiles' block-diagonal waste keep more loads in flight. 16 rows
-    and 1 warp read faster still (0.060 and 0.246 ms) but have not yet been checked against the
-    reference on a GPU (the interpreter ignores warps; ``test_gpu_candidate_tilings`` checks every
-    candidate there): two warps are the fastest tiling the GPU tests have proven. The backward of
+    the backward) and one warp for 16-row tiles of head dims up to 32 (other shapes keep four: not
+    yet timed). On an H100, at the decoder's shape (bf16, 4x4 windows, head dim 32), the
+    graph-replayed sweeps of ``benches/bench_window_tiling.py`` (2026-11-27, two runs) read,
+    forward and forward + backward: 16 rows and 1 warp 0.060 and 0.246 ms; 16 rows and 2 warps
+    0.077 and 0.310 ms; 32 rows and 2 warps 0.072 and 0.340; 16 rows and 4 warps 0.120 and 0.455;
+    64 packed rows and 4 warps (the earlier default) 0.115 and 0.440 ms. Small programs without the
+    packed tiles' block-diagonal waste keep more loads in flight. (One warp compiles for sm_90 to 62
+    and 118 registers a thread, no spills; the interpreter ignores warps, so the GPU tests,
+    ``test_gpu_candidate_tilings`` among them, are what check it against the reference.) The backward of
     head dims over 64 keeps to 16 rows, and that of windows over 64 tokens (chunked) to 32 rows,
     which they need to stay near their registers (``python -m benches.sm90_compile``: no spills at
     the decoder's shape; 64-row chunks of 16x16 windows spilled 440 bytes a thread, 1.2 KB when
@@ -455,7 +454,7 @@ def default_tiling(area: int, d_pad: int, fp32: bool, backward: bool) -> Tiling:
     else:
         rows = max(16, min(64, next_power_of_2(area)))  # one window a tile
     if not fp32 and rows == 16 and d_pad <= 32:
-        return Tiling(rows, 2)
+        return Tiling(rows, 1)
     return Tiling(rows, 8 if not backward and rows * d_pad >= 64 * 128 else 4)
 
 
@@ -558,8 +557,10 @@ def _backward(dout, qkv, tau, bias, out, lse, grid, window, shift, num_heads, ma
     dtau, dbias = qkv.new_empty(0), qkv.new_empty(0)
     if tau is not None:
         tau32 = tau.float()
-        # logits = unscaled / max(tau, 0.01): d/dtau = -unscaled / tau^2 where the clamp passes.
-        dtau = (-dtau_part.sum((0, 1)) / tau32.square() * (tau32 >= 0.01)).to(tau.dtype)
+        # logits = unscaled / max(tau, 0.01): d/dtau = -unscaled / tau^2 where the clamp passes, 0
+        # where it holds (a where, not a product: tau = 0 would make that inf * 0 = NaN).
+        passes = tau32 >= 0.01
+        dtau = torch.where(passes, -dtau_part.sum((0, 1)) / tau32.clamp_min(0.01).square(), 0.0).to(tau.dtype)
     if bias is not None:
         dbias = dbias_part.sum((0, 1)).to(bias.dtype)
     return dqkv, dtau, dbias

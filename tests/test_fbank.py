@@ -367,6 +367,56 @@ def test_gradient_through_cpu_blocks_equals_torchaudio(monkeypatch):
     torch.testing.assert_close(ours.grad, theirs.grad, rtol=1e-6, atol=1e-8 * scale)
 
 
+@pytest.mark.parametrize("options", [dict(use_power=False), dict(use_power=False, use_log_fbank=False), {}])
+def test_gradient_through_silent_frames_is_finite_as_torchaudio_s(options):
+    """A magnitude spectrum (use_power=False) of a silent frame: torchaudio's |X| has gradient 0
+    there, a square root of the power would give NaN to every sample of the frame."""
+    g = torch.Generator().manual_seed(0)
+    clip = torch.zeros(4000, dtype=torch.float64)
+    clip[2000:] = 0.1 * torch.randn(2000, generator=g, dtype=torch.float64)
+    ours, theirs = clip.clone().requires_grad_(), clip.clone().requires_grad_()
+    weights = torch.randn(fbank(clip, backend="torch", **options).shape, generator=g, dtype=torch.float64)
+    (fbank(ours, backend="torch", **options) * weights).sum().backward()
+    (reference(theirs, **options) * weights).sum().backward()
+    assert ours.grad.isfinite().all()
+    torch.testing.assert_close(ours.grad, theirs.grad, rtol=1e-6, atol=1e-9 * float(theirs.grad.abs().max()))
+
+
+@pytest.mark.parametrize("pad", [float("nan"), float("inf")])
+def test_padding_past_lengths_reaches_no_gradient(pad):
+    """Whatever lies past a clip's length (out of contract: NaN, Inf) touches neither the features
+    nor, through the masked frames' backward, the gradients of the clip's own samples."""
+    g = torch.Generator().manual_seed(0)
+    clips = 0.1 * torch.randn(2, 4000, generator=g, dtype=torch.float64)
+    padded = clips.clone()
+    padded[1, 3000:] = pad
+    grads = []
+    for batch in (clips, padded):
+        batch = batch.clone().requires_grad_()
+        features, _ = fbank(batch, lengths=[4000, 3000], backend="torch")
+        assert features.isfinite().all()
+        features.sum().backward()
+        grads.append(batch.grad)
+    assert torch.equal(grads[0], grads[1]) and (grads[1][1, 3000:] == 0).all()
+
+
+@pytest.mark.parametrize("use_energy,energy_floor", [(False, 1.0), (True, 0.0), (True, 0.5), (False, 2.0), (True, 1.0)])
+def test_cuda_op_fake_shape(use_energy, energy_floor):
+    """The op's fake implementation (what torch.compile traces) gives the kernel's shape: one
+    column per Mel bin, and one more for the energy only when use_energy."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    opts = FbankOptions(num_mel_bins=128, use_energy=use_energy, energy_floor=energy_floor)
+    t = kernel_tables(opts, torch.device("cpu"), torch.get_default_dtype())
+    args = (torch.zeros(2, 16000), torch.full((2,), 16000), opts.num_frames(16000), t.window, t.fft_twiddles,
+            t.real_twiddles, t.mel_start, t.mel_len, t.mel_weights, opts.window_shift, opts.reflect_pad(), True, True,
+            0.97, True, energy_floor, use_energy, False, True, True, 0)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fake = tuple(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args)
+        out = _fbank_cuda_op(*fake)
+    assert tuple(out.shape) == (2, opts.num_frames(16000), opts.num_features) == (2, 98, 128 + use_energy)
+
+
 def test_empty_batch_gives_empty_features():
     assert fbank(torch.zeros(0, 4000), num_mel_bins=40).shape == (0, 23, 40)
     for lengths in ([], torch.zeros(0, dtype=torch.int64), np.zeros(0)):

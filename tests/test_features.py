@@ -73,11 +73,14 @@ def test_target_length_override_crops():
 
 @pytest.mark.parametrize(
     "kwargs, error",
-    [(dict(dataset="librispeech"), ValueError), (dict(pad_mode="zeros"), ValueError), (dict(target_length=0), ValueError)],
+    [(dict(dataset="librispeech"), ValueError), (dict(pad_mode="zeros"), ValueError), (dict(target_length=0), ValueError),
+     (dict(target_length=100.0), ValueError), (dict(target_length=True), ValueError)],
 )
 def test_bad_settings(kwargs, error):
     with pytest.raises(error, match=next(iter(kwargs))):
         audio_to_features(clips(1, 1000), 16000, **kwargs)
+    with pytest.raises(error, match=next(iter(kwargs))):  # the module says so when it is built
+        AudioMAEFeatures(**kwargs)
 
 
 def test_integer_waveforms_rejected():

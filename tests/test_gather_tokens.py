@@ -243,6 +243,36 @@ def test_unshuffle_empty_batch():
     assert torch.equal(gm, torch.zeros_like(mask)) and torch.equal(gp, torch.zeros_like(pos))
 
 
+def test_gather_2d_empty_batch(seed):
+    x = torch.randn(0, 6, 4, device=DEVICE, requires_grad=True)
+    t, f = torch.zeros(0, 1, dtype=torch.long, device=DEVICE), torch.zeros(0, 2, dtype=torch.long, device=DEVICE)
+    out = gather_tokens_2d(x, t, f, (2, 3))
+    assert out.shape == (0, 2, 4)
+    (grad,) = torch.autograd.grad(out.sum(), x)
+    assert grad.shape == x.shape
+
+
+def test_vmap_and_functionalize_check_the_indices(seed):
+    """Under torch.func transforms the indices are wrapped tensors with no values to read eagerly:
+    the range check goes through its op, and still catches bad indices."""
+    x = torch.randn(3, 2, 6, 4, device=DEVICE)
+    ids = torch.stack([random_ids(2, 6, 3) for _ in range(3)])
+    want = torch.stack([gather_reference.gather_tokens(x[i].double(), ids[i]) for i in range(3)])
+    got = torch.func.vmap(lambda a, i: gather_tokens(a, i))(x, ids)
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="ids_keep holds values"):
+        torch.func.vmap(lambda a, i: gather_tokens(a, i))(x, ids + 6)
+    got = torch.func.functionalize(lambda a, i: gather_tokens(a, i))(x[0], ids[0])
+    torch.testing.assert_close(got.double(), want[0], rtol=1e-6, atol=1e-6)
+    mask = torch.randn(4, device=DEVICE)
+    restore = torch.stack([random_ids(2, 6, 6) for _ in range(3)])
+    kept = x[:, :, :3]
+    want = torch.stack([unshuffle_reference.unshuffle_tokens(kept[i].double(), restore[i], mask.double())
+                        for i in range(3)])
+    got = torch.func.vmap(lambda a, r: unshuffle_tokens(a, r, mask))(kept, restore)
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6)
+
+
 # ------------------------------------------------------------------------------------------------
 # Bad input
 # ------------------------------------------------------------------------------------------------
@@ -269,6 +299,8 @@ def test_gather_rejects_bad_input():
         gather_tokens_2d(x, ids, ids, (3, 3))
     with pytest.raises(ValueError, match=r"ids_keep_f holds values in \[0, 7\]; they must lie in \[0, 4\)"):
         gather_tokens_2d(x, ids % 2, ids, (2, 4))
+    with pytest.raises(ValueError, match=r"grid must be \(T, F\) with T, F >= 0"):
+        gather_tokens_2d(x, ids % 2, ids % 2, (-2, -4))
 
 
 def test_unshuffle_rejects_bad_input():
@@ -287,6 +319,8 @@ def test_unshuffle_rejects_bad_input():
         unshuffle_tokens(x, ids, mask, torch.randn(5, 4, device=DEVICE))
     with pytest.raises(TypeError, match="mask_token has dtype torch.int32"):
         unshuffle_tokens(x, ids, mask.int())
+    with pytest.raises(TypeError, match="mask_token must be a tensor"):
+        unshuffle_tokens(x, ids, None)
 
 
 def test_unchecked_out_of_range_indices_stay_in_bounds():

@@ -210,7 +210,17 @@ def test_triton_decoder_takes_the_fused_kernels():
     device = "cuda" if torch.cuda.is_available() else "cpu"  # CPU tensors run the kernels through the interpreter
     model = tiny_mae(decoder_mode=1).set_backend("triton").to(device)
     imgs, noise = torch.randn(2, 1, 128, 64, device=device), torch.rand(2, 32, device=device)
-    counts = _autograd_node_counts(model(imgs, noise=noise)[0])
+    import audiomae.mae
+
+    calls = []
+    run_blocks = audiomae.mae.run_blocks
+    spy = lambda blocks, x: calls.append(len(blocks)) or run_blocks(blocks, x)  # noqa: E731
+    audiomae.mae.run_blocks = spy  # the decoder runs its blocks through run_blocks (the stream copy's loop)
+    try:
+        counts = _autograd_node_counts(model(imgs, noise=noise)[0])
+    finally:
+        audiomae.mae.run_blocks = run_blocks
+    assert calls == [len(model.decoder_blocks)]
     fused = {name.removesuffix("Backward"): n for name, n in counts.items() if name.startswith("_")}
     blocks = len(model.decoder_blocks)  # 16 in decoder mode 1, as the official code builds it
     assert fused == {"_GatherTokens": 1, "_UnshuffleTokens": 1, "_WindowAttentionFunction": blocks,
@@ -264,3 +274,141 @@ def test_triton_backend_compiles_as_one_graph():
     torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=1e-6)
     for name, grad in expected.items():
         torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def _swin_stack(depth=3):
+    return nn.ModuleList([SwinTransformerBlock(32, 2, feat_size=(8, 4), window_size=(4, 4),
+                                               shift_size=(0, 0) if n % 2 == 0 else (2, 0), backend="triton")
+                          for n in range(depth)])
+
+
+def test_swin_blocks_stream_copy_changes_no_number(monkeypatch):
+    """Under autocast ``run_blocks`` hands each Swin block's Linears the post-norm kernels' 16-bit
+    copy of the float32 stream (``SwinTransformerBlock.forward_with_copy``): outputs and every
+    gradient equal those of the plain blocks, where autocast makes the copies; and it traces as one
+    graph. (float16 on the CPU: Triton's interpreter computes bfloat16 dots wrongly; the GPU test
+    runs the whole model in both.)"""
+    from audiomae.swin import run_blocks
+
+    torch.manual_seed(0)
+    blocks = _swin_stack()
+    x = torch.randn(2, 32, 32, requires_grad=True)
+    g = torch.randn(2, 32, 32)
+
+    def grads(run, plain=False):
+        if plain:
+            monkeypatch.setattr(SwinTransformerBlock, "stream_copy_dtype", lambda self, x: None)
+        torch.manual_seed(1)  # the meta-MLPs' dropout draws the same on every run
+        with torch.autocast("cpu", dtype=torch.float16):
+            out = run(blocks, x)
+        counts = _autograd_node_counts(out)
+        result = torch.autograd.grad(out, [x, *blocks.parameters()], g)
+        monkeypatch.undo()
+        return out, result, counts
+
+    out_c, grads_c, counts_c = grads(run_blocks)
+    out_p, grads_p, counts_p = grads(run_blocks, plain=True)
+    # Autocast casts the stream before each block's qkv Linear on the plain path (the MLP's op casts
+    # inside itself); with the copy, only before the first block's.
+    assert counts_p["ToCopyBackward0"] - counts_c["ToCopyBackward0"] == len(blocks) - 1, (counts_p, counts_c)
+    assert torch.equal(out_c, out_p)
+    for a, b in zip(grads_c, grads_p, strict=True):
+        assert torch.equal(a, b)
+    # Traced (fullgraph: no break), the copy path runs the kernels' ops; the backward's float16
+    # sums may meet in another order there, so gradients agree to float16 rounding.
+    compiled = torch.compile(run_blocks, fullgraph=True, backend="aot_eager")
+    out_k, grads_k, _ = grads(compiled)
+    torch.testing.assert_close(out_k, out_c, rtol=0, atol=0)
+    for a, b in zip(grads_k, grads_c, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-2, atol=4e-3 * b.abs().max().item())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_decoder_stream_copy_changes_no_number(monkeypatch, dtype):
+    """The whole model under CUDA autocast: loss and every gradient the same to the bit with and
+    without the decoder's stream copy."""
+    torch.manual_seed(0)
+    model = tiny_mae(decoder_mode=1, norm_pix_loss=True).set_backend("triton").cuda()
+    imgs, noise = torch.randn(2, 1, 128, 64, device="cuda"), torch.rand(2, 32, device="cuda")
+    results = {}
+    for path in ("copy", "plain"):
+        if path == "plain":
+            monkeypatch.setattr(SwinTransformerBlock, "stream_copy_dtype", lambda self, x: None)
+        model.zero_grad()
+        torch.manual_seed(1)
+        with torch.autocast("cuda", dtype=dtype):
+            loss = model(imgs, noise=noise)[0]
+        casts = _autograd_node_counts(loss)["ToCopyBackward0"]
+        loss.backward()
+        results[path] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                                         if p.grad is not None}, casts)
+    (loss_c, grads_c, casts_c), (loss_p, grads_p, casts_p) = results["copy"], results["plain"]
+    assert casts_p - casts_c == len(model.decoder_blocks) - 1
+    assert torch.equal(loss_c, loss_p)
+    for name, g in grads_p.items():
+        assert torch.equal(grads_c[name], g), name
+
+
+def test_swin_blocks_stream_copy_respects_hooks():
+    """A forward hook on a block's submodule sees what it would see without the copy (float32)."""
+    from audiomae.swin import run_blocks
+
+    torch.manual_seed(0)
+    blocks = _swin_stack()
+    seen = []
+    blocks[1].attn.register_forward_pre_hook(lambda module, args: seen.append(args[0].dtype))
+    with torch.autocast("cpu", dtype=torch.float16):
+        run_blocks(blocks, torch.randn(2, 32, 32))
+        assert blocks[0].stream_copy_dtype(torch.zeros(1)) == torch.float16
+    assert seen == [torch.float32]
+    assert blocks[0].stream_copy_dtype(torch.zeros(1)) is None  # no autocast here
+
+
+def test_stream_copy_only_for_stock_blocks():
+    """The copy stands in for autocast's cast only where a block is the stock one, its attention
+    and MLP feed x straight into one Linear each, and nobody replaced a forward."""
+    from functools import partial
+
+    import torch.utils.checkpoint
+
+    from audiomae.layers import Mlp
+    from audiomae.swin import run_blocks
+
+    torch.manual_seed(0)
+    make = lambda: SwinTransformerBlock(32, 2, feat_size=(8, 4), window_size=(4, 4), shift_size=(2, 0),  # noqa: E731
+                                        backend="triton")
+    x = torch.randn(2, 32, 32)
+    with torch.autocast("cpu", dtype=torch.float16):
+        assert make().stream_copy_dtype(x) == torch.float16
+        replaced = make()
+        replaced.mlp = nn.Sequential(nn.LayerNorm(32), nn.Linear(32, 32))
+        wrapped = make()
+        wrapped.attn.qkv = nn.Sequential(wrapped.attn.qkv)
+        patched = make()
+        patched.mlp.forward = partial(Mlp.forward, patched.mlp)
+        for blk in (replaced, wrapped, patched):
+            assert blk.stream_copy_dtype(x) is None
+
+        class Halved(SwinTransformerBlock):
+            def forward(self, x):
+                return super().forward(x) * 0.5
+
+        halved = Halved(32, 2, feat_size=(8, 4), window_size=(4, 4), backend="triton")
+        checkpointed = make()
+        checkpointed.forward = partial(torch.utils.checkpoint.checkpoint, checkpointed.forward, use_reentrant=False)
+        blocks = nn.ModuleList([make(), halved, checkpointed, make()])
+        calls = []
+        original = Halved.forward
+        Halved.forward = lambda self, x: calls.append("halved") or original(self, x)
+        try:
+            torch.manual_seed(1)  # the meta-MLPs' dropout draws the same on both runs
+            got = run_blocks(blocks, x)
+            torch.manual_seed(1)
+            want = x
+            for blk in blocks:
+                want = blk(want)
+        finally:
+            Halved.forward = original
+    assert calls == ["halved", "halved"]  # once through run_blocks, once for the plain loop
+    assert torch.equal(got, want)

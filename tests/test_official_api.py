@@ -272,3 +272,26 @@ def test_image_vit_is_not_taken_for_an_audiomae_checkpoint(tmp_path):
     torch.save(image.state_dict(), path)
     with pytest.raises(ValueError, match="3 input channels, an image model's"):
         audiomae.from_pretrained(path)
+
+
+@pytest.mark.parametrize("global_pool", [True, False])
+def test_vit_parameter_order_is_the_official_one(global_pool):
+    """The official fine-tuning model adds ``fc_norm`` after timm's ``head`` (and drops ``norm``):
+    named_parameters() order, which the layer-decay parameter groups (and the optimizer state an
+    official checkpoint saves) follow, must end head, then fc_norm."""
+    model = audiomae.VisionTransformer(img_size=(128, 64), embed_dim=32, depth=2, num_heads=4, num_classes=3,
+                                       global_pool=global_pool)
+    names = [n for n, _ in model.named_parameters()]
+    assert names[:3] == ["cls_token", "pos_embed", "patch_embed.proj.weight"]
+    tail = ["head.weight", "head.bias", "fc_norm.weight", "fc_norm.bias"] if global_pool else \
+        ["norm.weight", "norm.bias", "head.weight", "head.bias"]
+    assert names[-4:] == tail
+    assert list(model.state_dict())[-4:] == tail
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_vit_structured_masking_of_an_empty_batch(backend):
+    model = audiomae.VisionTransformer(img_size=(128, 64), embed_dim=32, depth=1, num_heads=4, num_classes=3,
+                                       backend=backend).train()
+    out = model(torch.zeros(0, 1, 128, 64), mask_t_prob=0.5, mask_f_prob=0.25)
+    assert out.shape == (0, 3)

@@ -200,6 +200,213 @@ def test_eager_path_equals_custom_op(seed, monkeypatch, needs):
         assert a.dtype == c.dtype and torch.equal(a, c)
 
 
+# ------------------------------------------------------------------------------------------------
+# copy_dtype: (out, out.to(copy_dtype)) from one pass, gradients added as autograd adds them
+# ------------------------------------------------------------------------------------------------
+# (x dtype, branch dtype, parameter dtype, copy dtype): the decoder's case (a float32 stream, a
+# 16-bit branch, float32 parameters, a 16-bit copy), same-dtype rows, a wider copy, float64 rows
+# (copied and summed by torch).
+COPY_CASES = [
+    (torch.float32, torch.float16, torch.float32, torch.float16),
+    (torch.float32, torch.float32, torch.float32, torch.bfloat16),
+    (torch.float16, torch.float16, torch.float16, torch.float32),
+    (torch.float32, torch.float32, torch.float32, torch.float16),
+    (torch.float64, torch.float64, torch.float64, torch.float32),
+]
+
+
+def _copy_inputs(case, shape=(3, 7, 40)):
+    x_dtype, branch_dtype, param_dtype, copy_dtype = case
+    x, branch, w, b = make_inputs(shape, branch_dtype, x_dtype=x_dtype, param_dtype=param_dtype)
+    return (x, branch, w, b), copy_dtype
+
+
+def _same_or_one_ulp(actual, expected, what):
+    """Equal; on the CPU a bfloat16 store may differ by one ulp (Triton's interpreter rounds it
+    its own way), nowhere else."""
+    if DEVICE == "cpu" and actual.dtype == torch.bfloat16:
+        torch.testing.assert_close(actual.float(), expected.float(), rtol=2**-7, atol=0, msg=what)
+    else:
+        assert torch.equal(actual, expected), what
+
+
+@pytest.mark.parametrize("case", COPY_CASES, ids=lambda c: "-".join(str(d).removeprefix("torch.") for d in c))
+def test_copy_is_the_output_cast(seed, case):
+    inputs, copy_dtype = _copy_inputs(case)
+    out, copy = post_norm_residual(*inputs, copy_dtype=copy_dtype)
+    assert torch.equal(out, post_norm_residual(*inputs))
+    assert copy.dtype == copy_dtype and copy.shape == out.shape and copy.data_ptr() != out.data_ptr()
+    _same_or_one_ulp(copy, out.to(copy_dtype), "copy")
+
+
+@pytest.mark.parametrize("case", COPY_CASES, ids=lambda c: "-".join(str(d).removeprefix("torch.") for d in c))
+@pytest.mark.parametrize("used", ["both", "out", "copy"])
+def test_copy_gradients_add_as_autograd_adds_them(seed, case, used):
+    """The fused copy against the same kernel followed by torch's cast (autograd then adds the two
+    gradients itself): the same gradients to the bit; and both against float64."""
+    _check_copy_gradients(case, used, (3, 7, 40))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("used", ["both", "copy"])
+def test_gpu_copy_at_the_decoder_size(seed, used):
+    """The decoder's case (float32 stream, bfloat16 branch and copy, float32 parameters) at its size,
+    also under CUDA autocast as the model runs it."""
+    case = (torch.float32, torch.bfloat16, torch.float32, torch.bfloat16)
+    _check_copy_gradients(case, used, (64, 512, 512))
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        _check_copy_gradients(case, used, (64, 512, 512))
+
+
+def _check_copy_gradients(case, used, shape):
+    inputs, copy_dtype = _copy_inputs(case, shape)
+    g_out = torch.randn(inputs[0].shape, device=DEVICE)
+    g_copy = torch.randn(inputs[0].shape, device=DEVICE)
+
+    def grads(fused, dtype=None, as_reference=False):
+        leaves = [t.detach().to(dtype or t.dtype).requires_grad_() for t in inputs]
+        if as_reference:
+            out = reference(*leaves)
+            copy = out.to(copy_dtype)
+        elif fused:
+            out, copy = post_norm_residual(*leaves, copy_dtype=copy_dtype)
+        else:
+            out = post_norm_residual(*leaves)
+            copy = out.to(copy_dtype)
+        outputs, incoming = [], []
+        if used in ("both", "out"):
+            outputs.append(out)
+            incoming.append(g_out.to(out.dtype))
+        if used in ("both", "copy"):
+            outputs.append(copy)
+            incoming.append(g_copy.to(copy.dtype))
+        return torch.autograd.grad(outputs, leaves, incoming)
+
+    fused, separate = grads(True), grads(False)
+    expected = grads(False, torch.float64, as_reference=True)
+    for name, a, b_, e, leaf in zip(("x", "branch", "weight", "bias"), fused, separate, expected, inputs):
+        assert a.dtype == leaf.dtype and a.shape == leaf.shape, name
+        if name == "x":
+            assert torch.equal(a, b_), name  # the sum, one rounding in the output's dtype
+        else:  # the norm's gradients see that sum: equal, but for the interpreter's bfloat16 rounding
+            _same_or_one_ulp(a, b_, name)
+        close(a, e, case[1], f"grad of {name}")
+
+
+def test_copy_gradient_when_x_needs_none_or_only_x_does(seed):
+    inputs, copy_dtype = _copy_inputs(COPY_CASES[0])
+    x, branch, w, b = inputs
+    g = torch.randn(x.shape, device=DEVICE).to(copy_dtype)
+    for needs in ("x", "branch", "weight"):
+        leaves = [t.detach().requires_grad_(name == needs) for t, name in zip(inputs, ("x", "branch", "weight", "bias"))]
+        _, copy = post_norm_residual(*leaves, copy_dtype=copy_dtype)
+        (got,) = torch.autograd.grad(copy, [t for t in leaves if t.requires_grad], g)
+        leaves2 = [t.detach().requires_grad_(t.requires_grad) for t in leaves]
+        (want,) = torch.autograd.grad(post_norm_residual(*leaves2).to(copy_dtype), [t for t in leaves2 if t.requires_grad], g)
+        assert torch.equal(got, want), needs
+
+
+def test_copy_without_grad_and_with_empty_rows(seed):
+    inputs, copy_dtype = _copy_inputs(COPY_CASES[0])
+    with torch.no_grad():
+        out, copy = post_norm_residual(*inputs, copy_dtype=copy_dtype)
+    assert torch.equal(copy, out.to(copy_dtype))
+    empty = [t[:0] if t.dim() == 3 else t for t in inputs]
+    empty = [t.requires_grad_() for t in empty]
+    out, copy = post_norm_residual(*empty, copy_dtype=copy_dtype)
+    assert out.shape == copy.shape == (0, 7, 40) and copy.dtype == copy_dtype
+    grads = torch.autograd.grad((out.sum() + copy.sum()), empty)
+    assert [g.shape for g in grads] == [t.shape for t in empty]
+
+
+def test_copy_through_the_custom_op_equals_eager(seed, monkeypatch):
+    inputs, copy_dtype = _copy_inputs(COPY_CASES[0])
+    g_out, g_copy = torch.randn(inputs[0].shape, device=DEVICE), torch.randn(inputs[0].shape, device=DEVICE)
+    results = []
+    for through_op in (False, True):
+        monkeypatch.setattr(MODULE, "needs_custom_op", lambda: through_op)
+        leaves = [t.detach().requires_grad_() for t in inputs]
+        out, copy = post_norm_residual(*leaves, copy_dtype=copy_dtype)
+        results.append((out, copy, torch.autograd.grad((out, copy), leaves, (g_out, g_copy.to(copy_dtype)))))
+    (out_e, copy_e, grads_e), (out_c, copy_c, grads_c) = results
+    assert torch.equal(out_e, out_c) and torch.equal(copy_e, copy_c)
+    for a, c in zip(grads_e, grads_c, strict=True):
+        assert a.dtype == c.dtype and torch.equal(a, c)
+
+
+def test_copy_compiles_without_graph_breaks(seed):
+    inputs, copy_dtype = _copy_inputs(COPY_CASES[0], (2, 5, 16))
+    leaves = [t.requires_grad_() for t in inputs]
+    traced = []
+
+    def recording_backend(gm, example_inputs):
+        traced.append([str(n.target).removesuffix(".default") for n in gm.graph.nodes if n.op == "call_function"])
+        return torch._dynamo.lookup_backend("inductor" if DEVICE == "cuda" else "aot_eager")(gm, example_inputs)
+
+    def block(x, branch, w, b):
+        out, copy = post_norm_residual(x, branch, w, b, copy_dtype=copy_dtype)
+        return out.square().sum() + (copy * 3).float().sum()
+
+    compiled = torch.compile(block, fullgraph=True, backend=recording_backend)
+    got = torch.autograd.grad(compiled(*leaves), leaves)
+    want = torch.autograd.grad(block(*leaves), leaves)
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e)
+    assert len(traced) == 1 and traced[0].count("audiomae.post_norm_residual") == 1, traced
+
+
+def test_copy_on_the_reference_path(seed, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET")
+    inputs, copy_dtype = _copy_inputs(COPY_CASES[0])
+    out, copy = post_norm_residual(*inputs, copy_dtype=copy_dtype)
+    assert torch.equal(out, reference(*inputs)) and torch.equal(copy, out.to(copy_dtype))
+
+
+def test_backward_op_returns_what_its_fake_says(seed):
+    """Contiguous gradients that alias no input, whatever the incoming gradient's strides (a
+    transposed consumer hands one column-major; inductor checks real strides against the fake's)."""
+    x, branch, w, b = make_inputs((6, 12), torch.float32)
+    _, _, mean, rstd = torch.ops.audiomae.post_norm_residual(x, branch, w, b, 1e-5, torch.float32, None)
+    column_major = torch.randn(12, 6, device=DEVICE).t()
+    for grad, grad_copy in ((column_major, None), (column_major, column_major.half()), (None, column_major.half())):
+        outputs = torch.ops.audiomae.post_norm_residual_backward(
+            grad, grad_copy, branch, w, mean, rstd, torch.float32, torch.float32, torch.float32, True, torch.float32,
+            torch.float32)
+        for g in outputs:
+            assert g.is_contiguous() and all(g.data_ptr() != t.data_ptr() for t in (grad, grad_copy) if t is not None)
+    # float64 rows are summed by torch: a copy gradient alone must not come back as x's gradient itself
+    x64, branch64 = (t.double() for t in (x, branch))
+    _, _, mean, rstd = torch.ops.audiomae.post_norm_residual(x64, branch64, None, None, 1e-5, torch.float64,
+                                                             torch.float64)
+    grad_copy = torch.randn(6, 12, device=DEVICE, dtype=torch.float64)
+    torch.library.opcheck(torch.ops.audiomae.post_norm_residual_backward.default,
+                          (None, grad_copy, branch64, None, mean, rstd, torch.float64, torch.float64, torch.float64,
+                           True, None, None))
+
+
+@pytest.mark.parametrize("used", ["out", "copy"])
+def test_unused_output_leaves_signed_zeros_alone_on_both_paths(seed, monkeypatch, used):
+    """-0.0 incoming gradients: neither path adds +0 zeros for the output nobody used."""
+    inputs, copy_dtype = _copy_inputs(COPY_CASES[0])
+    results = []
+    for through_op in (False, True):
+        monkeypatch.setattr(MODULE, "needs_custom_op", lambda: through_op)
+        leaves = [t.detach().requires_grad_() for t in inputs[:2]]
+        out, copy = post_norm_residual(*leaves, *inputs[2:], copy_dtype=copy_dtype)
+        target = out if used == "out" else copy
+        results.append(torch.autograd.grad(target, leaves, torch.full_like(target, -0.0)))
+    for eager, op in zip(*results):
+        assert torch.equal(eager, op) and torch.equal(torch.signbit(eager), torch.signbit(op))
+    assert torch.signbit(results[0][0]).all()  # x's gradient: the -0.0 itself
+
+
+def test_copy_dtype_must_be_a_float_dtype(seed):
+    inputs, _ = _copy_inputs(COPY_CASES[0])
+    for bad in (torch.int32, "bfloat16", torch.complex64):
+        with pytest.raises(TypeError, match="copy_dtype"):
+            post_norm_residual(*inputs, copy_dtype=bad)
+
+
 def test_double_backward_is_an_error(seed):
     x, branch, w, b = (t.requires_grad_() for t in make_inputs((2, 3, 8), torch.float32))
     out = post_norm_residual(x, branch, w, b)
@@ -250,12 +457,16 @@ def test_rejects_odd_arguments(seed):
 
 def test_opcheck(seed):
     x, branch, w, b = (t.requires_grad_() for t in make_inputs((6, 12), torch.float32))
-    torch.library.opcheck(torch.ops.audiomae.post_norm_residual.default, (x, branch, w, b, 1e-5, torch.float32))
-    torch.library.opcheck(torch.ops.audiomae.post_norm_residual.default, (x, branch, None, None, 1e-6, torch.float32))
-    _, mean, rstd = torch.ops.audiomae.post_norm_residual(x, branch, w, b, 1e-5, torch.float32)
-    args = (torch.randn(6, 12, device=DEVICE), branch.detach(), w.detach(), mean.detach(), rstd.detach(), torch.float32, True,
-            torch.float32, torch.float32)
-    torch.library.opcheck(torch.ops.audiomae.post_norm_residual_backward.default, args)
+    op, backward = torch.ops.audiomae.post_norm_residual.default, torch.ops.audiomae.post_norm_residual_backward.default
+    torch.library.opcheck(op, (x, branch, w, b, 1e-5, torch.float32, None))
+    torch.library.opcheck(op, (x, branch, None, None, 1e-6, torch.float32, None))
+    torch.library.opcheck(op, (x, branch, w, b, 1e-5, torch.float32, torch.float16))
+    _, _, mean, rstd = torch.ops.audiomae.post_norm_residual(x, branch, w, b, 1e-5, torch.float32, None)
+    saved = (branch.detach(), w.detach(), mean.detach(), rstd.detach(), torch.float32, torch.float32)
+    grad, grad_copy = torch.randn(6, 12, device=DEVICE), torch.randn(6, 12, device=DEVICE).half()
+    for incoming, x_dtype in (((grad, None), torch.float32), ((grad, grad_copy), torch.float32),
+                              ((None, grad_copy), torch.float32), ((grad, grad_copy), None), ((grad, None), None)):
+        torch.library.opcheck(backward, (*incoming, *saved, x_dtype, True, torch.float32, torch.float32))
 
 
 def test_compiles_without_graph_breaks(seed):

@@ -119,6 +119,17 @@ def test_tau_below_clamp_gets_no_gradient():
     assert grads["tau"][0] == 0 and grads["tau"][1] != 0
 
 
+@pytest.mark.parametrize("small", [0.0, -0.0, 1e-30, -0.3])
+def test_tau_of_zero_or_below_gets_a_zero_gradient_not_nan(small):
+    """Clamped heads get 0, also where tau squared is 0 (a product with the clamp's mask would be
+    inf * 0 = NaN there)."""
+    qkv, tau, bias = make_inputs(1, (8, 8), (4, 4), 2, 16)
+    tau[0] = small
+    grads = check_against_reference(qkv, tau, bias, torch.float32, grid=(8, 8), window=(4, 4), shift=(2, 0),
+                                    num_heads=2)
+    assert grads["tau"][0] == 0 and grads["tau"].isfinite().all()
+
+
 def test_tau_at_clamp_gets_gradient():
     """torch's clamp passes the gradient at tau == 0.01. Logits reach 100 there and dtau is a sum
     that cancels: torch's own fp32 misses float64 by up to ~1e-3, so the check is loose."""
