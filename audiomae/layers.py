@@ -90,10 +90,13 @@ def without_hooks(*modules: nn.Module) -> bool:
 class Mlp(nn.Module):
     """timm's ``Mlp``. On the ``"triton"`` backend a GELU MLP runs as ``kernels.gelu_mlp``: the
     same values, fewer activations kept for the backward (``save``: ``"input"`` keeps fc1's input
-    and recomputes fc1 and GELU, ``"hidden"`` also keeps fc1's output; see that module)."""
+    and recomputes fc1 and GELU, ``"hidden"`` also keeps fc1's output; see that module).
+    ``fused_matmul`` (off by default: not yet timed on a GPU) puts GELU and its backward in the
+    epilogues of this project's matmuls (``kernels.gelu_matmul``): the same values up to the
+    order of the matmuls' sums."""
 
     def __init__(self, in_features, hidden_features=None, out_features=None, act_layer=nn.GELU, drop=0.0,
-                 backend="reference", save="input"):
+                 backend="reference", save="input", fused_matmul=False):
         super().__init__()
         hidden_features = hidden_features or in_features
         out_features = out_features or in_features
@@ -106,6 +109,9 @@ class Mlp(nn.Module):
         if save not in ("input", "hidden"):
             raise ValueError(f"save must be 'input' or 'hidden', got {save!r}")
         self.save = save
+        if not isinstance(fused_matmul, bool):
+            raise TypeError(f"fused_matmul must be a bool, got {type(fused_matmul).__name__}")
+        self.fused_matmul = fused_matmul
 
     def _fusable(self) -> bool:
         # Only the plain modules (a subclass or wrapper may do more than its weights say), and no
@@ -121,7 +127,7 @@ class Mlp(nn.Module):
             from kernels.gelu_mlp import gelu_mlp
 
             out = gelu_mlp(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,
-                           approximate=self.act.approximate, save=self.save)
+                           approximate=self.act.approximate, save=self.save, fused_matmul=self.fused_matmul)
             return self.drop2(out)
         return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
 

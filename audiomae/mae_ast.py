@@ -59,6 +59,7 @@ clip (the released chunk masking shares one mask across the batch).
 from __future__ import annotations
 
 import functools
+import math
 from typing import NamedTuple
 
 import torch
@@ -104,8 +105,9 @@ def chunk_masking_ids(noise: torch.Tensor, grid: tuple[int, int], num_masked: in
     lo, hi = chunk_size
     extent_t, extent_f = min(hi, num_time), min(hi, num_freq)
     anchors = torch.argsort(noise, dim=1)  # chunk r is anchored at token anchors[:, r]
-    fine = torch.frac(torch.gather(noise, 1, anchors) * _SIZE_BITS)
-    size = (lo + (fine * (hi - lo + 1)).long()).clamp_(max=hi)  # [B, N]
+    # remainder, not frac: noise outside [0, 1) (a randn) must still give sizes in [lo, hi]
+    fine = torch.remainder(torch.gather(noise, 1, anchors) * _SIZE_BITS, 1.0)
+    size = (lo + (fine * (hi - lo + 1)).long()).clamp_(min=lo, max=hi)  # [B, N]
     size_t, size_f = size.clamp(max=num_time), size.clamp(max=num_freq)
     # Centre each block on its anchor, shifted inwards to fit the grid: it still covers the anchor,
     # so every token is covered by some chunk and the first num_masked tokens in chunk order exist;
@@ -174,10 +176,13 @@ class MAEAST(ModelMixin, nn.Module):
         _check_choice("mode", mode, MODES)
         if not 0.0 < mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
-        if recon_weight < 0 or nce_weight < 0 or recon_weight == nce_weight == 0:
+        if not (math.isfinite(recon_weight) and math.isfinite(nce_weight)) or recon_weight < 0 or nce_weight < 0 \
+                or recon_weight == nce_weight == 0:
             raise ValueError(
                 f"recon_weight and nce_weight must be >= 0 and not both 0, got {recon_weight} and {nce_weight}"
             )
+        if len(chunk_size) != 2 or any(isinstance(c, bool) or int(c) != c for c in chunk_size):
+            raise ValueError(f"chunk_size must be two integers (min, max), got {chunk_size!r}")
         lo, hi = (int(c) for c in chunk_size)
         if not 1 <= lo <= hi:
             raise ValueError(f"chunk_size must be (min, max) with 1 <= min <= max, got {chunk_size!r}")
@@ -186,6 +191,9 @@ class MAEAST(ModelMixin, nn.Module):
                              f"got {encoder_depth} and {decoder_depth}")
         decoder_embed_dim = decoder_embed_dim or embed_dim
         decoder_num_heads = decoder_num_heads or num_heads
+        for name, dim in (("embed_dim", embed_dim), ("decoder_embed_dim", decoder_embed_dim)):
+            if dim % 2:  # the sin-cos position table pairs its columns
+                raise ValueError(f"{name} must be even (sin-cos position embeddings), got {dim}")
         self._config = dict(
             tokens=tokens, encoder_depth=encoder_depth, decoder_depth=decoder_depth, embed_dim=embed_dim,
             num_heads=num_heads, decoder_embed_dim=decoder_embed_dim, decoder_num_heads=decoder_num_heads,
@@ -281,7 +289,7 @@ class MAEAST(ModelMixin, nn.Module):
     def forward_features(self, spec: torch.Tensor) -> torch.Tensor:
         """Encoder output over every token, nothing masked: [B, T, 128] -> [B, N, embed_dim]."""
         x = self.token_embed(self.tokenize(spec))
-        return self._encode(x + _sincos_table(self.embed_dim, x.shape[1], x.device))
+        return self._encode(x + self._positions(self.embed_dim, x.shape[1], x.device))
 
     def forward(self, spec: torch.Tensor, noise: torch.Tensor | None = None,
                 generator: torch.Generator | None = None) -> MAEASTOutput:
@@ -290,10 +298,10 @@ class MAEAST(ModelMixin, nn.Module):
         B, N, _ = target.shape
         ids_keep, ids_restore, mask = self.masking_ids(B, spec.shape[1], spec.device, noise, generator)
         x = self.token_embed(target)
-        pos_embed = _sincos_table(self.embed_dim, N, x.device)
+        pos_embed = self._positions(self.embed_dim, N, x.device)
         if self.mode == "mae":
             x = self._encode(self.gather_tokens(x, ids_keep, pos_embed))
-            decoder_pos_embed = _sincos_table(self.decoder_embed_dim, N, x.device)
+            decoder_pos_embed = self._positions(self.decoder_embed_dim, N, x.device)
             x = self.unshuffle_tokens(self.decoder_embed(x), ids_restore, self.mask_token, decoder_pos_embed)
             for blk in self.decoder_blocks:
                 x = blk(x)
@@ -303,14 +311,20 @@ class MAEAST(ModelMixin, nn.Module):
         ids_masked = inverse_permutation(ids_restore)[:, ids_keep.shape[1]:]  # [B, M]
         return self._losses(x, target, ids_masked, mask)
 
+    def _positions(self, dim: int, length: int, device: torch.device) -> torch.Tensor:
+        """The sin-cos table in the parameters' dtype (float32 under autocast, where they stay
+        float32; a bfloat16 model's own dtype otherwise)."""
+        return _sincos_table(dim, length, device).to(self.token_embed.weight.dtype)
+
     def _losses(self, x, target, ids_masked, mask) -> MAEASTOutput:
-        target_masked = self.gather_tokens(target, ids_masked).float()
+        at_least_fp32 = lambda t: t.to(torch.promote_types(t.dtype, torch.float32))  # noqa: E731
+        target_masked = at_least_fp32(self.gather_tokens(target, ids_masked))
         zero = target_masked.new_zeros(())
         loss_recon = loss_nce = zero
         pred = None
         if self.recon_head is not None:
             pred = self.recon_head(x)
-            loss_recon = F.mse_loss(self.gather_tokens(pred, ids_masked).float(), target_masked)
+            loss_recon = F.mse_loss(at_least_fp32(self.gather_tokens(pred, ids_masked)), target_masked)
         if self.nce_head is not None:
             loss_nce = info_nce(self.nce_head(self.gather_tokens(x, ids_masked)), target_masked)
         loss = self.recon_weight * loss_recon + self.nce_weight * loss_nce

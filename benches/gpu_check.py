@@ -16,6 +16,7 @@ check ends inside 8 minutes), most valuable first:
 6. ``parity``: ``audiomae validate`` at the GPU shapes;
 7. ``bench-mae_ast`` (issue 7's ratios), ``bench-window_tiling`` (the sweep that should set the
    window-attention default), ``bench-gelu_grad`` (the MLP backward's fused GELU pass),
+   ``bench-gelu_matmul`` (the MLP with GELU in its own matmuls' epilogues, against cuBLAS),
    ``models-pretrain-compiled`` (the compiled variants, with their own
    reference row), every other ``benches/bench_*.py`` at its target shapes (memory estimate,
    post-norm kernel, training CLI), then ``models-finetune``, ``models-embed`` and
@@ -67,8 +68,9 @@ QUICK_VARIANTS = ("reference", "triton", "triton+graph", "sdpa", "reference+grap
 COMPILED_VARIANTS = ("reference", "triton+compile+graph", "triton+compile", "reference+compile")
 MODEL_TIMEOUTS = {"pretrain": 220, "pretrain-compiled": 260, "finetune": 150, "finetune-compiled": 260, "embed": 70}
 FIRST_BENCHES = ("window_attention", "tokens", "fbank")  # issues 4, 3 and 5
-# issue 7's ratios, the tiling that sets issue 4's default, the MLP backward's GELU pass (issue 6)
-SECOND_BENCHES = ("mae_ast", "window_tiling", "gelu_grad")
+# issue 7's ratios, the tiling that sets issue 4's default, the MLP backward's GELU pass and the
+# MLP with GELU in its matmuls (issue 6: fused_matmul stays off until this row says it pays)
+SECOND_BENCHES = ("mae_ast", "window_tiling", "gelu_grad", "gelu_matmul")
 BENCH_TIMEOUTS = {"window_attention": 180, "tokens": 90, "window_tiling": 90, "post_norm": 90, "mae_ast": 180}
 
 

@@ -222,6 +222,22 @@ def gelu_mlp_case(device, dtype, quick):
     return _check_op("triton", gelu_mlp, reference, inputs, ATTENTION[dtype])
 
 
+def gelu_mlp_fused_case(device, dtype, quick):
+    """The MLP with GELU in its matmuls' epilogues (``fused_matmul=True``, kernels/gelu_matmul.py)."""
+    if device.type == "cpu" and dtype == torch.bfloat16:
+        raise Skip(BF16_DOT_ON_CPU)
+    from kernels.gelu_mlp import gelu_mlp
+    from kernels.reference.gelu_mlp import gelu_mlp as reference
+
+    M, C, H = (4 * 512, 512, 2048) if device.type == "cuda" else (37, 24, 96)  # the decoder's MLP
+    inputs = {"x": torch.randn(M, C, device=device, dtype=dtype),
+              "fc1_weight": (torch.randn(H, C, device=device) / C**0.5).to(dtype),
+              "fc1_bias": (0.1 * torch.randn(H, device=device)).to(dtype),
+              "fc2_weight": (torch.randn(C, H, device=device) / H**0.5).to(dtype),
+              "fc2_bias": (0.1 * torch.randn(C, device=device)).to(dtype)}
+    return _check_op("triton", lambda **kw: gelu_mlp(**kw, fused_matmul=True), reference, inputs, ATTENTION[dtype])
+
+
 FBANK_OPTIONS = dict(htk_compat=True, sample_frequency=16000, use_energy=False, window_type="hanning",
                      num_mel_bins=128, dither=0.0, frame_shift=10)
 
@@ -349,6 +365,7 @@ CASES: dict[str, Case] = {
         Case("window_attention", window_attention_case),
         Case("post_norm_residual", post_norm_residual_case),
         Case("post_norm_residual_copy", post_norm_residual_copy_case),
+        Case("gelu_mlp_fused", gelu_mlp_fused_case),
         Case("gelu_mlp", gelu_mlp_case),
         Case("fbank", fbank_case, dtypes=("float32", "float64")),
         Case("models", models_case),

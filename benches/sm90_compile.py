@@ -167,6 +167,17 @@ def _gelu_case(dtype, rows, cols, approximate):
     gelu_and_grad(hidden, torch.randn_like(hidden), approximate, True)
 
 
+def _gelu_matmul_case(dtype, M, K, N, J, approximate):
+    import torch
+
+    from kernels.gelu_matmul import linear_gelu, linear_gelu_backward
+    x, w, b = torch.randn(M, K, dtype=dtype), torch.randn(N, K, dtype=dtype), torch.randn(N, dtype=dtype)
+    g, w2 = torch.randn(M, J, dtype=dtype), torch.randn(J, N, dtype=dtype)
+    linear_gelu(x, w, b, approximate)
+    linear_gelu_backward(x, w, b, g, w2, approximate, True)
+    linear_gelu_backward(x, w, b, g, w2, approximate, True, hidden=torch.randn(M, N, dtype=dtype))
+
+
 def _forced(rows, warps, batch_per_program, launch):
     with sys.modules["kernels.window_attention"].forced_tiling(rows, warps, batch_per_program):
         launch()
@@ -187,6 +198,9 @@ def cases() -> dict:
     # The MLP backward's fused GELU pass at the decoder's hidden width, exact and tanh.
     for name, dtype in dtypes.items():
         table[f"gelu-target-{name}"] = lambda d=dtype: (_gelu_case(d, 128, 2048, "none"), _gelu_case(d, 70, 33, "tanh"))
+        # The MLP's matmuls with GELU in their epilogues (kernels/gelu_matmul.py), decoder widths.
+        table[f"gelumatmul-target-{name}"] = lambda d=dtype: (_gelu_matmul_case(d, 256, 512, 2048, 512, "none"),
+                                                        _gelu_matmul_case(d, 70, 40, 72, 24, "tanh"))
     table["tokens-odd-channels"] = lambda: _tokens_case(torch.bfloat16, 1, 37, 5, 1000, pos=False)
     # The decoder's post-norm residual (fp32 stream, bf16 branch), and the edges: float64, odd and
     # widest rows, no parameters.

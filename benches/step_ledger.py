@@ -98,20 +98,29 @@ def _gelu_mlp_rows(name: str, args) -> list[tuple]:
         return (f"audiomae::{name} ({what})", "matmul", moved, 2 * rows * inner * cols)
 
     if name == "gelu_mlp":
-        x, w1, w2, dtype = args[0], args[1], args[3], args[5]
+        x, w1, w2, dtype, save_hidden, fused = args[0], args[1], args[3], args[5], args[6], args[8]
         s, width, hid, out = dtype.itemsize, x.shape[-1], w1.shape[0], w2.shape[0]
         M = x.numel() // width
         rows = [] if x.dtype == dtype else [(f"audiomae::{name} (cast)", "casts and copies",
                                              M * width * (x.element_size() + s), 0)]
+        if fused and not save_hidden:  # GELU in fc1's epilogue: fc1's output never stored
+            return rows + [matmul("fc1 with gelu", M, width, hid, s), matmul("fc2", M, hid, out, s)]
         return rows + [matmul("fc1", M, width, hid, s),
                        (f"audiomae::{name} (gelu)", "other elementwise", 2 * M * hid * s, 0),
                        matmul("fc2", M, hid, out, s)]
-    grad, xc, w1, w2, hidden, needs = args[0], args[1], args[2], args[4], args[5], args[8]
+    grad, xc, w1, w2, hidden, needs, fused = args[0], args[1], args[2], args[4], args[5], args[8], args[9]
     s, width, hid, out = xc.dtype.itemsize, xc.shape[-1], w1.shape[0], w2.shape[0]
     M = xc.numel() // width
-    rows = [] if hidden.numel() else [matmul("fc1 again", M, width, hid, s)]
-    rows += [matmul("grad of fc2's input", M, out, hid, s),
-             (f"audiomae::{name} (gelu_and_grad)", "this project's kernels", 4 * M * hid * s, 0)]
+    if fused:  # one kernel: fc1 again (or the kept output read), fc2's input gradient, GELU's backward
+        recompute = not hidden.numel()
+        fc1_in = (M * width + hid * width) * s if recompute else M * hid * s
+        moved = fc1_in + (M * out + out * hid) * s + 2 * M * hid * s  # inputs, then GELU's output and gradient
+        flops = 2 * M * out * hid + (2 * M * width * hid if recompute else 0)
+        rows = [(f"audiomae::{name} (fused gelu backward)", "matmul", moved, flops)]
+    else:
+        rows = [] if hidden.numel() else [matmul("fc1 again", M, width, hid, s)]
+        rows += [matmul("grad of fc2's input", M, out, hid, s),
+                 (f"audiomae::{name} (gelu_and_grad)", "this project's kernels", 4 * M * hid * s, 0)]
     if needs[3]:
         rows.append(matmul("fc2 weight grad", out, M, hid, s, out_size=4))
     if needs[4]:
@@ -235,8 +244,9 @@ def _drain(ready, grads, pending) -> None:
                 ready.append(child)
 
 
-def record_step(backend: str = "triton", batch: int = 64, img_size=(1024, 128)) -> list[tuple]:
-    """Every op of one pretraining step (forward, backward, AdamW) on fake CUDA tensors."""
+def record_step(backend: str = "triton", batch: int = 64, img_size=(1024, 128), fused_matmul: bool = False) -> list[tuple]:
+    """Every op of one pretraining step (forward, backward, AdamW) on fake CUDA tensors
+    (``fused_matmul``: every MLP with GELU in its matmuls, ``kernels.gelu_matmul``)."""
     from unittest import mock
 
     import torch.nn.functional as F
@@ -250,6 +260,9 @@ def record_step(backend: str = "triton", batch: int = 64, img_size=(1024, 128)) 
         with torch.device("cuda"):
             model = audiomae.mae_vit_base_patch16(decoder_mode=1, norm_pix_loss=True, backend=backend,
                                                   img_size=img_size)
+            for module in model.modules():
+                if hasattr(module, "fused_matmul"):
+                    module.fused_matmul = fused_matmul
             imgs = torch.randn(batch, 1, *img_size)
         fused = {"fused": True} if backend == "triton" else {}
         optimizer = torch.optim.AdamW(model.parameters(), lr=1.5e-4, betas=(0.9, 0.95), weight_decay=0.05, **fused)
@@ -302,7 +315,7 @@ def render(summary: dict, title: str) -> str:
 
 
 SUITE = "step_ledger"
-BACKENDS = ("reference", "triton")
+VARIANTS = ("reference", "triton", "triton fused_matmul")
 
 
 def run(device="cuda", quick: bool = False) -> list[dict]:
@@ -312,10 +325,11 @@ def run(device="cuda", quick: bool = False) -> list[dict]:
 
     info = {k: v for k, v in device_info("cpu").items() if k != "device"}
     rows = []
-    for backend in BACKENDS:
-        summary = summarize(record_step(backend))
+    for variant in VARIANTS:
+        backend, _, fused = variant.partition(" ")
+        summary = summarize(record_step(backend, fused_matmul=bool(fused)))
         rows.append({
-            "suite": SUITE, "name": "pretrain step ledger", "impl": backend,
+            "suite": SUITE, "name": "pretrain step ledger", "impl": variant,
             "shape": "B=64 mae_vit_base_patch16 decoder_mode=1 mask 0.8", "dtype": "bf16-autocast",
             "floor_ms": summary["total_floor_ms"], **summary,
             "note": f"{summary['total_floor_ms']:.1f} ms if every op ran at its floor (counted on fake tensors, "
@@ -328,13 +342,14 @@ def run(device="cuda", quick: bool = False) -> list[dict]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backend", default="triton", choices=["reference", "sdpa", "triton"])
+    parser.add_argument("--fused-matmul", action="store_true", help="every MLP with GELU in its matmuls")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--top", type=int, default=12)
     parser.add_argument("--bandwidth-gbps", type=float, default=H100_COPY_GBPS)
     parser.add_argument("--matmul-tflops", type=float, default=H100_MATMUL_TFLOPS)
     parser.add_argument("--json", help="write the summary here")
     args = parser.parse_args(argv)
-    rows = record_step(args.backend, args.batch)
+    rows = record_step(args.backend, args.batch, fused_matmul=args.fused_matmul)
     summary = summarize(rows, args.bandwidth_gbps, args.matmul_tflops, args.top)
     print(render(summary, f"pretrain step, {args.backend}, batch {args.batch}"))
     if args.json:

@@ -16,13 +16,17 @@ so updating a weight in place between the forward and the backward behaves as it
 Every matmul is the one eager autograd runs (the same matmuls in the same dtypes); the backward's
 GELU, GELU gradient and fc1 bias gradient are one pass (``kernels.gelu_grad``, PyTorch's
 arithmetic), so outputs and gradients equal eager ``Mlp`` up to the order of the bias sums and the
-last bit of erf/tanh on the GPU.
+last bit of erf/tanh on the GPU. ``fused_matmul=True`` (opt-in, not yet timed on a GPU) runs fc1
+with GELU in its epilogue (with ``save="input"``), and fc1's recomputation (or the kept output),
+fc2's input gradient and GELU's backward as one kernel (``kernels.gelu_matmul``): this project's
+Triton matmuls instead of cuBLAS's, so the values are the same up to the order of those matmuls'
+sums as well.
 Autocast is honoured as eager ``F.linear`` honours it: under an enabled autocast for the input's
 device, float32 and lower inputs compute in the autocast dtype; otherwise every tensor must share
 one dtype. Dropout is not part of the op (the models use it only with ``drop=0``).
 
-Eager calls run an ``autograd.Function`` over torch operations (CPU tensors as well as CUDA
-ones). What torch.compile, export or a dispatch mode traces is the ``torch.library`` op pair
+Eager calls run an ``autograd.Function`` over torch operations and this project's kernels (CPU
+tensors as well as CUDA ones). What torch.compile, export or a dispatch mode traces is the ``torch.library`` op pair
 ``audiomae::gelu_mlp`` / ``audiomae::gelu_mlp_backward`` (the same operations inside): traced
 through, the Function's recomputation would be undone by the compiler, which merges the
 backward's fc1 with the forward's and keeps both of the wide tensors again (seen on the CPU: twice
@@ -39,6 +43,7 @@ import torch.nn.functional as F
 
 from kernels._dispatch import check_same_device, first_order_only, needs_custom_op
 from kernels.gelu_grad import gelu_and_grad
+from kernels.gelu_matmul import linear_gelu, linear_gelu_backward
 from kernels.reference.gelu_mlp import gelu_mlp as reference
 
 SAVE_CHOICES = ("input", "hidden")
@@ -61,51 +66,66 @@ def _linear_backward(grad2d, inp2d, weight, need_input, need_weight, need_bias, 
     return grad_input, grad_weight, grad_bias
 
 
-def _forward_math(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, compute_dtype, approximate):
-    """(out, and the inputs cast to the compute dtype: xc, w1, b1, w2, then fc1's output)."""
+def _forward_math(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, compute_dtype, approximate, fused=False):
+    """(out, and the inputs cast to the compute dtype: xc, w1, b1, w2, then fc1's output, None when
+    ``fused``: fc1 with GELU in its epilogue, ``kernels.gelu_matmul``, which never stores it)."""
     xc, w1, b1, w2, b2 = (_cast(t, compute_dtype) for t in (x, fc1_weight, fc1_bias, fc2_weight, fc2_bias))
     with torch.autocast(x.device.type, enabled=False):
-        hidden = F.linear(xc, w1, b1)
-        out = F.linear(F.gelu(hidden, approximate=approximate), w2, b2)
+        if fused:
+            hidden = None
+            act = linear_gelu(_rows(xc), w1, b1, approximate).view(*xc.shape[:-1], w1.shape[0])
+        else:
+            hidden = F.linear(xc, w1, b1)
+            act = F.gelu(hidden, approximate=approximate)
+        out = F.linear(act, w2, b2)
     return out, xc, w1, b1, w2, hidden
 
 
 class _GeluMlp(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, compute_dtype, save_hidden, approximate):
+    def forward(ctx, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, compute_dtype, save_hidden, approximate,
+                fused_matmul):
         out, xc, w1, b1, w2, hidden = _forward_math(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, compute_dtype,
-                                                    approximate)
+                                                    approximate, fused_matmul and not save_hidden)
         # The compute-dtype copies are kept, as eager F.linear keeps them under autocast (so the
         # weights may change in place before the backward, as eagerly); fc1's bias only where
         # fc1 is recomputed.
         ctx.save_for_backward(xc, w1, None if save_hidden else b1, w2, hidden if save_hidden else None)
         ctx.dtypes = tuple(t.dtype if t is not None else None for t in (x, fc1_weight, fc1_bias, fc2_weight, fc2_bias))
-        ctx.approximate = approximate
+        ctx.approximate, ctx.fused_matmul = approximate, fused_matmul
         return out
 
     @staticmethod
     @first_order_only("gelu_mlp")
     def backward(ctx, grad):
         xc, w1, b1, w2, hidden = ctx.saved_tensors
-        grads = _backward_math(grad, xc, w1, b1, w2, hidden, ctx.approximate, ctx.needs_input_grad[:5])
-        return (*(g.to(dtype) if g is not None else None for g, dtype in zip(grads, ctx.dtypes)), None, None, None)
+        grads = _backward_math(grad, xc, w1, b1, w2, hidden, ctx.approximate, ctx.needs_input_grad[:5],
+                               ctx.fused_matmul)
+        return (*(g.to(dtype) if g is not None else None for g, dtype in zip(grads, ctx.dtypes)), None, None, None,
+                None)
 
 
-def _backward_math(grad, xc, w1, b1, w2, hidden, approximate, needs):
+def _backward_math(grad, xc, w1, b1, w2, hidden, approximate, needs, fused=False):
     """Gradients of (x, fc1_weight, fc1_bias, fc2_weight, fc2_bias) in the compute dtype (None where
     ``needs`` says no), from fc1's input ``xc`` and the weights in the compute dtype; ``hidden``
-    (fc1's output) is recomputed when None."""
+    (fc1's output) is recomputed when None. ``fused``: fc1's recomputation, the matmul making
+    GELU's output gradient and GELU's backward in one kernel (``kernels.gelu_matmul``)."""
     need_x, need_w1, need_b1, need_w2, need_b2 = needs
     with torch.autocast(xc.device.type, enabled=False):
-        if hidden is None:
-            hidden = F.linear(xc, w1, b1)
-        hidden2d = _rows(hidden)
-        grad2d = _rows(grad.to(hidden.dtype))
-        grad_act = grad2d @ w2
-        # GELU again (for fc2's weight gradient), GELU's backward (over grad_act, which is ours) and
-        # fc1's bias gradient in one pass over the hidden width (kernels/gelu_grad.py)
-        act, grad_hidden, grad_b1 = gelu_and_grad(hidden2d, grad_act, approximate, need_b1)
-        del hidden, hidden2d, grad_act
+        grad2d = _rows(grad.to(xc.dtype))
+        if fused:
+            act, grad_hidden, grad_b1 = linear_gelu_backward(
+                _rows(xc), w1, b1, grad2d, w2, approximate, need_b1, hidden=_rows(hidden) if hidden is not None else None)
+        else:
+            if hidden is None:
+                hidden = F.linear(xc, w1, b1)
+            hidden2d = _rows(hidden)
+            grad_act = grad2d @ w2
+            # GELU again (for fc2's weight gradient), GELU's backward (over grad_act, which is ours)
+            # and fc1's bias gradient in one pass over the hidden width (kernels/gelu_grad.py)
+            act, grad_hidden, grad_b1 = gelu_and_grad(hidden2d, grad_act, approximate, need_b1)
+            del hidden2d, grad_act
+        del hidden
         _, grad_w2, grad_b2 = _linear_backward(grad2d, act, w2, False, need_w2, need_b2, act.shape)
         del act  # the largest tensor of the backward: free it before the next one is made
         grad_x, grad_w1, _ = _linear_backward(grad_hidden, _rows(xc), w1, need_x, need_w1, False, xc.shape)
@@ -119,15 +139,16 @@ def _backward_math(grad, xc, w1, b1, w2, hidden, approximate, needs):
 def _gelu_mlp_op(
     x: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: torch.Tensor | None, fc2_weight: torch.Tensor,
     fc2_bias: torch.Tensor | None, compute_dtype: torch.dtype, save_hidden: bool, approximate: str,
+    fused_matmul: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out, then what the backward keeps: x, fc1's output, fc1's weight and bias and fc2's weight in
     the compute dtype). Each of the kept ones is an empty tensor where there is nothing to keep: an
     input already in the compute dtype is kept as the input itself (an op's output may not alias
     one), fc1's output and bias only where the backward needs them."""
     out, xc, w1, b1, w2, hidden = _forward_math(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, compute_dtype,
-                                                approximate)
+                                                approximate, fused_matmul and not save_hidden)
     keep = _kept(x, fc1_weight, fc1_bias, fc2_weight, compute_dtype, save_hidden)
-    kept = [t if wanted else hidden.new_empty(0) for t, wanted in zip((xc, hidden, w1, b1, w2), keep)]
+    kept = [t if wanted else out.new_empty(0) for t, wanted in zip((xc, hidden, w1, b1, w2), keep)]
     return (out, *kept)
 
 
@@ -138,7 +159,7 @@ def _kept(x, fc1_weight, fc1_bias, fc2_weight, compute_dtype, save_hidden) -> tu
 
 
 @_gelu_mlp_op.register_fake
-def _(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, compute_dtype, save_hidden, approximate):
+def _(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, compute_dtype, save_hidden, approximate, fused_matmul):
     hidden = x.new_empty((*x.shape[:-1], fc1_weight.shape[0]), dtype=compute_dtype)
     out = x.new_empty((*x.shape[:-1], fc2_weight.shape[0]), dtype=compute_dtype)
     keep = _kept(x, fc1_weight, fc1_bias, fc2_weight, compute_dtype, save_hidden)
@@ -152,17 +173,18 @@ def _(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, compute_dtype, save_hidden,
 def _gelu_mlp_backward_op(
     grad: torch.Tensor, xc: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: torch.Tensor | None,
     fc2_weight: torch.Tensor, hidden: torch.Tensor, saved_hidden: bool, approximate: str, needs: list[bool],
+    fused_matmul: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of (x, fc1_weight, fc1_bias, fc2_weight, fc2_bias) in the compute dtype; one not
     in ``needs`` comes back empty (an op cannot return None)."""
     dtype = xc.dtype
     w1, b1, w2 = fc1_weight.to(dtype), _cast(fc1_bias, dtype), fc2_weight.to(dtype)  # no-ops when kept cast
-    grads = _backward_math(grad, xc, w1, b1, w2, hidden if saved_hidden else None, approximate, needs)
+    grads = _backward_math(grad, xc, w1, b1, w2, hidden if saved_hidden else None, approximate, needs, fused_matmul)
     return tuple(g if g is not None else grad.new_empty(0, dtype=dtype) for g in grads)
 
 
 @_gelu_mlp_backward_op.register_fake
-def _(grad, xc, fc1_weight, fc1_bias, fc2_weight, hidden, saved_hidden, approximate, needs):
+def _(grad, xc, fc1_weight, fc1_bias, fc2_weight, hidden, saved_hidden, approximate, needs, fused_matmul):
     dtype = xc.dtype
     # fc1_bias is None when fc1's output was kept (not needed): its gradient's shape is fc1's width
     shapes = (xc.shape, fc1_weight.shape, (fc1_weight.shape[0],), fc2_weight.shape, (fc2_weight.shape[0],))
@@ -171,14 +193,14 @@ def _(grad, xc, fc1_weight, fc1_bias, fc2_weight, hidden, saved_hidden, approxim
 
 
 def _op_setup_context(ctx, inputs, output):
-    x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, compute_dtype, save_hidden, approximate = inputs
+    x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, compute_dtype, save_hidden, approximate, fused_matmul = inputs
     _, *kept = output
     keep = _kept(x, fc1_weight, fc1_bias, fc2_weight, compute_dtype, save_hidden)
     xc, hidden, w1, b1, w2 = (out if wanted else given for out, wanted, given in zip(
         kept, keep, (x, kept[1], fc1_weight, None if save_hidden else fc1_bias, fc2_weight)))
     ctx.save_for_backward(xc, w1, b1, w2, hidden)  # hidden: empty unless kept
     ctx.mark_non_differentiable(*kept)
-    ctx.saved_hidden, ctx.approximate = save_hidden, approximate
+    ctx.saved_hidden, ctx.approximate, ctx.fused_matmul = save_hidden, approximate, fused_matmul
     ctx.dtypes = tuple(t.dtype if t is not None else None for t in (x, fc1_weight, fc1_bias, fc2_weight, fc2_bias))
     ctx.has_bias = (fc1_bias is not None, fc2_bias is not None)
 
@@ -190,9 +212,9 @@ def _op_backward(ctx, grad, *_kept_grads):
     needs[2] &= ctx.has_bias[0]
     needs[4] &= ctx.has_bias[1]
     grads = torch.ops.audiomae.gelu_mlp_backward(grad, xc, w1, b1, w2, hidden, ctx.saved_hidden, ctx.approximate,
-                                                 needs)
+                                                 needs, ctx.fused_matmul)
     grads = [g.to(dtype) if need else None for g, dtype, need in zip(grads, ctx.dtypes, needs)]
-    return (*grads, None, None, None)
+    return (*grads, None, None, None, None)
 
 
 _gelu_mlp_op.register_autograd(_op_backward, setup_context=_op_setup_context)
@@ -221,9 +243,14 @@ def gelu_mlp(
     *,
     approximate: str = "none",
     save: str = "input",
+    fused_matmul: bool = False,
 ) -> torch.Tensor:
     """``fc2(gelu(fc1(x)))`` for ``x`` [..., C], ``fc1_weight`` [H, C], ``fc2_weight`` [C_out, H];
-    ``save`` picks what the backward keeps ("input" or "hidden"). See the module doc."""
+    ``save`` picks what the backward keeps ("input" or "hidden"); ``fused_matmul`` puts GELU's
+    backward (and with ``save="input"`` GELU itself) in the epilogues of this project's own
+    matmuls (``kernels.gelu_matmul``) instead of separate passes after cuBLAS's. See the module doc."""
+    if not isinstance(fused_matmul, bool):
+        raise TypeError(f"fused_matmul must be a bool, got {type(fused_matmul).__name__}")
     if save not in SAVE_CHOICES:
         raise ValueError(f"save must be one of {SAVE_CHOICES}, got {save!r}")
     if approximate not in APPROXIMATIONS:
@@ -249,5 +276,7 @@ def gelu_mlp(
         # scheme: run the same ops unfused (same values, eager memory).
         return reference(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate=approximate)
     if needs_custom_op():
-        return _gelu_mlp_op(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, dtype, save == "hidden", approximate)[0]
-    return _GeluMlp.apply(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, dtype, save == "hidden", approximate)
+        return _gelu_mlp_op(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, dtype, save == "hidden", approximate,
+                            fused_matmul)[0]
+    return _GeluMlp.apply(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, dtype, save == "hidden", approximate,
+                          fused_matmul)

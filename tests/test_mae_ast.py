@@ -125,6 +125,16 @@ def test_frame_chunks_are_runs():
         assert sum(run < lo for run in runs) <= 1  # only the cut last chunk may stand alone, short
 
 
+def test_chunks_keep_their_sizes_for_noise_outside_the_unit_interval():
+    """A randn (or shifted) noise still draws chunk sizes in [min, max]."""
+    torch.manual_seed(3)
+    for noise in (torch.rand(16, 200) - 1, torch.randn(16, 200)):
+        _, _, mask = chunk_masking_ids(noise, (200, 1), 20, (3, 5))
+        for clip in mask.bool().tolist():
+            runs = run_lengths(clip)
+            assert sum(runs) == 20 and sum(run < 3 for run in runs) <= 1, runs
+
+
 def test_chunk_sizes_are_uniform_over_the_range():
     torch.manual_seed(3)
     # sparse enough that most chunks stand alone: their run lengths are the drawn sizes
@@ -384,7 +394,10 @@ def test_presets_follow_the_paper():
      (dict(mask_ratio=1.0), "mask_ratio"), (dict(mask_ratio=0.0), "mask_ratio"),
      (dict(recon_weight=0.0, nce_weight=0.0), "not both 0"), (dict(nce_weight=-1.0), "nce_weight"),
      (dict(chunk_size=(5, 3)), "chunk_size"), (dict(decoder_depth=0), "decoder_depth"),
-     (dict(backend="cuda"), "backend")],
+     (dict(backend="cuda"), "backend"), (dict(nce_weight=math.nan), "nce_weight"),
+     (dict(recon_weight=math.inf), "recon_weight"), (dict(chunk_size=(2.7, 3.9)), "chunk_size"),
+     (dict(embed_dim=15, num_heads=3), "embed_dim must be even"),
+     (dict(decoder_embed_dim=15, decoder_num_heads=3), "decoder_embed_dim must be even")],
 )
 def test_bad_constructor_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -409,3 +422,19 @@ def test_bad_inputs():
         model(torch.randn(2, 64, 128, dtype=torch.float64))
     with pytest.raises(TypeError, match="spec is torch.float64"):
         model.forward_features(torch.randn(2, 64, 128, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("mode", ["mae", "ssast"])
+def test_models_in_other_dtypes(dtype, mode):
+    """A model cast to bfloat16 runs in it (position tables follow the parameters); one in float64
+    keeps float64 losses."""
+    torch.manual_seed(0)
+    model = tiny(mode=mode).to(dtype)
+    spec = torch.randn(2, 48, 128).to(dtype)
+    out = model(spec, noise=torch.rand(2, 24))
+    out.loss.backward()
+    expected = torch.float64 if dtype == torch.float64 else torch.float32
+    assert out.loss.dtype == out.loss_recon.dtype == out.loss_nce.dtype == expected
+    assert all(p.grad is None or p.grad.isfinite().all() for p in model.parameters())
+    assert model.forward_features(spec).dtype == dtype

@@ -23,6 +23,7 @@ KERNELS = {
     "window": {"_window_attention_fwd", "_window_attention_bwd"},
     "postnorm": {"_forward_kernel", "_backward_kernel"},
     "gelu": {"_gelu_grad_kernel"},
+    "gelumatmul": {"_linear_gelu_kernel", "_linear_gelu_backward_kernel"},
 }
 
 

@@ -113,3 +113,12 @@ def test_summary_adds_up(backend, triton_rows):
     assert not torch.is_autocast_enabled("cuda")  # the state is restored
     if backend == "reference":  # no project op runs on the reference backend
         assert all(kind != "this project's kernels" for _, kind, _, _ in rows)
+
+
+def test_fused_matmul_does_the_same_products_and_moves_less(triton_rows):
+    fused = step_ledger.record_step("triton", **SMALL, fused_matmul=True)
+    flops = lambda rows: sum(r[3] for r in rows if r[1] == "matmul")  # noqa: E731
+    assert flops(fused) == flops(triton_rows)
+    moved = lambda rows: sum(r[2] for r in rows)  # noqa: E731
+    assert moved(fused) < moved(triton_rows)
+    assert not any("gelu_and_grad" in r[0] or r[0].endswith("(gelu)") for r in fused)
