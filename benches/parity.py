@@ -208,18 +208,21 @@ def post_norm_residual_copy_case(device, dtype, quick):
     return _check_op("triton", kernel, expected, inputs, ROUNDING[dtype])
 
 
+def _mlp_inputs(device, dtype) -> dict:
+    M, C, H = (4 * 512, 512, 2048) if device.type == "cuda" else (37, 24, 96)  # the decoder's MLP
+    return {"x": torch.randn(M, C, device=device, dtype=dtype),
+            "fc1_weight": (torch.randn(H, C, device=device) / C**0.5).to(dtype),
+            "fc1_bias": (0.1 * torch.randn(H, device=device)).to(dtype),
+            "fc2_weight": (torch.randn(C, H, device=device) / H**0.5).to(dtype),
+            "fc2_bias": (0.1 * torch.randn(C, device=device)).to(dtype)}
+
+
 def gelu_mlp_case(device, dtype, quick):
     """The MLP, whose backward's GELU pass is a Triton kernel (kernels/gelu_grad.py)."""
     from kernels.gelu_mlp import gelu_mlp
     from kernels.reference.gelu_mlp import gelu_mlp as reference
 
-    M, C, H = (4 * 512, 512, 2048) if device.type == "cuda" else (37, 24, 96)  # the decoder's MLP
-    inputs = {"x": torch.randn(M, C, device=device, dtype=dtype),
-              "fc1_weight": (torch.randn(H, C, device=device) / C**0.5).to(dtype),
-              "fc1_bias": (0.1 * torch.randn(H, device=device)).to(dtype),
-              "fc2_weight": (torch.randn(C, H, device=device) / H**0.5).to(dtype),
-              "fc2_bias": (0.1 * torch.randn(C, device=device)).to(dtype)}
-    return _check_op("triton", gelu_mlp, reference, inputs, ATTENTION[dtype])
+    return _check_op("triton", gelu_mlp, reference, _mlp_inputs(device, dtype), ATTENTION[dtype])
 
 
 def gelu_mlp_fused_case(device, dtype, quick):
@@ -229,13 +232,8 @@ def gelu_mlp_fused_case(device, dtype, quick):
     from kernels.gelu_mlp import gelu_mlp
     from kernels.reference.gelu_mlp import gelu_mlp as reference
 
-    M, C, H = (4 * 512, 512, 2048) if device.type == "cuda" else (37, 24, 96)  # the decoder's MLP
-    inputs = {"x": torch.randn(M, C, device=device, dtype=dtype),
-              "fc1_weight": (torch.randn(H, C, device=device) / C**0.5).to(dtype),
-              "fc1_bias": (0.1 * torch.randn(H, device=device)).to(dtype),
-              "fc2_weight": (torch.randn(C, H, device=device) / H**0.5).to(dtype),
-              "fc2_bias": (0.1 * torch.randn(C, device=device)).to(dtype)}
-    return _check_op("triton", lambda **kw: gelu_mlp(**kw, fused_matmul=True), reference, inputs, ATTENTION[dtype])
+    return _check_op("triton", lambda **kw: gelu_mlp(**kw, fused_matmul=True), reference,
+                     _mlp_inputs(device, dtype), ATTENTION[dtype])
 
 
 FBANK_OPTIONS = dict(htk_compat=True, sample_frequency=16000, use_energy=False, window_type="hanning",

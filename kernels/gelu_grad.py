@@ -34,16 +34,8 @@ _TANH_CUBIC = tl.constexpr(0.044715)
 
 
 @triton.jit
-def _gelu_grad_kernel(hidden_ptr, grad_ptr, act_ptr, partial_ptr, rows, cols,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TANH: tl.constexpr, BIAS: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    c = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask = (r < rows)[:, None] & (c < cols)[None, :]
-    at = r.to(tl.int64)[:, None] * cols + c[None, :]
-    x = tl.load(hidden_ptr + at, mask=mask, other=0.0).to(tl.float32)
-    dy = tl.load(grad_ptr + at, mask=mask, other=0.0).to(tl.float32)
+def _gelu_and_slope(x, TANH: tl.constexpr):
+    """GELU(x) and its derivative in fp32, by PyTorch's formulas (tanh written with exp)."""
     if TANH:
         inner = _TANH_SCALE * (x + _TANH_CUBIC * x * x * x)
         # tanh and 1 - tanh^2 from e = exp(-2|inner|), without the cancellation of 1 - t * t
@@ -56,6 +48,21 @@ def _gelu_grad_kernel(hidden_ptr, grad_ptr, act_ptr, partial_ptr, rows, cols,
         cdf = 0.5 * (1.0 + tl.math.erf(x * _SQRT_HALF))
         act = x * cdf
         slope = cdf + x * tl.exp(-0.5 * x * x) * _INV_SQRT_2PI
+    return act, slope
+
+
+@triton.jit
+def _gelu_grad_kernel(hidden_ptr, grad_ptr, act_ptr, partial_ptr, rows, cols,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TANH: tl.constexpr, BIAS: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    c = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (r < rows)[:, None] & (c < cols)[None, :]
+    at = r.to(tl.int64)[:, None] * cols + c[None, :]
+    x = tl.load(hidden_ptr + at, mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(grad_ptr + at, mask=mask, other=0.0).to(tl.float32)
+    act, slope = _gelu_and_slope(x, TANH)
     dx = (dy * slope).to(grad_ptr.dtype.element_ty)
     tl.store(act_ptr + at, act.to(act_ptr.dtype.element_ty), mask=mask)
     tl.store(grad_ptr + at, dx, mask=mask)  # each element read above by this program only

@@ -36,24 +36,7 @@ import triton
 import triton.language as tl
 
 from ._dispatch import use_triton
-from .gelu_grad import _INV_SQRT_2PI, _SQRT_HALF, _TANH_CUBIC, _TANH_SCALE, gelu_and_grad_reference
-
-
-@triton.jit
-def _gelu_and_slope(x, TANH: tl.constexpr):
-    """GELU(x) and its derivative in fp32, as ``kernels.gelu_grad`` computes them."""
-    if TANH:
-        inner = _TANH_SCALE * (x + _TANH_CUBIC * x * x * x)
-        e = tl.exp(-2.0 * tl.abs(inner))
-        t = tl.where(inner < 0, -1.0, 1.0) * (1.0 - e) / (1.0 + e)
-        sech2 = 4.0 * e / ((1.0 + e) * (1.0 + e))
-        act = 0.5 * x * (1.0 + t)
-        slope = 0.5 * (1.0 + t) + 0.5 * x * sech2 * _TANH_SCALE * (1.0 + 3.0 * _TANH_CUBIC * x * x)
-    else:
-        cdf = 0.5 * (1.0 + tl.math.erf(x * _SQRT_HALF))
-        act = x * cdf
-        slope = cdf + x * tl.exp(-0.5 * x * x) * _INV_SQRT_2PI
-    return act, slope
+from .gelu_grad import _gelu_and_slope, gelu_and_grad_reference
 
 
 @triton.jit
