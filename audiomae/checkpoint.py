@@ -39,6 +39,17 @@ class CheckpointMismatchError(RuntimeError):
     """A state dict does not fit the model; the message lists every offending key."""
 
 
+def unreadable(exc: BaseException) -> str:
+    """Why a file did not load: the error's type and the first line of its message (for a refused
+    unpickling, what was refused, without torch's advice to load untrusted files unsafely)."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    if type(exc).__name__ == "UnpicklingError":
+        refused = next((line for line in lines if "Unsupported global" in line), None)
+        return ("weights_only loading takes tensors and argparse.Namespace only"
+                + (f"; {refused}" if refused else "; or the file is not a torch checkpoint"))
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+
+
 def read_checkpoint(path) -> tuple[dict, dict]:
     """(state_dict, extra) from an official ``.pth`` or our ``.safetensors``; extra holds ``args``/config."""
     path = Path(path)
@@ -48,13 +59,19 @@ def read_checkpoint(path) -> tuple[dict, dict]:
         from safetensors import safe_open
         from safetensors.torch import load_file
 
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-        state = load_file(str(path))
-        config = json.loads(metadata["audiomae_config"]) if "audiomae_config" in metadata else {}
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                metadata = f.metadata() or {}
+            state = load_file(str(path))
+            config = json.loads(metadata["audiomae_config"]) if "audiomae_config" in metadata else {}
+        except Exception as exc:  # not safetensors, truncated, or a config that is not JSON
+            raise ValueError(f"{path} is not a readable checkpoint ({unreadable(exc)})") from exc
         return state, {"config": config, "class": metadata.get("audiomae_class")}
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        blob = torch.load(str(path), map_location="cpu", weights_only=True)
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            blob = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated, not a checkpoint, or pickling something else
+        raise ValueError(f"{path} is not a readable checkpoint ({unreadable(exc)})") from exc
     if isinstance(blob, dict) and "model" in blob and isinstance(blob["model"], dict):
         args = blob.get("args")
         return blob["model"], {"args": vars(args) if isinstance(args, argparse.Namespace) else {}}

@@ -13,6 +13,7 @@ relative to OUT). The same seed gives the same files.
 from __future__ import annotations
 
 import csv
+import math
 from pathlib import Path
 
 import numpy as np
@@ -76,9 +77,11 @@ def write_demo_data(out, num_per_class: int = 8, seconds: float = 2.0, sample_ra
 
     if num_per_class < 1:
         raise ValueError(f"num_per_class must be >= 1, got {num_per_class}")
-    if seconds <= 0 or sample_rate < 1000:
-        raise ValueError(f"need seconds > 0 and sample_rate >= 1000, got {seconds} and {sample_rate}")
+    if not (math.isfinite(seconds) and seconds > 0) or sample_rate < 1000:
+        raise ValueError(f"need finite seconds > 0 and sample_rate >= 1000, got {seconds} and {sample_rate}")
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} is a file; give a folder to write the dataset into")
     rng = np.random.default_rng(seed)
     rows = []
     for kind in CLASSES:
@@ -111,7 +114,7 @@ def run(args) -> int:
 
     try:
         labels = write_demo_data(args.out, args.num_per_class, args.seconds, args.sample_rate, args.seed)
-    except ValueError as exc:
+    except (ValueError, OSError) as exc:  # bad settings, or a folder that cannot be written
         print(f"audiomae demo-data: error: {exc}", file=sys.stderr)
         return 2
     print(f"wrote {args.num_per_class * len(CLASSES)} clips in {len(CLASSES)} classes to {args.out} ({labels.name})")

@@ -57,8 +57,14 @@ def pretrained_backbone(path):
                      "patch_size": preset.patch_size}
             return "VisionTransformer", sizes, config["features"], None
     state, extra = read_checkpoint(path)
-    _, config = infer_config(state, extra.get("args"))
+    if extra.get("class") in ("MaskedAutoencoderViT", "VisionTransformer") and extra.get("config"):
+        config = extra["config"]  # our .safetensors: the sizes it was built with (heads are not in the weights)
+    else:
+        _, config = infer_config(state, extra.get("args"))
     sizes = {k: config[k] for k in ("embed_dim", "depth", "num_heads", "mlp_ratio", "patch_size")}
+    if sizes["num_heads"] is None:
+        raise ValueError(f"cannot tell the number of heads of {path}'s width-{sizes['embed_dim']} encoder (an official "
+                         "checkpoint's model name or our .safetensors config says it)")
     return "VisionTransformer", sizes, {"target_length": config["img_size"][0]}, None
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import json
+import math
 import os
 import re
 import sys
@@ -278,6 +279,32 @@ def run_info(device, notes: list[str], quick: bool) -> dict:
     return {"device": info, "date": info["date"], "versions": versions, "quick": quick, "notes": notes}
 
 
+def _finite_or_null(value):
+    """JSON has no NaN or Infinity (a failing row's error can be either): they become null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_null(v) for v in value]
+    return value
+
+
+def to_json(data) -> str:
+    """Strict JSON (non-finite numbers as null; other objects as their str)."""
+    return json.dumps(_finite_or_null(data), indent=1, default=str, allow_nan=False)
+
+
+def writable_file(path) -> Path:
+    """``path`` checked before a long run writes it: its folder exists, and it is not a folder."""
+    path = Path(path)
+    if path.is_dir():
+        raise SystemExit(f"--json {path} is a folder; give a file name")
+    if not path.parent.is_dir():
+        raise SystemExit(f"--json {path}: the folder {path.parent} does not exist")
+    return path
+
+
 def write_results(path: Path, info: dict, parity_rows: list[dict], bench_rows: list[dict], **extra) -> Path:
     """The run as JSON: device, date, versions, the shapes per suite and every row."""
     shapes = {}
@@ -286,8 +313,7 @@ def write_results(path: Path, info: dict, parity_rows: list[dict], bench_rows: l
             shapes.setdefault(row["suite"], [])
             if row["shape"] not in shapes[row["suite"]]:
                 shapes[row["suite"]].append(row["shape"])
-    path.write_text(json.dumps({**info, **extra, "shapes": shapes, "parity": parity_rows, "benchmarks": bench_rows},
-                               indent=1, default=str))
+    path.write_text(to_json({**info, **extra, "shapes": shapes, "parity": parity_rows, "benchmarks": bench_rows}))
     return path
 
 
@@ -325,6 +351,7 @@ def validate(args) -> int:
 
     modules = benchmark_modules()
     check_choices(args.ops, sorted(set(parity.CASES) | set(modules)), "op")
+    json_path = writable_file(args.json) if args.json else None
     cases, _ = selection(args.ops, modules, parity.CASES)
     tasks = parity_tasks(cases, args.dtypes)
     if not tasks:
@@ -334,8 +361,8 @@ def validate(args) -> int:
         rows = run_parity(device, tasks, args.quick, progress)
     print(markdown_table(rows, PARITY_COLUMNS))
     print(summary(rows, []))
-    if args.json:
-        Path(args.json).write_text(json.dumps({**run_info(device, notes, args.quick), "parity": rows}, indent=1))
+    if json_path:
+        json_path.write_text(to_json({**run_info(device, notes, args.quick), "parity": rows}))
     return 1 if any(r["status"] in FAILING for r in rows) else 0
 
 
@@ -350,7 +377,10 @@ def bench(args) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise SystemExit(f"--out {out} is a file; give a folder for report.md, results.json and the plots")
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SystemExit(f"--out {out}: cannot make the folder ({exc.strerror or exc})")
     cases, module_names = selection(args.ops, modules, parity.CASES)
     tasks = parity_tasks(cases, args.dtypes)
     chosen = {name: module for name, module in modules.items() if name in module_names}

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -28,11 +29,43 @@ class UsageError(ValueError):
 
 
 # ------------------------------------------------------------------------------------ arguments
+def _bounded(kind, low=None, high=None, *, low_open=False, high_open=False):
+    """An argparse type: ``kind`` (int or float) within the bounds, finite; argparse names the flag."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
+        if kind is float and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+        if low is not None and (value <= low if low_open else value < low):
+            raise argparse.ArgumentTypeError(f"must be {'>' if low_open else '>='} {low}, got {text}")
+        if high is not None and (value >= high if high_open else value > high):
+            raise argparse.ArgumentTypeError(f"must be {'<' if high_open else '<='} {high}, got {text}")
+        return value
+    parse.__name__ = kind.__name__  # argparse's "invalid int value" wording
+    return parse
+
+
+POSITIVE_INT = _bounded(int, 1)
+NON_NEGATIVE_INT = _bounded(int, 0)
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc}")
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object of constructor keywords, got {text}")
+    return value
+
+
 def add_input_args(p: argparse.ArgumentParser) -> None:
     """Arguments every command that reads audio shares (pretrain, finetune, embed)."""
     p.add_argument("data", metavar="DATA", help="folder of audio files (searched recursively) or a CSV/JSON list")
-    p.add_argument("--batch-size", type=int, default=8, help="clips per process per step (default 8)")
-    p.add_argument("--num-workers", type=int, default=4, help="audio decoding processes per rank (default 4)")
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=8, help="clips per process per step (default 8)")
+    p.add_argument("--num-workers", type=NON_NEGATIVE_INT, default=4, help="audio decoding processes per rank (default 4)")
     p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     p.add_argument("--backend", default="auto", choices=("auto", "reference", "sdpa", "xformers", "triton"),
                    help="model kernels (audiomae.backends); auto = triton on CUDA, sdpa on the CPU")
@@ -44,7 +77,7 @@ def add_feature_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", default=None, choices=DATASETS,
                    help="fbank normalisation statistics and default clip length of this dataset "
                         "(default: the checkpoint's, else audioset)")
-    p.add_argument("--target-length", type=int, default=None,
+    p.add_argument("--target-length", type=POSITIVE_INT, default=None,
                    help="frames per clip, 10 ms each (default: the checkpoint's, else the dataset's: "
                         "1024 audioset, 512 esc50, 128 speechcommands); longer clips are cropped, shorter padded")
     p.add_argument("--pad-mode", default=None, choices=("official", "silence"),
@@ -56,30 +89,31 @@ def add_training_args(p: argparse.ArgumentParser, *, epochs: int, warmup: float,
                       weight_decay: float) -> None:
     p.add_argument("--out", type=Path, required=True, help="run folder: checkpoint.pth, log.csv, tensorboard/")
     add_feature_args(p)
-    p.add_argument("--epochs", type=int, default=epochs, help=f"epochs (default {epochs}); the schedule spans them")
-    p.add_argument("--max-steps", type=int, default=None,
+    p.add_argument("--epochs", type=POSITIVE_INT, default=epochs, help=f"epochs (default {epochs}); the schedule spans them")
+    p.add_argument("--max-steps", type=POSITIVE_INT, default=None,
                    help="stop (with a checkpoint) after this many optimiser steps; the schedule still spans --epochs")
     p.add_argument("--warmup-epochs", type=float, default=warmup, help=f"linear warm-up epochs (default {warmup})")
     p.add_argument("--blr", type=float, default=blr, help=f"base learning rate: lr = blr * effective batch / 256 (default {blr})")
     p.add_argument("--lr", type=float, default=None, help="absolute learning rate (overrides --blr)")
     p.add_argument("--min-lr", type=float, default=min_lr, help=f"learning rate at the end of the cosine (default {min_lr})")
     p.add_argument("--weight-decay", type=float, default=weight_decay, help=f"AdamW weight decay (default {weight_decay})")
-    p.add_argument("--accum-iter", type=int, default=1, help="micro-batches per optimiser step (default 1)")
+    p.add_argument("--accum-iter", type=POSITIVE_INT, default=1, help="micro-batches per optimiser step (default 1)")
     p.add_argument("--clip-grad", type=float, default=None, help="clip the gradient norm to this (default: no clipping)")
     p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
                    help="auto = bf16 on CUDA, fp32 on the CPU; fp16 uses a GradScaler (CUDA only)")
     p.add_argument("--compile", action="store_true", help="run the model under torch.compile")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--save-every", type=int, default=1000, help="checkpoint every N optimiser steps (default 1000)")
-    p.add_argument("--log-every", type=int, default=10, help="log the loss every N optimiser steps (default 10)")
+    p.add_argument("--save-every", type=NON_NEGATIVE_INT, default=1000,
+                   help="checkpoint every N optimiser steps (default 1000; 0: only at the end)")
+    p.add_argument("--log-every", type=POSITIVE_INT, default=10, help="log the loss every N optimiser steps (default 10)")
     p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CKPT",
                    help="continue a stopped run from CKPT (default OUT/checkpoint.pth)")
 
 
 def add_size_args(p: argparse.ArgumentParser) -> None:
     for flag in SIZE_FLAGS:
-        p.add_argument("--" + flag.replace("_", "-"), type=int, default=None, help=f"override the preset's {flag}")
-    p.add_argument("--model-kwargs", type=json.loads, default={}, metavar="JSON",
+        p.add_argument("--" + flag.replace("_", "-"), type=POSITIVE_INT, default=None, help=f"override the preset's {flag}")
+    p.add_argument("--model-kwargs", type=_json_object, default={}, metavar="JSON",
                    help='more constructor keywords, as a JSON object (e.g. \'{"mlp_ratio": 2}\')')
 
 
@@ -109,9 +143,11 @@ def register(subparsers) -> None:
     p.add_argument("--val-fraction", type=float, default=0.1, help="share of DATA held out for validation")
     p.add_argument("--mask-t-prob", type=float, default=0.2, help="structured masking: share of time rows dropped")
     p.add_argument("--mask-f-prob", type=float, default=0.2, help="structured masking: share of frequency columns dropped")
-    p.add_argument("--mixup", type=float, default=0.5, help="mixup Beta(alpha, alpha) on features and labels (0: off)")
-    p.add_argument("--drop-path", type=float, default=0.1, help="stochastic depth rate")
-    p.add_argument("--layer-decay", type=float, default=0.75, help="layer-wise learning-rate decay")
+    p.add_argument("--mixup", type=_bounded(float, 0), default=0.5,
+                   help="mixup Beta(alpha, alpha) on features and labels (0: off)")
+    p.add_argument("--drop-path", type=_bounded(float, 0, 1, high_open=True), default=0.1, help="stochastic depth rate")
+    p.add_argument("--layer-decay", type=_bounded(float, 0, 1, low_open=True), default=0.75,
+                   help="layer-wise learning-rate decay")
     add_training_args(p, epochs=60, warmup=4.0, blr=1e-3, min_lr=1e-6, weight_decay=5e-4)
     p.set_defaults(func=run_finetune)
 
@@ -149,7 +185,13 @@ def build_model(name: str, kwargs: dict, backend: str):
     if family == "mae_ast_classifier":
         backbone = build_model(kwargs["backbone"], kwargs["backbone_kwargs"], backend)
         return mae_ast.MAEASTClassifier(backbone, num_classes=kwargs["num_classes"])
-    return getattr(mae_ast if family == "mae_ast" else audiomae, name)(**kwargs, backend=backend)
+    constructor = getattr(mae_ast if family == "mae_ast" else audiomae, name)
+    try:
+        return constructor(**kwargs, backend=backend)
+    except TypeError as exc:  # a keyword the model does not take (--model-kwargs): a usage error
+        if "keyword argument" not in str(exc):
+            raise
+        raise UsageError(f"{name}: {exc}") from exc
 
 
 def resolve_backend(name: str, device) -> str:
@@ -190,12 +232,13 @@ def command(run):
     """Wrap a command: bad arguments, data or checkpoints (ValueError, which the library raises for
     every bad input, FileNotFoundError, CheckpointMismatchError) become one line on stderr and exit 2."""
     def wrapped(args) -> int:
+        from .backends import BackendUnavailableError
         from .checkpoint import CheckpointMismatchError
         from .training import teardown_distributed
 
         try:
             return run(args)
-        except (ValueError, FileNotFoundError, CheckpointMismatchError) as exc:
+        except (ValueError, FileNotFoundError, CheckpointMismatchError, BackendUnavailableError) as exc:
             print(f"audiomae {args.command}: error: {exc}", file=sys.stderr)
             return 2
         finally:
@@ -227,7 +270,8 @@ def feature_settings(args, saved: dict | None = None) -> dict:
     saved = saved or {}
     dataset = args.dataset or saved.get("dataset", "audioset")
     return {"dataset": dataset,
-            "target_length": args.target_length or saved.get("target_length") or FEATURE_DATASETS[dataset][2],
+            "target_length": (args.target_length if args.target_length is not None
+                              else saved.get("target_length") or FEATURE_DATASETS[dataset][2]),
             "pad_mode": args.pad_mode or saved.get("pad_mode", "official")}
 
 
@@ -258,6 +302,12 @@ def make_trainer(model, args, world, precision, config, checkpoint, *, num_clips
         max_steps=args.max_steps, log_every=args.log_every, find_unused_parameters=find_unused,
         compile=args.compile, **extra)
     if checkpoint is not None:
+        saved_model = {k: checkpoint["config"].get(k) for k in ("model", "model_kwargs")}
+        if saved_model != {k: config.get(k) for k in ("model", "model_kwargs")}:
+            raise UsageError(
+                "--resume needs the model of the run it continues: it had "
+                f"{saved_model['model']} {saved_model['model_kwargs']}, this run has {config.get('model')} "
+                f"{config.get('model_kwargs')}")
         if checkpoint["config"].get("run") != config["run"]:
             raise UsageError(
                 "--resume needs the same data, batch size, gradient accumulation, seed and number of processes "

@@ -57,7 +57,12 @@ def setup_distributed(device: str | None) -> Dist:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except RuntimeError as exc:
+        raise ValueError(f"--device {device!r}: {exc}") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: no CUDA device is available here")
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", local_rank if world_size > 1 else torch.cuda.current_device())
     if device.type == "cuda":
@@ -210,8 +215,13 @@ def load_checkpoint(path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        return torch.load(path, map_location="cpu", weights_only=True)
+    from .checkpoint import unreadable
+
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated, not a checkpoint, or pickling something else
+        raise ValueError(f"{path} is not a readable checkpoint ({unreadable(exc)})") from exc
 
 
 # ------------------------------------------------------------------------------------- logging

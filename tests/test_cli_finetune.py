@@ -98,3 +98,26 @@ def test_metrics_match_hand_computed_values():
     with_empty_class = torch.cat([targets, torch.zeros(4, 1)], dim=1)
     assert mean_average_precision(torch.cat([scores, torch.rand(4, 1)], 1), with_empty_class) == pytest.approx(
         mean_average_precision(scores, targets))
+
+
+def test_init_from_our_safetensors_keeps_its_heads(demo, tmp_path):
+    """Heads are not in the weights: our .safetensors carries them in its config, and fine-tuning
+    builds the encoder it describes (an unusual head count for the width included)."""
+    import audiomae
+
+    model = audiomae.MaskedAutoencoderViT(img_size=(32, 128), embed_dim=48, depth=1, num_heads=4, decoder_embed_dim=16,
+                                          decoder_depth=1, decoder_num_heads=2, decoder_mode=0)
+    path = tmp_path / "pre.safetensors"
+    model.save_pretrained(path)
+    out = tmp_path / "ft"
+    assert finetune(demo, path, out, "--max-steps", "1") == 0
+    config = load_checkpoint(out / "checkpoint.pth")["config"]
+    assert config["model_kwargs"]["num_heads"] == 4 and config["model_kwargs"]["embed_dim"] == 48
+
+
+def test_unreadable_init_is_one_line(demo, tmp_path, capsys):
+    broken = tmp_path / "broken.safetensors"
+    broken.write_text("garbage")
+    assert finetune(demo, broken, tmp_path / "ft") == 2
+    err = capsys.readouterr().err
+    assert "is not a readable checkpoint" in err and len(err.strip().splitlines()) == 1

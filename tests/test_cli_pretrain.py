@@ -179,3 +179,31 @@ def test_layer_decay_scales_by_depth():
     assert scale["head.weight"] == 1.0 and scale["fc_norm.weight"] == 1.0
     assert scale["blocks.2.mlp.fc1.weight"] == 0.5 and scale["blocks.0.mlp.fc1.weight"] == 0.125
     assert scale["patch_embed.proj.weight"] == 0.0625 and scale["cls_token"] == 0.0625
+
+
+def test_resume_refuses_a_different_model(demo, tmp_path, capsys):
+    assert pretrain(demo, tmp_path / "run", "--max-steps", "1") == 0
+    assert pretrain(demo, tmp_path / "run", "--max-steps", "2", "--resume", "--decoder-mode", "1") == 2
+    assert "--resume needs the model of the run it continues" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag,value", [("--max-steps", "0"), ("--epochs", "0"), ("--log-every", "0"),
+                                        ("--save-every", "-1"), ("--target-length", "0"), ("--batch-size", "0"),
+                                        ("--model-kwargs", "[1]"), ("--embed-dim", "-4")])
+def test_numbers_out_of_range_are_usage_errors(demo, tmp_path, capsys, flag, value):
+    with pytest.raises(SystemExit) as stop:
+        pretrain(demo, tmp_path / "out", flag, value)
+    assert stop.value.code == 2 and flag in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_model_keywords_and_checkpoints_are_one_line(demo, tmp_path, capsys):
+    assert pretrain(demo, tmp_path / "out", "--max-steps", "1", "--model-kwargs", '{"bogus": 1}') == 2
+    assert "bogus" in capsys.readouterr().err
+    broken = tmp_path / "broken.pth"
+    broken.write_bytes(b"not a checkpoint")
+    assert pretrain(demo, tmp_path / "run", "--max-steps", "1", "--resume", str(broken)) == 2
+    err = capsys.readouterr().err
+    assert "is not a readable checkpoint" in err and len(err.strip().splitlines()) == 1
+    assert main(["demo-data", str(broken)]) == 2  # a file where a folder should go
+    assert "is a file" in capsys.readouterr().err

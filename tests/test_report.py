@@ -61,6 +61,28 @@ def test_failing_or_broken_case_makes_validate_fail(monkeypatch, capsys):
     assert main(["validate"]) == 0
 
 
+def test_failing_rows_write_strict_json(monkeypatch, tmp_path):
+    """A NaN result fails its row, and the JSON stays JSON (null, not NaN)."""
+    monkeypatch.setattr(parity, "CASES", {"nan": fake_case("nan", torch.full((4,), float("nan")),
+                                                           torch.zeros(4, dtype=torch.float64))})
+    path = tmp_path / "v.json"
+    assert main(["validate", "--ops", "nan", "--json", str(path)]) == 1
+    text = path.read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    json.loads(text, parse_constant=lambda name: pytest.fail(f"non-standard JSON constant {name}"))
+    assert report.to_json({"a": [float("inf"), 1.5, {"b": float("nan")}]}) == report.to_json({"a": [None, 1.5, {"b": None}]})
+
+
+def test_json_path_is_checked_before_the_run(tmp_path, monkeypatch):
+    ran = []
+    monkeypatch.setattr(report, "run_parity", lambda *a, **k: ran.append(1) or [])
+    with pytest.raises(SystemExit, match="does not exist"):
+        main(["validate", "--ops", "gather_tokens", "--json", str(tmp_path / "nodir" / "v.json")])
+    with pytest.raises(SystemExit, match="is a folder"):
+        main(["validate", "--ops", "gather_tokens", "--json", str(tmp_path)])
+    assert not ran
+
+
 def test_unknown_op_is_an_error():
     with pytest.raises(SystemExit, match="unknown op nope"):
         main(["validate", "--ops", "nope"])
