@@ -14,7 +14,9 @@ Variants: ``reference`` (the official eager math), ``reference+compile`` (the sa
 one CUDA graph by ``audiomae.cuda_graph.capture_train_step`` and replayed: the same kernels
 without the host time of launching them; training steps only), ``reference+graph`` (the official
 math replayed the same way: what graphs alone buy), ``triton+compile+graph`` (the compiled step,
-captured after its warm-up compiled it: fused elementwise work without launch time) and ``xformers`` (a SKIP row with the backend's reason
+captured after its warm-up compiled it: fused elementwise work without launch time), ``triton+fusedmlp+graph``
+and ``triton+fusedmlp+compile+graph`` (the same with every MLP's GELU in its own matmuls,
+``Mlp.fused_matmul``: off by default until these rows say it pays) and ``xformers`` (a SKIP row with the backend's reason
 when its operators do not load, as with torch 2.11 and xformers 0.0.35). Each row reports ``median_ms`` (CUDA events, median
 after warm-up, the input batch alternating between two random draws), ``samples_per_s``,
 ``peak_mem_bytes`` (the absolute peak allocated while stepping: weights, gradients and AdamW
@@ -47,10 +49,23 @@ from benches.targets import STEP_VARIANTS, step_target_met
 STEPS = ("pretrain", "finetune", "embed")
 # Most wanted first: a time limit that cuts the run short keeps the reference and triton rows.
 VARIANTS = ("reference", "triton", "triton+graph", "triton+compile", "triton+compile+graph", "sdpa", "reference+graph",
-            "reference+compile", "xformers")
+            "reference+compile", "xformers", "triton+fusedmlp+graph", "triton+fusedmlp+compile+graph")
 GPU_BATCH = 64
 CPU_BATCH = 2
 TARGET = "pretrain triton: >= 3x reference samples/s at <= 0.5x its peak memory (issue 6)"
+
+
+def build_variant(step: str, device: torch.device, variant: str) -> nn.Module:
+    """``build_model`` for a variant: its backend, and with ``+fusedmlp`` every MLP's GELU in its
+    matmuls (``Mlp.fused_matmul``, kernels/gelu_matmul.py)."""
+    from audiomae.layers import Mlp
+
+    model = build_model(step, device, variant.split("+")[0])
+    if "+fusedmlp" in variant:
+        for module in model.modules():
+            if isinstance(module, Mlp):
+                module.fused_matmul = True
+    return model
 
 
 def build_model(step: str, device: torch.device, backend: str) -> nn.Module:
@@ -185,7 +200,7 @@ def _free(device: torch.device) -> None:
 def measure(step: str, variant: str, batch: int, device: torch.device, warmup: int, reps: int) -> dict:
     _free(device)
     torch.manual_seed(0)
-    model = build_model(step, device, variant.split("+")[0])
+    model = build_variant(step, device, variant)
     graphed = variant.endswith("+graph")
     run = make_step(step, model, batch, device, compiled="+compile" in variant, graphed=graphed)
     # A replay allocates nothing, and what the capture freed stays in the graph's pool uncounted:
@@ -253,7 +268,7 @@ def profile_step(step: str = "pretrain", variant: str = "triton", batch: int = G
     from torch.profiler import ProfilerActivity, profile
 
     device = torch.device("cuda")
-    model = build_model(step, device, variant.split("+")[0])
+    model = build_variant(step, device, variant)
     run = make_step(step, model, batch, device, compiled="+compile" in variant, graphed=variant.endswith("+graph"))
     for _ in range(3):
         run()
@@ -323,7 +338,7 @@ def test_model_step(benchmark, step, variant):
     reason = skip_reason(step, variant, device)
     if reason:
         pytest.skip(reason)
-    model = build_model(step, device, variant.split("+")[0])
+    model = build_variant(step, device, variant)
     run = make_step(step, model, GPU_BATCH, device, compiled="+compile" in variant, graphed=variant.endswith("+graph"))
 
     def synced():

@@ -64,8 +64,9 @@ RESERVE_S = 15  # kept back for writing the report
 MIN_PART_S = 20  # a part given less than this would only time out
 # The model steps in two parts each: the eager and graphed variants (quick), then the compiled
 # ones (each compiles for a minute or so), each with its own reference row for the ratios.
-QUICK_VARIANTS = ("reference", "triton", "triton+graph", "sdpa", "reference+graph", "xformers")
-COMPILED_VARIANTS = ("reference", "triton+compile+graph", "triton+compile", "reference+compile")
+QUICK_VARIANTS = ("reference", "triton", "triton+graph", "sdpa", "reference+graph", "xformers", "triton+fusedmlp+graph")
+COMPILED_VARIANTS = ("reference", "triton+compile+graph", "triton+compile", "reference+compile",
+                     "triton+fusedmlp+compile+graph")
 MODEL_TIMEOUTS = {"pretrain": 220, "pretrain-compiled": 260, "finetune": 150, "finetune-compiled": 260, "embed": 70}
 FIRST_BENCHES = ("window_attention", "tokens", "fbank")  # issues 4, 3 and 5
 # issue 7's ratios, the tiling that sets issue 4's default, the MLP backward's GELU pass and the

@@ -82,7 +82,8 @@ def _fbank_targets(rows):
 
 
 # Issue 6's pretraining-step target, judged on these variants of benches/bench_models.py.
-STEP_VARIANTS = ("triton", "triton+graph", "triton+compile+graph")
+STEP_VARIANTS = ("triton", "triton+graph", "triton+compile+graph", "triton+fusedmlp+graph",
+                 "triton+fusedmlp+compile+graph")
 
 
 def step_target_met(speed: float, mem_fraction: float) -> bool:
