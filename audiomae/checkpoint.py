@@ -50,6 +50,16 @@ def unreadable(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
 
 
+def load_torch_file(path):
+    """``torch.load`` of a ``.pth`` on the CPU, tensors and ``argparse.Namespace`` only (the one class
+    official checkpoints pickle); a file that does not load is a ValueError that says why."""
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated, not a checkpoint, or pickling something else
+        raise ValueError(f"{path} is not a readable checkpoint ({unreadable(exc)})") from exc
+
+
 def read_checkpoint(path) -> tuple[dict, dict]:
     """(state_dict, extra) from an official ``.pth`` or our ``.safetensors``; extra holds ``args``/config."""
     path = Path(path)
@@ -67,11 +77,7 @@ def read_checkpoint(path) -> tuple[dict, dict]:
         except Exception as exc:  # not safetensors, truncated, or a config that is not JSON
             raise ValueError(f"{path} is not a readable checkpoint ({unreadable(exc)})") from exc
         return state, {"config": config, "class": metadata.get("audiomae_class")}
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            blob = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated, not a checkpoint, or pickling something else
-        raise ValueError(f"{path} is not a readable checkpoint ({unreadable(exc)})") from exc
+    blob = load_torch_file(path)
     if isinstance(blob, dict) and "model" in blob and isinstance(blob["model"], dict):
         args = blob.get("args")
         return blob["model"], {"args": vars(args) if isinstance(args, argparse.Namespace) else {}}

@@ -15,7 +15,6 @@
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import csv
 import math
@@ -215,13 +214,9 @@ def load_checkpoint(path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
-    from .checkpoint import unreadable
+    from .checkpoint import load_torch_file
 
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated, not a checkpoint, or pickling something else
-        raise ValueError(f"{path} is not a readable checkpoint ({unreadable(exc)})") from exc
+    return load_torch_file(path)
 
 
 # ------------------------------------------------------------------------------------- logging

@@ -145,15 +145,19 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"  # tf32 only names the default for 16-bit inputs
 
 
+def _check_like_x(x: torch.Tensor, **tensors: torch.Tensor | None) -> None:
+    for name, t in tensors.items():
+        if t is not None and (t.dtype != x.dtype or t.device != x.device):
+            raise TypeError(f"{name} must share x's dtype and device ({x.dtype} on {x.device}), got {t.dtype} on "
+                            f"{t.device}")
+
+
 def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, approximate: str) -> None:
     if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
         raise ValueError(f"x must be [M, K] and weight [N, K], got {tuple(x.shape)} and {tuple(weight.shape)}")
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         raise ValueError(f"bias must be [{weight.shape[0]}], got {tuple(bias.shape)}")
-    for name, t in (("weight", weight), ("bias", bias)):
-        if t is not None and (t.dtype != x.dtype or t.device != x.device):
-            raise TypeError(f"{name} must share x's dtype and device ({x.dtype} on {x.device}), got {t.dtype} on "
-                            f"{t.device}")
+    _check_like_x(x, weight=weight, bias=bias)
     if approximate not in ("none", "tanh"):
         raise ValueError(f"approximate must be 'none' or 'tanh', got {approximate!r}")
 
@@ -201,10 +205,7 @@ def linear_gelu_backward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
                          f"{tuple(weight2.shape)}")
     if hidden is not None and hidden.shape != (M, N):
         raise ValueError(f"hidden must be [{M}, {N}], got {tuple(hidden.shape)}")
-    for name, t in (("grad", grad), ("weight2", weight2), ("hidden", hidden)):
-        if t is not None and (t.dtype != x.dtype or t.device != x.device):
-            raise TypeError(f"{name} must share x's dtype and device ({x.dtype} on {x.device}), got {t.dtype} on "
-                            f"{t.device}")
+    _check_like_x(x, grad=grad, weight2=weight2, hidden=hidden)
     if not _runs_kernel(x) or N == 0:
         return linear_gelu_backward_reference(x, weight, bias, grad, weight2, approximate, bias_grad, hidden)
     cfg = _config(x.dtype, "backward")

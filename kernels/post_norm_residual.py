@@ -290,8 +290,7 @@ def _post_norm_residual_op(
     x: torch.Tensor, branch: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
     norm_dtype: torch.dtype, copy_dtype: torch.dtype | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    out, copy, mean, rstd = _forward(x, branch, weight, bias, eps, norm_dtype, copy_dtype)
-    return out, copy, mean, rstd
+    return _forward(x, branch, weight, bias, eps, norm_dtype, copy_dtype)
 
 
 @_post_norm_residual_op.register_fake
