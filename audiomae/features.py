@@ -3,7 +3,13 @@
 Follows the official recipe (facebookresearch/AudioMAE, ``dataset.py``: ``_wav2fbank`` then the
 normalisation in ``__getitem__``), in this order:
 
-1. remove each clip's mean (over its valid samples);
+1. remove each clip's mean (over its valid samples): a no-op here, not a skipped step. Kaldi's
+   fbank removes each frame's own mean (``remove_dc_offset``) before anything else touches the
+   samples, which takes any constant off exactly, so the features of a clip and of the clip less
+   its mean are the same numbers. The official recipe's float32 subtraction only rounds every
+   sample (3e-8 relative), which raises the floor under a tone's or sweep's spectrum enough to
+   move quiet Mel bins by 1e-3 in log energy; both fbank backends remove the frame means in
+   float64 instead;
 2. Kaldi fbank: hanning window, 128 Mel bins, 25 ms frames every 10 ms, ``htk_compat=True``,
    ``use_energy=False``, no dither (``kernels.fbank``: the CUDA kernel for CUDA tensors);
 3. crop or pad to ``target_length`` frames. The official recipe pads with 0.0 *in the log domain*
@@ -69,15 +75,9 @@ def audio_to_features(
     if waveforms.dim() == 1:
         waveforms = waveforms.unsqueeze(0)
 
-    if lengths is None:
-        centred = waveforms - waveforms.mean(dim=-1, keepdim=True)
-    else:
-        lengths = torch.as_tensor(lengths, device=waveforms.device)
-        valid = torch.arange(waveforms.shape[-1], device=waveforms.device) < lengths.unsqueeze(-1)
-        clip_mean = waveforms.masked_fill(~valid, 0.0).sum(-1, keepdim=True) / lengths.unsqueeze(-1).clamp_min(1)
-        centred = waveforms - clip_mean
+    # Step 1 (each clip's mean) is the frames' own DC removal inside fbank: see the module doc.
     result = fbank(
-        centred, lengths=lengths, backend=backend, htk_compat=True, sample_frequency=sample_rate,
+        waveforms, lengths=lengths, backend=backend, htk_compat=True, sample_frequency=sample_rate,
         use_energy=False, window_type="hanning", num_mel_bins=NUM_MEL_BINS, dither=0.0, frame_shift=10.0,
     )  # fmt: skip
     # Without lengths every clip has all the frames; with them, frames past a clip's end are 0.0,

@@ -34,13 +34,15 @@ Heads and loss, on the masked tokens only (each clip masks the same number ``M``
 Masking (``mask`` is 1 for masked tokens), ``M = round(N * mask_ratio)`` clamped to [1, N - 1]:
 - ``masking="random"``: ``audiomae.masking.random_masking_ids`` on ``noise`` [B, N].
 - ``masking="chunk"``: SSAST's scheme made exact and per clip. Chunks are anchored at the tokens
-  in increasing ``noise`` order; each chunk is a ``c x c`` block of the patch grid (``c`` time rows
+  in decreasing ``noise`` order (the order in which random masking masks them, so a chunk size of
+  1 gives the random mask); each chunk is a ``c x c`` block of the patch grid (``c`` time rows
   by ``c`` frequency columns) or a run of ``c`` frame tokens, centred on its anchor and shifted
-  inwards to lie on the grid (smaller when the grid is),
-  with ``c`` uniform in ``chunk_size`` (inclusive). Chunks are added in order until ``M`` tokens are
+  inwards to lie on the grid (smaller when the grid is). As in SSAST (``cur_clus`` in
+  ``gen_maskid_patch``) one size ``c``, uniform in ``chunk_size`` (inclusive), serves all of a
+  clip's chunks. Chunks are added in order until ``M`` tokens are
   masked; the last one is cut at ``M`` (its new tokens taken time row by time row). The low-order
-  bits of each noise value, ``frac(noise * 4096)``, choose its chunk's size, so ``noise`` must be
-  full-precision uniform draws such as ``torch.rand``. Vectorised: every token anchors a chunk, so
+  bits of the clip's largest noise value, ``frac(noise * 4096)``, choose its size, so ``noise`` must be
+  float32 or float64 uniform draws such as ``torch.rand``. Vectorised: every token anchors a chunk, so
   coverage is total and the first ``M`` tokens in chunk order are found with one scatter-min and
   one sort, O(N * c^2) work per clip, no host synchronisation and no Python loop.
 ``forward(spec, noise=None, generator=None)``: without ``noise``, it is drawn with ``torch.rand``
@@ -98,16 +100,22 @@ def chunk_masking_ids(noise: torch.Tensor, grid: tuple[int, int], num_masked: in
     ``noise`` [B, T*F]. Returns ``ids_keep`` [B, N - num_masked], ``ids_restore`` [B, N] (int64) and
     ``mask`` [B, N] (float), with the conventions of ``audiomae.masking``.
     """
+    if not isinstance(noise, torch.Tensor) or noise.dim() != 2:
+        raise ValueError(f"noise must be a [B, N] tensor, got {getattr(noise, 'shape', type(noise).__name__)}")
+    if noise.dtype not in (torch.float32, torch.float64):
+        # 16-bit noise has too few low-order bits to draw a size from (and ties between tokens)
+        raise TypeError(f"noise must be float32 or float64 (its low-order bits pick the chunk size), got {noise.dtype}")
     B, N = noise.shape
     num_time, num_freq = grid
     if num_time * num_freq != N or not 0 <= num_masked <= N:
         raise ValueError(f"noise {list(noise.shape)} does not fit grid {tuple(grid)} with {num_masked} masked tokens")
-    lo, hi = chunk_size
+    lo, hi = _chunk_size(chunk_size)
     extent_t, extent_f = min(hi, num_time), min(hi, num_freq)
-    anchors = torch.argsort(noise, dim=1)  # chunk r is anchored at token anchors[:, r]
-    # remainder, not frac: noise outside [0, 1) (a randn) must still give sizes in [lo, hi]
-    fine = torch.remainder(torch.gather(noise, 1, anchors) * _SIZE_BITS, 1.0)
-    size = (lo + (fine * (hi - lo + 1)).long()).clamp_(min=lo, max=hi)  # [B, N]
+    anchors = torch.argsort(noise, dim=1, descending=True)  # chunk r is anchored at token anchors[:, r]
+    # One size per clip, from its first anchor's noise; remainder, not frac: noise outside [0, 1)
+    # (a randn) must still give sizes in [lo, hi].
+    fine = torch.remainder(torch.gather(noise, 1, anchors[:, :1]) * _SIZE_BITS, 1.0)
+    size = (lo + (fine * (hi - lo + 1)).long()).clamp_(min=lo, max=hi)  # [B, 1]
     size_t, size_f = size.clamp(max=num_time), size.clamp(max=num_freq)
     # Centre each block on its anchor, shifted inwards to fit the grid: it still covers the anchor,
     # so every token is covered by some chunk and the first num_masked tokens in chunk order exist;
@@ -127,6 +135,30 @@ def chunk_masking_ids(noise: torch.Tensor, grid: tuple[int, int], num_masked: in
     return ids_keep, ids_restore, mask.float()
 
 
+def _chunk_size(chunk_size) -> tuple[int, int]:
+    """``chunk_size`` as ``(min, max)`` ints with ``1 <= min <= max``, or a ValueError naming it."""
+    try:
+        lo, hi = chunk_size
+        if any(isinstance(c, bool) or int(c) != c for c in (lo, hi)):
+            raise ValueError
+    except (TypeError, ValueError):
+        raise ValueError(f"chunk_size must be two integers (min, max), got {chunk_size!r}") from None
+    lo, hi = int(lo), int(hi)
+    if not 1 <= lo <= hi:
+        raise ValueError(f"chunk_size must be (min, max) with 1 <= min <= max, got {chunk_size!r}")
+    return lo, hi
+
+
+def _check_positive_int(name: str, value, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _check_real(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+
+
 def info_nce(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """``pred``, ``target`` [B, M, P] -> [] mean over ``B * M`` of
     ``-log softmax_j(pred[b, i] . target[b, j])`` at ``j = i``, computed in float32 (or float64)."""
@@ -139,8 +171,12 @@ def info_nce(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=32)
-def _sincos_table(embed_dim: int, length: int, device: torch.device) -> torch.Tensor:
-    return sincos_1d(embed_dim, torch.arange(length)).float().to(device)
+def _sincos_table(embed_dim: int, length: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    # Computed in float64 and rounded once to the model's dtype (a float64 model gets the exact
+    # table); built outside inference mode whatever the first caller's mode, so the cached tensor
+    # can meet autograd later.
+    with torch.inference_mode(False):
+        return sincos_1d(embed_dim, torch.arange(length)).to(device, dtype)
 
 
 def _check_choice(name: str, value, choices) -> None:
@@ -174,26 +210,31 @@ class MAEAST(ModelMixin, nn.Module):
         _check_choice("tokens", tokens, tuple(TOKEN_SHAPES))
         _check_choice("masking", masking, MASKINGS)
         _check_choice("mode", mode, MODES)
+        for name, value in (("mask_ratio", mask_ratio), ("recon_weight", recon_weight), ("nce_weight", nce_weight),
+                            ("mlp_ratio", mlp_ratio)):
+            _check_real(name, value)
         if not 0.0 < mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
-        if not (math.isfinite(recon_weight) and math.isfinite(nce_weight)) or recon_weight < 0 or nce_weight < 0 \
-                or recon_weight == nce_weight == 0:
+        if not mlp_ratio > 0:
+            raise ValueError(f"mlp_ratio must be > 0, got {mlp_ratio}")
+        if recon_weight < 0 or nce_weight < 0 or recon_weight == nce_weight == 0:
             raise ValueError(
                 f"recon_weight and nce_weight must be >= 0 and not both 0, got {recon_weight} and {nce_weight}"
             )
-        if len(chunk_size) != 2 or any(isinstance(c, bool) or int(c) != c for c in chunk_size):
-            raise ValueError(f"chunk_size must be two integers (min, max), got {chunk_size!r}")
-        lo, hi = (int(c) for c in chunk_size)
-        if not 1 <= lo <= hi:
-            raise ValueError(f"chunk_size must be (min, max) with 1 <= min <= max, got {chunk_size!r}")
-        if encoder_depth < 1 or (mode == "mae" and decoder_depth < 1):
-            raise ValueError(f"encoder_depth and (in mode 'mae') decoder_depth must be >= 1, "
-                             f"got {encoder_depth} and {decoder_depth}")
-        decoder_embed_dim = decoder_embed_dim or embed_dim
-        decoder_num_heads = decoder_num_heads or num_heads
-        for name, dim in (("embed_dim", embed_dim), ("decoder_embed_dim", decoder_embed_dim)):
+        lo, hi = _chunk_size(chunk_size)
+        _check_positive_int("encoder_depth", encoder_depth)
+        _check_positive_int("decoder_depth", decoder_depth, minimum=1 if mode == "mae" else 0)
+        decoder_embed_dim = embed_dim if decoder_embed_dim is None else decoder_embed_dim
+        decoder_num_heads = num_heads if decoder_num_heads is None else decoder_num_heads
+        for (name, dim), (heads_name, heads) in ((("embed_dim", embed_dim), ("num_heads", num_heads)),
+                                                 (("decoder_embed_dim", decoder_embed_dim),
+                                                  ("decoder_num_heads", decoder_num_heads))):
+            _check_positive_int(name, dim)
+            _check_positive_int(heads_name, heads)
             if dim % 2:  # the sin-cos position table pairs its columns
                 raise ValueError(f"{name} must be even (sin-cos position embeddings), got {dim}")
+            if dim % heads:
+                raise ValueError(f"{name}={dim} must be divisible by {heads_name}={heads}")
         self._config = dict(
             tokens=tokens, encoder_depth=encoder_depth, decoder_depth=decoder_depth, embed_dim=embed_dim,
             num_heads=num_heads, decoder_embed_dim=decoder_embed_dim, decoder_num_heads=decoder_num_heads,
@@ -240,8 +281,9 @@ class MAEAST(ModelMixin, nn.Module):
         return {**self._config, "norm_eps": self.norm.eps, "backend": self.backend}
 
     # ------------------------------------------------------------------ tokens
-    def tokenize(self, spec: torch.Tensor) -> torch.Tensor:
-        """``spec`` [B, T, 128] -> tokens [B, N, 256] (module doc; trailing frames cropped)."""
+    def tokenize(self, spec: torch.Tensor, min_tokens: int = 1) -> torch.Tensor:
+        """``spec`` [B, T, 128] -> tokens [B, N, 256] (module doc; trailing frames cropped), at
+        least ``min_tokens`` of them (pretraining needs 2: one masked, one kept)."""
         if not isinstance(spec, torch.Tensor) or not spec.is_floating_point():
             raise TypeError(f"spec must be a floating-point tensor, got {getattr(spec, 'dtype', type(spec))}")
         if spec.dim() != 3 or spec.shape[-1] != NUM_MEL_BINS:
@@ -249,14 +291,17 @@ class MAEAST(ModelMixin, nn.Module):
         weight = self.token_embed.weight
         if spec.device != weight.device:
             raise ValueError(f"spec is on {spec.device} but the model is on {weight.device}")
-        if spec.dtype != weight.dtype and not torch.is_autocast_enabled(spec.device.type):
+        # Autocast casts float32 inputs, never float64 ones: a float64 spec meets a 16-bit matmul there.
+        autocast = torch.is_autocast_enabled(spec.device.type) and spec.dtype != torch.float64
+        if spec.dtype != weight.dtype and not autocast:
             raise TypeError(f"spec is {spec.dtype} but the model is {weight.dtype}: cast one to the other")
         B, T, _ = spec.shape
         grid = (T // self.token_frames, NUM_MEL_BINS // self.token_bins)
-        if B == 0 or grid[0] * grid[1] < 2:
+        if B == 0 or grid[0] * grid[1] < min_tokens:
             raise ValueError(
                 f"spec {list(spec.shape)} gives {grid[0] * grid[1]} {self.tokens} tokens of {self.token_frames} "
-                f"frames for batch {B}: need a non-empty batch and at least 2 tokens"
+                f"frames for batch {B}: need a non-empty batch and at least {min_tokens} token"
+                + ("s (some masked, some kept)" if min_tokens > 1 else "")
             )
         x = spec[:, : grid[0] * self.token_frames].reshape(B, grid[0], self.token_frames, grid[1], self.token_bins)
         return x.transpose(2, 3).reshape(B, grid[0] * grid[1], self.token_dim)
@@ -294,7 +339,7 @@ class MAEAST(ModelMixin, nn.Module):
     def forward(self, spec: torch.Tensor, noise: torch.Tensor | None = None,
                 generator: torch.Generator | None = None) -> MAEASTOutput:
         """Pretraining step on ``spec`` [B, T, 128]; ``noise`` [B, N] or ``generator`` fixes the mask."""
-        target = self.tokenize(spec)
+        target = self.tokenize(spec, min_tokens=2)
         B, N, _ = target.shape
         ids_keep, ids_restore, mask = self.masking_ids(B, spec.shape[1], spec.device, noise, generator)
         x = self.token_embed(target)
@@ -314,7 +359,7 @@ class MAEAST(ModelMixin, nn.Module):
     def _positions(self, dim: int, length: int, device: torch.device) -> torch.Tensor:
         """The sin-cos table in the parameters' dtype (float32 under autocast, where they stay
         float32; a bfloat16 model's own dtype otherwise)."""
-        return _sincos_table(dim, length, device).to(self.token_embed.weight.dtype)
+        return _sincos_table(dim, length, device, self.token_embed.weight.dtype)
 
     def _losses(self, x, target, ids_masked, mask) -> MAEASTOutput:
         at_least_fp32 = lambda t: t.to(torch.promote_types(t.dtype, torch.float32))  # noqa: E731
@@ -346,8 +391,7 @@ class MAEASTClassifier(ModelMixin, nn.Module):
             raise ValueError(f"pass a backbone or its keywords, not both (got {sorted(backbone_kwargs)})")
         if not isinstance(backbone, MAEAST):
             raise TypeError(f"backbone must be an MAEAST, got {type(backbone).__name__}")
-        if num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        _check_positive_int("num_classes", num_classes)
         self.backbone = backbone
         self.num_classes = num_classes
         self.head = nn.Linear(backbone.embed_dim, num_classes)

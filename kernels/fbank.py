@@ -43,6 +43,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import numbers
 import warnings
 from dataclasses import dataclass, replace
 from typing import Sequence
@@ -111,6 +112,15 @@ class FbankOptions:
         return (num_samples + self.window_shift // 2) // self.window_shift
 
     def validate(self) -> None:
+        for name, field in self.__dataclass_fields__.items():
+            value = getattr(self, name)
+            if field.type in ("float", float) and not (isinstance(value, numbers.Real) and not isinstance(value, bool)
+                                                       and math.isfinite(value)):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+        if isinstance(self.num_mel_bins, bool) or not hasattr(self.num_mel_bins, "__index__"):
+            raise ValueError(f"num_mel_bins must be an integer, got {self.num_mel_bins!r}")
+        if not self.vtln_warp > 0.0:
+            raise ValueError(f"vtln_warp must be > 0 (1.0 disables warping), got {self.vtln_warp}")
         if self.window_type not in WINDOW_TYPES:
             raise ValueError(f"window_type must be one of {WINDOW_TYPES}, got {self.window_type!r}")
         if not self.sample_frequency > 0:
@@ -635,8 +645,15 @@ def fbank(
         raise TypeError(f"fbank() got unknown option(s) {unknown}; torchaudio's names are {sorted(FbankOptions.__dataclass_fields__)}")
     opts = replace(FbankOptions(), **options)
     opts.validate()
+    if type(opts.num_mel_bins) is not int:  # a NumPy or torch integer: a plain int for the kernel's launcher
+        opts = replace(opts, num_mel_bins=int(opts.num_mel_bins))
     if not isinstance(waveforms, torch.Tensor):
         raise TypeError(f"waveforms must be a torch.Tensor, got {type(waveforms).__name__}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    if generator is not None and generator.device.type != waveforms.device.type:
+        raise ValueError(f"generator is on {generator.device} but waveforms on {waveforms.device}: dither draws "
+                         "its noise on the waveforms' device")
     if waveforms.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"waveforms must be float32 or float64, got {waveforms.dtype}")
     if waveforms.dim() not in (1, 2):

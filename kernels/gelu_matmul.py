@@ -152,6 +152,15 @@ def _check_like_x(x: torch.Tensor, **tensors: torch.Tensor | None) -> None:
                             f"{t.device}")
 
 
+def _check_no_grad(name: str, **tensors: torch.Tensor | None) -> None:
+    """These are the MLP's building blocks, not differentiable ops: ``kernels.gelu_mlp`` is the op
+    with a backward. A kernel's result carries no graph, so a caller that wants one gets an error
+    rather than a silently detached result."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors.values()):
+        raise RuntimeError(f"{name} has no autograd (it is kernels.gelu_mlp's building block): call it under "
+                           "torch.no_grad() or on tensors that do not require grad, or use kernels.gelu_mlp")
+
+
 def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, approximate: str) -> None:
     if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
         raise ValueError(f"x must be [M, K] and weight [N, K], got {tuple(x.shape)} and {tuple(weight.shape)}")
@@ -172,7 +181,8 @@ def linear_gelu_reference(x, weight, bias, approximate: str) -> torch.Tensor:
 
 def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, approximate: str) -> torch.Tensor:
     """``gelu(x @ weight.T + bias)`` for ``x`` [M, K], ``weight`` [N, K], ``bias`` [N] or None (one
-    dtype and device) -> [M, N]. See the module doc."""
+    dtype and device) -> [M, N]. Forward only (``kernels.gelu_mlp`` differentiates). See the module doc."""
+    _check_no_grad("linear_gelu", x=x, weight=weight, bias=bias)
     _check(x, weight, bias, approximate)
     if not _runs_kernel(x) or weight.shape[0] == 0:
         return linear_gelu_reference(x, weight, bias, approximate)
@@ -197,9 +207,11 @@ def linear_gelu_backward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     """(GELU's output, the gradient of fc1's output, fc1's bias gradient or None) of an MLP
     ``fc2(gelu(fc1(x)))`` from fc1's input ``x`` [M, K] (or its output ``hidden`` [M, N] when
     kept), fc1's ``weight`` [N, K] and ``bias``, the gradient of fc2's output ``grad`` [M, J] and
-    fc2's ``weight2`` [J, N]. See the module doc."""
+    fc2's ``weight2`` [J, N]. Not itself differentiable. See the module doc."""
+    _check_no_grad("linear_gelu_backward", x=x, weight=weight, bias=bias, grad=grad, weight2=weight2, hidden=hidden)
     _check(x, weight, bias, approximate)
-    M, N, J = x.shape[0], weight.shape[0], weight2.shape[0]
+    M, N = x.shape[0], weight.shape[0]
+    J = weight2.shape[0] if weight2.dim() == 2 else -1
     if grad.shape != (M, J) or weight2.shape != (J, N):
         raise ValueError(f"grad must be [{M}, J] and weight2 [J, {N}], got {tuple(grad.shape)} and "
                          f"{tuple(weight2.shape)}")

@@ -202,6 +202,13 @@ def test_dither_is_random_and_reproducible():
         (lambda x: fbank(x, energy_floor=-1.0), ValueError, "energy_floor"),
         (lambda x: fbank(x, vtln_warp=1.1, vtln_low=10.0), ValueError, "vtln_low"),
         (lambda x: fbank(x.tolist()), TypeError, "torch.Tensor"),
+        (lambda x: fbank(x, frame_length=float("nan")), ValueError, "frame_length must be a finite number"),
+        (lambda x: fbank(x, frame_shift=float("inf")), ValueError, "frame_shift must be a finite number"),
+        (lambda x: fbank(x, dither=float("nan")), ValueError, "dither must be a finite number"),
+        (lambda x: fbank(x, sample_frequency="16000"), ValueError, "sample_frequency must be a finite number"),
+        (lambda x: fbank(x, vtln_warp=0.0), ValueError, "vtln_warp must be > 0"),
+        (lambda x: fbank(x, num_mel_bins=40.0), ValueError, "num_mel_bins must be an integer"),
+        (lambda x: fbank(x, dither=1.0, generator=0), TypeError, "generator must be a torch.Generator"),
     ],
 )
 def test_bad_input_is_a_clear_error(call, error, match):

@@ -41,6 +41,18 @@ def test_matches_official_pipeline(dataset, num_samples):
         torch.testing.assert_close(features.double(), official_features(clip, 16000, dataset, target), atol=1e-3, rtol=0)
 
 
+def test_sweep_with_dc_offset_within_1e3_before_normalising():
+    """The clip mean is the frames' own DC removal (float64 in fbank), not a float32 subtraction
+    whose rounding lifts a sweep's spectral floor by more than 1e-3 in log energy; compared before
+    the normalisation divides the error by 2 * std."""
+    mean, std, _ = DATASETS["esc50"]
+    t = torch.arange(16000, dtype=torch.float64) / 16000
+    sweep = (0.9 * torch.sin(2 * math.pi * (50 * t + (0.3 * 8000 - 50) / 2 * t * t)) + 0.05).float()
+    got = audio_to_features(sweep, 16000, dataset="esc50", backend="torch")[0].double() * (2 * std) + mean
+    want = official_features(sweep, 16000, "esc50", 512) * (2 * std) + mean
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+
+
 def test_padded_batch_equals_each_clip_alone():
     batch = clips(4, 12000)
     lengths = torch.tensor([12000, 3000, 8000, 400])

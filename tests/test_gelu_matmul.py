@@ -88,6 +88,22 @@ def test_bad_input_is_named():
         linear_gelu_backward(x, w, b, g[:3], w2, "none", True)
     with pytest.raises(ValueError, match="hidden"):
         linear_gelu_backward(x, w, b, g, w2, "none", True, hidden=x[:, :8])
+    with pytest.raises(ValueError, match="weight2"):
+        linear_gelu_backward(x, w, b, g, w2[0, 0], "none", True)  # a 0-d weight2: no bare IndexError
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])  # the kernel path and the reference
+def test_building_blocks_refuse_inputs_that_need_a_gradient(dtype):
+    """Neither function records a graph: a result silently detached from x would drop its share of
+    x's gradient, so asking for one is an error on every path, and no_grad calls still work."""
+    x, w, b, g, w2 = (t.to(dtype) for t in operands(8, 16, 16, 16, torch.float32))
+    with pytest.raises(RuntimeError, match="linear_gelu has no autograd"):
+        linear_gelu(x.requires_grad_(), w, b, "none")
+    with pytest.raises(RuntimeError, match="linear_gelu_backward has no autograd"):
+        linear_gelu_backward(x, w, b, g, w2.requires_grad_(), "none", True)
+    with torch.no_grad():
+        torch.testing.assert_close(linear_gelu(x, w, b, "none"), linear_gelu_reference(x, w, b, "none"))
+        linear_gelu_backward(x, w, b, g, w2, "none", True)
 
 
 # ------------------------------------------------------------------------------------------------
