@@ -470,6 +470,9 @@ def gather_tokens_2d(
     -> [B, Kt*Kf, C] with ``out[b, i*Kf + j] = x[b, ids_keep_t[b, i]*F + ids_keep_f[b, j]]`` (+ that
     token's ``pos_embed``). See the module doc."""
     pos = _check_tokens(x, pos_embed)
+    if (not isinstance(grid, (tuple, list)) or len(grid) != 2
+            or any(isinstance(n, bool) or not hasattr(type(n), "__index__") for n in grid)):  # ints, SymInts
+        raise TypeError(f"grid must be two ints (T, F), got {grid!r}")
     T, F = grid
     if T < 0 or F < 0:
         raise ValueError(f"grid must be (T, F) with T, F >= 0, got {tuple(grid)}")

@@ -301,6 +301,9 @@ def test_gather_rejects_bad_input():
         gather_tokens_2d(x, ids % 2, ids, (2, 4))
     with pytest.raises(ValueError, match=r"grid must be \(T, F\) with T, F >= 0"):
         gather_tokens_2d(x, ids % 2, ids % 2, (-2, -4))
+    for grid in [(2.0, 4.0), (2, 2, 2), 8]:
+        with pytest.raises(TypeError, match="grid must be two ints"):
+            gather_tokens_2d(x, ids % 2, ids % 2, grid)
 
 
 def test_unshuffle_rejects_bad_input():
