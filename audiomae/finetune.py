@@ -3,17 +3,21 @@
 Labels come from class folders or from a label column of a CSV/JSON list (``audiomae.data``). A clip
 with several labels makes the task multi-label (sigmoid outputs, binary cross-entropy, mean average
 precision); otherwise it is single-label (softmax, cross-entropy, accuracy). Training uses the
-official recipe's structured time/frequency masking, optional mixup and layer-wise learning-rate
-decay; after every epoch the validation split is scored and logged.
+official recipe's augmentations (``audiomae.augment``: magnitude scaling, mixup of waveforms,
+SpecAugment bands), its structured time/frequency token masking and layer-wise learning-rate
+decay; after every epoch the validation split is scored and logged (mAP ranks the logits
+themselves: a float32 sigmoid rounds every logit above 16.6 to 1.0 and would tie them).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from . import augment
 from .data import AudioItem, ClipDataset, Collate, EpochBatchSampler, FrontEnd, NoAudioError
 from .train import (UsageError, build_model, family_of, feature_settings, load_items, make_loader, make_trainer,
                     resolve_backend, setup_run, training_data)
+from .features import DATASETS as FEATURE_DATASETS
 from .training import Dist, gather_objects, load_checkpoint, say
 
 
@@ -130,14 +134,16 @@ def finetune(args) -> int:
     trainer, log = make_trainer(model, args, world, precision, config, checkpoint, num_clips=len(train_items),
                                 find_unused=not vit, betas=(0.9, 0.999), layer_decay=args.layer_decay)
 
+    mean, std, _ = FEATURE_DATASETS[features["dataset"]]
+    masked_value = (0.0 - mean) / (2 * std)  # the official masks write 0 into the fbank, then normalise
+
     def loss_fn(model, batch, autocast):
-        spec = front_end(batch.waves.to(world.device, non_blocking=True), batch.lengths)
+        waves = batch.waves.to(world.device, non_blocking=True)
         targets = batch.targets.to(world.device)
-        if args.mixup > 0:
-            lam = float(torch.distributions.Beta(args.mixup, args.mixup).sample())
-            perm = torch.randperm(spec.shape[0]).to(world.device)
-            spec = lam * spec + (1 - lam) * spec[perm]
-            targets = lam * targets + (1 - lam) * targets[perm]
+        if args.roll_mag_aug:
+            waves = augment.scale_magnitudes(waves)
+        waves, targets = augment.mix_clips(waves, batch.lengths, targets, args.mixup)
+        spec = augment.mask_spectrogram(front_end(waves, batch.lengths), args.freqm, args.timem, masked_value)
         with autocast():
             if vit:
                 logits = model(spec.unsqueeze(1), mask_t_prob=args.mask_t_prob, mask_f_prob=args.mask_f_prob)
@@ -165,7 +171,7 @@ def finetune(args) -> int:
             spec = front_end(batch.waves.to(world.device), batch.lengths)
             with trainer.precision.autocast():
                 logits = trainer.module(spec.unsqueeze(1) if vit else spec).float()
-            scores.append((logits.sigmoid() if multilabel else logits.softmax(dim=1)).cpu())
+            scores.append(logits.cpu())  # monotone in sigmoid and softmax: mAP and accuracy rank logits
             targets.append(batch.targets)
         parts = gather_objects((scores, targets), world)
         scores = [s for part in parts for s in part[0]]

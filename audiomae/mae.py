@@ -31,6 +31,9 @@ class ModelMixin:
 
     def set_backend(self, name: str):
         name = check_backend(name)
+        for module in self.modules():  # every module agrees first: a refused switch changes nothing
+            if hasattr(module, "check_backend_fits"):
+                module.check_backend_fits(name)
         for module in self.modules():
             if hasattr(module, "backend"):
                 module.backend = name

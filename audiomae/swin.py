@@ -38,7 +38,8 @@ def window_attention_sdpa(qkv, *, grid, window, shift, num_heads, tau, bias, mas
     """The window attention through SDPA (or xformers) on rolled, partitioned windows, with the
     position bias and shift mask as one additive mask. Cosine attention normalises q and k each
     (norms clamped at 1e-3, so their product clamps at 1e-6 as the official one does whenever both
-    norms are small; the two differ only for a near-zero vector beside a large one)."""
+    norms are small; the two differ only for a vector of norm below 1e-3 beside a larger one, in the
+    forward and in the gradients, which SDPA's one scale per call cannot express)."""
     from kernels.reference.window_attention import shift_window_mask, window_partition, window_reverse
 
     B, L, C3 = qkv.shape
@@ -124,7 +125,17 @@ class WindowMultiHeadAttention(nn.Module):
                             backend=backend)
         self.tau = nn.Parameter(torch.ones(num_heads))
         self.register_buffer("relative_coordinates_log", relative_coordinates_log(self.window_size), persistent=False)
+        self.check_backend_fits(backend)
         self.backend = check_backend(backend)
+
+    def check_backend_fits(self, backend: str) -> None:
+        """Raise if ``backend`` cannot serve this module's shape: the Triton kernel's tiles take head
+        dims 16 to 128 (the released decoder's is 32); the other backends take any."""
+        head_dim = self.qkv.in_features // self.num_heads
+        if backend == "triton" and not 16 <= head_dim <= 128:
+            raise ValueError(f"backend 'triton' takes window-attention head dims 16 to 128; this decoder's is "
+                             f"{head_dim} (width {self.qkv.in_features}, {self.num_heads} heads): use another "
+                             "backend or a width of 256 to 2048 with decoder mode 1's 16 heads")
 
     def position_bias(self) -> torch.Tensor:
         """[heads, N, N], computed once per call and shared by every window."""

@@ -49,6 +49,8 @@ def _bounded(kind, low=None, high=None, *, low_open=False, high_open=False):
 
 POSITIVE_INT = _bounded(int, 1)
 NON_NEGATIVE_INT = _bounded(int, 0)
+NON_NEGATIVE = _bounded(float, 0)
+FRACTION = _bounded(float, 0, 1, high_open=True)  # [0, 1)
 
 
 def _json_object(text: str) -> dict:
@@ -92,13 +94,19 @@ def add_training_args(p: argparse.ArgumentParser, *, epochs: int, warmup: float,
     p.add_argument("--epochs", type=POSITIVE_INT, default=epochs, help=f"epochs (default {epochs}); the schedule spans them")
     p.add_argument("--max-steps", type=POSITIVE_INT, default=None,
                    help="stop (with a checkpoint) after this many optimiser steps; the schedule still spans --epochs")
-    p.add_argument("--warmup-epochs", type=float, default=warmup, help=f"linear warm-up epochs (default {warmup})")
-    p.add_argument("--blr", type=float, default=blr, help=f"base learning rate: lr = blr * effective batch / 256 (default {blr})")
-    p.add_argument("--lr", type=float, default=None, help="absolute learning rate (overrides --blr)")
-    p.add_argument("--min-lr", type=float, default=min_lr, help=f"learning rate at the end of the cosine (default {min_lr})")
-    p.add_argument("--weight-decay", type=float, default=weight_decay, help=f"AdamW weight decay (default {weight_decay})")
+    p.add_argument("--warmup-epochs", type=NON_NEGATIVE, default=warmup, help=f"linear warm-up epochs (default {warmup})")
+    p.add_argument("--blr", type=NON_NEGATIVE, default=blr,
+                   help=f"base learning rate: lr = blr * effective batch / 256 (default {blr})")
+    p.add_argument("--lr", type=NON_NEGATIVE, default=None, help="absolute learning rate (overrides --blr)")
+    p.add_argument("--min-lr", type=NON_NEGATIVE, default=min_lr,
+                   help=f"learning rate at the end of the cosine (default {min_lr})")
+    p.add_argument("--weight-decay", type=NON_NEGATIVE, default=weight_decay, help=f"AdamW weight decay (default {weight_decay})")
     p.add_argument("--accum-iter", type=POSITIVE_INT, default=1, help="micro-batches per optimiser step (default 1)")
-    p.add_argument("--clip-grad", type=float, default=None, help="clip the gradient norm to this (default: no clipping)")
+    p.add_argument("--roll-mag-aug", action=argparse.BooleanOptionalAction, default=True,
+                   help="scale each training clip by Beta(10, 10) + 0.5, the official roll_mag_aug as its AudioSet "
+                        "scripts set it (its roll moves nothing: it rolls the channel axis of a mono clip)")
+    p.add_argument("--clip-grad", type=_bounded(float, 0, low_open=True), default=None,
+                   help="clip the gradient norm to this (default: no clipping)")
     p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
                    help="auto = bf16 on CUDA, fp32 on the CPU; fp16 uses a GradScaler (CUDA only)")
     p.add_argument("--compile", action="store_true", help="run the model under torch.compile")
@@ -123,7 +131,7 @@ def register(subparsers) -> None:
     add_input_args(p)
     p.add_argument("--model", default="mae_vit_base_patch16", choices=MAE_MODELS + MAE_AST_MODELS)
     add_size_args(p)
-    p.add_argument("--mask-ratio", type=float, default=None,
+    p.add_argument("--mask-ratio", type=_bounded(float, 0, 1, low_open=True, high_open=True), default=None,
                    help="fraction of tokens masked (default: 0.8 for AudioMAE as the official recipe, "
                         "the model's own for MAE-AST)")
     p.add_argument("--decoder-mode", type=int, default=1, choices=(0, 1),
@@ -141,10 +149,17 @@ def register(subparsers) -> None:
                    help="multi-label (BCE, mAP) even if every clip has one label; chosen anyway when some clip has several")
     p.add_argument("--val", default=None, help="validation DATA (default: a --val-fraction split of DATA)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="share of DATA held out for validation")
-    p.add_argument("--mask-t-prob", type=float, default=0.2, help="structured masking: share of time rows dropped")
-    p.add_argument("--mask-f-prob", type=float, default=0.2, help="structured masking: share of frequency columns dropped")
-    p.add_argument("--mixup", type=_bounded(float, 0), default=0.5,
-                   help="mixup Beta(alpha, alpha) on features and labels (0: off)")
+    p.add_argument("--mask-t-prob", type=FRACTION, default=0.2, help="structured masking: share of time rows dropped")
+    p.add_argument("--mask-f-prob", type=FRACTION, default=0.2, help="structured masking: share of frequency columns dropped")
+    p.add_argument("--mixup", type=_bounded(float, 0, 1), default=0.5,
+                   help="share of training clips mixed with another clip of the batch, as the official recipe: "
+                        "waveforms mixed before the fbank, lambda ~ Beta(10, 10), labels mixed alike (0: off)")
+    p.add_argument("--freqm", type=NON_NEGATIVE_INT, default=48,
+                   help="SpecAugment: each training clip loses up to this many Mel bins, as torchaudio's "
+                        "FrequencyMasking in the official recipe (default 48; 0: off)")
+    p.add_argument("--timem", type=NON_NEGATIVE_INT, default=192,
+                   help="SpecAugment: each training clip loses up to this many frames, as TimeMasking "
+                        "(default 192; 0: off)")
     p.add_argument("--drop-path", type=_bounded(float, 0, 1, high_open=True), default=0.1, help="stochastic depth rate")
     p.add_argument("--layer-decay", type=_bounded(float, 0, 1, low_open=True), default=0.75,
                    help="layer-wise learning-rate decay")
@@ -241,6 +256,9 @@ def command(run):
         except (ValueError, FileNotFoundError, CheckpointMismatchError, BackendUnavailableError) as exc:
             print(f"audiomae {args.command}: error: {exc}", file=sys.stderr)
             return 2
+        except FloatingPointError as exc:  # a diverged run: the last good checkpoint is kept
+            print(f"audiomae {args.command}: error: {exc}", file=sys.stderr)
+            return 1
         finally:
             teardown_distributed()
 
@@ -258,7 +276,11 @@ def setup_run(args):
         precision = "bf16" if world.device.type == "cuda" else "fp32"
     checkpoint = None
     if args.resume:
-        checkpoint = load_checkpoint(args.out / "checkpoint.pth" if args.resume == "auto" else args.resume)
+        path = args.out / "checkpoint.pth" if args.resume == "auto" else args.resume
+        checkpoint = load_checkpoint(path)
+        if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("config"), dict):
+            raise UsageError(f"--resume {path}: not a checkpoint of an audiomae run (it has no run config); "
+                             "to start from official weights, use finetune --init")
     seed_everything(args.seed + world.rank)
     return world, precision, checkpoint
 
@@ -320,6 +342,7 @@ def make_trainer(model, args, world, precision, config, checkpoint, *, num_clips
 
 @command
 def run_pretrain(args) -> int:
+    from .augment import scale_magnitudes
     from .data import FrontEnd
     from .training import say
 
@@ -327,6 +350,12 @@ def run_pretrain(args) -> int:
     family = family_of(args.model)
     features = feature_settings(args)
     kwargs = size_overrides(args, family)
+    if family == "mae" and args.decoder_mode == 1:
+        ignored = [f"--{flag.replace('_', '-')}" for flag in ("decoder_depth", "decoder_num_heads")
+                   if getattr(args, flag) is not None]
+        if ignored:
+            raise UsageError(f"{' and '.join(ignored)} have no effect with --decoder-mode 1: its decoder is 16 Swin "
+                             "blocks of 16 heads, as the official model builds it; use --decoder-mode 0")
     if family == "mae":
         kwargs = {"img_size": [features["target_length"], 128], "decoder_mode": args.decoder_mode,
                   "norm_pix_loss": args.norm_pix_loss, **kwargs}
@@ -343,7 +372,10 @@ def run_pretrain(args) -> int:
                                 find_unused=family == "mae_ast")
 
     def loss_fn(model, batch, autocast):
-        spec = front_end(batch.waves.to(world.device, non_blocking=True), batch.lengths)
+        waves = batch.waves.to(world.device, non_blocking=True)
+        if args.roll_mag_aug:
+            waves = scale_magnitudes(waves)
+        spec = front_end(waves, batch.lengths)
         with autocast():
             if family == "mae_ast":
                 return model(spec).loss

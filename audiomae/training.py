@@ -5,8 +5,10 @@
   only rank 0 writes checkpoints and logs.
 - Optimiser and schedule as the official ``main_pretrain.py`` / ``main_finetune_as.py``: AdamW
   (betas (0.9, 0.95) for pretraining, PyTorch's defaults and layer-wise learning-rate decay for
-  fine-tuning), weight decay on weight matrices only (none on norms, biases, position embeddings,
-  cls and mask tokens), ``lr = blr * effective_batch / 256``, linear warm-up then a half-cycle cosine
+  fine-tuning), weight decay as each official script sets it: pretraining as timm's
+  ``add_weight_decay`` (none on 1-D parameters and biases, so the cls and mask tokens are decayed),
+  fine-tuning as ``param_groups_lrd`` (also none on the model's ``no_weight_decay()`` names: the
+  position embedding and cls token); ``lr = blr * effective_batch / 256``, linear warm-up then a half-cycle cosine
   to ``min_lr``, set before every optimiser step from the fractional epoch (step / steps per epoch).
 - Mixed precision: bf16 autocast, or fp16 autocast with a GradScaler, or fp32.
 - Checkpoints hold everything an exact continuation needs (weights, optimiser, scaler, step, the
@@ -31,7 +33,6 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-NO_DECAY_NAMES = ("pos_embed", "cls_token", "mask_token")
 
 
 # ------------------------------------------------------------------------------------------ ranks
@@ -103,9 +104,12 @@ def layer_id(name: str, num_layers: int) -> int:
     return num_layers
 
 
-def param_groups(model: nn.Module, weight_decay: float, layer_decay: float | None = None) -> list[dict]:
-    """Weight decay on weight matrices and kernels; none on norms, biases, position embeddings,
-    cls and mask tokens; frozen parameters left out. With ``layer_decay`` (fine-tuning), each group's
+def param_groups(model: nn.Module, weight_decay: float, layer_decay: float | None = None,
+                 no_decay_names=()) -> list[dict]:
+    """Weight decay on every parameter but 1-D ones and biases (norms, biases) and the parameters
+    named in ``no_decay_names``; frozen parameters left out. Pretraining passes no names, as the
+    official ``main_pretrain.py`` calls timm's ``add_weight_decay``; fine-tuning passes the model's
+    ``no_weight_decay()``, as ``param_groups_lrd``. With ``layer_decay`` (fine-tuning), each group's
     ``lr_scale`` is ``layer_decay ** (num_layers - layer)`` (``num_layers`` = encoder depth + 1), as
     the official fine-tuning does."""
     names = [name for name, _ in model.named_parameters()]
@@ -114,7 +118,7 @@ def param_groups(model: nn.Module, weight_decay: float, layer_decay: float | Non
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        no_decay = param.ndim <= 1 or name.endswith(".bias") or any(key in name for key in NO_DECAY_NAMES)
+        no_decay = param.ndim <= 1 or name.endswith(".bias") or name in no_decay_names
         layer = layer_id(name, num_layers) if layer_decay is not None else num_layers
         group = groups.setdefault((layer, no_decay), {
             "params": [], "weight_decay": 0.0 if no_decay else weight_decay,
@@ -298,7 +302,9 @@ class Trainer:
             self.model = torch.compile(self.model)
         # On CUDA the whole AdamW update is one fused kernel per parameter group.
         fused = {"fused": True} if world.device.type == "cuda" else {}
-        self.optimizer = torch.optim.AdamW(param_groups(self.module, weight_decay, layer_decay), lr=lr, betas=betas,
+        no_decay_names = set(getattr(self.module, "no_weight_decay", set)()) if layer_decay is not None else ()
+        self.optimizer = torch.optim.AdamW(param_groups(self.module, weight_decay, layer_decay, no_decay_names), lr=lr,
+                                           betas=betas,
                                            **fused)
         self.precision = Precision(precision, world.device)
         self.schedule = dict(lr=lr, min_lr=min_lr, warmup_epochs=warmup_epochs, epochs=epochs)
@@ -401,6 +407,11 @@ class Trainer:
                         log.write(self.position.step, **on_epoch_end(self.position.epoch - 1))
                         self.module.train()
                 if self.position.step == stop or (self.save_every and self.position.step % self.save_every == 0):
+                    # The losses since the last log are checked here too (one sync per save), so a
+                    # diverged run stops before its weights replace the last good checkpoint.
+                    if steps_since_log and not math.isfinite(self._mean_over_ranks(running)):
+                        raise FloatingPointError(f"the loss is not finite by step {self.position.step}; stopping "
+                                                 "without saving over the last checkpoint")
                     self.save()
                 if epoch_done or self.position.step == stop:
                     break

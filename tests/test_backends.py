@@ -63,3 +63,17 @@ def test_set_backend_reaches_every_attention_module():
     # attention also has its meta-MLP).
     assert len(holders) == 1 + 2 * (2 + 16) + 16
     assert all(m.backend == "sdpa" for m in holders)
+
+
+def test_triton_refuses_a_decoder_head_dim_its_kernel_cannot_tile():
+    """Decoder mode 1 always has 16 heads: a width of 64 gives head dim 4, which the window-attention
+    kernel does not take. Building or switching to "triton" says so, and a refused switch changes
+    no module."""
+    small = dict(img_size=(128, 64), embed_dim=32, depth=1, num_heads=2, decoder_embed_dim=64, decoder_mode=1)
+    with pytest.raises(ValueError, match="head dims 16 to 128; this decoder's is 4"):
+        audiomae.MaskedAutoencoderViT(**small, backend="triton")
+    model = audiomae.MaskedAutoencoderViT(**small, backend="sdpa")
+    with pytest.raises(ValueError, match="head dims 16 to 128"):
+        model.set_backend("triton")
+    assert all(m.backend == "sdpa" for m in model.modules() if hasattr(m, "backend"))
+    audiomae.MaskedAutoencoderViT(**{**small, "decoder_embed_dim": 256}, backend="triton")  # head dim 16

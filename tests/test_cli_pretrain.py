@@ -154,7 +154,7 @@ def test_schedule_warms_up_then_follows_half_cosine():
     assert values.index(max(values)) == 8 and all(a >= b for a, b in zip(values[8:], values[9:]))
 
 
-def test_weight_decay_spares_norms_biases_and_tokens():
+def test_weight_decay_as_each_official_script():
     import audiomae
 
     model = audiomae.mae_vit_base_patch16(embed_dim=32, depth=2, num_heads=2, decoder_embed_dim=16, decoder_depth=1,
@@ -164,10 +164,17 @@ def test_weight_decay_spares_norms_biases_and_tokens():
     decayed = {names[id(p)] for g in groups if g["weight_decay"] > 0 for p in g["params"]}
     spared = {names[id(p)] for g in groups if g["weight_decay"] == 0 for p in g["params"]}
     assert "blocks.0.attn.qkv.weight" in decayed and "patch_embed.proj.weight" in decayed
-    assert {"blocks.0.norm1.weight", "blocks.0.attn.qkv.bias", "cls_token", "mask_token"} <= spared
+    # pretraining: timm's add_weight_decay without a skip list spares 1-D parameters only
+    assert {"blocks.0.norm1.weight", "blocks.0.attn.qkv.bias"} <= spared and {"cls_token", "mask_token"} <= decayed
     assert "pos_embed" not in decayed | spared  # frozen
     assert not any(n.endswith(".bias") or "norm" in n for n in decayed)
     assert decayed | spared == {n for n, p in model.named_parameters() if p.requires_grad}
+    # fine-tuning: param_groups_lrd also spares the model's no_weight_decay() names
+    vit = audiomae.vit_base_patch16(embed_dim=32, depth=2, num_heads=2, img_size=(32, 128), num_classes=4)
+    names = {id(p): n for n, p in vit.named_parameters()}
+    groups = param_groups(vit, 0.05, layer_decay=0.75, no_decay_names=vit.no_weight_decay())
+    spared = {names[id(p)] for g in groups if g["weight_decay"] == 0 for p in g["params"]}
+    assert "cls_token" in spared and "head.weight" not in spared and "blocks.0.attn.qkv.weight" not in spared
 
 
 def test_layer_decay_scales_by_depth():
@@ -183,18 +190,54 @@ def test_layer_decay_scales_by_depth():
 
 def test_resume_refuses_a_different_model(demo, tmp_path, capsys):
     assert pretrain(demo, tmp_path / "run", "--max-steps", "1") == 0
-    assert pretrain(demo, tmp_path / "run", "--max-steps", "2", "--resume", "--decoder-mode", "1") == 2
+    assert pretrain(demo, tmp_path / "run", "--max-steps", "2", "--resume", "--embed-dim", "64") == 2
     assert "--resume needs the model of the run it continues" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("flag,value", [("--max-steps", "0"), ("--epochs", "0"), ("--log-every", "0"),
                                         ("--save-every", "-1"), ("--target-length", "0"), ("--batch-size", "0"),
-                                        ("--model-kwargs", "[1]"), ("--embed-dim", "-4")])
+                                        ("--model-kwargs", "[1]"), ("--embed-dim", "-4"),
+                                        ("--clip-grad", "-1"), ("--clip-grad", "0"), ("--weight-decay", "-1"),
+                                        ("--blr", "-1e-3"), ("--warmup-epochs", "-1"), ("--mask-ratio", "1.5"),
+                                        ("--mask-ratio", "1")])
 def test_numbers_out_of_range_are_usage_errors(demo, tmp_path, capsys, flag, value):
     with pytest.raises(SystemExit) as stop:
         pretrain(demo, tmp_path / "out", flag, value)
     assert stop.value.code == 2 and flag in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_decoder_sizes_without_effect_are_refused(demo, tmp_path, capsys):
+    """Decoder mode 1 is the official 16 Swin blocks of 16 heads whatever the sizes say: flags that
+    would change nothing are an error, not a run whose config claims them."""
+    assert pretrain(demo, tmp_path / "out", "--max-steps", "1", "--decoder-mode", "1") == 2
+    err = capsys.readouterr().err
+    assert "--decoder-depth and --decoder-num-heads have no effect with --decoder-mode 1" in err
+    assert not (tmp_path / "out" / "checkpoint.pth").exists()
+
+
+def test_a_diverged_run_keeps_its_last_good_checkpoint(demo, tmp_path, capsys):
+    """Saves check the losses since the last log, so NaN weights never replace a good checkpoint."""
+    out = tmp_path / "run"
+    assert pretrain(demo, out, "--max-steps", "1", "--save-every", "1") == 0
+    good = load_checkpoint(out / "checkpoint.pth")
+    code = pretrain(demo, out, "--max-steps", "6", "--save-every", "1", "--log-every", "100", "--resume",
+                    "--lr", "1e12", "--warmup-epochs", "0")
+    assert code == 1 and "not finite" in capsys.readouterr().err
+    kept = load_checkpoint(out / "checkpoint.pth")
+    assert all(torch.isfinite(v).all() for v in kept["model"].values() if v.is_floating_point())
+    assert kept["position"]["step"] >= good["position"]["step"]
+
+
+def test_resume_from_an_official_checkpoint_is_one_line(demo, tmp_path, capsys):
+    assert pretrain(demo, tmp_path / "run", "--max-steps", "1") == 0
+    ours = load_checkpoint(tmp_path / "run" / "checkpoint.pth")
+    official = tmp_path / "official.pth"
+    torch.save({"model": ours["model"], "epoch": 3, "args": None}, official)
+    capsys.readouterr()
+    assert pretrain(demo, tmp_path / "again", "--max-steps", "1", "--resume", str(official)) == 2
+    err = capsys.readouterr().err
+    assert "not a checkpoint of an audiomae run" in err and len(err.strip().splitlines()) == 1
 
 
 def test_bad_model_keywords_and_checkpoints_are_one_line(demo, tmp_path, capsys):
