@@ -625,7 +625,7 @@ def _check_lengths(lengths, batch: int, num_samples: int, device: torch.device) 
         raise ValueError(f"lengths must have shape [{batch}] (one per clip), got {list(lengths.shape)}")
     if batch and (int(lengths.min()) < 0 or int(lengths.max()) > num_samples):
         raise ValueError(f"lengths must lie in [0, {num_samples}] (the padded clip length), got {lengths.tolist()}")
-    return lengths.to(device=device, dtype=torch.int64)
+    return lengths.to(device=device, dtype=torch.int64).contiguous()  # a strided view would reach the kernel as is
 
 
 def fbank(

@@ -288,6 +288,21 @@ def test_kernel_arithmetic_padded_batch_float64(host_lib):
     torch.testing.assert_close(features, fbank(clips, lengths=lengths, backend="torch", **options)[0], atol=1e-9, rtol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_kernel_arithmetic_keeps_nan_samples_nan(host_lib, dtype):
+    """A NaN or Inf sample gives NaN in the frames that read it, as torchaudio and the torch path
+    give; a max() that drops NaN (fmax) would turn them into the log floor and hide bad audio."""
+    options = dict(use_energy=True, energy_floor=1.0)
+    clips = clips_for({}, num_samples=3000).to(dtype)
+    clips[1, 1000], clips[3, 2000] = float("nan"), float("inf")
+    lengths = torch.full((len(clips),), 3000)
+    features = host_fbank(host_lib, clips, lengths, FbankOptions(**options))
+    expected = fbank(clips, lengths=lengths, backend="torch", **options)[0]
+    torch.testing.assert_close(features.isnan(), expected.isnan())
+    assert features[1].isnan().any(dim=1).sum() == 3 and features[0].isfinite().all()  # frames 4-6 read sample 1000
+    torch.testing.assert_close(features.nan_to_num(0.0), expected.nan_to_num(0.0), atol=1e-3, rtol=0)
+
+
 @pytest.mark.parametrize("lanes", [32, 5])
 @pytest.mark.parametrize("name", ["defaults", "audiomae", "energy_htk_windowed", "no_snip_edges", "magnitude",
                                   "short_frames"])

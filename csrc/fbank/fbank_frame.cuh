@@ -134,8 +134,12 @@ FBANK_HD double real_spectrum_power(const Complex* Z, int n, int k, Complex real
   return x.re * x.re + x.im * x.im;
 }
 
-FBANK_HD float log_floored(double value, float) { return logf(fmaxf(static_cast<float>(value), static_cast<float>(kLogFloor))); }
-FBANK_HD double log_floored(double value, double) { return log(fmax(value, kLogFloor)); }
+// max(value, floor) that keeps a NaN (fmax would return the floor): NaN samples give NaN features,
+// as torchaudio's and the torch path's clamp_min do, instead of a silent log floor.
+FBANK_HD double at_least(double value, double floor) { return value < floor ? floor : value; }
+FBANK_HD float at_least(float value, float floor) { return value < floor ? floor : value; }
+FBANK_HD float log_floored(double value, float) { return logf(at_least(static_cast<float>(value), static_cast<float>(kLogFloor))); }
+FBANK_HD double log_floored(double value, double) { return log(at_least(value, kLogFloor)); }
 
 // The options and tables of one call. Tables are built on the host by kernels/fbank.py.
 struct FrameConfig {
@@ -256,8 +260,8 @@ FBANK_HD void compute_frame(const Team& team, const FrameConfig& c, const scalar
     out[mel_column + m] = c.use_log_fbank ? log_floored(e, scalar_t()) : static_cast<scalar_t>(e);
   }
   if (c.use_energy && team.rank() == 0) {
-    double log_energy = log(fmax(energy, kLogFloor));
-    if (c.energy_floor > 0.0) log_energy = fmax(log_energy, log(c.energy_floor));
+    double log_energy = log(at_least(energy, kLogFloor));
+    if (c.energy_floor > 0.0) log_energy = at_least(log_energy, log(c.energy_floor));
     out[c.htk_compat ? c.num_mel_bins : 0] = static_cast<scalar_t>(log_energy);
   }
 }
