@@ -61,7 +61,9 @@ def load_torch_file(path):
 
 
 def read_checkpoint(path) -> tuple[dict, dict]:
-    """(state_dict, extra) from an official ``.pth`` or our ``.safetensors``; extra holds ``args``/config."""
+    """(state_dict, extra) from an official ``.pth``, our ``.safetensors`` or a training run's
+    ``.pth``; extra holds the official ``args``, our ``config`` and ``class``, or the run's
+    ``run_config`` (the model's name and constructor keywords)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
@@ -78,6 +80,9 @@ def read_checkpoint(path) -> tuple[dict, dict]:
             raise ValueError(f"{path} is not a readable checkpoint ({unreadable(exc)})") from exc
         return state, {"config": config, "class": metadata.get("audiomae_class")}
     blob = load_torch_file(path)
+    run = blob.get("config") if isinstance(blob, dict) else None
+    if isinstance(run, dict) and "model" in run and "model_kwargs" in run and isinstance(blob.get("model"), dict):
+        return blob["model"], {"run_config": run}  # written by audiomae pretrain / finetune
     if isinstance(blob, dict) and "model" in blob and isinstance(blob["model"], dict):
         args = blob.get("args")
         return blob["model"], {"args": vars(args) if isinstance(args, argparse.Namespace) else {}}
@@ -208,6 +213,15 @@ def from_pretrained(path, **overrides) -> nn.Module:
     state, extra = read_checkpoint(path)
     state = _strip_prefix(state)
     classes = {cls.__name__: cls for cls in (MaskedAutoencoderViT, VisionTransformer, MAEAST, MAEASTClassifier)}
+    if "run_config" in extra:  # the run's own record: its preset, sizes, loss settings and heads
+        from .train import build_model
+
+        run, overrides = extra["run_config"], dict(overrides)
+        backend = overrides.pop("backend", "reference")
+        model = build_model(run["model"], {**run["model_kwargs"], **overrides}, backend)
+        check_state_dict(model, state)
+        model.load_state_dict(state, strict=True)
+        return model
     if extra.get("class") in classes:
         cls, config = classes[extra["class"]], extra["config"]
     else:

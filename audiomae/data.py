@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,6 +119,9 @@ def scan_readable(items: list[AudioItem]) -> tuple[list[AudioItem], list[tuple[s
 
     readable, skipped = [], []
     for item in items:
+        if not os.path.isfile(item.path):  # a list's row naming a missing file: say so, not libsndfile's words
+            skipped.append((item.path, "does not exist" if not os.path.exists(item.path) else "not a file"))
+            continue
         try:
             info = soundfile.info(item.path)
         except Exception as exc:  # soundfile raises LibsndfileError, RuntimeError or OSError by case

@@ -46,7 +46,8 @@ def load_encoder(path: Path, backend: str):
     from .checkpoint import from_pretrained
 
     model = from_pretrained(path, backend=backend)
-    return model, {"target_length": model.patch_embed.img_size[0]}
+    # An AudioMAE encoder takes one clip length; MAE-AST takes any (the flags or defaults choose).
+    return model, ({"target_length": model.patch_embed.img_size[0]} if hasattr(model, "patch_embed") else {})
 
 
 def encoder_blocks(model):
@@ -95,11 +96,12 @@ def run(args) -> int:
     import numpy as np
 
     from .data import ClipDataset, Collate, EpochBatchSampler, FrontEnd, NoAudioError
-    from .train import UsageError, feature_settings, load_items, make_loader, resolve_backend
+    from .train import UsageError, check_output_file, feature_settings, load_items, make_loader, resolve_backend
     from .training import say, setup_distributed
 
     if args.out.suffix not in (".npy", ".safetensors"):
         raise UsageError(f"--out must end in .npy or .safetensors, got {args.out}")
+    check_output_file(args.out)
     world = setup_distributed(args.device)
     model, saved_features = load_encoder(args.ckpt, resolve_backend(args.backend, world.device))
     features = feature_settings(args, saved_features)

@@ -20,7 +20,8 @@ normalisation in ``__getitem__``), in this order:
 4. normalise: ``(fbank - mean) / (2 * std)`` with the dataset's statistics.
 
 The result is ``[B, 1, target_length, 128]`` (time, then frequency), the models' input layout.
-SpecAugment, mixup and the official noise augmentation are training-time choices and live elsewhere.
+SpecAugment, mixup and magnitude scaling are training-time choices: ``audiomae.augment`` (the official
+Speech Commands noise augmentation is not implemented).
 """
 from __future__ import annotations
 

@@ -76,10 +76,23 @@ def benchmark_modules() -> dict[str, str]:
     return {path.stem.removeprefix("bench_"): f"benches.{path.stem}" for path in sorted(BENCHES.glob("bench_*.py"))}
 
 
+class UsageError(SystemExit):
+    """A command-line mistake: its message on stderr and exit code 2, as argparse's own errors;
+    exit code 1 stays for a failed parity check or benchmark."""
+
+    def __init__(self, message: str):
+        print(f"audiomae: error: {message}", file=sys.stderr)
+        super().__init__(2)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
 def check_choices(asked: list[str] | None, known: list[str], what: str) -> None:
     unknown = sorted(set(asked or ()) - set(known))
     if unknown:
-        raise SystemExit(f"unknown {what} {', '.join(unknown)}; choose from {', '.join(known)}")
+        raise UsageError(f"unknown {what} {', '.join(unknown)}; choose from {', '.join(known)}")
 
 
 def selection(ops: list[str] | None, modules: dict[str, str], cases) -> tuple[set[str], set[str]]:
@@ -203,6 +216,9 @@ def table_rows(rows: list[dict]) -> list[dict]:
     return out
 
 
+PLOT_NAMES = ("speedup.png", "memory.png", "batch_scaling.png")
+
+
 def write_plots(out: Path, rows: list[dict]) -> list[Path]:
     """speedup.png and memory.png (one panel per suite), batch_scaling.png when a suite has several
     batch sizes. A suite without speed-ups shows its median times instead."""
@@ -211,6 +227,8 @@ def write_plots(out: Path, rows: list[dict]) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    for name in PLOT_NAMES:  # an earlier run's plots must not sit beside this run's report
+        (out / name).unlink(missing_ok=True)
     timed = [r for r in table_rows(rows) if isinstance(r.get("median_ms"), (int, float))]
     suites = sorted({r["suite"] for r in timed})
     written = []
@@ -296,13 +314,26 @@ def to_json(data) -> str:
 
 
 def writable_file(path) -> Path:
-    """``path`` checked before a long run writes it: its folder exists, and it is not a folder."""
+    """``path`` checked before a long run writes it: its folder exists and takes files, and it is
+    not a folder."""
     path = Path(path)
     if path.is_dir():
-        raise SystemExit(f"--json {path} is a folder; give a file name")
+        raise UsageError(f"--json {path} is a folder; give a file name")
     if not path.parent.is_dir():
-        raise SystemExit(f"--json {path}: the folder {path.parent} does not exist")
+        raise UsageError(f"--json {path}: the folder {path.parent} does not exist")
+    check_writable_folder(path.parent, "--json")
     return path
+
+
+def check_writable_folder(folder: Path, flag: str) -> None:
+    """Write and remove a probe file: permissions, read-only mounts and quotas answer here, before
+    the run, not in a traceback after it."""
+    probe = folder / f".audiomae-write-probe-{os.getpid()}"
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise UsageError(f"{flag} {folder}: cannot write there ({exc.strerror or exc})")
 
 
 def write_results(path: Path, info: dict, parity_rows: list[dict], bench_rows: list[dict], **extra) -> Path:
@@ -355,7 +386,7 @@ def validate(args) -> int:
     cases, _ = selection(args.ops, modules, parity.CASES)
     tasks = parity_tasks(cases, args.dtypes)
     if not tasks:
-        raise SystemExit(f"no parity case matches --ops {' '.join(args.ops or ['(all)'])} "
+        raise UsageError(f"no parity case matches --ops {' '.join(args.ops or ['(all)'])} "
                          f"--dtypes {' '.join(args.dtypes or ['(all)'])}: nothing to validate")
     with _progress(len(tasks)) as progress:
         rows = run_parity(device, tasks, args.quick, progress)
@@ -376,18 +407,19 @@ def bench(args) -> int:
     check_choices(args.ops, sorted(set(parity.CASES) | set(modules)), "op")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
-        raise SystemExit(f"--out {out} is a file; give a folder for report.md, results.json and the plots")
+        raise UsageError(f"--out {out} is a file; give a folder for report.md, results.json and the plots")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise SystemExit(f"--out {out}: cannot make the folder ({exc.strerror or exc})")
+        raise UsageError(f"--out {out}: cannot make the folder ({exc.strerror or exc})")
+    check_writable_folder(out, "--out")
     cases, module_names = selection(args.ops, modules, parity.CASES)
     tasks = parity_tasks(cases, args.dtypes)
     chosen = {name: module for name, module in modules.items() if name in module_names}
     # The embedded CPU default times the small shapes: the larger CPU sizes take many minutes on two
     # cores and say no more about GPU speed (--full asks for them).
     bench_quick = args.quick or (device.type != "cuda" and not args.full)
-    info = run_info(device, notes, bench_quick)
+    info = {**run_info(device, notes, bench_quick), "parity_quick": bool(args.quick)}
     started = time.perf_counter()
     bench_rows = []
     with _progress(len(tasks) + len(chosen)) as progress:

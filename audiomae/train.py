@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -256,6 +257,10 @@ def command(run):
         except (ValueError, FileNotFoundError, CheckpointMismatchError, BackendUnavailableError) as exc:
             print(f"audiomae {args.command}: error: {exc}", file=sys.stderr)
             return 2
+        except (FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError) as exc:
+            # a path given on the command line that cannot be used as asked (e.g. --out names a file)
+            print(f"audiomae {args.command}: error: {exc}", file=sys.stderr)
+            return 2
         except FloatingPointError as exc:  # a diverged run: the last good checkpoint is kept
             print(f"audiomae {args.command}: error: {exc}", file=sys.stderr)
             return 1
@@ -264,6 +269,19 @@ def command(run):
 
     wrapped.__name__ = run.__name__
     return wrapped
+
+
+def check_output_file(path: Path) -> None:
+    """Before a long run: ``path`` is not a folder, and its folder exists (made) and takes files."""
+    if path.is_dir():
+        raise UsageError(f"--out {path} is a folder; give a file name")
+    probe = path.parent / f".audiomae-write-probe-{os.getpid()}"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise UsageError(f"--out {path}: cannot write in {path.parent} ({exc.strerror or exc})") from exc
 
 
 def setup_run(args):

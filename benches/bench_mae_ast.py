@@ -159,7 +159,10 @@ def _first_timing(step, device: torch.device, warmup: int, measure_memory: bool 
     def measured_step():
         peak["bytes"] = cpu_peak_rss_bytes(step)
 
-    return replace(time_fn(measured_step, device, warmup=warmup, reps=1), peak_mem_bytes=peak["bytes"])
+    timing = time_fn(measured_step, device, warmup=warmup, reps=1)
+    # The resident high-water mark reads 0 or a page at small shapes (the allocator reuses freed
+    # heap): below a MiB it is no measurement, and the row says none rather than 0.
+    return replace(timing, peak_mem_bytes=peak["bytes"] if peak["bytes"] > 2**20 else None)
 
 
 def time_alternating(cases: list[dict], device, warmup: int, reps: int) -> list[dict]:
@@ -177,9 +180,14 @@ def time_alternating(cases: list[dict], device, warmup: int, reps: int) -> list[
         times = sorted(t.median_ms for t in case["timings"])
         median = statistics.median(times)
         rows.append({**case["row"], "median_ms": median, "min_ms": times[0], "reps": len(times),
-                     "peak_mem_bytes": None if case["row"].get("cuda_graph") else case["timings"][0].peak_mem_bytes,
+                     "peak_mem_bytes": _peak(case),
                      "fraction_of_floor": case["row"]["flop_floor_ms"] / median})
     return rows
+
+
+def _peak(case) -> int | None:
+    """The measured peak, or None where there is none (a replay allocates nothing)."""
+    return None if case["row"].get("cuda_graph") else case["timings"][0].peak_mem_bytes
 
 
 def _with_ratios(rows: list[dict], baseline: dict) -> list[dict]:

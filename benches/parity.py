@@ -319,8 +319,11 @@ def models_case(device, dtype, quick):
     import audiomae
 
     mae, vit, batch, img = _model_configs(device, quick)
-    backends = [b for b in ("reference", "sdpa", "triton", "xformers") if audiomae.backend_status(b)[0]]
-    rows = []
+    status = {b: audiomae.backend_status(b) for b in ("reference", "sdpa", "triton", "xformers")}
+    backends = [b for b, (available, _) in status.items() if available]
+    # An unavailable backend is a SKIP row with its reason, never a row that silently goes missing.
+    rows = [{"impl": f"{kind}:{b}", "pass": "-", "status": "SKIP", "note": f"unavailable: {reason}"}
+            for kind in ("mae", "vit") for b, (available, reason) in status.items() if not available]
     for kind, build in (("mae", mae), ("vit", vit)):
         torch.manual_seed(0)
         # eval(): the Swin decoder's meta-MLP dropout would draw different masks in each copy,

@@ -92,6 +92,36 @@ def test_bad_output_name(demo, pretrained, tmp_path, capsys):
     assert ".npy or .safetensors" in capsys.readouterr().err
 
 
+def test_unusable_output_paths_are_refused_before_the_work(demo, pretrained, tmp_path, capsys):
+    (tmp_path / "folder.npy").mkdir()
+    (tmp_path / "afile").write_text("x")
+    for out, message in ((tmp_path / "folder.npy", "is a folder"), (tmp_path / "afile" / "e.npy", "cannot write in")):
+        assert embed(demo, pretrained, out) == 2
+        err = capsys.readouterr().err
+        assert message in err and "wrote" not in err
+
+
+def test_mae_ast_safetensors_embeds(demo, tmp_path):
+    from audiomae.mae_ast import MAEASTClassifier
+
+    ckpt = tmp_path / "ast.safetensors"
+    MAEASTClassifier(num_classes=3, embed_dim=32, num_heads=2, encoder_depth=1, decoder_depth=1).save_pretrained(ckpt)
+    assert embed(demo, ckpt, tmp_path / "e.npy", "--target-length", "32") == 0
+    assert np.load(tmp_path / "e.npy").shape == (10, 32)
+
+
+def test_from_pretrained_reads_a_training_run_checkpoint(pretrained):
+    """The run's checkpoint records its model's name and keywords: from_pretrained builds that model
+    (sizes, heads and loss settings included), not one guessed from the weights."""
+    import audiomae
+
+    state = torch.load(pretrained, weights_only=False)
+    model = audiomae.from_pretrained(pretrained)
+    assert model.norm_pix_loss == state["config"]["model_kwargs"]["norm_pix_loss"] is True
+    assert model.blocks[0].attn.num_heads == 2 and model.decoder_mode == 0
+    torch.testing.assert_close(model.state_dict(), state["model"])
+
+
 def test_official_checkpoint_embeds_and_finetunes(demo, tmp_path):
     import argparse
 

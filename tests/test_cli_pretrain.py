@@ -229,6 +229,13 @@ def test_a_diverged_run_keeps_its_last_good_checkpoint(demo, tmp_path, capsys):
     assert kept["position"]["step"] >= good["position"]["step"]
 
 
+def test_out_that_is_a_file_is_one_line(demo, tmp_path, capsys):
+    (tmp_path / "taken").write_text("x")
+    assert pretrain(demo, tmp_path / "taken", "--max-steps", "1") == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and "taken" in err and "Traceback" not in err
+
+
 def test_resume_from_an_official_checkpoint_is_one_line(demo, tmp_path, capsys):
     assert pretrain(demo, tmp_path / "run", "--max-steps", "1") == 0
     ours = load_checkpoint(tmp_path / "run" / "checkpoint.pth")

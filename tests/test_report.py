@@ -84,8 +84,27 @@ def test_json_path_is_checked_before_the_run(tmp_path, monkeypatch):
 
 
 def test_unknown_op_is_an_error():
-    with pytest.raises(SystemExit, match="unknown op nope"):
+    with pytest.raises(SystemExit, match="unknown op nope") as stop:
         main(["validate", "--ops", "nope"])
+    assert stop.value.code == 2  # a usage error, not 1 (a failed check)
+
+
+def test_an_unwritable_out_folder_is_refused_before_the_run(monkeypatch):
+    import os
+    folder = "/sys/kernel"  # exists, and takes no new files even for root
+    if not os.path.isdir(folder):
+        pytest.skip("no /sys/kernel to try")
+    ran = []
+    monkeypatch.setattr(report, "run_parity", lambda *a, **k: ran.append(1) or [])
+    with pytest.raises(SystemExit, match="cannot write there") as stop:
+        main(["bench", "--ops", "gather_tokens", "--out", folder])
+    assert stop.value.code == 2 and not ran
+
+
+def test_plots_of_an_earlier_run_are_removed(tmp_path):
+    stale = tmp_path / "memory.png"
+    stale.write_bytes(b"old")
+    assert report.write_plots(tmp_path, []) == [] and not stale.exists()
 
 
 @pytest.mark.parametrize("argv", [["validate", "--dtypes", "float128"], ["bench", "--batch-sizes", "0"],
