@@ -43,8 +43,13 @@ import torch.nn as nn
 def _check_optimizer(optimizer: torch.optim.Optimizer) -> None:
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-    # Optimizers with a capturable option keep their step count on the host unless it is set;
-    # those without one (SGD) have nothing on the host to go stale.
+    # Optimizers with a capturable option keep their step count on the host unless it is set. Of
+    # those without one, SGD keeps nothing on the host; others (Adagrad's step and its decayed
+    # learning rate, LBFGS's closures) would replay the capture's host values forever.
+    if "capturable" not in optimizer.defaults and not isinstance(optimizer, torch.optim.SGD):
+        raise ValueError(f"{type(optimizer).__name__} has no capturable option and keeps state on the host (its step "
+                         "count, say), which a replayed graph would never advance: capture SGD, or an optimizer "
+                         "created with capturable=True (Adam, AdamW, ...)")
     not_capturable = [i for i, group in enumerate(optimizer.param_groups) if "capturable" in group and not group["capturable"]]
     if not_capturable:
         raise ValueError(
@@ -116,8 +121,12 @@ def _recover_from_broken_capture(device: torch.device, pool) -> list[str]:
 def _capture(model, optimizer, loss_fn, static_inputs, warmup):
     """Warm up, then capture one step on the current device: (graph, the step's outputs)."""
 
+    returned_tuple = []  # whether loss_fn returns a tuple: step() hands back the same structure
+
     def train_step():
-        out = _as_tuple(loss_fn(*static_inputs))
+        out = loss_fn(*static_inputs)
+        returned_tuple[:] = [isinstance(out, tuple)]
+        out = _as_tuple(out)
         out[0].backward()
         optimizer.step()
         return out
@@ -148,6 +157,8 @@ def _capture(model, optimizer, loss_fn, static_inputs, warmup):
         graph.capture_begin(pool=pool)
         try:
             static_out = tuple(t.detach() if isinstance(t, torch.Tensor) else t for t in train_step())
+            if not returned_tuple[0]:
+                static_out = static_out[0]
         except Exception as error:  # noqa: BLE001 - re-raised below, once the capture has ended
             failure = error
         try:
@@ -209,7 +220,7 @@ def capture_train_step(
             if t.data_ptr() != static.data_ptr():
                 static.copy_(t)
         graph.replay()
-        return static_out if len(static_out) > 1 else static_out[0]
+        return static_out  # what loss_fn returned: a tensor, or a tuple (a 1-tuple included)
 
     step.graph = graph
     step.static_inputs = static_inputs

@@ -408,14 +408,15 @@ def norm_output_dtype(branch: torch.Tensor, weight: torch.Tensor | None, bias: t
     autocast = branch.device.type == "cuda" and torch.is_autocast_enabled("cuda")
     cast = (lambda dtype: torch.float32 if dtype in LOW_PRECISION else dtype) if autocast else (lambda dtype: dtype)
     dtype = cast(branch.dtype)
-    for name, param in (("weight", weight), ("bias", bias)):
-        if param is None:
-            continue
-        param_dtype = cast(param.dtype)
-        if param_dtype != dtype and not (param_dtype == torch.float32 and dtype in LOW_PRECISION):
+    given = [(name, param) for name, param in (("weight", weight), ("bias", bias)) if param is not None]
+    # torch's mixed-dtype layer_norm: float32 parameters for a float16/bfloat16 branch, all of them
+    mixed = dtype in LOW_PRECISION and all(cast(param.dtype) == torch.float32 for _, param in given)
+    for name, param in given:
+        if cast(param.dtype) != (torch.float32 if mixed else dtype):
             raise TypeError(
-                f"{name} is {param.dtype} but branch is {branch.dtype}: layer_norm takes parameters of the "
-                "branch's dtype (or float32 ones for a float16/bfloat16 branch)"
+                f"{name} is {param.dtype} but branch is {branch.dtype}"
+                + "".join(f" and {n} is {p.dtype}" for n, p in given if n != name) + ": layer_norm takes "
+                "parameters of the branch's dtype, or (for a float16/bfloat16 branch) float32 ones, all alike"
             )
     return dtype
 

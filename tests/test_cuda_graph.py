@@ -33,6 +33,9 @@ def test_optimizer_must_be_capturable():
         capture_train_step(model, torch.optim.SGD(model.parameters(), lr=0.1), _loss_fn(model), torch.zeros(1))
     with pytest.raises(TypeError, match="optimizer must be a torch.optim.Optimizer"):
         capture_train_step(model, object(), _loss_fn(model), torch.zeros(1))
+    # Adagrad has no capturable option but keeps its step and decayed rate on the host
+    with pytest.raises(ValueError, match="Adagrad has no capturable option"):
+        capture_train_step(model, torch.optim.Adagrad(model.parameters(), lr_decay=0.5), _loss_fn(model), torch.zeros(1))
 
 
 def test_inputs_must_be_cuda_tensors_and_warmup_positive():
@@ -112,6 +115,10 @@ def test_step_rejects_inputs_unlike_the_captured_ones():
         step(torch.randn(3, 1, 128, 64, device=device), noise)
     with pytest.raises(ValueError, match="takes 2 inputs"):
         step(imgs)
+    # step() hands back what loss_fn returned: a 1-tuple stays a tuple
+    as_tuple = capture_train_step(model, optimizer, lambda *a: (_loss_fn(model)(*a),), imgs, noise, warmup=1)
+    out = as_tuple(imgs, noise)
+    assert isinstance(out, tuple) and len(out) == 1 and out[0].dim() == 0
 
 
 @pytest.mark.gpu

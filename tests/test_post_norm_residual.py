@@ -170,6 +170,12 @@ def test_parameter_dtypes_torch_refuses(seed):
         post_norm_residual(x, branch, w.bfloat16(), b)
     # A float32 weight on a bfloat16 branch is what torch allows, and so it is here.
     check(x, branch.bfloat16(), w, b.float(), dtype=torch.bfloat16)
+    # ...with every parameter float32: torch's mixed-dtype layer_norm refuses a mix of the two
+    for weight, bias in ((w.float(), b.bfloat16()), (w.bfloat16(), b.float())):
+        with pytest.raises(TypeError, match="but branch is torch.bfloat16 and"):
+            post_norm_residual(x, branch.bfloat16(), weight, bias)
+        with pytest.raises(RuntimeError, match="mixed dtype"):  # the rule is torch's (CPU)
+            torch.nn.functional.layer_norm(branch.bfloat16().cpu(), (8,), weight.cpu(), bias.cpu())
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="CUDA tensors always take the kernel")
