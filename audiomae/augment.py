@@ -46,7 +46,7 @@ def mix_clips(waves: torch.Tensor, lengths: torch.Tensor, targets: torch.Tensor,
     lam_w = lam.to(waves.dtype).unsqueeze(1)
     # The clip's own constant offset is left to fbank's frame DC removal (audiomae.features); the
     # partner is centred over its own samples first, as the official code centres it.
-    mixed = lam_w * waves + (1 - lam_w) * centred[partner]
+    mixed = torch.where(lam_w == 1, waves, lam_w * waves + (1 - lam_w) * centred[partner])  # unmixed: as is
     lam_t = lam.to(targets.dtype).view(-1, *([1] * (targets.dim() - 1)))
     return mixed, lam_t * targets + (1 - lam_t) * targets[partner]
 

@@ -325,6 +325,7 @@ class Trainer:
         save_atomic({
             "model": self.module.state_dict(),
             "optimizer": self.optimizer.state_dict(),
+            "optimizer_groups": self._group_names(),
             "scaler": self.precision.scaler.state_dict() if self.precision.scaler else None,
             "position": vars(self.position).copy(),
             "rng": rng,
@@ -335,11 +336,34 @@ class Trainer:
         """Continue a run from its checkpoint: weights, optimiser, scaler, position and RNG states
         (the caller checks that the run is the same one, see ``train.make_trainer``)."""
         self.module.load_state_dict(checkpoint["model"])
-        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        # The optimizer's state is matched to parameters by position within its groups: a checkpoint
+        # grouped otherwise (by an older version's weight-decay rule) would load onto the wrong ones.
+        saved_groups = checkpoint.get("optimizer_groups")
+        if saved_groups is not None and saved_groups != self._group_names():
+            raise ValueError("the checkpoint's optimizer groups its parameters otherwise than this version does "
+                             "(a different weight-decay or layer-decay rule): resume it with the version that "
+                             "wrote it, or start a new run from its weights")
+        try:
+            self.optimizer.load_state_dict(checkpoint["optimizer"])
+        except ValueError as exc:  # an older checkpoint, without group names: its group sizes differ
+            raise ValueError(f"the checkpoint's optimizer state does not fit this version's parameter groups ({exc}); "
+                             "it was written by an older version (whose pretraining weight decay spared the cls "
+                             "and mask tokens): resume it with that version, or start a new run") from exc
         if self.precision.scaler and checkpoint["scaler"]:
             self.precision.scaler.load_state_dict(checkpoint["scaler"])
         self.position = Position(**checkpoint["position"])
         restore_rng(checkpoint["rng"][self.world.rank])
+
+    def _group_names(self) -> list[list[str]]:
+        names = {id(p): n for n, p in self.module.named_parameters()}
+        return [[names[id(p)] for p in group["params"]] for group in self.optimizer.param_groups]
+
+    def parameters_finite(self) -> bool:
+        """Whether every parameter is finite on every rank (one sync): a step whose loss was finite
+        can still write NaN weights (an overflowing or 0/0 gradient)."""
+        flags = [torch.isfinite(p).all() for p in self.module.parameters()]
+        finite = torch.stack(flags).all().float() if flags else torch.ones(())
+        return self._mean_over_ranks(finite) == 1.0
 
     # ---------------------------------------------------------------- training
     def set_lr(self, steps_per_epoch: int) -> float:
@@ -409,9 +433,10 @@ class Trainer:
                 if self.position.step == stop or (self.save_every and self.position.step % self.save_every == 0):
                     # The losses since the last log are checked here too (one sync per save), so a
                     # diverged run stops before its weights replace the last good checkpoint.
-                    if steps_since_log and not math.isfinite(self._mean_over_ranks(running)):
-                        raise FloatingPointError(f"the loss is not finite by step {self.position.step}; stopping "
-                                                 "without saving over the last checkpoint")
+                    if steps_since_log and not math.isfinite(self._mean_over_ranks(running)) \
+                            or not self.parameters_finite():
+                        raise FloatingPointError(f"the loss or the weights are not finite by step {self.position.step}; "
+                                                 "stopping without saving over the last checkpoint")
                     self.save()
                 if epoch_done or self.position.step == stop:
                     break

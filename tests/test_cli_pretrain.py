@@ -229,6 +229,40 @@ def test_a_diverged_run_keeps_its_last_good_checkpoint(demo, tmp_path, capsys):
     assert kept["position"]["step"] >= good["position"]["step"]
 
 
+def test_a_finite_loss_with_nan_gradients_is_not_saved(demo, tmp_path, capsys, monkeypatch):
+    """The loss of a step comes before its update: a finite loss whose gradient is NaN (0 * inf) would
+    write NaN weights, so saves check the weights too."""
+    from audiomae.mae import MaskedAutoencoderViT
+
+    out = tmp_path / "run"
+    assert pretrain(demo, out, "--max-steps", "1", "--save-every", "1") == 0
+    forward = MaskedAutoencoderViT.forward
+
+    def nan_gradient(self, imgs, *args, **kwargs):
+        loss, *rest = forward(self, imgs, *args, **kwargs)
+        zero = 0.0 * sum(p.sum() for p in self.parameters() if p.requires_grad)
+        return (loss + torch.sqrt(zero), *rest)  # adds 0; d sqrt / dx at 0 is inf, times 0: NaN
+
+    monkeypatch.setattr(MaskedAutoencoderViT, "forward", nan_gradient)
+    assert pretrain(demo, out, "--max-steps", "3", "--save-every", "1", "--log-every", "100", "--resume") == 1
+    assert "not finite by step 2" in capsys.readouterr().err
+    kept = load_checkpoint(out / "checkpoint.pth")
+    assert kept["position"]["step"] == 1
+    assert all(torch.isfinite(v).all() for v in kept["model"].values() if v.is_floating_point())
+
+
+def test_resume_refuses_an_optimizer_grouped_otherwise(demo, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert pretrain(demo, out, "--max-steps", "1") == 0
+    checkpoint = load_checkpoint(out / "checkpoint.pth")
+    groups = checkpoint["optimizer_groups"]
+    groups[0], groups[1] = groups[1], groups[0]  # as if written with another weight-decay rule
+    torch.save(checkpoint, out / "checkpoint.pth")
+    capsys.readouterr()
+    assert pretrain(demo, out, "--max-steps", "2", "--resume") == 2
+    assert "groups its parameters otherwise" in capsys.readouterr().err
+
+
 def test_out_that_is_a_file_is_one_line(demo, tmp_path, capsys):
     (tmp_path / "taken").write_text("x")
     assert pretrain(demo, tmp_path / "taken", "--max-steps", "1") == 2
