@@ -33,7 +33,14 @@ Not everything may fit one 450 s budget on a cold machine: a later call can name
 ``python3 benches/gpu_check.py --parts NAME ...`` (the build stays in the checkout while the
 machine is held).
 
-A part that would start with too little of the budget left is a SKIP row, not a silent gap. The
+A part starts only when the budget left covers most of its usual time (``EXPECTED_S``, from the
+H100 run); otherwise it is a SKIP row, not a silent gap, and shorter parts further down may still
+run. Each part runs in its own process group (a timeout kills its compilers too); a benchmark part
+whose rows hold an ERROR fails, as a crashed one does; a part whose output cannot be read is an
+ERROR row, and the run goes on. ``gpu_check.json`` and ``report.md`` are rewritten after every part,
+so a call cut short keeps what it measured; intermediate files stay outside ``$OUT``. Unknown
+``--parts`` names are refused with the list. The wheels in ``.whl/site`` (soundfile), when there,
+join every part's ``PYTHONPATH``. The
 end of the output is one table per kind (parity, benchmarks, the issues' targets judged on these
 rows by ``benches/targets.py``, parts), the parts last. Everything
 goes to ``$OUT`` when set (else ``bench-out/gpu-check``), flat, at most 8 files: ``gpu_check.json``
@@ -45,10 +52,13 @@ after everything is written.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 import xml.etree.ElementTree as ElementTree
 from pathlib import Path
@@ -73,6 +83,13 @@ FIRST_BENCHES = ("window_attention", "tokens", "fbank")  # issues 4, 3 and 5
 # MLP with GELU in its matmuls (issue 6: fused_matmul stays off until this row says it pays)
 SECOND_BENCHES = ("mae_ast", "window_tiling", "gelu_grad", "gelu_matmul")
 BENCH_TIMEOUTS = {"window_attention": 180, "tokens": 90, "window_tiling": 90, "post_norm": 90, "mae_ast": 180}
+# About how long each part took on the H100 (2026-11-27), with some margin: a part is started only
+# when the budget left covers most of it (a part cut by its timeout loses all its rows), and a
+# shorter part further down the list may still fit.
+EXPECTED_S = {"build": 45, "tests": 110, "bench-window_attention": 110, "bench-tokens": 15, "bench-fbank": 35,
+              "models-pretrain": 60, "profile": 25, "parity": 50, "bench-mae_ast": 50, "bench-window_tiling": 25,
+              "bench-gelu_grad": 15, "bench-gelu_matmul": 20, "models-pretrain-compiled": 230, "bench-post_norm": 30,
+              "models-finetune": 60, "models-embed": 30, "models-finetune-compiled": 200, "profile-compiled": 150}
 
 
 def plan(work: Path) -> list[dict]:
@@ -116,20 +133,30 @@ def plan(work: Path) -> list[dict]:
     return parts
 
 
+def child_pythonpath() -> str:
+    """The checkout, the wheels carried in ``.whl/site`` (soundfile and the like, which the GPU
+    machine lacks; ``make gpu-check`` installs them there), then the caller's path."""
+    wheels = ROOT / ".whl" / "site"
+    return os.pathsep.join(filter(None, [str(ROOT), str(wheels) if wheels.is_dir() else None,
+                                         os.environ.get("PYTHONPATH")]))
+
+
 def run_part(part: dict, timeout: float, log) -> dict:
-    """Run one part; its output goes to the log (and is kept for the profile)."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-           "PYTHONUNBUFFERED": "1", **part.get("env", {})}
+    """Run one part in its own process group (a timeout kills its compilers and workers too); its
+    output goes to the log (and is kept for the profile)."""
+    env = {**os.environ, "PYTHONPATH": child_pythonpath(), "PYTHONUNBUFFERED": "1", **part.get("env", {})}
     started = time.monotonic()
     log.write(f"\n===== {part['name']}: {' '.join(part['argv'])} (timeout {timeout:.0f} s)\n")
     log.flush()
+    child = subprocess.Popen(part["argv"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             encoding="utf-8", errors="replace", start_new_session=True)
     try:
-        done = subprocess.run(part["argv"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True, timeout=timeout)
-        output, status = done.stdout, "OK" if done.returncode == 0 else "FAIL"
-        code = done.returncode
-    except subprocess.TimeoutExpired as expired:
-        output = expired.stdout.decode(errors="replace") if isinstance(expired.stdout, bytes) else expired.stdout or ""
+        output, _ = child.communicate(timeout=timeout)
+        status, code = "OK" if child.returncode == 0 else "FAIL", child.returncode
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.pid, signal.SIGKILL)
+        output, _ = child.communicate()
         status, code = "TIMEOUT", None
     log.write(output)
     log.flush()
@@ -162,72 +189,113 @@ def main() -> int:
     started = time.monotonic()
     out = Path(os.environ.get("OUT") or ROOT / "bench-out" / "gpu-check")
     out.mkdir(parents=True, exist_ok=True)
-    work = out / "parts"  # intermediate rows; removed at the end so $OUT stays flat
-    work.mkdir(exist_ok=True)
+    # Intermediate rows live outside $OUT: a call cut short must leave $OUT to what comes back (the
+    # merged JSON and report, rewritten after every part), not to a folder of pieces.
+    names = [part["name"] for part in plan(Path("parts"))] + ["build-jit"]
+    unknown = sorted(set(args.parts or []) - set(names))
+    if unknown:
+        parser.error(f"unknown part(s) {', '.join(unknown)}; the parts are: {', '.join(names)}")
+    work = Path(tempfile.mkdtemp(prefix="gpu-check-"))
     device, notes = report.prepare_runtime()
     info = report.run_info(device, notes, quick=False)
     print(f"{info['device']['device']}; {info['versions']}", flush=True)
+    state = {"parts": [], "parity": [], "bench": [], "profile": ""}
 
-    parts, parity_rows, bench_rows, profile = [], [], [], ""
+    def left() -> float:
+        return args.budget - (time.monotonic() - started) - RESERVE_S
+
+    def run(part: dict, log) -> dict | None:
+        """Run ``part`` if the budget covers it; its row, or None after a SKIP row."""
+        needed = max(MIN_PART_S, 0.8 * EXPECTED_S.get(part["name"], MIN_PART_S))
+        if left() < needed:
+            state["parts"].append({"part": part["name"], "status": "SKIP", "seconds": 0,
+                                   "summary": f"needs about {needed:.0f} s, {max(left(), 0):.0f} s of the "
+                                              f"{args.budget:.0f} s budget left"})
+            return None
+        result = run_part(part, min(part["timeout"], left()), log)
+        print(f"{result['part']}: {result['status']} in {result['seconds']} s", flush=True)
+        state["parts"].append(result)
+        return result
+
     with open(out / "log.txt", "w") as log:
         for part in plan(work):
             if args.parts and part["name"] not in args.parts:
                 continue
-            left = args.budget - (time.monotonic() - started) - RESERVE_S
-            if left < MIN_PART_S:
-                parts.append({"part": part["name"], "status": "SKIP", "seconds": 0,
-                              "summary": f"out of budget ({args.budget:.0f} s)"})
+            result = run(part, log)
+            if result is None:
                 continue
-            result = run_part(part, min(part["timeout"], left), log)
-            print(f"{result['part']}: {result['status']} in {result['seconds']} s", flush=True)
             output = result.pop("output")
-            parts.append(result)
-            if part["name"] == "build" and result["status"] != "OK":
-                jit = {"name": "build-jit", "argv": [sys.executable, "-c",
-                       "from kernels._cuda_extension import extension_names, load_extension\n"
-                       "for name in extension_names(): load_extension(name)"], "timeout": 240}
-                left = args.budget - (time.monotonic() - started) - RESERVE_S
-                parts.append({k: v for k, v in run_part(jit, min(240, left), log).items() if k != "output"})
-            if part["name"] == "tests":
-                result.update(test_counts(work / "junit.xml"))
-                if result["status"] == "FAIL" and result["returncode"] == 5:  # no test selected
-                    result["status"] = "OK"
-            if part.get("parity") and part["parity"].exists():
-                parity_rows = json.loads(part["parity"].read_text())["parity"]
-            if part.get("rows") and part["rows"].exists():
-                bench_rows += json.loads(part["rows"].read_text())
-            if part.get("profile"):
-                profile += (f"\n===== {part['name']}\n" if profile else "") + output
-                (out / "profile.txt").write_text(profile)
+            try:
+                collect(part, result, output, work, state, run, log)
+            except Exception as error:  # noqa: BLE001 - one part's broken output must not end the run
+                result["status"] = "ERROR"
+                result["summary"] = f"reading its results: {type(error).__name__}: {error}"[:160]
+            if state["profile"]:
+                (out / "profile.txt").write_text(state["profile"])
+            write_outputs(out, info, state, started, plots=False)
 
-    info["elapsed_s"] = round(time.monotonic() - started, 1)
-    report.write_results(out / "gpu_check.json", info, parity_rows, bench_rows, parts=parts)
     for leftover in work.iterdir():
         leftover.unlink()
     work.rmdir()
-    plots = report.write_plots(out, bench_rows)
-    parts_table = report.markdown_table(parts, [("part", "part"), ("status", "status"), ("seconds", "seconds"),
-                                                ("tests", "tests"), ("failures", "failures"), ("errors", "errors"),
-                                                ("last line", "summary")])
-    markdown = report.report_markdown(info, parity_rows, bench_rows, plots)
-    targets_table = report.markdown_table(targets.target_rows(bench_rows), targets.COLUMNS)
-    (out / "report.md").write_text(markdown + "\n## The issues' targets\n\n" + targets_table
-                                   + "\n\n## GPU check parts\n\n" + parts_table + "\n")
-
+    markdown, targets_table, parts_table = write_outputs(out, info, state, started, plots=True)
+    parity_rows, bench_rows, parts = state["parity"], state["bench"], state["parts"]
     print(report.markdown_table(parity_rows, report.PARITY_COLUMNS))
     print()
     print(report.markdown_table(report.table_rows(bench_rows), report.BENCH_COLUMNS))
     print()
-    if profile:
-        print("\n".join(profile.splitlines()[:16]))
+    if state["profile"]:
+        print("\n".join(state["profile"].splitlines()[:16]))
     print(targets_table)
     print()
     print(parts_table)
-    failed = [p["part"] for p in parts if p["status"] in ("FAIL", "TIMEOUT")]
+    failed = [p["part"] for p in parts if p["status"] in ("FAIL", "TIMEOUT", "ERROR")]
     failed += ["parity"] if any(r.get("status") in report.FAILING for r in parity_rows) else []
     print(f"{report.summary(parity_rows, bench_rows)}; {info['elapsed_s']:.0f} s; wrote {out}"
           + (f"; FAILED: {', '.join(dict.fromkeys(failed))}" if failed else ""))
     return 1 if failed else 0
+
+
+def collect(part: dict, result: dict, output: str, work: Path, state: dict, run, log) -> None:
+    """Fold a finished part's rows into ``state``; a benchmark's ERROR rows fail its part."""
+    if part["name"] == "build" and result["status"] != "OK":
+        jit = {"name": "build-jit", "argv": [sys.executable, "-c",
+               "from kernels._cuda_extension import extension_names, load_extension\n"
+               "for name in extension_names(): load_extension(name)"], "timeout": 240}
+        jit_result = run(jit, log)
+        if jit_result is not None:
+            jit_result.pop("output")
+    if part["name"] == "tests":
+        result.update(test_counts(work / "junit.xml"))
+        if result["status"] == "FAIL" and result["returncode"] == 5:  # no test selected
+            result["status"] = "OK"
+    if part.get("parity") and part["parity"].exists():
+        state["parity"] = json.loads(part["parity"].read_text())["parity"]
+    if part.get("rows") and part["rows"].exists():
+        rows = json.loads(part["rows"].read_text())
+        state["bench"] += rows
+        errors = [r for r in rows if r.get("status") == "ERROR"]
+        if errors and result["status"] == "OK":
+            result["status"] = "ERROR"
+            result["summary"] = f"{len(errors)} ERROR row(s): {errors[0].get('note') or errors[0].get('error', '')}"[:160]
+    if part.get("profile"):
+        state["profile"] += (f"\n===== {part['name']}\n" if state["profile"] else "") + output
+
+
+def write_outputs(out: Path, info: dict, state: dict, started: float, plots: bool):
+    """gpu_check.json and report.md as they stand (after every part, and once more at the end with
+    the plots): a call cut short still leaves what it measured."""
+    info["elapsed_s"] = round(time.monotonic() - started, 1)
+    parity_rows, bench_rows, parts = state["parity"], state["bench"], state["parts"]
+    report.write_results(out / "gpu_check.json", info, parity_rows, bench_rows, parts=parts)
+    drawn = report.write_plots(out, bench_rows) if plots else []
+    parts_table = report.markdown_table(parts, [("part", "part"), ("status", "status"), ("seconds", "seconds"),
+                                                ("tests", "tests"), ("failures", "failures"), ("errors", "errors"),
+                                                ("last line", "summary")])
+    markdown = report.report_markdown(info, parity_rows, bench_rows, drawn)
+    targets_table = report.markdown_table(targets.target_rows(bench_rows), targets.COLUMNS)
+    (out / "report.md").write_text(markdown + "\n## The issues' targets\n\n" + targets_table
+                                   + "\n\n## GPU check parts\n\n" + parts_table + "\n")
+    return markdown, targets_table, parts_table
 
 
 if __name__ == "__main__":

@@ -57,7 +57,7 @@ def time_fn(fn: Callable[[], object], device: torch.device | str, *, warmup: int
         if i >= 1 and call_s * (warmup - i - 1 + reps) > 2 * budget_s:
             break  # warmed up (past the first call) and slow: the rest of the warm-up would dominate
     if call_s > 0:
-        reps = max(MIN_REPS, min(reps, int(budget_s / call_s)))
+        reps = min(reps, max(MIN_REPS, int(budget_s / call_s)))  # the budget cuts to MIN_REPS, never adds
     peak = None
     if device.type == "cuda":
         if measure_memory:
@@ -86,7 +86,12 @@ def time_fn(fn: Callable[[], object], device: torch.device | str, *, warmup: int
 def graphed(fn: Callable[[], object]) -> Callable[[], None]:
     """``fn`` captured once in a CUDA graph (after three warm-up calls on a side stream); returns
     its replay. Timing the replay measures the kernels without the host time eager PyTorch spends
-    launching them, which at a few microseconds per kernel can exceed the kernels themselves."""
+    launching them, which at a few microseconds per kernel can exceed the kernels themselves.
+
+    Every replay reads the same input buffers (as every eager repetition of ``time_fn`` does): a
+    working set smaller than the GPU's L2 (50 MB on an H100; the token ops' forward at the issue's
+    shape is 21 to 41 MB) may be served partly from L2, so a fraction of the copy bandwidth (whose
+    floor streams 2 GiB through memory) can read high for such rows."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):

@@ -51,3 +51,21 @@ def test_profile_summary_sorts_kernels_by_kind():
     assert "matmul                               1.50 ms" in text
     assert "this project's Triton kernels        0.80 ms" in text
     assert "addmm" not in text
+
+
+def test_unknown_parts_are_refused_with_the_list():
+    done = subprocess.run([sys.executable, "benches/gpu_check.py", "--parts", "bench-gelu-grad"], cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "unknown part(s) bench-gelu-grad" in done.stderr and "bench-gelu_grad" in done.stderr
+
+
+def test_a_benchmark_with_error_rows_fails_its_part(tmp_path):
+    from benches.gpu_check import collect
+
+    rows = tmp_path / "rows.json"
+    rows.write_text(json.dumps([{"suite": "s", "status": "ERROR", "note": "No module named 'soundfile'"},
+                                {"suite": "s", "median_ms": 1.0}]))
+    state = {"parts": [], "parity": [], "bench": [], "profile": ""}
+    result = {"part": "bench-x", "status": "OK", "returncode": 0}
+    collect({"name": "bench-x", "rows": rows}, result, "", tmp_path, state, run=None, log=None)
+    assert result["status"] == "ERROR" and "soundfile" in result["summary"] and len(state["bench"]) == 2

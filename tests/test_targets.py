@@ -100,3 +100,10 @@ def test_render_targets_takes_the_newest_run_where_runs_overlap(tmp_path):
     newer = run_file("run-a.json", "2026-11-27T10:00:00Z", 3.5)
     text = render_targets(sorted([older, newer]))
     assert "3.50x speed" in text and "1.50x speed" not in text
+
+
+def test_mae_ast_without_rows_is_unmeasured_not_absent():
+    from benches import targets
+
+    lines = [r for r in targets.target_rows([]) if r["issue"] == 7]
+    assert len(lines) == 1 and lines[0]["measured"] == "" and lines[0]["verdict"] == targets._verdict(None, bool)
