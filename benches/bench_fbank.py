@@ -108,6 +108,12 @@ def run(device: str = "cuda", quick: bool = False) -> list[dict]:
             "scratch_over_output": None if t.peak_mem_bytes is None else (t.peak_mem_bytes - output_bytes) / output_bytes,
             "threads": torch.get_num_threads(),
         })  # fmt: skip
+    # The kernel against the compiled torch path, both from this run (issue 5's 4x), on the row itself:
+    # a ratio of rows picked from different runs would mean nothing.
+    by_impl = {row["impl"]: row for row in rows}
+    if "cuda_kernel" in by_impl and "torch_path_fp32_compiled" in by_impl:
+        by_impl["cuda_kernel"]["speedup_vs_torch_path_fp32_compiled"] = (
+            by_impl["torch_path_fp32_compiled"]["median_ms"] / by_impl["cuda_kernel"]["median_ms"])
     if device == "cuda":
         rows.append(_cpu_thread_row(waveforms[: 2 if quick else 8].cpu(), common))
     return rows

@@ -107,3 +107,12 @@ def test_mae_ast_without_rows_is_unmeasured_not_absent():
 
     lines = [r for r in targets.target_rows([]) if r["issue"] == 7]
     assert len(lines) == 1 and lines[0]["measured"] == "" and lines[0]["verdict"] == targets._verdict(None, bool)
+
+
+def test_fbank_ratio_comes_from_the_kernel_rows_own_run():
+    from benches import targets
+
+    rows = [{"suite": "fbank", "impl": "cuda_kernel", "median_ms": 1.0, "speedup_vs_torch_path_fp32_compiled": 2.5},
+            {"suite": "fbank", "impl": "torch_path_fp32_compiled", "median_ms": 9.0}]  # another run's row
+    line = next(r for r in targets.target_rows(rows) if "torch.compile" in r["target"])
+    assert line["measured"] == "2.50x" and line["verdict"] == "missed"
