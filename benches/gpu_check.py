@@ -55,6 +55,7 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -141,6 +142,34 @@ def child_pythonpath() -> str:
                                          os.environ.get("PYTHONPATH")]))
 
 
+_RUNNING: list = []  # the part in flight, for the signal handler
+
+
+def _kill_group(child) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(child.pid, signal.SIGKILL)
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec (Linux): SIGKILL when the driver dies, even by SIGKILL."""
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def _stop_parts_on_signal() -> None:
+    """A driver stopped from outside (the device tool's timeout sends SIGTERM) takes its part's
+    whole process group with it: a part left running would hold the GPU into the next call."""
+    def handler(signum, frame):
+        for child in list(_RUNNING):
+            _kill_group(child)
+        raise SystemExit(128 + signum)
+
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, handler)
+
+
 def run_part(part: dict, timeout: float, log) -> dict:
     """Run one part in its own process group (a timeout kills its compilers and workers too); its
     output goes to the log (and is kept for the profile)."""
@@ -149,15 +178,21 @@ def run_part(part: dict, timeout: float, log) -> dict:
     log.write(f"\n===== {part['name']}: {' '.join(part['argv'])} (timeout {timeout:.0f} s)\n")
     log.flush()
     child = subprocess.Popen(part["argv"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             encoding="utf-8", errors="replace", start_new_session=True)
+                             encoding="utf-8", errors="replace", start_new_session=True,
+                             preexec_fn=_die_with_parent)
+    _RUNNING.append(child)
     try:
         output, _ = child.communicate(timeout=timeout)
         status, code = "OK" if child.returncode == 0 else "FAIL", child.returncode
     except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(child.pid, signal.SIGKILL)
-        output, _ = child.communicate()
+        _kill_group(child)
+        try:
+            output, _ = child.communicate(timeout=30)
+        except subprocess.TimeoutExpired:  # a grandchild in a session of its own still holds the pipe
+            output = ""
         status, code = "TIMEOUT", None
+    finally:
+        _RUNNING.remove(child)
     log.write(output)
     log.flush()
     tail = [line for line in output.strip().splitlines() if line.strip()][-1:] or [""]
@@ -191,11 +226,19 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     # Intermediate rows live outside $OUT: a call cut short must leave $OUT to what comes back (the
     # merged JSON and report, rewritten after every part), not to a folder of pieces.
-    names = [part["name"] for part in plan(Path("parts"))] + ["build-jit"]
+    names = [part["name"] for part in plan(Path("parts"))]  # build-jit runs only when build fails
     unknown = sorted(set(args.parts or []) - set(names))
     if unknown:
         parser.error(f"unknown part(s) {', '.join(unknown)}; the parts are: {', '.join(names)}")
     work = Path(tempfile.mkdtemp(prefix="gpu-check-"))
+    _stop_parts_on_signal()
+    try:
+        return _run_parts(args, out, work, started)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _run_parts(args, out: Path, work: Path, started: float) -> int:
     device, notes = report.prepare_runtime()
     info = report.run_info(device, notes, quick=False)
     print(f"{info['device']['device']}; {info['versions']}", flush=True)
@@ -217,26 +260,30 @@ def main() -> int:
         state["parts"].append(result)
         return result
 
-    with open(out / "log.txt", "w") as log:
-        for part in plan(work):
-            if args.parts and part["name"] not in args.parts:
-                continue
-            result = run(part, log)
-            if result is None:
-                continue
-            output = result.pop("output")
-            try:
-                collect(part, result, output, work, state, run, log)
-            except Exception as error:  # noqa: BLE001 - one part's broken output must not end the run
-                result["status"] = "ERROR"
-                result["summary"] = f"reading its results: {type(error).__name__}: {error}"[:160]
-            if state["profile"]:
-                (out / "profile.txt").write_text(state["profile"])
-            write_outputs(out, info, state, started, plots=False)
+    try:
+        with open(out / "log.txt", "w") as log:
+            for part in plan(work):
+                if args.parts and part["name"] not in args.parts:
+                    continue
+                result = run(part, log)
+                if result is None:  # a SKIP row
+                    write_outputs(out, info, state, started, plots=False)
+                    continue
+                output = result.pop("output")
+                try:
+                    collect(part, result, output, work, state, run, log)
+                except Exception as error:  # noqa: BLE001 - one part's broken output must not end the run
+                    result["status"] = "ERROR"
+                    result["summary"] = f"reading its results: {type(error).__name__}: {error}"[:160]
+                if state["profile"]:
+                    (out / "profile.txt").write_text(state["profile"])
+                write_outputs(out, info, state, started, plots=False)
+    except SystemExit:  # stopped by a signal (see _stop_parts_on_signal): keep what was measured
+        state["parts"].append({"part": "(driver)", "status": "KILLED", "seconds": 0,
+                               "summary": "stopped from outside while a part ran"})
+        write_outputs(out, info, state, started, plots=False)
+        raise
 
-    for leftover in work.iterdir():
-        leftover.unlink()
-    work.rmdir()
     markdown, targets_table, parts_table = write_outputs(out, info, state, started, plots=True)
     parity_rows, bench_rows, parts = state["parity"], state["bench"], state["parts"]
     print(report.markdown_table(parity_rows, report.PARITY_COLUMNS))
