@@ -61,6 +61,8 @@ def pretrained_backbone(path):
                      "patch_size": preset.patch_size}
             return "VisionTransformer", sizes, config["features"], None
     state, extra = read_checkpoint(path)
+    if extra.get("class") in ("MAEAST", "MAEASTClassifier") and extra.get("config"):
+        return _mae_ast_backbone(path, state, extra)
     if extra.get("class") in ("MaskedAutoencoderViT", "VisionTransformer") and extra.get("config"):
         config = extra["config"]  # our .safetensors: the sizes it was built with (heads are not in the weights)
     else:
@@ -70,6 +72,19 @@ def pretrained_backbone(path):
         raise ValueError(f"cannot tell the number of heads of {path}'s width-{sizes['embed_dim']} encoder (an official "
                          "checkpoint's model name or our .safetensors config says it)")
     return "VisionTransformer", sizes, {"target_length": config["img_size"][0]}, None
+
+
+def _mae_ast_backbone(path, state: dict, extra: dict):
+    """An MAE-AST (or its classifier's) ``.safetensors``: the classifier over the same backbone,
+    built from the config it stores, and the backbone's weights (a classifier's head is dropped)."""
+    config = {k: v for k, v in extra["config"].items() if k not in ("backend", "num_classes")}
+    eps = config.pop("norm_eps", 1e-6)
+    if eps != 1e-6:
+        raise ValueError(f"{path}: its LayerNorm eps {eps} is not the presets' 1e-6, which a fine-tuning run rebuilds")
+    preset = "mae_ast_patch" if config.get("tokens", "patch") == "patch" else "mae_ast_frame"
+    if extra["class"] == "MAEASTClassifier":
+        state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+    return "MAEASTClassifier", {"backbone": preset, "backbone_kwargs": config}, None, state
 
 
 def split(items: list[AudioItem], val_data, fraction: float, seed: int, world: Dist):

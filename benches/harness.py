@@ -178,6 +178,7 @@ def device_info(device: torch.device | str) -> dict:
     device = torch.device(device)
     info = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "device_type": device.type,  # the name alone can be an architecture ("x86_64") on a CPU
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "torch": torch.__version__,
         "triton": triton.__version__,

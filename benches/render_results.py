@@ -38,14 +38,25 @@ def _rows_and_device(data) -> tuple[list[dict], dict]:
     return rows, device
 
 
+CPU_ARCHITECTURES = ("x86_64", "amd64", "aarch64", "arm64", "i386", "i686", "ppc64le", "s390x")
+
+
+def is_gpu(device: dict) -> bool:
+    """Whether a results file's device is a GPU: its recorded type, else (older files) a name that is
+    neither a CPU's nor an architecture's (``platform.processor()`` may give "x86_64")."""
+    if device.get("device_type"):
+        return device["device_type"] == "cuda"
+    name = str(device.get("device", ""))
+    return bool(name) and "cpu" not in name.lower() and name.lower() not in CPU_ARCHITECTURES
+
+
 def render_targets(paths: list[Path]) -> str:
     """One verdict table per GPU, over the rows of every file measured on it."""
     by_device: dict[str, list[dict]] = {}
     # Oldest run first: where two runs measured the same row, the targets take the newer one.
     for rows, device in sorted((_load(path) for path in paths), key=lambda loaded: loaded[1].get("date", "")):
-        name = device.get("device", "")
-        if name and "cpu" not in name.lower():  # CPU runs and counts on fake tensors are no GPU figures
-            by_device.setdefault(name, []).extend(rows)
+        if is_gpu(device):  # CPU runs and counts on fake tensors are no GPU figures
+            by_device.setdefault(device["device"], []).extend(rows)
     sections = []
     for name, rows in by_device.items():
         sections += [f"### Targets on the {name}", "",

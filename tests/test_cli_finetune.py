@@ -80,6 +80,23 @@ def test_finetune_from_mae_ast(demo, tmp_path):
     assert checkpoint["config"]["model"] == "MAEASTClassifier" and "head.weight" in checkpoint["model"]
 
 
+@pytest.mark.parametrize("saved", ["MAEAST", "MAEASTClassifier"])
+def test_finetune_from_mae_ast_safetensors(demo, tmp_path, saved):
+    import torch
+
+    from audiomae.mae_ast import MAEAST, MAEASTClassifier
+
+    sizes = dict(tokens="frame", embed_dim=32, num_heads=2, encoder_depth=1, decoder_depth=1)
+    model = MAEAST(**sizes) if saved == "MAEAST" else MAEASTClassifier(num_classes=7, **sizes)
+    model.save_pretrained(tmp_path / "ast.safetensors")
+    assert finetune(demo, tmp_path / "ast.safetensors", tmp_path / "ft", "--epochs", "1", "--target-length", "32",
+                    "--lr", "0") == 0
+    tuned = load_checkpoint(tmp_path / "ft" / "checkpoint.pth")["model"]
+    backbone = model if saved == "MAEAST" else model.backbone
+    for name, value in backbone.state_dict().items():  # lr 0: the backbone's weights as loaded
+        torch.testing.assert_close(tuned["backbone." + name], value)
+
+
 def test_unlabelled_data_is_refused(pretrained, tmp_path, capsys):
     make_demo(tmp_path / "flat", num_per_class=1)
     for clip in (tmp_path / "flat").rglob("*.wav"):

@@ -116,3 +116,11 @@ def test_fbank_ratio_comes_from_the_kernel_rows_own_run():
             {"suite": "fbank", "impl": "torch_path_fp32_compiled", "median_ms": 9.0}]  # another run's row
     line = next(r for r in targets.target_rows(rows) if "torch.compile" in r["target"])
     assert line["measured"] == "2.50x" and line["verdict"] == "missed"
+
+
+def test_render_results_tells_a_gpu_from_a_cpu_architecture():
+    from benches.render_results import is_gpu
+
+    assert is_gpu({"device": "NVIDIA H100 80GB HBM3"}) and is_gpu({"device": "x", "device_type": "cuda"})
+    assert not any(is_gpu(d) for d in ({"device": "x86_64"}, {"device": "cpu"}, {"device": "aarch64"},
+                                        {"device": "Intel Xeon", "device_type": "cpu"}, {}))
