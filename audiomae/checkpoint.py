@@ -258,7 +258,13 @@ def _checkpoint_grid(state: dict, extra: dict) -> tuple[tuple[int, int] | None, 
         return None, False
     grid = (num_patches // num_freq, num_freq)
     if "img_size" not in config and "target_length" in args and int(args["target_length"]) // patch != grid[0]:
-        return None, False
+        # The args' clip length contradicts 128 mel bins: the grid is the one the length gives, and
+        # known not to be the assumed one, even where the tables have the same size (512 x 256
+        # frames and bins give 513 rows, as 1024 x 128 do).
+        num_time = int(args["target_length"]) // patch
+        if num_time and num_patches % num_time == 0:
+            return (num_time, num_patches // num_time), True
+        return None, True
     return grid, "img_size" in config or "target_length" in args
 
 

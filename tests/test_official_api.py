@@ -265,6 +265,20 @@ def test_known_grid_must_match_even_when_the_table_has_the_same_size(tmp_path):
         audiomae.load_pretrained_encoder(transposed, path)
 
 
+def test_official_args_length_that_contradicts_the_grid_is_refused(tmp_path):
+    """512 frames x 256 bins give 32 x 16 patches, as many as 1024 x 128's 64 x 8: the official args'
+    target_length says the table is not the model's, though its size matches."""
+    import argparse
+
+    source = audiomae.MaskedAutoencoderViT(img_size=(512, 256), embed_dim=32, depth=1, num_heads=4,
+                                           decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=4)
+    path = tmp_path / "pretrained.pth"
+    torch.save({"model": source.state_dict(), "args": argparse.Namespace(target_length=512)}, path)
+    model = audiomae.VisionTransformer(img_size=(1024, 128), embed_dim=32, depth=1, num_heads=4, num_classes=3)
+    with pytest.raises(audiomae.CheckpointMismatchError, match="32 x 16 patch grid"):
+        audiomae.load_pretrained_encoder(model, path)
+
+
 def test_image_vit_is_not_taken_for_an_audiomae_checkpoint(tmp_path):
     image = audiomae.VisionTransformer(img_size=(32, 128), in_chans=3, embed_dim=32, depth=1, num_heads=2,
                                        num_classes=10)
