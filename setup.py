@@ -6,6 +6,7 @@ one it targets ``TORCH_CUDA_ARCH_LIST``, by default sm_90 plus PTX);
 built, the first use compiles it just in time and caches it (see ``kernels/_cuda_extension.py``).
 """
 import os
+from pathlib import Path
 
 from setuptools import find_packages, setup
 
@@ -37,7 +38,10 @@ def cuda_extensions():
     try:
         import torch
         from torch.utils.cpp_extension import BuildExtension, CUDAExtension
-    except ImportError:
+    except ImportError as error:
+        if wanted == "1":  # asked for: no silent pure-Python build
+            raise SystemExit(f"AUDIOMAE_BUILD_CUDA=1 needs torch importable by this build ({error}); "
+                             "use pip install --no-build-isolation") from error
         return [], {}
     if wanted != "1" and not torch.cuda.is_available():
         return [], {}
@@ -52,16 +56,32 @@ def cuda_extensions():
                       extra_compile_args={"cxx": ext.CXX_FLAGS, "nvcc": ext.NVCC_FLAGS})
         for name in ext.extension_names()
     ]
-    return modules, {"build_ext": BuildExtension.with_options(use_ninja=True)}
+    base = BuildExtension.with_options(use_ninja=True)
+
+    class BuildAndStamp(base):
+        """Builds, then records each extension's sources digest beside it, so that the loader can
+        tell a build of older sources (kernels/_cuda_extension.py, ``_stale``)."""
+
+        def run(self):
+            super().run()
+            for name in ext.extension_names():
+                built = self.get_ext_fullpath(f"kernels._{name}_cuda")
+                if os.path.exists(built):
+                    ext.stamp_path(built).write_text(ext.sources_digest(name) + "\n")
+
+    return modules, {"build_ext": BuildAndStamp}
 
 
 ext_modules, cmdclass = cuda_extensions()
+CSRC_PACKAGES = ["csrc"] + [f"csrc.{p.name}" for p in sorted(Path("csrc").iterdir()) if p.is_dir()]
 
 setup(
     name="audiomae-kernels",
     version="0.1.0",
     description="Drop-in AudioMAE and MAE-AST with fused Triton and CUDA kernels, and the benchmarks that prove them",
-    packages=find_packages(include=["kernels", "kernels.*", "audiomae", "audiomae.*", "benches"]),
+    # csrc/ ships too (as data beside the packages), so an installed copy can build the extension
+    # just in time: kernels/_cuda_extension.py reads it from the folder next to kernels/.
+    packages=find_packages(include=["kernels", "kernels.*", "audiomae", "audiomae.*", "benches"]) + CSRC_PACKAGES,
     package_data={"": ["*.cu", "*.cpp", "*.h", "*.cuh"]},
     python_requires=">=3.10",
     install_requires=PINS + ["safetensors", "tqdm", "soundfile", "scipy", "tensorboard"],

@@ -48,11 +48,40 @@ def extension_names() -> list[str]:
     return sorted(p.name for p in CSRC.iterdir() if p.is_dir() and any(p.glob("*.cu")))
 
 
+def sources_digest(name: str) -> str:
+    """A hash of extension ``name``'s sources and headers (contents, not times: a copied checkout
+    gets new times without new code)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in sorted((CSRC / name).iterdir()):
+        if path.suffix in (".cu", ".cuh", ".cpp", ".h"):
+            digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def stamp_path(module_file) -> Path:
+    """Where ``setup.py`` records the sources' digest beside a built extension."""
+    return Path(str(module_file) + ".sources")
+
+
+def _stale(module_file: str | None, name: str) -> bool:
+    """Whether a built extension was built from other sources than the checkout's (edited after
+    ``setup.py build_ext --inplace``): it would run old code, or lack a function the Python side
+    now calls. Without a stamp or the sources (an installed wheel) nothing can be compared."""
+    if not module_file or not (CSRC / name).is_dir() or not stamp_path(module_file).is_file():
+        return False
+    return stamp_path(module_file).read_text().strip() != sources_digest(name)
+
+
 @functools.lru_cache(maxsize=None)
 def load_extension(name: str):
-    """The compiled extension ``name``: the one setup.py installed, else a cached just-in-time build."""
+    """The compiled extension ``name``: the one setup.py installed (unless its sources are newer),
+    else a cached just-in-time build (which rebuilds when the sources change)."""
     try:
-        return importlib.import_module(f"kernels._{name}_cuda")
+        module = importlib.import_module(f"kernels._{name}_cuda")
+        if not _stale(getattr(module, "__file__", None), name):
+            return module
     except ImportError:
         pass
     from torch.utils.cpp_extension import load

@@ -596,9 +596,12 @@ def _kernel_unavailable(device_index: int) -> str | None:
 
     try:
         extension = load_extension("fbank")
+        problem = extension.fbank_cuda_unavailable(device_index)
     except Exception as error:  # noqa: BLE001 - any build failure means "use the torch path"
-        return f"the CUDA extension did not build ({type(error).__name__}: {error})"
-    problem = extension.fbank_cuda_unavailable(device_index)
+        message = str(error).strip()
+        if len(message) > 400:  # a compiler's command line first, its reason last: keep the reason
+            message = "..." + message[-400:]
+        return f"the CUDA extension did not build or load ({type(error).__name__}: {message})"
     if not problem:
         return None
     major, minor = torch.cuda.get_device_capability(device_index)

@@ -68,3 +68,17 @@ def test_a_build_without_a_gpu_targets_sm90(monkeypatch):
     assert _cuda_extension.ensure_arch_list() == "9.0+PTX"
     monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0")
     assert _cuda_extension.ensure_arch_list() == "8.0"
+
+
+def test_a_build_of_other_sources_is_stale(tmp_path):
+    """setup.py stamps each built extension with its sources' digest; the loader skips a build whose
+    stamp differs (edited sources), and trusts one without a stamp (an installed wheel)."""
+    from kernels import _cuda_extension as ext
+
+    built = tmp_path / "_fbank_cuda.so"
+    built.write_bytes(b"")
+    assert not ext._stale(str(built), "fbank")  # no stamp: nothing to compare
+    ext.stamp_path(built).write_text(ext.sources_digest("fbank") + "\n")
+    assert not ext._stale(str(built), "fbank")
+    ext.stamp_path(built).write_text("0" * 64 + "\n")
+    assert ext._stale(str(built), "fbank")
