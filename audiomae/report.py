@@ -326,14 +326,11 @@ def writable_file(path) -> Path:
 
 
 def check_writable_folder(folder: Path, flag: str) -> None:
-    """Write and remove a probe file: permissions, read-only mounts and quotas answer here, before
-    the run, not in a traceback after it."""
-    probe = folder / f".audiomae-write-probe-{os.getpid()}"
-    try:
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise UsageError(f"{flag} {folder}: cannot write there ({exc.strerror or exc})")
+    from .train import unwritable
+
+    problem = unwritable(folder)
+    if problem:
+        raise UsageError(f"{flag} {folder}: cannot write there ({problem})")
 
 
 def write_results(path: Path, info: dict, parity_rows: list[dict], bench_rows: list[dict], **extra) -> Path:

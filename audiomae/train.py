@@ -271,17 +271,26 @@ def command(run):
     return wrapped
 
 
+def unwritable(folder: Path) -> str | None:
+    """Why ``folder`` (made if missing) takes no files, or None: a probe file is written and removed,
+    so permissions, read-only mounts and quotas answer before a long run, not in a traceback after it."""
+    probe = folder / f".audiomae-write-probe-{os.getpid()}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        return str(exc.strerror or exc)
+    return None
+
+
 def check_output_file(path: Path) -> None:
     """Before a long run: ``path`` is not a folder, and its folder exists (made) and takes files."""
     if path.is_dir():
         raise UsageError(f"--out {path} is a folder; give a file name")
-    probe = path.parent / f".audiomae-write-probe-{os.getpid()}"
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise UsageError(f"--out {path}: cannot write in {path.parent} ({exc.strerror or exc})") from exc
+    problem = unwritable(path.parent)
+    if problem:
+        raise UsageError(f"--out {path}: cannot write in {path.parent} ({problem})")
 
 
 def setup_run(args):
