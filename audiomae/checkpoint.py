@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 from functools import partial
 from pathlib import Path
@@ -60,6 +61,18 @@ def load_torch_file(path):
         raise ValueError(f"{path} is not a readable checkpoint ({unreadable(exc)})") from exc
 
 
+def is_safetensors(path) -> bool:
+    """Whether the file at ``path`` holds safetensors, by its content (an 8-byte little-endian
+    header size, then the JSON header), so that ``save_pretrained`` output reads back whatever its
+    name; a ``.pth`` (a zip archive or a pickle) never looks like one."""
+    try:
+        with open(path, "rb") as f:
+            head, size = f.read(9), os.fstat(f.fileno()).st_size
+    except OSError:
+        return False
+    return len(head) == 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") <= size - 8
+
+
 def read_checkpoint(path) -> tuple[dict, dict]:
     """(state_dict, extra) from an official ``.pth``, our ``.safetensors`` or a training run's
     ``.pth``; extra holds the official ``args``, our ``config`` and ``class``, or the run's
@@ -67,7 +80,7 @@ def read_checkpoint(path) -> tuple[dict, dict]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
-    if path.suffix == ".safetensors":
+    if path.suffix == ".safetensors" or is_safetensors(path):
         from safetensors import safe_open
         from safetensors.torch import load_file
 

@@ -36,7 +36,9 @@ def load_encoder(path: Path, backend: str):
     from .train import build_model
     from .training import load_checkpoint
 
-    if path.suffix == ".pth":
+    from .checkpoint import is_safetensors
+
+    if not is_safetensors(path):  # a .pth, whatever its name
         blob = load_checkpoint(path)
         config = blob.get("config")
         if isinstance(config, dict) and "model" in config:  # written by audiomae pretrain / finetune

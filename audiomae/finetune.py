@@ -44,21 +44,28 @@ def pretrained_backbone(path):
     Our AudioMAE checkpoints and official ones become a ``VisionTransformer`` of the same encoder
     (loaded with ``load_pretrained_encoder``); our MAE-AST ones an ``MAEASTClassifier`` over the
     same backbone (whose state is returned here)."""
-    from .checkpoint import infer_config, read_checkpoint
+    from .checkpoint import infer_config, is_safetensors, read_checkpoint
 
-    if str(path).endswith(".pth"):
+    if not is_safetensors(path):  # a .pth, whatever its name
         blob = load_checkpoint(path)
         config = blob.get("config")
-        if isinstance(config, dict) and "model" in config:  # written by audiomae pretrain
-            if family_of(config["model"]) == "mae_ast":
+        if isinstance(config, dict) and "model" in config:  # written by audiomae pretrain or finetune
+            family = family_of(config["model"])
+            if family == "mae_ast":
                 kwargs = {"backbone": config["model"], "backbone_kwargs": config["model_kwargs"]}
                 return "MAEASTClassifier", kwargs, config["features"], blob["model"]
-            with torch.device("meta"):  # the preset's sizes, without allocating its weights
+            if family == "mae_ast_classifier":  # a fine-tuning run: its backbone, a new head
+                kwargs = {k: config["model_kwargs"][k] for k in ("backbone", "backbone_kwargs")}
+                state = {k[len("backbone."):]: v for k, v in blob["model"].items() if k.startswith("backbone.")}
+                return "MAEASTClassifier", kwargs, config["features"], state
+            with torch.device("meta"):  # the sizes, without allocating the weights
                 preset = build_model(config["model"], config["model_kwargs"], "reference")
-            sizes = {"embed_dim": preset.embed_dim, "depth": len(preset.blocks),
+            # A pretraining run's MaskedAutoencoderViT or a fine-tuning run's VisionTransformer
+            # (load_pretrained_encoder takes the encoder of either).
+            sizes = {"embed_dim": preset.blocks[0].norm1.normalized_shape[0], "depth": len(preset.blocks),
                      "num_heads": preset.blocks[0].attn.num_heads,
-                     "mlp_ratio": preset.blocks[0].mlp.fc1.out_features / preset.embed_dim,
-                     "patch_size": preset.patch_size}
+                     "mlp_ratio": preset.blocks[0].mlp.fc1.out_features / preset.blocks[0].norm1.normalized_shape[0],
+                     "patch_size": preset.patch_embed.patch_size[0]}
             return "VisionTransformer", sizes, config["features"], None
     state, extra = read_checkpoint(path)
     if extra.get("class") in ("MAEAST", "MAEASTClassifier") and extra.get("config"):

@@ -37,6 +37,8 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=self.patch_size, stride=self.patch_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"expected a torch.Tensor spectrogram, got {type(x).__module__}.{type(x).__qualname__}")
         if x.dim() != 4 or x.shape[1] != self.in_chans or tuple(x.shape[2:]) != self.img_size:
             raise ValueError(
                 f"expected input of shape [B, {self.in_chans}, {self.img_size[0]}, {self.img_size[1]}], "

@@ -284,8 +284,10 @@ class MAEAST(ModelMixin, nn.Module):
     def tokenize(self, spec: torch.Tensor, min_tokens: int = 1) -> torch.Tensor:
         """``spec`` [B, T, 128] -> tokens [B, N, 256] (module doc; trailing frames cropped), at
         least ``min_tokens`` of them (pretraining needs 2: one masked, one kept)."""
-        if not isinstance(spec, torch.Tensor) or not spec.is_floating_point():
-            raise TypeError(f"spec must be a floating-point tensor, got {getattr(spec, 'dtype', type(spec))}")
+        if not isinstance(spec, torch.Tensor):
+            raise TypeError(f"spec must be a torch.Tensor, got {type(spec).__module__}.{type(spec).__qualname__}")
+        if not spec.is_floating_point():
+            raise TypeError(f"spec must be a floating-point tensor, got {spec.dtype}")
         if spec.dim() != 3 or spec.shape[-1] != NUM_MEL_BINS:
             raise ValueError(f"spec must be [B, T, {NUM_MEL_BINS}] (128 mel bins), got shape {list(spec.shape)}")
         weight = self.token_embed.weight

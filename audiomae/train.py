@@ -364,7 +364,7 @@ def make_trainer(model, args, world, precision, config, checkpoint, *, num_clips
         trainer.resume(checkpoint)
         position = trainer.position
         say(world, f"resuming at step {position.step} (epoch {position.epoch}, batch {position.batch})")
-    return trainer, RunLog(args.out, world, resume=checkpoint is not None)
+    return trainer, RunLog(args.out, world, resume_step=trainer.position.step if checkpoint is not None else None)
 
 
 @command

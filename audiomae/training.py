@@ -60,9 +60,14 @@ def setup_distributed(device: str | None) -> Dist:
     try:
         device = torch.device(device)
     except RuntimeError as exc:
-        raise ValueError(f"--device {device!r}: {exc}") from exc
+        raise ValueError(f"--device {device}: not a device name (cpu, cuda or cuda:N)") from exc
+    if device.type not in ("cpu", "cuda"):
+        # meta has no values to train on, and mps and the rest are untried here: refused before anything runs
+        raise ValueError(f"--device {device}: the commands run on cpu or cuda")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: no CUDA device is available here")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", local_rank if world_size > 1 else torch.cuda.current_device())
     if device.type == "cuda":
@@ -228,7 +233,11 @@ class RunLog:
     """A CSV log (``log.csv``, one row per logged step or evaluation) and TensorBoard events, written by
     rank 0 only; other ranks get a log that drops everything."""
 
-    def __init__(self, out_dir: Path, world: Dist, resume: bool):
+    def __init__(self, out_dir: Path, world: Dist, resume_step: int | None = None):
+        """``resume_step``: the step of the checkpoint a resumed run continues from. A step's rows
+        are written before its checkpoint, so rows past it come from a run that stopped before its
+        next checkpoint, and the resumed run writes them again: they are dropped (the CSV's, and
+        TensorBoard's through its ``purge_step``). A fresh run (None) starts an empty CSV."""
         self.active = world.is_main
         self.csv_path = out_dir / "log.csv"
         self.writer = None
@@ -236,9 +245,26 @@ class RunLog:
             from torch.utils.tensorboard import SummaryWriter
 
             out_dir.mkdir(parents=True, exist_ok=True)
-            if not resume and self.csv_path.exists():
+            if resume_step is None and self.csv_path.exists():
                 self.csv_path.unlink()
-            self.writer = SummaryWriter(log_dir=str(out_dir / "tensorboard"))
+            if resume_step is not None and self.csv_path.exists():
+                self._drop_rows_after(resume_step)
+            purge = resume_step + 1 if resume_step is not None else None
+            self.writer = SummaryWriter(log_dir=str(out_dir / "tensorboard"), purge_step=purge)
+
+    def _drop_rows_after(self, step: int) -> None:
+        with open(self.csv_path, newline="") as f:
+            rows = list(csv.reader(f))
+        if not rows:
+            return
+        header, body = rows[0], rows[1:]
+        column = header.index("step") if "step" in header else None
+        kept = [r for r in body if column is None or len(r) <= column or not r[column].isdigit()
+                or int(r[column]) <= step]
+        if len(kept) == len(body):
+            return
+        with open(self.csv_path, "w", newline="") as f:
+            csv.writer(f).writerows([header, *kept])
 
     def write(self, step: int, **values) -> None:
         if not self.active:

@@ -140,8 +140,6 @@ class FbankOptions:
             raise ValueError(f"num_mel_bins must be > 3, got {self.num_mel_bins}")
         if self.energy_floor < 0.0:
             raise ValueError(f"energy_floor must be >= 0 (0 disables it), got {self.energy_floor}")
-        if self.dither < 0.0:
-            raise ValueError(f"dither must be >= 0, got {self.dither}")
         nyquist = 0.5 * self.sample_frequency
         high = self._high_freq()
         if not (0.0 <= self.low_freq < nyquist and 0.0 < high <= nyquist and self.low_freq < high):

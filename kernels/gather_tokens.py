@@ -356,7 +356,11 @@ def gather_rows_backward(
 # ----------------------------------------------------------------------------------------------
 @torch.library.custom_op("audiomae::gather_tokens", mutates_args=())
 def _gather_tokens_op(x: torch.Tensor, ids_keep: torch.Tensor, pos_embed: torch.Tensor | None) -> torch.Tensor:
-    return _gather_forward(x, ids_keep, pos_embed)
+    # Called directly (torch.ops.audiomae.gather_tokens) the op takes gather_tokens' argument forms
+    # and shape checks, not its index range check (one host sync; out-of-range ids read out of bounds).
+    pos = _check_tokens(x, pos_embed)
+    check_index(ids_keep, "ids_keep", x.shape[0])
+    return _gather_forward(x, ids_keep, pos)
 
 
 @_gather_tokens_op.register_fake
@@ -387,6 +391,7 @@ def _setup_context(ctx, inputs, output):
     ctx.num_rows = x.shape[1]
     ctx.x_dtype = x.dtype
     ctx.pos_dtype = pos_embed.dtype if pos_embed is not None else None
+    ctx.pos_shape = pos_embed.shape if pos_embed is not None else None
 
 
 def _input_grads(ctx, grad, rows_backward):
@@ -396,7 +401,8 @@ def _input_grads(ctx, grad, rows_backward):
     grad_x, grad_pos = rows_backward(
         grad, ids_keep, ctx.num_rows, ctx.x_dtype if need_x else None, ctx.pos_dtype if need_pos else None
     )
-    return (grad_x if need_x else None), None, (grad_pos if need_pos else None)
+    # [L, C] from the kernel; a direct op call may have passed pos_embed as [1, L, C].
+    return (grad_x if need_x else None), None, (grad_pos.reshape(ctx.pos_shape) if need_pos else None)
 
 
 @first_order_only("gather_tokens")

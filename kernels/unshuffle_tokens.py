@@ -190,7 +190,10 @@ def _unshuffle_backward(grad, ids_restore, num_kept, x_dtype, mask_dtype, pos_dt
 def _unshuffle_tokens_op(
     x: torch.Tensor, ids_restore: torch.Tensor, mask_token: torch.Tensor, pos_embed: torch.Tensor | None
 ) -> torch.Tensor:
-    return _unshuffle_forward(x, ids_restore, mask_token, pos_embed)
+    # Called directly (torch.ops.audiomae.unshuffle_tokens) the op takes unshuffle_tokens' argument
+    # forms and shape checks, not its index range check (one host sync; out-of-range ids read out
+    # of bounds).
+    return _unshuffle_forward(x, ids_restore, *_checked_forms(x, ids_restore, mask_token, pos_embed))
 
 
 @_unshuffle_tokens_op.register_fake
@@ -225,6 +228,7 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(ids_restore)
     ctx.num_kept = x.shape[1]
     ctx.dtypes = (x.dtype, mask_token.dtype, pos_embed.dtype if pos_embed is not None else None)
+    ctx.shapes = (mask_token.shape, pos_embed.shape if pos_embed is not None else None)
 
 
 def _input_grads(ctx, grad, backward):
@@ -234,7 +238,10 @@ def _input_grads(ctx, grad, backward):
     need_x, _, need_mask, need_pos = ctx.needs_input_grad
     wanted = [dtype if need else None for dtype, need in zip(ctx.dtypes, (need_x, need_mask, need_pos))]
     grad_x, grad_mask, grad_pos = backward(grad, ids_restore, ctx.num_kept, *wanted)
-    return (grad_x if need_x else None), None, (grad_mask if need_mask else None), (grad_pos if need_pos else None)
+    # [C] and [L, C] from the kernels; a direct op call may have passed [1, 1, C] and [1, L, C].
+    mask_shape, pos_shape = ctx.shapes
+    return ((grad_x if need_x else None), None, (grad_mask.reshape(mask_shape) if need_mask else None),
+            (grad_pos.reshape(pos_shape) if need_pos else None))
 
 
 @first_order_only("unshuffle_tokens")
@@ -273,6 +280,18 @@ def unshuffle_tokens(
     """``x`` [B, K, C], ``ids_restore`` [B, L] int64, ``mask_token`` [C] or [1, 1, C], ``pos_embed``
     [L, C] or [1, L, C] -> [B, L, C] with ``out[b, i] = (x[b, r] if r < K else mask_token) +
     pos_embed[i]``, ``r = ids_restore[b, i]``. See the module doc."""
+    mask, pos = _checked_forms(x, ids_restore, mask_token, pos_embed)
+    if check_indices:
+        (ids_restore,) = range_checked((ids_restore, ids_restore.shape[1], "ids_restore"))
+    if not use_triton(x):
+        return reference.unshuffle_tokens(x, ids_restore, mask_token, pos_embed)
+    reject_autodiff_transforms("unshuffle_tokens")
+    op = torch.ops.audiomae.unshuffle_tokens if needs_custom_op() else _UnshuffleTokens.apply
+    return op(x, ids_restore, mask, pos)
+
+
+def _checked_forms(x, ids_restore, mask_token, pos_embed) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Shape, dtype and device checks; ``mask_token`` as [C] and ``pos_embed`` as [L, C] views."""
     if not isinstance(mask_token, torch.Tensor):
         raise TypeError(f"mask_token must be a tensor [C] or [1, 1, C], got {type(mask_token).__name__}")
     check_floats(x=x, mask_token=mask_token, pos_embed=pos_embed)
@@ -287,10 +306,4 @@ def unshuffle_tokens(
         raise ValueError(f"mask_token must be [{C}] or [1, 1, {C}], got {tuple(mask_token.shape)}")
     pos = as_table(pos_embed, "pos_embed", L, C)
     check_same_device(x=x, ids_restore=ids_restore, mask_token=mask_token, pos_embed=pos_embed)
-    if check_indices:
-        (ids_restore,) = range_checked((ids_restore, L, "ids_restore"))
-    if not use_triton(x):
-        return reference.unshuffle_tokens(x, ids_restore, mask_token, pos_embed)
-    reject_autodiff_transforms("unshuffle_tokens")
-    op = torch.ops.audiomae.unshuffle_tokens if needs_custom_op() else _UnshuffleTokens.apply
-    return op(x, ids_restore, mask_token.reshape(C), pos)
+    return mask_token.reshape(C), pos

@@ -586,12 +586,41 @@ def _can_overwrite(qkv, grid, window, shift, num_heads, tau, bias) -> bool:
     return meta["NUM_CHUNKS"] == 1
 
 
+def _check_args(qkv, grid, window, shift, num_heads, tau, bias, mask_value) -> None:
+    """The op's arguments, checked: ``check_window_attention_args`` and the kernel's head dims."""
+    head_dim, _ = check_window_attention_args(qkv, grid, window, shift, num_heads, tau, bias, mask_value)
+    if not 16 <= head_dim <= 128:  # the kernel's tiles; the reference itself takes any head_dim
+        raise ValueError(f"head_dim must be in [16, 128], got {head_dim} (qkv last axis {qkv.shape[-1]}, "
+                         f"{num_heads} heads)")
+
+
+def _check_kernel_dtype(qkv: torch.Tensor) -> None:
+    if qkv.dtype == torch.float64:
+        raise TypeError("the Triton kernel takes float16, bfloat16 or float32 qkv, got float64")
+    if qkv.dtype == torch.bfloat16 and qkv.device.type == "cpu" and interpreting():
+        # Triton 3.6's interpreter multiplies bfloat16 tl.dot operands wrongly (errors of 1e8 seen):
+        # an error rather than silently wrong numbers; the GPU computes it right.
+        raise NotImplementedError("window_attention: Triton's interpreter computes bfloat16 tl.dot wrongly; on the "
+                                  "CPU use float32 or float16 qkv (or no TRITON_INTERPRET for the eager reference)")
+
+
+def _contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
+    """The kernels index tau [H] and bias [H, A, A] as contiguous arrays (qkv and dout by strides)."""
+    return t.contiguous() if t is not None else None
+
+
 @torch.library.custom_op("audiomae::window_attention", mutates_args=())
 def _window_attention_op(qkv: torch.Tensor, tau: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                          grid: Sequence[int], window: Sequence[int], shift: Sequence[int], num_heads: int,
                          mask_value: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out [B, L, C], logsumexp of each row's logits [B, heads, L] fp32, for the backward)."""
-    return _forward(qkv, tau, bias, tuple(grid), tuple(window), tuple(shift), num_heads, mask_value)
+    """(out [B, L, C], logsumexp of each row's logits [B, heads, L] fp32, for the backward).
+
+    Called directly (``torch.ops.audiomae.window_attention``) it checks its arguments as
+    ``window_attention`` does and takes tau and bias of any strides."""
+    grid, window, shift = tuple(grid), tuple(window), tuple(shift)
+    _check_args(qkv, grid, window, shift, num_heads, tau, bias, mask_value)
+    _check_kernel_dtype(qkv)
+    return _forward(qkv, _contiguous(tau), _contiguous(bias), grid, window, shift, num_heads, mask_value)
 
 
 @_window_attention_op.register_fake
@@ -607,8 +636,8 @@ def _window_attention_backward_op(
     num_heads: int, mask_value: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dqkv, dtau, dbias); dtau and dbias are empty when tau or bias is None (ops cannot return None)."""
-    return _backward(dout, qkv, tau, bias, out, lse, tuple(grid), tuple(window), tuple(shift), num_heads,
-                     mask_value)
+    return _backward(dout, qkv, _contiguous(tau), _contiguous(bias), out, lse, tuple(grid), tuple(window),
+                     tuple(shift), num_heads, mask_value)
 
 
 @_window_attention_backward_op.register_fake
@@ -692,25 +721,15 @@ def window_attention(
     contiguous storage, each window fits one tile and the graph is not retained; otherwise, and
     under ``torch.compile``, the gradient gets its own buffer (the same values either way)."""
     grid, window, shift = tuple(grid), tuple(window), tuple(shift)
-    head_dim, _ = check_window_attention_args(qkv, grid, window, shift, num_heads, tau, bias, mask_value)
+    _check_args(qkv, grid, window, shift, num_heads, tau, bias, mask_value)
     if not isinstance(overwrite_qkv, bool):
         raise TypeError(f"overwrite_qkv must be a bool, got {type(overwrite_qkv).__name__}")
-    if not 16 <= head_dim <= 128:  # the kernel's tiles; the reference itself takes any head_dim
-        raise ValueError(f"head_dim must be in [16, 128], got {head_dim} (qkv last axis {qkv.shape[-1]}, "
-                         f"{num_heads} heads)")
     if not use_triton(qkv):
         return window_attention_reference(qkv, grid=grid, window=window, shift=shift, num_heads=num_heads,
                                           tau=tau, bias=bias, mask_value=mask_value)
-    if qkv.dtype == torch.float64:
-        raise TypeError("the Triton kernel takes float16, bfloat16 or float32 qkv, got float64")
-    if qkv.dtype == torch.bfloat16 and qkv.device.type == "cpu" and interpreting():
-        # Triton 3.6's interpreter multiplies bfloat16 tl.dot operands wrongly (errors of 1e8 seen):
-        # an error rather than silently wrong numbers; the GPU computes it right.
-        raise NotImplementedError("window_attention: Triton's interpreter computes bfloat16 tl.dot wrongly; on the "
-                                  "CPU use float32 or float16 qkv (or no TRITON_INTERPRET for the eager reference)")
+    _check_kernel_dtype(qkv)
     reject_autodiff_transforms("window_attention")
-    tau = tau.contiguous() if tau is not None else None
-    bias = bias.contiguous() if bias is not None else None
+    tau, bias = _contiguous(tau), _contiguous(bias)
     if needs_custom_op():
         out, _ = _window_attention_op(qkv, tau, bias, grid, window, shift, num_heads, float(mask_value))
         return out

@@ -99,6 +99,17 @@ def test_safetensors_round_trip_keeps_config(tmp_path):
     assert_same_weights(vit, loaded_vit)
 
 
+@pytest.mark.parametrize("name", ["model", "model.pt", "weights.bin"])
+def test_save_pretrained_reads_back_whatever_the_name(tmp_path, name):
+    # The format is read from the file's content, not its suffix; a .pth under a .safetensors-free
+    # name still loads as a .pth.
+    model = small_mae(0)
+    loaded = audiomae.from_pretrained(model.save_pretrained(tmp_path / name))
+    assert_same_weights(model, loaded)
+    torch.save({"model": model.state_dict()}, tmp_path / "official.bin")
+    assert_same_weights(model, audiomae.from_pretrained(tmp_path / "official.bin", num_heads=4))
+
+
 def test_ddp_prefix_and_bare_state_dict(tmp_path):
     model = small_mae(0)
     path = tmp_path / "ddp.pth"

@@ -97,6 +97,25 @@ def test_finetune_from_mae_ast_safetensors(demo, tmp_path, saved):
         torch.testing.assert_close(tuned["backbone." + name], value)
 
 
+@pytest.mark.parametrize("family", ["audiomae", "mae_ast"])
+def test_init_from_a_finetuning_run(demo, pretrained, tmp_path, family):
+    # A fine-tuned checkpoint of ours starts another fine-tuning run: its encoder (or backbone) as
+    # saved, a new head. --lr 0 keeps the loaded weights.
+    start = pretrained
+    if family == "mae_ast":
+        start = tmp_path / "pre" / "checkpoint.pth"
+        assert main(["pretrain", str(demo), "--out", str(start.parent), "--model", "mae_ast_frame", *TINY_MODEL,
+                     *QUIET_RUN, "--batch-size", "4", "--max-steps", "1"]) == 0
+    assert finetune(demo, start, tmp_path / "ft", "--epochs", "1") == 0
+    assert finetune(demo, tmp_path / "ft" / "checkpoint.pth", tmp_path / "ft2", "--epochs", "1", "--lr", "0") == 0
+    first, second = (load_checkpoint(tmp_path / name / "checkpoint.pth") for name in ("ft", "ft2"))
+    assert second["config"]["model"] == first["config"]["model"]
+    encoder = [k for k in first["model"] if k.startswith(("blocks.", "patch_embed.", "backbone."))]
+    assert encoder
+    for name in encoder:
+        torch.testing.assert_close(second["model"][name], first["model"][name], msg=name)
+
+
 def test_unlabelled_data_is_refused(pretrained, tmp_path, capsys):
     make_demo(tmp_path / "flat", num_per_class=1)
     for clip in (tmp_path / "flat").rglob("*.wav"):

@@ -75,6 +75,20 @@ def test_stopped_and_resumed_run_matches_an_uninterrupted_one(demo, tmp_path):
     assert steps == list(range(1, 10))  # the resumed run appends to the log
 
 
+def test_resume_drops_log_rows_past_its_checkpoint(demo, tmp_path):
+    # A run killed after logging steps its last checkpoint does not hold: the resumed run logs
+    # those steps again, once.
+    out = tmp_path / "run"
+    common = ["--epochs", "2", "--batch-size", "2"]
+    assert pretrain(demo, out, *common, "--max-steps", "3") == 0
+    with open(out / "log.csv", "a", newline="") as f:  # what the killed run had written after step 3
+        csv.writer(f).writerows([["0.0", "4", "loss", "1234"], ["0.0", "5", "loss", "1234"]])
+    assert pretrain(demo, out, *common, "--resume") == 0
+    rows = [r for r in log_rows(out) if r["name"] == "loss"]
+    assert [int(r["step"]) for r in rows] == list(range(1, 15))
+    assert all(r["value"] != "1234" for r in rows)
+
+
 def test_resume_refuses_a_different_run(demo, tmp_path, capsys):
     assert pretrain(demo, tmp_path / "run", "--max-steps", "1") == 0
     assert pretrain(demo, tmp_path / "run", "--batch-size", "2", "--resume") == 2
@@ -280,6 +294,15 @@ def test_resume_from_an_official_checkpoint_is_one_line(demo, tmp_path, capsys):
     assert pretrain(demo, tmp_path / "again", "--max-steps", "1", "--resume", str(official)) == 2
     err = capsys.readouterr().err
     assert "not a checkpoint of an audiomae run" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("device", ["meta", "mps", "bogus", "cuda:7"])
+def test_devices_the_commands_cannot_run_on_are_one_line(demo, tmp_path, capsys, device):
+    if device == "cuda:7" and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has a cuda:7")
+    assert pretrain(demo, tmp_path / "out", "--max-steps", "1", "--device", device) == 2
+    err = capsys.readouterr().err
+    assert f"--device {device}" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
 def test_bad_model_keywords_and_checkpoints_are_one_line(demo, tmp_path, capsys):

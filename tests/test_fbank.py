@@ -175,6 +175,19 @@ def test_dither_is_random_and_reproducible():
     assert seeded[0].mean() > 0.0 > fbank(clip).mean()
 
 
+def test_negative_dither_scales_the_noise_as_torchaudio_does():
+    # torchaudio (and Kaldi) add dither * N(0, 1) without checking the sign: -1 adds the same
+    # draws negated, not an error. On silence the frame is the noise alone and the (linear) frame
+    # pipeline's power spectrum cannot tell the sign; on a clip with signal it can.
+    silent, tone = clips_for({})[4:5], clips_for({})[2:3]
+    generator = lambda: torch.Generator().manual_seed(7)  # noqa: E731
+    negative, positive = (fbank(silent, dither=d, generator=generator()) for d in (-1.0, 1.0))
+    torch.testing.assert_close(negative, positive, rtol=1e-6, atol=1e-6)
+    assert negative.mean() > 0.0 > fbank(silent).mean()
+    negative, positive = (fbank(tone, dither=d, generator=generator()) for d in (-0.5, 0.5))
+    assert not torch.equal(negative, positive)
+
+
 # --- bad input ---------------------------------------------------------------------------------
 
 

@@ -491,6 +491,47 @@ def test_opcheck_unshuffle(seed, with_pos):
     torch.library.opcheck(torch.ops.audiomae.unshuffle_tokens_backward.default, args)
 
 
+def test_ops_called_directly_take_every_argument_form(seed):
+    # torch.ops.audiomae.* called without the public functions: pos_embed [1, L, C], mask_token
+    # [1, 1, C] and strided tables give the public functions' values and gradients, in the shapes
+    # of the inputs; shapes the kernels cannot read are errors naming the argument.
+    B, L, K, C = 2, 6, 3, 5
+    x = torch.randn(B, L, C, device=DEVICE, requires_grad=True)
+    pos = torch.randn(1, L, 2 * C, device=DEVICE)[..., ::2].requires_grad_()  # strided too
+    ids = random_ids(B, L, K)
+    out = torch.ops.audiomae.gather_tokens(x, ids, pos)
+    ref = gather_reference.gather_tokens(x.double(), ids, pos.double())
+    torch.testing.assert_close(out.double(), ref, rtol=1e-6, atol=1e-6)
+    g = torch.randn(out.shape, device=DEVICE)
+    gx, gpos = torch.autograd.grad(out, (x, pos), g)
+    x64, pos64 = x.detach().double().requires_grad_(), pos.detach().double().requires_grad_()
+    rx, rpos = torch.autograd.grad(gather_reference.gather_tokens(x64, ids, pos64), (x64, pos64), g.double())
+    assert gpos.shape == pos.shape
+    torch.testing.assert_close(gx.double(), rx, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(gpos.double(), rpos, rtol=1e-6, atol=1e-6)
+
+    kept = torch.randn(B, K, C, device=DEVICE, requires_grad=True)
+    mask = torch.randn(1, 1, C, device=DEVICE, requires_grad=True)
+    restore = random_ids(B, L, L)
+    out = torch.ops.audiomae.unshuffle_tokens(kept, restore, mask, pos)
+    leaves64 = [t.detach().double().requires_grad_() for t in (kept, mask, pos)]
+    ref = unshuffle_reference.unshuffle_tokens(leaves64[0], restore, leaves64[1], leaves64[2])
+    torch.testing.assert_close(out.double(), ref, rtol=1e-6, atol=1e-6)
+    g = torch.randn(out.shape, device=DEVICE)
+    got = torch.autograd.grad(out, (kept, mask, pos), g)
+    want = torch.autograd.grad(ref, leaves64, g.double())
+    for a, b in zip(got, want):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a.double(), b, rtol=1e-6, atol=1e-6)
+
+    with pytest.raises(ValueError, match="mask_token must be"):
+        torch.ops.audiomae.unshuffle_tokens(kept, restore, torch.randn(C + 1, device=DEVICE), None)
+    with pytest.raises(ValueError, match="pos_embed must be"):
+        torch.ops.audiomae.gather_tokens(x, ids, torch.randn(L + 1, C, device=DEVICE))
+    with pytest.raises(TypeError, match="ids_keep must be int64"):
+        torch.ops.audiomae.gather_tokens(x, ids.int(), None)
+
+
 def test_compiles_without_graph_breaks(seed):
     B, T, F, C = 2, 4, 3, 5
     x = torch.randn(B, T * F, C, device=DEVICE, requires_grad=True)

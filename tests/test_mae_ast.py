@@ -445,6 +445,8 @@ def test_bad_inputs():
         model(torch.randn(2, 1, 64, 128))
     with pytest.raises(TypeError, match="floating-point"):
         model(torch.zeros(2, 64, 128, dtype=torch.long))
+    with pytest.raises(TypeError, match="spec must be a torch.Tensor, got numpy.ndarray"):
+        model(torch.randn(2, 64, 128).numpy())
     with pytest.raises(ValueError, match="noise must have shape"):
         model(torch.randn(2, 64, 128), noise=torch.rand(2, 31))
     with pytest.raises(ValueError, match="not both"):

@@ -547,6 +547,8 @@ def test_bad_inputs_get_clear_errors():
         model(torch.randn(2, *IMG))
     with pytest.raises(TypeError, match="floating-point.*torch.int64"):
         model(torch.zeros(2, 1, *IMG, dtype=torch.long))
+    with pytest.raises(TypeError, match="torch.Tensor spectrogram, got numpy.ndarray"):
+        model(torch.randn(2, 1, *IMG).numpy())
     with pytest.raises(TypeError, match="torch.float64.*torch.float32"):
         model(torch.randn(2, 1, *IMG, dtype=torch.float64))
     with pytest.raises(TypeError, match="noise"):

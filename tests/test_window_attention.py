@@ -296,6 +296,28 @@ def test_opcheck():
                            [1, 0], 2, -100.0))
 
 
+def test_op_called_directly_takes_strided_tau_and_bias_and_checks_its_arguments():
+    # torch.ops.audiomae.window_attention without the public function: tau and bias of any strides
+    # give the contiguous values and gradients; bad arguments are the public function's errors.
+    qkv, tau, bias = (x.float() for x in make_inputs(1, (4, 4), (2, 2), 2, 16))
+    tau_strided = torch.stack([tau, torch.full_like(tau, 1e-3)], -1)[:, 0]
+    bias_strided = bias.transpose(1, 2).contiguous().transpose(1, 2)
+    assert not tau_strided.is_contiguous() and not bias_strided.is_contiguous()
+    args = ([4, 4], [2, 2], [1, 1], 2, -100.0)
+
+    def run(t, b):
+        leaves = [qkv.clone().requires_grad_(), t.detach().requires_grad_(), b.detach().requires_grad_()]
+        out, _ = torch.ops.audiomae.window_attention(*leaves, *args)
+        return [out, *torch.autograd.grad(out, leaves, torch.linspace(-1, 1, out.numel()).view_as(out))]
+
+    for got, want in zip(run(tau_strided, bias_strided), run(tau, bias)):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="bias must have shape"):
+        torch.ops.audiomae.window_attention(qkv, tau, bias[:, :3], *args)
+    with pytest.raises(ValueError, match="head_dim must be in"):
+        torch.ops.audiomae.window_attention(qkv, None, None, [4, 4], [2, 2], [1, 1], 4, -100.0)
+
+
 def test_compiles_without_graph_breaks():
     """The compiled graph runs the custom ops, eager runs the autograd.Function: same outputs and gradients."""
     qkv, tau, bias = (x.float() for x in make_inputs(1, (4, 4), (2, 2), 2, 16))
