@@ -85,6 +85,20 @@ def check_index(ids: torch.Tensor, name: str, batch: int) -> None:
         raise ValueError(f"{name} must be [B={batch}, N], got shape {tuple(ids.shape)}")
 
 
+def check_rows_backward_args(grad: torch.Tensor, ids: torch.Tensor, name: str, num_rows: int) -> None:
+    """A backward op's ``grad`` [B, N, C] and its ``ids`` [B, N] (int64), for direct calls: the
+    kernels take B and N from ``grad`` and read ``ids`` there."""
+    if not isinstance(grad, torch.Tensor) or grad.dim() != 3:
+        raise ValueError(f"grad must be a [B, N, C] tensor, got {getattr(grad, 'shape', type(grad).__name__)}")
+    check_floats(grad=grad)
+    check_index(ids, name, grad.shape[0])
+    if ids.shape[1] != grad.shape[1]:
+        raise ValueError(f"{name} {tuple(ids.shape)} does not match grad {tuple(grad.shape)}: one index per row of grad")
+    if isinstance(num_rows, bool) or not isinstance(num_rows, int) or num_rows < 0:
+        raise ValueError(f"the number of rows must be an int >= 0, got {num_rows!r}")
+    check_same_device(grad=grad, **{name: ids})
+
+
 def as_table(t: torch.Tensor | None, name: str, rows: int, channels: int) -> torch.Tensor | None:
     """``t`` [rows, C] or [1, rows, C] as a [rows, C] view (no copy)."""
     if t is None:
@@ -360,6 +374,7 @@ def _gather_tokens_op(x: torch.Tensor, ids_keep: torch.Tensor, pos_embed: torch.
     # and shape checks, not its index range check (one host sync; out-of-range ids read out of bounds).
     pos = _check_tokens(x, pos_embed)
     check_index(ids_keep, "ids_keep", x.shape[0])
+    check_same_device(x=x, ids_keep=ids_keep, pos_embed=pos_embed)
     return _gather_forward(x, ids_keep, pos)
 
 
@@ -372,6 +387,7 @@ def _(x, ids_keep, pos_embed):
 def _gather_tokens_backward_op(
     grad: torch.Tensor, ids_keep: torch.Tensor, num_rows: int, x_dtype: torch.dtype | None, pos_dtype: torch.dtype | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    check_rows_backward_args(grad, ids_keep, "ids_keep", num_rows)
     # A custom op cannot return None: a gradient nobody asked for comes back empty.
     grad_x, grad_pos = gather_rows_backward(grad, ids_keep, num_rows, x_dtype, pos_dtype)
     return tuple(g if g is not None else grad.new_empty(0) for g in (grad_x, grad_pos))

@@ -290,7 +290,25 @@ def _post_norm_residual_op(
     x: torch.Tensor, branch: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
     norm_dtype: torch.dtype, copy_dtype: torch.dtype | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    # Called directly (torch.ops.audiomae.post_norm_residual) the op checks its own contract:
+    # x, branch [M, C] (post_norm_residual flattens [..., C] to it), weight and bias [C].
+    _check_op_rows(x=x, branch=branch)
+    _check_inputs(x, branch, weight, bias)
+    _check_dtypes(norm_dtype=norm_dtype, copy_dtype=copy_dtype)
     return _forward(x, branch, weight, bias, eps, norm_dtype, copy_dtype)
+
+
+def _check_op_rows(**rows: torch.Tensor | None) -> None:
+    """The ops take [M, C] matrices (post_norm_residual flattens [..., C] to them)."""
+    for name, t in rows.items():
+        if t is not None and (not isinstance(t, torch.Tensor) or t.dim() != 2):
+            raise ValueError(f"{name} must be an [M, C] tensor here, got {getattr(t, 'shape', type(t).__name__)}")
+
+
+def _check_dtypes(**dtypes: torch.dtype | None) -> None:
+    for name, dtype in dtypes.items():
+        if dtype is not None and dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name} must be one of float16, bfloat16, float32, float64, got {dtype!r}")
 
 
 @_post_norm_residual_op.register_fake
@@ -309,6 +327,23 @@ def _post_norm_residual_backward_op(
     mean: torch.Tensor, rstd: torch.Tensor, norm_dtype: torch.dtype, out_dtype: torch.dtype,
     x_dtype: torch.dtype | None, need_branch: bool, weight_dtype: torch.dtype | None, bias_dtype: torch.dtype | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    # Called directly, the op checks what the forward would have made: grad, grad_copy, branch
+    # [M, C], weight [C], mean and rstd [M] (read as contiguous arrays, so made so here).
+    _check_op_rows(grad=grad, grad_copy=grad_copy, branch=branch)
+    if grad is None and grad_copy is None:
+        raise ValueError("post_norm_residual_backward needs grad or grad_copy")
+    for name, t in (("grad", grad), ("grad_copy", grad_copy)):
+        if t is not None:
+            _check_inputs(t, branch, weight, None)
+    _check_dtypes(norm_dtype=norm_dtype, out_dtype=out_dtype, x_dtype=x_dtype, weight_dtype=weight_dtype,
+                  bias_dtype=bias_dtype)
+    stats = stat_dtype(branch.dtype)
+    for name, t in (("mean", mean), ("rstd", rstd)):
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != (branch.shape[0],) or t.dtype != stats:
+            raise ValueError(f"{name} must be [{branch.shape[0]}] {stats} (as the forward makes it), got "
+                             f"{getattr(t, 'shape', type(t).__name__)} {getattr(t, 'dtype', '')}")
+        check_same_device(branch=branch, **{name: t})
+    mean, rstd = mean.contiguous(), rstd.contiguous()
     grads = _backward(grad, grad_copy, branch, weight, mean, rstd, norm_dtype, out_dtype, x_dtype, need_branch,
                       weight_dtype, bias_dtype)
     # A custom op cannot return None, nor an input, and its outputs have the strides its fake

@@ -43,6 +43,7 @@ from kernels.gather_tokens import (
     cdiv,
     check_floats,
     check_index,
+    check_rows_backward_args,
     gather_rows_backward,
     range_checked,
     row_tile,
@@ -211,6 +212,7 @@ def _unshuffle_tokens_backward_op(
     mask_dtype: torch.dtype | None,
     pos_dtype: torch.dtype | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    check_rows_backward_args(grad, ids_restore, "ids_restore", num_kept)
     grads = _unshuffle_backward(grad, ids_restore, num_kept, x_dtype, mask_dtype, pos_dtype)
     # A custom op cannot return None: a gradient nobody asked for comes back empty.
     return tuple(g if g is not None else grad.new_empty(0) for g in grads)

@@ -635,15 +635,31 @@ def _window_attention_backward_op(
     out: torch.Tensor, lse: torch.Tensor, grid: Sequence[int], window: Sequence[int], shift: Sequence[int],
     num_heads: int, mask_value: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dqkv, dtau, dbias); dtau and dbias are empty when tau or bias is None (ops cannot return None)."""
-    return _backward(dout, qkv, _contiguous(tau), _contiguous(bias), out, lse, tuple(grid), tuple(window),
-                     tuple(shift), num_heads, mask_value)
+    """(dqkv, dtau, dbias); dtau and dbias are empty when tau or bias is None (ops cannot return None).
+
+    Called directly it checks its arguments (those of the forward, and ``dout``, ``out``, ``lse``
+    as the forward makes them) and takes ``dout`` in any float dtype and layout."""
+    grid, window, shift = tuple(grid), tuple(window), tuple(shift)
+    _check_args(qkv, grid, window, shift, num_heads, tau, bias, mask_value)
+    _check_kernel_dtype(qkv)
+    B, L, C3 = qkv.shape
+    for name, t, shape, dtype in (("dout", dout, (B, L, C3 // 3), None), ("out", out, (B, L, C3 // 3), qkv.dtype),
+                                  ("lse", lse, (B, num_heads, L), torch.float32)):
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape or t.device != qkv.device:
+            raise ValueError(f"{name} must be a {list(shape)} tensor on {qkv.device}, got "
+                             f"{list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+        if dtype is not None and t.dtype != dtype:
+            raise TypeError(f"{name} must be {dtype} (as the forward makes it), got {t.dtype}")
+    # The kernel reads out and lse as the forward wrote them (contiguous), dout by its strides.
+    return _backward(dout.to(qkv.dtype), qkv, _contiguous(tau), _contiguous(bias), out.contiguous(),
+                     lse.contiguous(), grid, window, shift, num_heads, mask_value)
 
 
 @_window_attention_backward_op.register_fake
 def _(dout, qkv, tau, bias, out, lse, grid, window, shift, num_heads, mask_value):
-    dtau = torch.empty_like(tau) if tau is not None else qkv.new_empty(0)
-    dbias = torch.empty_like(bias) if bias is not None else qkv.new_empty(0)
+    # Contiguous whatever the strides of tau and bias, as the op returns them.
+    dtau = tau.new_empty(tau.shape) if tau is not None else qkv.new_empty(0)
+    dbias = bias.new_empty(bias.shape) if bias is not None else qkv.new_empty(0)
     return torch.empty_like(qkv, memory_format=torch.contiguous_format), dtau, dbias
 
 

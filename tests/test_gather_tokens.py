@@ -532,6 +532,19 @@ def test_ops_called_directly_take_every_argument_form(seed):
         torch.ops.audiomae.gather_tokens(x, ids.int(), None)
 
 
+def test_backward_ops_called_directly_check_their_indices(seed):
+    # The kernels take B and N from grad and read ids there: ids of another shape are an error.
+    grad = torch.randn(2, 4, 5, device=DEVICE)
+    ids = random_ids(2, 6, 4)
+    for bad, match in ((ids[:, :2], "does not match grad"), (ids[:1], r"ids_keep must be \[B=2, N\]")):
+        with pytest.raises(ValueError, match=match):
+            torch.ops.audiomae.gather_tokens_backward(grad, bad, 6, torch.float32, None)
+    with pytest.raises(ValueError, match="does not match grad"):
+        torch.ops.audiomae.unshuffle_tokens_backward(grad, ids[:, :2], 2, torch.float32, torch.float32, None)
+    with pytest.raises(ValueError, match=r"grad must be a \[B, N, C\] tensor"):
+        torch.ops.audiomae.gather_tokens_backward(grad[0], ids, 6, torch.float32, None)
+
+
 def test_compiles_without_graph_breaks(seed):
     B, T, F, C = 2, 4, 3, 5
     x = torch.randn(B, T * F, C, device=DEVICE, requires_grad=True)

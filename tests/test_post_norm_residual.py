@@ -390,6 +390,37 @@ def test_backward_op_returns_what_its_fake_says(seed):
                            True, None, None))
 
 
+def test_ops_called_directly_check_their_contract(seed):
+    # torch.ops.audiomae.post_norm_residual(_backward) without the public function: shapes the
+    # kernels would misread are errors naming the argument; strided statistics read right.
+    x, branch, w, b = make_inputs((6, 8), torch.float32)
+    op, backward = torch.ops.audiomae.post_norm_residual, torch.ops.audiomae.post_norm_residual_backward
+    bad_forward = [
+        ((x[:2], branch, w, b), ValueError, "share one shape"),
+        ((x, branch, w.view(1, 8), b), ValueError, r"weight must be \[8\]"),
+        ((x, branch, w[:5], b), ValueError, r"weight must be \[8\]"),
+        ((x.view(2, 3, 8), branch.view(2, 3, 8), w, b), ValueError, r"x must be an \[M, C\] tensor"),
+        ((x[:, :0], branch[:, :0], None, None), ValueError, "C=0 channels"),
+    ]
+    for args, error, match in bad_forward:
+        with pytest.raises(error, match=match):
+            op(*args, 1e-5, torch.float32, None)
+    _, _, mean, rstd = op(x, branch, w, b, 1e-5, torch.float32, None)
+    grad = torch.randn(6, 8, device=DEVICE)
+    common = (torch.float32, torch.float32, torch.float32, True, torch.float32, torch.float32)
+    want = backward(grad, None, branch, w, mean, rstd, *common)
+    strided = [torch.stack([t, torch.full_like(t, 1e3)], -1)[:, 0] for t in (mean, rstd)]
+    assert not strided[0].is_contiguous()
+    for got, expected in zip(backward(grad, None, branch, w, *strided, *common), want):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"mean must be \[6\]"):
+        backward(grad, None, branch, w, mean[:2], rstd, *common)
+    with pytest.raises(ValueError, match="share one shape"):
+        backward(grad.view(1, 6, 8).squeeze(0)[:3], None, branch, w, mean, rstd, *common)
+    with pytest.raises(ValueError, match="needs grad or grad_copy"):
+        backward(None, None, branch, w, mean, rstd, *common)
+
+
 @pytest.mark.parametrize("used", ["out", "copy"])
 def test_unused_output_leaves_signed_zeros_alone_on_both_paths(seed, monkeypatch, used):
     """-0.0 incoming gradients: neither path adds +0 zeros for the output nobody used."""

@@ -318,6 +318,38 @@ def test_op_called_directly_takes_strided_tau_and_bias_and_checks_its_arguments(
         torch.ops.audiomae.window_attention(qkv, None, None, [4, 4], [2, 2], [1, 1], 4, -100.0)
 
 
+def test_backward_op_called_directly_reads_any_layout_and_checks_shapes():
+    # out and lse as any strides, dout in another float dtype: the same gradients; shapes the
+    # kernel would misread are errors naming the argument. Its fake returns contiguous dtau and
+    # dbias whatever tau's and bias's strides, as the op does (inductor compares the two).
+    qkv, tau, bias = (x.float() for x in make_inputs(2, (4, 4), (2, 2), 2, 16))
+    args = ([4, 4], [2, 2], [1, 1], 2, -100.0)
+    out, lse = torch.ops.audiomae.window_attention(qkv, tau, bias, *args)
+    dout = torch.randn_like(out)
+    want = torch.ops.audiomae.window_attention_backward(dout, qkv, tau, bias, out, lse, *args)
+    out_t = out.transpose(0, 1).contiguous().transpose(0, 1)
+    lse_t = lse.transpose(1, 2).contiguous().transpose(1, 2)
+    assert not out_t.is_contiguous() and not lse_t.is_contiguous()
+    got = torch.ops.audiomae.window_attention_backward(dout.half(), qkv, tau, bias, out_t, lse_t, *args)
+    want_half = torch.ops.audiomae.window_attention_backward(dout.half().float(), qkv, tau, bias, out, lse, *args)
+    for a, b in zip(got, want_half):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    got = torch.ops.audiomae.window_attention_backward(dout, qkv, tau, bias, out_t, lse_t, *args)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    for name, bad in (("out", (dout, qkv, tau, bias, out[:1], lse)), ("lse", (dout, qkv, tau, bias, out, lse[:, :1])),
+                      ("dout", (dout[..., :8], qkv, tau, bias, out, lse))):
+        with pytest.raises(ValueError, match=f"{name} must be a"):
+            torch.ops.audiomae.window_attention_backward(*bad, *args)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    bias_t = bias.transpose(1, 2).contiguous().transpose(1, 2)
+    with FakeTensorMode() as mode:
+        fake = [mode.from_tensor(t) for t in (dout, qkv, tau, bias_t, out, lse)]
+        _, dtau, dbias = torch.ops.audiomae.window_attention_backward(*fake, *args)
+    assert dtau.is_contiguous() and dbias.is_contiguous()
+
+
 def test_compiles_without_graph_breaks():
     """The compiled graph runs the custom ops, eager runs the autograd.Function: same outputs and gradients."""
     qkv, tau, bias = (x.float() for x in make_inputs(1, (4, 4), (2, 2), 2, 16))
