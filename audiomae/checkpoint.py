@@ -62,9 +62,12 @@ def load_torch_file(path):
 
 
 def is_safetensors(path) -> bool:
-    """Whether the file at ``path`` holds safetensors, by its content (an 8-byte little-endian
-    header size, then the JSON header), so that ``save_pretrained`` output reads back whatever its
-    name; a ``.pth`` (a zip archive or a pickle) never looks like one."""
+    """Whether ``path`` is to be read as safetensors: its name ends in ``.safetensors`` (a damaged
+    one then says what safetensors finds wrong), or its content is safetensors (an 8-byte
+    little-endian header size, then the JSON header), so that ``save_pretrained`` output reads
+    back whatever its name; a ``.pth`` (a zip archive or a pickle) never looks like one."""
+    if Path(path).suffix == ".safetensors":
+        return True
     try:
         with open(path, "rb") as f:
             head, size = f.read(9), os.fstat(f.fileno()).st_size
@@ -80,7 +83,7 @@ def read_checkpoint(path) -> tuple[dict, dict]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
-    if path.suffix == ".safetensors" or is_safetensors(path):
+    if is_safetensors(path):
         from safetensors import safe_open
         from safetensors.torch import load_file
 

@@ -233,6 +233,8 @@ class RunLog:
     """A CSV log (``log.csv``, one row per logged step or evaluation) and TensorBoard events, written by
     rank 0 only; other ranks get a log that drops everything."""
 
+    COLUMNS = ["time", "step", "name", "value"]
+
     def __init__(self, out_dir: Path, world: Dist, resume_step: int | None = None):
         """``resume_step``: the step of the checkpoint a resumed run continues from. A step's rows
         are written before its checkpoint, so rows past it come from a run that stopped before its
@@ -253,18 +255,14 @@ class RunLog:
             self.writer = SummaryWriter(log_dir=str(out_dir / "tensorboard"), purge_step=purge)
 
     def _drop_rows_after(self, step: int) -> None:
-        with open(self.csv_path, newline="") as f:
+        """Keep the rows of steps up to ``step``. A row that does not parse (cut short or garbled
+        by the crash that stopped the run) is dropped too, so the resumed run's rows start on a
+        line of their own."""
+        with open(self.csv_path, newline="", encoding="utf-8", errors="replace") as f:
             rows = list(csv.reader(f))
-        if not rows:
-            return
-        header, body = rows[0], rows[1:]
-        column = header.index("step") if "step" in header else None
-        kept = [r for r in body if column is None or len(r) <= column or not r[column].isdigit()
-                or int(r[column]) <= step]
-        if len(kept) == len(body):
-            return
+        kept = [r for r in rows[1:] if len(r) == len(self.COLUMNS) and r[1].isdigit() and int(r[1]) <= step]
         with open(self.csv_path, "w", newline="") as f:
-            csv.writer(f).writerows([header, *kept])
+            csv.writer(f).writerows([self.COLUMNS, *kept])
 
     def write(self, step: int, **values) -> None:
         if not self.active:
@@ -273,7 +271,7 @@ class RunLog:
         with open(self.csv_path, "a", newline="") as f:
             writer = csv.writer(f)
             if new:
-                writer.writerow(["time", "step", "name", "value"])
+                writer.writerow(self.COLUMNS)
             for name, value in values.items():
                 writer.writerow([f"{time.time():.3f}", step, name, f"{value:.6g}"])
                 self.writer.add_scalar(name, value, step)

@@ -151,9 +151,14 @@ def test_init_from_our_safetensors_keeps_its_heads(demo, tmp_path):
     assert config["model_kwargs"]["num_heads"] == 4 and config["model_kwargs"]["embed_dim"] == 48
 
 
-def test_unreadable_init_is_one_line(demo, tmp_path, capsys):
-    broken = tmp_path / "broken.safetensors"
-    broken.write_text("garbage")
+@pytest.mark.parametrize("content", [b"garbage", b"", b"\x40\x00\x00\x00\x00\x00\x00\x00{\"w"])
+def test_unreadable_init_is_one_line(demo, tmp_path, capsys, content):
+    broken = tmp_path / "broken.safetensors"  # garbage, empty, cut inside its header
+    broken.write_bytes(content)
     assert finetune(demo, broken, tmp_path / "ft") == 2
     err = capsys.readouterr().err
-    assert "is not a readable checkpoint" in err and len(err.strip().splitlines()) == 1
+    # read as safetensors (its name says so): safetensors says what is wrong, not torch.load
+    assert "is not a readable checkpoint (SafetensorError" in err and len(err.strip().splitlines()) == 1
+    assert main(["embed", str(demo), "--ckpt", str(broken), "--out", str(tmp_path / "e.npy")]) == 2
+    err = capsys.readouterr().err
+    assert "is not a readable checkpoint (SafetensorError" in err and len(err.strip().splitlines()) == 1

@@ -83,7 +83,10 @@ def test_resume_drops_log_rows_past_its_checkpoint(demo, tmp_path):
     assert pretrain(demo, out, *common, "--max-steps", "3") == 0
     with open(out / "log.csv", "a", newline="") as f:  # what the killed run had written after step 3
         csv.writer(f).writerows([["0.0", "4", "loss", "1234"], ["0.0", "5", "loss", "1234"]])
+    with open(out / "log.csv", "ab") as f:  # and a row the kill cut short, with a byte it garbled
+        f.write(b"1795769999.1,\xff")
     assert pretrain(demo, out, *common, "--resume") == 0
+    assert all(len(r) == 4 and None not in r.values() for r in log_rows(out))
     rows = [r for r in log_rows(out) if r["name"] == "loss"]
     assert [int(r["step"]) for r in rows] == list(range(1, 15))
     assert all(r["value"] != "1234" for r in rows)
