@@ -17,6 +17,12 @@ moves its bytes in a few microseconds, close to what eager PyTorch spends launch
 graphed rows are the ones that measure the kernels against the copy bandwidth, and the eager rows
 what a caller sees.
 
+Fresh inputs: each case builds several independent input sets (``INPUT_SETS_BYTES`` of them
+in all on CUDA, well past an H100's 50 MB L2; two on the CPU) and every call, eager or replayed,
+takes the next set in turn (a graph per set), so no repetition finds the previous one's inputs in
+the L2: the ops' forward working sets (21 to 41 MB at these shapes) would otherwise fit there
+and read faster than memory.
+
 Fewest bytes (the ``floor_ms`` figure divides them by the copy bandwidth measured in the same
 run, which counts bytes read plus bytes written): each tensor element the op must read or write,
 once. The positional-embedding rows a gather reads count once per distinct row (the batch
@@ -38,6 +44,8 @@ from kernels.reference import unshuffle_tokens as unshuffle_reference
 from kernels.unshuffle_tokens import unshuffle_tokens
 
 SUITE = "tokens"
+INPUT_SETS_BYTES = 256 * 2**20  # on CUDA: at least this many bytes touched over all input sets, in turn
+MAX_INPUT_SETS = 16
 
 
 def _shapes(device: str, quick: bool) -> dict:
@@ -50,8 +58,41 @@ def _random_ids(B: int, n: int, keep: int, device: str) -> torch.Tensor:
     return torch.rand(B, n, device=device).argsort(dim=1)[:, :keep]
 
 
+def _num_sets(device: str, touched_bytes: int) -> int:
+    """Input sets for a case whose call touches ``touched_bytes``: enough to stream past the L2."""
+    if not device.startswith("cuda"):
+        return 2  # the rotation still runs; CPU timings mean nothing for the GPU anyway
+    return max(2, min(MAX_INPUT_SETS, -(-INPUT_SETS_BYTES // max(touched_bytes, 1))))
+
+
+class Rotation:
+    """Calls ``fns`` in turn, one per call: each on its own input set."""
+
+    def __init__(self, fns):
+        self.fns, self.calls = list(fns), 0
+
+    def __call__(self):
+        fn = self.fns[self.calls % len(self.fns)]
+        self.calls += 1
+        return fn()
+
+
 def _cases(device: str, quick: bool):
-    """(op, shape, fwd bytes, bwd bytes, {impl: (forward fn, inputs needing grad)})."""
+    """(op, shape, fwd bytes, bwd bytes, {impl: [(forward fn, inputs needing grad) per input set]})."""
+    for op, shape, fwd, bwd, make in _case_makers(device, quick):
+        yield op, shape, fwd, bwd, _per_set(make, _num_sets(device, fwd))
+
+
+def _per_set(make, sets: int) -> dict:
+    """{impl: [(forward, inputs) for each of ``sets`` input sets made by ``make()``]}."""
+    made = [make() for _ in range(sets)]
+    return {impl: [impls[impl] for impls in made] for impl in made[0]}
+
+
+def _case_makers(device: str, quick: bool):
+    """(op, shape, fwd bytes, bwd bytes, make) where ``make()`` builds one input set and returns
+    {impl: (forward fn, inputs needing grad)} over it. Byte counts from a first set (every set
+    draws its indices alike)."""
     s = _shapes(device, quick)
     B, L, dtype = s["B"], s["L"], s["dtype"]
     K = int(L * (1 - s["mask_ratio"]))
@@ -60,52 +101,67 @@ def _cases(device: str, quick: bool):
     on_gpu = device.startswith("cuda")  # the op runs Triton on any tensor; CPU ones need the interpreter
 
     C = s["C_gather"]
-    x = torch.randn(B, L, C, device=device, dtype=dtype, requires_grad=True)
-    pos = torch.randn(1, L, C, device=device, dtype=dtype)
-    ids_keep = _random_ids(B, L, K, device)
-    pos_rows = ids_keep.unique().numel()
+
+    def gather_set():
+        x = torch.randn(B, L, C, device=device, dtype=dtype, requires_grad=True)
+        pos = torch.randn(1, L, C, device=device, dtype=dtype)
+        ids_keep = _random_ids(B, L, K, device)
+        impls = {
+            "official": (lambda: gather_reference.gather_tokens(x, ids_keep, pos), (x,)),
+            "kernel": (lambda: gather_tokens(x, ids_keep, pos), (x,)),
+            "kernel_unchecked": (lambda: gather_tokens(x, ids_keep, pos, check_indices=False), (x,)),
+        }
+        if on_gpu:
+            impls["kernel_custom_op"] = (lambda: torch.ops.audiomae.gather_tokens(x, ids_keep, pos[0]), (x,))
+        return impls
+
+    pos_rows = _random_ids(B, L, K, device).unique().numel()
     fwd = (B * K * C + pos_rows * C + B * K * C) * size + B * K * idx
     bwd = (B * K * C + B * L * C) * size + B * K * idx
-    impls = {
-        "official": (lambda: gather_reference.gather_tokens(x, ids_keep, pos), (x,)),
-        "kernel": (lambda: gather_tokens(x, ids_keep, pos), (x,)),
-        "kernel_unchecked": (lambda: gather_tokens(x, ids_keep, pos, check_indices=False), (x,)),
-    }
-    if on_gpu:
-        impls["kernel_custom_op"] = (lambda: torch.ops.audiomae.gather_tokens(x, ids_keep, pos[0]), (x,))
-    yield "gather", f"B={B} L={L} K={K} C={C}", fwd, bwd, impls
+    yield "gather", f"B={B} L={L} K={K} C={C}", fwd, bwd, gather_set
 
     (T, F), (Kt, Kf) = s["grid"], s["keep_2d"]
-    x2 = torch.randn(B, T * F, C, device=device, dtype=dtype, requires_grad=True)
-    pos2 = torch.randn(1, T * F, C, device=device, dtype=dtype)
-    ids_t, ids_f = _random_ids(B, T, Kt, device), _random_ids(B, F, Kf, device)
     K2 = Kt * Kf
+
+    def gather_2d_set():
+        x2 = torch.randn(B, T * F, C, device=device, dtype=dtype, requires_grad=True)
+        pos2 = torch.randn(1, T * F, C, device=device, dtype=dtype)
+        ids_t, ids_f = _random_ids(B, T, Kt, device), _random_ids(B, F, Kf, device)
+        return {
+            "official": (lambda: gather_reference.gather_tokens_2d(x2, ids_t, ids_f, (T, F), pos2), (x2,)),
+            "kernel": (lambda: gather_tokens_2d(x2, ids_t, ids_f, (T, F), pos2), (x2,)),
+            "kernel_unchecked": (lambda: gather_tokens_2d(x2, ids_t, ids_f, (T, F), pos2, check_indices=False), (x2,)),
+        }
+
+    ids_t, ids_f = _random_ids(B, T, Kt, device), _random_ids(B, F, Kf, device)
     pos_rows = (ids_t[:, :, None] * F + ids_f[:, None, :]).unique().numel()
     fwd = (B * K2 * C + pos_rows * C + B * K2 * C) * size + B * (Kt + Kf) * idx
     bwd = (B * K2 * C + B * T * F * C) * size + B * (Kt + Kf) * idx
-    yield "gather_2d", f"B={B} T={T} F={F} Kt={Kt} Kf={Kf} C={C}", fwd, bwd, {
-        "official": (lambda: gather_reference.gather_tokens_2d(x2, ids_t, ids_f, (T, F), pos2), (x2,)),
-        "kernel": (lambda: gather_tokens_2d(x2, ids_t, ids_f, (T, F), pos2), (x2,)),
-        "kernel_unchecked": (lambda: gather_tokens_2d(x2, ids_t, ids_f, (T, F), pos2, check_indices=False), (x2,)),
-    }
+    yield "gather_2d", f"B={B} T={T} F={F} Kt={Kt} Kf={Kf} C={C}", fwd, bwd, gather_2d_set
 
-    C = s["C_unshuffle"]
-    kept = torch.randn(B, K, C, device=device, dtype=dtype, requires_grad=True)
-    mask_token = torch.randn(1, 1, C, device=device, dtype=dtype, requires_grad=True)
-    pos = torch.randn(1, L, C, device=device, dtype=dtype)
-    ids_restore = torch.rand(B, L, device=device).argsort(dim=1).argsort(dim=1)
-    fwd = (B * K * C + C + L * C + B * L * C) * size + B * L * idx
-    bwd = (B * L * C + B * K * C + C) * size + B * L * idx
-    impls = {
-        "official": (lambda: unshuffle_reference.unshuffle_tokens(kept, ids_restore, mask_token, pos), (kept, mask_token)),
-        "kernel": (lambda: unshuffle_tokens(kept, ids_restore, mask_token, pos), (kept, mask_token)),
-        "kernel_unchecked": (lambda: unshuffle_tokens(kept, ids_restore, mask_token, pos, check_indices=False), (kept, mask_token)),
-    }
-    if on_gpu:
-        impls["kernel_custom_op"] = (
-            lambda: torch.ops.audiomae.unshuffle_tokens(kept, ids_restore, mask_token.reshape(C), pos[0]), (kept, mask_token)
-        )
-    yield "unshuffle", f"B={B} L={L} K={K} C={C}", fwd, bwd, impls
+    C_u = s["C_unshuffle"]
+
+    def unshuffle_set():
+        kept = torch.randn(B, K, C_u, device=device, dtype=dtype, requires_grad=True)
+        mask_token = torch.randn(1, 1, C_u, device=device, dtype=dtype, requires_grad=True)
+        pos = torch.randn(1, L, C_u, device=device, dtype=dtype)
+        ids_restore = torch.rand(B, L, device=device).argsort(dim=1).argsort(dim=1)
+        impls = {
+            "official": (lambda: unshuffle_reference.unshuffle_tokens(kept, ids_restore, mask_token, pos),
+                         (kept, mask_token)),
+            "kernel": (lambda: unshuffle_tokens(kept, ids_restore, mask_token, pos), (kept, mask_token)),
+            "kernel_unchecked": (lambda: unshuffle_tokens(kept, ids_restore, mask_token, pos, check_indices=False),
+                                 (kept, mask_token)),
+        }
+        if on_gpu:
+            impls["kernel_custom_op"] = (
+                lambda: torch.ops.audiomae.unshuffle_tokens(kept, ids_restore, mask_token.reshape(C_u), pos[0]),
+                (kept, mask_token))
+        return impls
+
+    fwd = (B * K * C_u + C_u + L * C_u + B * L * C_u) * size + B * L * idx
+    bwd = (B * L * C_u + B * K * C_u + C_u) * size + B * L * idx
+    yield "unshuffle", f"B={B} L={L} K={K} C={C_u}", fwd, bwd, unshuffle_set
 
 
 def _forward_backward(forward, inputs):
@@ -121,11 +177,12 @@ def _forward_backward(forward, inputs):
 
 
 def _timed_impls(impls: dict, pass_name: str, device: str):
-    for impl, (forward, inputs) in impls.items():
-        fn = forward if pass_name == "fwd" else _forward_backward(forward, inputs)
-        yield impl, fn
+    """(impl, callable): each call takes the next input set; graph rows replay one graph per set."""
+    for impl, per_set in impls.items():
+        fns = [forward if pass_name == "fwd" else _forward_backward(forward, inputs) for forward, inputs in per_set]
+        yield impl, Rotation(fns)
         if device.startswith("cuda") and impl in ("official", "kernel_unchecked"):
-            yield impl.replace("_unchecked", "") + "_graph", graphed(fn)
+            yield impl.replace("_unchecked", "") + "_graph", Rotation([graphed(fn) for fn in fns])
 
 
 def run(device: str = "cuda", quick: bool = False) -> list[dict]:
@@ -150,7 +207,7 @@ def run(device: str = "cuda", quick: bool = False) -> list[dict]:
                         "median_ms": t.median_ms, "min_ms": t.min_ms, "peak_mem_bytes": t.peak_mem_bytes,
                         "bytes": nbytes, "floor_ms": floor, "fraction_of_copy_bandwidth": floor / t.median_ms,
                         "achieved_gbps": nbytes / (t.median_ms * 1e-3) / 1e9, "copy_gbps": bandwidth,
-                        "speedup_vs_official": official_ms[mode] / t.median_ms, **info,
+                        "speedup_vs_official": official_ms[mode] / t.median_ms, "input_sets": len(fn.fns), **info,
                     })
     return rows
 
@@ -169,8 +226,8 @@ def _case_ids():
 @pytest.mark.parametrize("op,impl,pass_name", _case_ids())
 def test_tokens(benchmark, op, impl, pass_name):
     cases = {name: impls for name, _, _, _, impls in _cases("cuda", quick=False)}
-    forward, inputs = cases[op][impl]
-    fn = forward if pass_name == "fwd" else _forward_backward(forward, inputs)
+    fn = Rotation(forward if pass_name == "fwd" else _forward_backward(forward, inputs)
+                  for forward, inputs in cases[op][impl])
 
     def synced():
         fn()

@@ -89,9 +89,10 @@ def graphed(fn: Callable[[], object]) -> Callable[[], None]:
     launching them, which at a few microseconds per kernel can exceed the kernels themselves.
 
     Every replay reads the same input buffers (as every eager repetition of ``time_fn`` does): a
-    working set smaller than the GPU's L2 (50 MB on an H100; the token ops' forward at the issue's
-    shape is 21 to 41 MB) may be served partly from L2, so a fraction of the copy bandwidth (whose
-    floor streams 2 GiB through memory) can read high for such rows."""
+    working set smaller than the GPU's L2 (50 MB on an H100) may be served partly from L2, so a
+    fraction of the copy bandwidth (whose floor streams 2 GiB through memory) would read high. The
+    token ops' forward (21 to 41 MB at the issue's shape) is the one suite that small: it captures
+    a graph per input set and replays them in turn (``bench_tokens.Rotation``)."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):

@@ -177,6 +177,8 @@ def _gelu_mlp_backward_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of (x, fc1_weight, fc1_bias, fc2_weight, fc2_bias) in the compute dtype; one not
     in ``needs`` comes back empty (an op cannot return None)."""
+    if len(needs) != 5:
+        raise ValueError(f"needs must hold 5 flags (x, fc1_weight, fc1_bias, fc2_weight, fc2_bias), got {len(needs)}")
     dtype = xc.dtype
     w1, b1, w2 = fc1_weight.to(dtype), _cast(fc1_bias, dtype), fc2_weight.to(dtype)  # no-ops when kept cast
     grads = _backward_math(grad, xc, w1, b1, w2, hidden if saved_hidden else None, approximate, needs, fused_matmul)
