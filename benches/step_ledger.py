@@ -328,8 +328,9 @@ def run(device="cuda", quick: bool = False) -> list[dict]:
     rows = []
     for variant in VARIANTS:
         backend, _, fused = variant.partition(" ")
-        summary = summarize(record_step(backend, fused_matmul=bool(fused)))
-        by_kind = ", ".join(f"{r['kind']} {r['floor_ms']:.2f} ms" for r in summary["by_kind"])
+        summary = summarize(record_step(backend, fused_matmul=bool(fused)), top=24)
+        by_kind = ", ".join(f"{r['kind']} {r['floor_ms']:.2f} ms" + (f" ({r['flops'] / 1e12:.2f} TFLOP)" if r["flops"] else "")
+                            for r in summary["by_kind"])
         top_ops = ", ".join(f"{r['op']} {r['floor_ms']:.2f} ms" for r in summary["top_ops"])
         rows.append({
             "suite": SUITE, "name": "pretrain step ledger", "impl": variant,

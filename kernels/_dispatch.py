@@ -40,6 +40,22 @@ def use_triton(*tensors: torch.Tensor) -> bool:
     return device.type == "cuda" or (device.type == "cpu" and interpreting())
 
 
+def on_tensors_device(launcher):
+    """Runs ``launcher`` with its first tensor argument's GPU current: Triton launches on the
+    current CUDA device and its stream, so tensors on ``cuda:1`` while ``cuda:0`` is current would
+    otherwise be read by a kernel on the wrong GPU. A no-op (one device query) in the usual case."""
+
+    @functools.wraps(launcher)
+    def wrapper(*args, **kwargs):
+        first = next((a for a in args if isinstance(a, torch.Tensor)), None)
+        if first is not None and first.is_cuda and first.device.index != torch.cuda.current_device():
+            with torch.cuda.device(first.device):
+                return launcher(*args, **kwargs)
+        return launcher(*args, **kwargs)
+
+    return wrapper
+
+
 def check_same_device(**tensors) -> torch.device:
     """Every named tensor must share one device; the error names the odd one out."""
     devices = {name: t.device for name, t in tensors.items() if t is not None}

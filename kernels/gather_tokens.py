@@ -46,7 +46,8 @@ import triton
 import triton.language as tl
 
 from kernels.reference import gather_tokens as reference
-from kernels._dispatch import check_same_device, first_order_only, needs_custom_op, reject_autodiff_transforms, use_triton
+from kernels._dispatch import (check_same_device, first_order_only, needs_custom_op, on_tensors_device,
+                              reject_autodiff_transforms, use_triton)
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -301,6 +302,7 @@ def _gather_backward_kernel(
 # ----------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------
+@on_tensors_device
 def _gather_forward(x: torch.Tensor, ids_keep: torch.Tensor, pos_embed: torch.Tensor | None) -> torch.Tensor:
     B, L, C = x.shape
     K = ids_keep.shape[1]
@@ -322,6 +324,7 @@ def _gather_forward(x: torch.Tensor, ids_keep: torch.Tensor, pos_embed: torch.Te
     return out
 
 
+@on_tensors_device
 def gather_rows_backward(
     grad: torch.Tensor,
     ids: torch.Tensor,

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._dispatch import use_triton
+from ._dispatch import on_tensors_device, use_triton
 
 _SQRT_HALF = tl.constexpr(1.0 / math.sqrt(2.0))
 _INV_SQRT_2PI = tl.constexpr(1.0 / math.sqrt(2.0 * math.pi))
@@ -77,6 +77,7 @@ def gelu_and_grad_reference(hidden: torch.Tensor, grad_act: torch.Tensor, approx
     return act, grad, grad.sum(0) if bias_grad else None
 
 
+@on_tensors_device
 def gelu_and_grad(hidden: torch.Tensor, grad_act: torch.Tensor, approximate: str, bias_grad: bool):
     """``hidden`` and ``grad_act`` [M, H] of one floating dtype and device -> (GELU(hidden) [M, H],
     the gradient of ``hidden`` [M, H] written over ``grad_act`` on the kernel path, its column sums

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._dispatch import use_triton
+from ._dispatch import on_tensors_device, use_triton
 from .gelu_grad import _gelu_and_slope, gelu_and_grad_reference
 
 
@@ -179,6 +179,7 @@ def linear_gelu_reference(x, weight, bias, approximate: str) -> torch.Tensor:
     return F.gelu(F.linear(x, weight, bias), approximate=approximate)
 
 
+@on_tensors_device
 def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, approximate: str) -> torch.Tensor:
     """``gelu(x @ weight.T + bias)`` for ``x`` [M, K], ``weight`` [N, K], ``bias`` [N] or None (one
     dtype and device) -> [M, N]. Forward only (``kernels.gelu_mlp`` differentiates). See the module doc."""
@@ -202,6 +203,7 @@ def linear_gelu_backward_reference(x, weight, bias, grad, weight2, approximate: 
     return gelu_and_grad_reference(hidden, grad @ weight2, approximate, bias_grad)
 
 
+@on_tensors_device
 def linear_gelu_backward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, grad: torch.Tensor,
                          weight2: torch.Tensor, approximate: str, bias_grad: bool, hidden: torch.Tensor | None = None):
     """(GELU's output, the gradient of fc1's output, fc1's bias gradient or None) of an MLP

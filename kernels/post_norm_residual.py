@@ -40,7 +40,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._dispatch import check_same_device, first_order_only, needs_custom_op, reject_autodiff_transforms, use_triton
+from kernels._dispatch import (check_same_device, first_order_only, needs_custom_op, on_tensors_device,
+                              reject_autodiff_transforms, use_triton)
 from kernels.gather_tokens import FLOAT_DTYPES, REDUCING_PROGRAMS, cdiv, next_power_of_2
 from kernels.reference import post_norm_residual as reference
 
@@ -181,6 +182,7 @@ def stat_dtype(branch_dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if branch_dtype == torch.float64 else torch.float32
 
 
+@on_tensors_device
 def _forward(x, branch, weight, bias, eps: float, norm_dtype: torch.dtype, copy_dtype: torch.dtype | None = None):
     """x, branch [M, C] -> (out [M, C], copy [M, C] (``out.to(copy_dtype)``; [0] when not asked
     for), mean [M], rstd [M])."""
@@ -233,6 +235,7 @@ def _backward(grad, grad_copy, branch, weight, mean, rstd, norm_dtype, out_dtype
                                     weight_dtype, bias_dtype, grad_x))
 
 
+@on_tensors_device
 def _norm_backward(grad, grad_copy, branch, weight, mean, rstd, norm_dtype, out_dtype, need_branch, weight_dtype,
                    bias_dtype, grad_x):
     """(grad_branch, grad_weight, grad_bias); with ``grad_copy`` the kernel also sums the incoming

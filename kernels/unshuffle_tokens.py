@@ -33,7 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._dispatch import check_same_device, first_order_only, needs_custom_op, reject_autodiff_transforms, use_triton
+from kernels._dispatch import (check_same_device, first_order_only, needs_custom_op, on_tensors_device,
+                              reject_autodiff_transforms, use_triton)
 from kernels.gather_tokens import (
     REDUCING_PROGRAMS,
     TL_DTYPES,
@@ -125,6 +126,7 @@ def _mask_pos_backward_kernel(
         )
 
 
+@on_tensors_device
 def _unshuffle_forward(x, ids_restore, mask_token, pos_embed):
     B, K, C = x.shape
     L = ids_restore.shape[1]
@@ -146,6 +148,7 @@ def _unshuffle_forward(x, ids_restore, mask_token, pos_embed):
     return out
 
 
+@on_tensors_device
 def _mask_pos_backward(grad, ids_restore, num_kept, mask_dtype, pos_dtype):
     """(grad of mask_token [C] or None, grad of pos_embed [L, C] or None)."""
     B, L, C = grad.shape

@@ -54,7 +54,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._dispatch import first_order_only, interpreting, needs_custom_op, reject_autodiff_transforms, use_triton
+from ._dispatch import (first_order_only, interpreting, needs_custom_op, on_tensors_device, reject_autodiff_transforms,
+                        use_triton)
 from .gather_tokens import cdiv, next_power_of_2
 from .reference.window_attention import check_window_attention_args, window_attention_reference
 
@@ -527,6 +528,7 @@ def _launch_plan(batch, c3, fp32, itemsize, grid, window, shift, num_heads, has_
     return runtime, meta, num_programs
 
 
+@on_tensors_device
 def _forward(qkv, tau, bias, grid, window, shift, num_heads, mask_value):
     B, L, C3 = qkv.shape
     out = torch.empty(B, L, C3 // 3, device=qkv.device, dtype=qkv.dtype)
@@ -537,6 +539,7 @@ def _forward(qkv, tau, bias, grid, window, shift, num_heads, mask_value):
     return out, lse
 
 
+@on_tensors_device
 def _backward(dout, qkv, tau, bias, out, lse, grid, window, shift, num_heads, mask_value, dqkv=None):
     """(dqkv, dtau, dbias). ``dqkv``: the contiguous buffer to write qkv's gradient into (qkv itself
     for ``overwrite_qkv``; the caller checks that the launch allows it); by default a new one."""

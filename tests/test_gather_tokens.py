@@ -532,6 +532,19 @@ def test_ops_called_directly_take_every_argument_form(seed):
         torch.ops.audiomae.gather_tokens(x, ids.int(), None)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_gpu_tensors_on_a_gpu_that_is_not_current(seed):
+    # Triton launches on the current device: the launchers make the tensors' GPU current.
+    torch.cuda.set_device(0)
+    x = torch.randn(2, 6, 5, device="cuda:1", requires_grad=True)
+    ids = random_ids(2, 6, 3).to("cuda:1")
+    out = gather_tokens(x, ids)
+    torch.testing.assert_close(out, gather_reference.gather_tokens(x.detach(), ids, None))
+    (grad,) = torch.autograd.grad(out, x, torch.ones_like(out))
+    assert grad.device == x.device and float(grad.sum()) == out.numel()
+
+
 def test_backward_ops_called_directly_check_their_indices(seed):
     # The kernels take B and N from grad and read ids there: ids of another shape are an error.
     grad = torch.randn(2, 4, 5, device=DEVICE)

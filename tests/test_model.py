@@ -12,6 +12,7 @@ import audiomae
 from audiomae.backends import BackendUnavailableError
 from audiomae.layers import Block
 from audiomae.swin import SwinTransformerBlock, relative_coordinates_log
+from kernels import _dispatch
 
 timm_vit = pytest.importorskip("timm.models.vision_transformer")
 timm_swin = pytest.importorskip("timm.models.swin_transformer_v2_cr")
@@ -282,6 +283,8 @@ def _swin_stack(depth=3):
                           for n in range(depth)])
 
 
+@pytest.mark.skipif(not _dispatch.interpreting(), reason="CPU tensors take the kernels only through the interpreter "
+                    "(the GPU test below runs the whole model)")
 def test_swin_blocks_stream_copy_changes_no_number(monkeypatch):
     """Under autocast ``run_blocks`` hands each Swin block's Linears the post-norm kernels' 16-bit
     copy of the float32 stream (``SwinTransformerBlock.forward_with_copy``): outputs and every

@@ -361,8 +361,9 @@ def test_copy_compiles_without_graph_breaks(seed):
     assert len(traced) == 1 and traced[0].count("audiomae.post_norm_residual") == 1, traced
 
 
+@pytest.mark.skipif(DEVICE == "cuda", reason="CUDA tensors take the kernel, not the reference")
 def test_copy_on_the_reference_path(seed, monkeypatch):
-    monkeypatch.delenv("TRITON_INTERPRET")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     inputs, copy_dtype = _copy_inputs(COPY_CASES[0])
     out, copy = post_norm_residual(*inputs, copy_dtype=copy_dtype)
     assert torch.equal(out, reference(*inputs)) and torch.equal(copy, out.to(copy_dtype))

@@ -308,7 +308,7 @@ def test_op_called_directly_takes_strided_tau_and_bias_and_checks_its_arguments(
     def run(t, b):
         leaves = [qkv.clone().requires_grad_(), t.detach().requires_grad_(), b.detach().requires_grad_()]
         out, _ = torch.ops.audiomae.window_attention(*leaves, *args)
-        return [out, *torch.autograd.grad(out, leaves, torch.linspace(-1, 1, out.numel()).view_as(out))]
+        return [out, *torch.autograd.grad(out, leaves, torch.linspace(-1, 1, out.numel(), device=out.device).view_as(out))]
 
     for got, want in zip(run(tau_strided, bias_strided), run(tau, bias)):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
@@ -357,7 +357,7 @@ def test_compiles_without_graph_breaks():
     def run(fn):
         leaves = [t.clone().requires_grad_() for t in (qkv, tau, bias)]
         out = fn(leaves[0], leaves[1], leaves[2])
-        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        (out * torch.linspace(-1, 1, out.numel(), device=out.device).view_as(out)).sum().backward()
         return [out] + [t.grad for t in leaves]
 
     def op(x, t, b):
