@@ -173,7 +173,7 @@ def test_bench_quick_writes_report_results_and_plots(tmp_path):
     assert results["versions"]["torch"] == torch.__version__
     assert {r["op"] for r in results["parity"]} == {"gather_tokens", "fbank"}
     # gather_tokens is a parity case of bench_tokens' kernels: naming it times them too.
-    assert {r["suite"] for r in results["benchmarks"]} == {"fbank", "tokens"}
+    assert {r["suite"] for r in results["benchmarks"]} == {"fbank", "fbank_precision", "tokens"}
     assert all(r.get("status") != "ERROR" for r in results["parity"] + results["benchmarks"])
     if not torch.cuda.is_available():
         assert "TRITON_INTERPRET=1" in done.stdout and "say nothing about GPU speed" in done.stdout
