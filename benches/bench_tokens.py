@@ -91,8 +91,8 @@ def _per_set(make, sets: int) -> dict:
 
 def _case_makers(device: str, quick: bool):
     """(op, shape, fwd bytes, bwd bytes, make) where ``make()`` builds one input set and returns
-    {impl: (forward fn, inputs needing grad)} over it. Byte counts from a first set (every set
-    draws its indices alike)."""
+    {impl: (forward fn, inputs needing grad)} over it. Byte counts from a draw of indices like
+    every set's."""
     s = _shapes(device, quick)
     B, L, dtype = s["B"], s["L"], s["dtype"]
     K = int(L * (1 - s["mask_ratio"]))

@@ -99,8 +99,14 @@ class _GeluMlp(torch.autograd.Function):
     @first_order_only("gelu_mlp")
     def backward(ctx, grad):
         xc, w1, b1, w2, hidden = ctx.saved_tensors
-        grads = _backward_math(grad, xc, w1, b1, w2, hidden, ctx.approximate, ctx.needs_input_grad[:5],
-                               ctx.fused_matmul)
+        needs = list(ctx.needs_input_grad[:5])
+        if needs_custom_op():  # compiled autograd traces this backward: there it takes the op too
+            kept = hidden is not None
+            grads = torch.ops.audiomae.gelu_mlp_backward(grad, xc, w1, b1, w2, hidden if kept else xc.new_empty(0),
+                                                         kept, ctx.approximate, needs, ctx.fused_matmul)
+            grads = [g if need else None for g, need in zip(grads, needs)]
+        else:
+            grads = _backward_math(grad, xc, w1, b1, w2, hidden, ctx.approximate, needs, ctx.fused_matmul)
         return (*(g.to(dtype) if g is not None else None for g, dtype in zip(grads, ctx.dtypes)), None, None, None,
                 None)
 

@@ -166,6 +166,26 @@ def test_compiles_without_graph_breaks(seed):
         torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("save,fused", [("input", False), ("hidden", False), ("input", True)])
+def test_compiled_autograd_traces_the_backward_op(seed, save, fused):
+    # Compiled autograd traces the eager autograd.Function's backward: a Triton launch there would
+    # break its graph, the backward op does not.
+    x = torch.randn(4, 16, device=DEVICE, requires_grad=True)
+    w1, b1 = (torch.randn(32, 16, device=DEVICE) * 0.2).requires_grad_(), torch.randn(32, device=DEVICE).requires_grad_()
+    w2, b2 = (torch.randn(16, 32, device=DEVICE) * 0.2).requires_grad_(), torch.randn(16, device=DEVICE).requires_grad_()
+    leaves = (x, w1, b1, w2, b2)
+
+    def loss():
+        return gelu_mlp(*leaves, save=save, fused_matmul=fused).square().sum()
+
+    want = torch.autograd.grad(loss(), leaves)
+    compiler = torch.compile(backend="aot_eager", fullgraph=True)
+    with torch._dynamo.compiled_autograd._enable(compiler):  # private, as in PyTorch's own tests
+        loss().backward()
+    for leaf, expected in zip(leaves, want):
+        torch.testing.assert_close(leaf.grad, expected)
+
+
 @pytest.mark.parametrize("training,drop", [(True, 0.0), (False, 0.3), (True, 0.3)])
 def test_module_takes_the_op_only_where_it_is_the_same(seed, training, drop):
     mlp = Mlp(24, 40, drop=drop).to(DEVICE).train(training)
