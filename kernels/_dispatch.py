@@ -80,11 +80,24 @@ def first_order_only(op: str):
             if torch.is_grad_enabled():  # the engine enables grad mode only for create_graph=True
                 raise RuntimeError(f"kernels.{op} cannot differentiate twice: its backward has no backward of "
                                    "its own (create_graph=True)")
+            if any(_batched(g) for g in grads):
+                # vmap over the backward: the launchers need real storage, a batched gradient has none
+                raise NotImplementedError(f"kernels.{op} cannot take batched gradients (torch.autograd.grad with "
+                                          "is_grads_batched=True, or vmap over a backward): loop over them instead")
             return first_order(ctx, *grads)
 
         return checked
 
     return decorate
+
+
+def _batched(t) -> bool:
+    """A gradient under vmap: ``torch.autograd.grad(..., is_grads_batched=True)`` batches it with
+    the legacy ``Batched`` dispatch key, ``torch.func.vmap`` with ``FuncTorchBatched``."""
+    if not isinstance(t, torch.Tensor):
+        return False
+    keys = str(torch._C._dispatch_keys(t))  # "DispatchKeySet(..., Batched)"; the key is not exposed
+    return any(key.strip() in ("Batched", "FuncTorchBatched") for key in keys[keys.find("(") + 1:-1].split(","))
 
 
 def reject_autodiff_transforms(op: str) -> None:

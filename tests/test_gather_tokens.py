@@ -545,6 +545,15 @@ def test_gpu_tensors_on_a_gpu_that_is_not_current(seed):
     assert grad.device == x.device and float(grad.sum()) == out.numel()
 
 
+def test_batched_gradients_are_a_clear_error(seed):
+    # torch.autograd.grad(..., is_grads_batched=True) vmaps the backward: the launchers need real
+    # storage, so it is refused by name rather than failing inside Triton.
+    x = torch.randn(2, 6, 5, device=DEVICE, requires_grad=True)
+    out = gather_tokens(x, random_ids(2, 6, 3))
+    with pytest.raises(NotImplementedError, match="gather_tokens cannot take batched gradients"):
+        torch.autograd.grad(out, x, torch.randn(4, *out.shape, device=DEVICE), is_grads_batched=True)
+
+
 def test_backward_ops_called_directly_check_their_indices(seed):
     # The kernels take B and N from grad and read ids there: ids of another shape are an error.
     grad = torch.randn(2, 4, 5, device=DEVICE)
