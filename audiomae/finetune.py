@@ -22,12 +22,22 @@ from .training import Dist, gather_objects, load_checkpoint, say
 
 
 def mean_average_precision(scores: torch.Tensor, targets: torch.Tensor) -> float:
-    """Mean over classes (those with a positive) of average precision: scores, targets [N, C]."""
-    order = scores.argsort(dim=0, descending=True, stable=True)
+    """Mean over classes (those with a positive) of average precision: scores, targets [N, C].
+
+    As sklearn's ``average_precision_score`` (the official evaluation): tied scores are one
+    threshold, so each positive counts the precision at the end of its group of ties, whatever
+    the rows' order (logits rounded to 16 bits tie often)."""
+    sorted_scores, order = scores.sort(dim=0, descending=True, stable=True)
     hits = targets.gather(0, order).double()
-    ranks = torch.arange(1, hits.shape[0] + 1, dtype=torch.float64)[:, None]
+    n = hits.shape[0]
+    rows = torch.arange(n)[:, None].expand_as(hits)
+    group_end = torch.ones_like(hits, dtype=torch.bool)
+    group_end[:-1] = sorted_scores[:-1] != sorted_scores[1:]
+    # Each row's group end: the first end at or after it (a reverse running minimum).
+    end = torch.where(group_end, rows, n).flip(0).cummin(dim=0).values.flip(0)
+    precision_at_end = (hits.cumsum(dim=0) / (rows + 1)).gather(0, end)
     positives = hits.sum(dim=0)
-    average_precision = (hits.cumsum(dim=0) / ranks * hits).sum(dim=0) / positives.clamp(min=1)
+    average_precision = (precision_at_end * hits).sum(dim=0) / positives.clamp(min=1)
     if not bool((positives > 0).any()):
         raise ValueError("no class has a positive clip in the validation split; mAP is undefined")
     return float(average_precision[positives > 0].mean())

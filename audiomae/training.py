@@ -390,8 +390,12 @@ class Trainer:
         return self._mean_over_ranks(finite) == 1.0
 
     # ---------------------------------------------------------------- training
-    def set_lr(self, steps_per_epoch: int) -> float:
-        lr = scheduled_lr(self.position.step / steps_per_epoch, **self.schedule)
+    def set_lr(self, loader_batches: int) -> float:
+        """The schedule at the epoch fraction the official engines use, ``epoch + batch /
+        len(loader)`` at an update's first micro-batch: with ``accum_iter`` not dividing the
+        loader's batches (whose last partial accumulation is dropped here) it is not
+        ``step / steps_per_epoch``."""
+        lr = scheduled_lr(self.position.epoch + self.position.batch / loader_batches, **self.schedule)
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group["lr_scale"]
         return lr
@@ -423,7 +427,7 @@ class Trainer:
                     batch = batch.stand_in()
                 micro = self.position.batch % self.accum_iter
                 if micro == 0:
-                    lr = self.set_lr(steps_per_epoch)
+                    lr = self.set_lr(len(sampler))
                 last = micro == self.accum_iter - 1
                 sync = contextlib.nullcontext() if last or self.ddp is None else self.ddp.no_sync()
                 with sync:

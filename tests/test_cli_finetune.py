@@ -136,6 +136,19 @@ def test_metrics_match_hand_computed_values():
         mean_average_precision(scores, targets))
 
 
+def test_map_takes_tied_scores_as_one_threshold_as_sklearn_does():
+    # Ties are one threshold: each positive in a group counts the precision at the group's end,
+    # whatever the rows' order (sklearn's average_precision_score, the official evaluation).
+    assert mean_average_precision(torch.tensor([[1.0], [1.0]]), torch.tensor([[1.0], [0.0]])) == pytest.approx(0.5)
+    assert mean_average_precision(torch.tensor([[1.0], [1.0]]), torch.tensor([[0.0], [1.0]])) == pytest.approx(0.5)
+    # 0.9(+) then a tie 0.5(+) 0.5(-) 0.5(+) then 0.1(-): (1/1 + 2 * 3/4) / 3
+    scores, targets = torch.tensor([0.9, 0.5, 0.5, 0.5, 0.1]), torch.tensor([1.0, 1.0, 0.0, 1.0, 0.0])
+    want = (1 + 2 * 3 / 4) / 3
+    for order in (torch.arange(5), torch.tensor([4, 2, 0, 3, 1]), torch.tensor([3, 1, 2, 4, 0])):
+        got = mean_average_precision(scores[order, None], targets[order, None])
+        assert got == pytest.approx(want)
+
+
 def test_init_from_our_safetensors_keeps_its_heads(demo, tmp_path):
     """Heads are not in the weights: our .safetensors carries them in its config, and fine-tuning
     builds the encoder it describes (an unusual head count for the width included)."""

@@ -172,6 +172,19 @@ def test_schedule_warms_up_then_follows_half_cosine():
     assert values.index(max(values)) == 8 and all(a >= b for a, b in zip(values[8:], values[9:]))
 
 
+def test_schedule_reads_the_epoch_fraction_as_the_official_engines_do(demo, tmp_path):
+    # 15 clips, batch 2: 7 batches an epoch, accumulation 2. The official engines set the lr at an
+    # update's first micro-batch b to the schedule at epoch + b / len(loader), b = 0, 2, 4; not at
+    # step / steps_per_epoch (0, 1/3, 2/3), which runs ahead when accumulation does not divide 7.
+    out = tmp_path / "run"
+    assert pretrain(demo, out, "--epochs", "2", "--batch-size", "2", "--accum-iter", "2", "--lr", "0.001",
+                    "--min-lr", "0", "--warmup-epochs", "1") == 0
+    kw = dict(lr=0.001, min_lr=0.0, warmup_epochs=1, epochs=2)
+    want = [scheduled_lr(epoch + b / 7, **kw) for epoch in range(2) for b in (0, 2, 4)]
+    got = [float(r["value"]) for r in log_rows(out) if r["name"] == "lr"]
+    assert got == pytest.approx(want, rel=1e-5)
+
+
 def test_weight_decay_as_each_official_script():
     import audiomae
 
