@@ -118,10 +118,45 @@ def split(items: list[AudioItem], val_data, fraction: float, seed: int, world: D
     return [items[i] for i in order[count:]], [items[i] for i in order[:count]]
 
 
-def label_set(train: list[AudioItem], val: list[AudioItem], multilabel: bool) -> tuple[list[str], bool]:
+def class_index(path) -> list[str]:
+    """The classes of an official class index CSV (``index,mid,display_name``, as AudioSet's
+    ``class_labels_indices.csv``), in index order: the head's outputs, as the official recipe's."""
+    import csv
+
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise UsageError(f"--label-csv {path}: cannot read it ({type(exc).__name__}: {exc})") from exc
+    if not rows or not {"index", "mid"} <= set(rows[0]):
+        raise UsageError(f"--label-csv {path}: expected the columns index,mid[,display_name] of the official "
+                         "class_labels_indices.csv")
+    try:
+        indexed = sorted((int(row["index"]), row["mid"].strip()) for row in rows)
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"--label-csv {path}: an index that is not an integer ({exc})") from exc
+    if [i for i, _ in indexed] != list(range(len(indexed))):
+        raise UsageError(f"--label-csv {path}: indices must be 0 .. {len(indexed) - 1}, each once")
+    mids = [mid for _, mid in indexed]
+    if len(set(mids)) != len(mids) or "" in mids:
+        raise UsageError(f"--label-csv {path}: every mid must be given, once")
+    return mids
+
+
+def label_set(train: list[AudioItem], val: list[AudioItem], multilabel: bool,
+              classes: list[str] | None = None) -> tuple[list[str], bool]:
+    """The head's classes (``classes`` from ``--label-csv``, else the labels found, sorted) and
+    whether the task is multi-label."""
     everything = train + val
-    classes = sorted({label for item in everything for label in item.labels})
-    if not classes:
+    found = {label for item in everything for label in item.labels}
+    if classes is not None:
+        unknown = sorted(found - set(classes))
+        if unknown:
+            example = next(item.path for item in everything if unknown[0] in item.labels)
+            raise NoAudioError(f"{len(unknown)} label(s) are not in --label-csv, e.g. {unknown[0]!r} of {example}")
+    else:
+        classes = sorted(found)
+    if not found:
         raise NoAudioError("finetune needs labels: class folders, or a CSV/JSON list with a labels column")
     multilabel = multilabel or any(len(item.labels) > 1 for item in everything)
     if not multilabel:
@@ -139,7 +174,8 @@ def finetune(args) -> int:
     name, kwargs, saved_features, backbone_state = pretrained_backbone(args.init)
     features = feature_settings(args, saved_features)
     train_items, val_items = split(load_items(args.data, world), args.val, args.val_fraction, args.seed, world)
-    classes, multilabel = label_set(train_items, val_items, args.multilabel)
+    classes, multilabel = label_set(train_items, val_items, args.multilabel,
+                                    class_index(args.label_csv) if args.label_csv is not None else None)
     say(world, f"{len(classes)} classes, {'multi' if multilabel else 'single'}-label; "
                f"{len(train_items)} training and {len(val_items)} validation clips")
 

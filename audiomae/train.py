@@ -148,6 +148,10 @@ def register(subparsers) -> None:
                    help="pretraining checkpoint (ours, or an official AudioMAE .pth / .safetensors)")
     p.add_argument("--multilabel", action="store_true",
                    help="multi-label (BCE, mAP) even if every clip has one label; chosen anyway when some clip has several")
+    p.add_argument("--label-csv", type=Path, default=None,
+                   help="the official class index (class_labels_indices.csv: index, mid, display_name): the classes "
+                        "and their order for the head, as the official recipe's --label_csv (default: the labels "
+                        "found in the data, sorted)")
     p.add_argument("--val", default=None, help="validation DATA (default: a --val-fraction split of DATA)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="share of DATA held out for validation")
     p.add_argument("--mask-t-prob", type=FRACTION, default=0.2, help="structured masking: share of time rows dropped")

@@ -116,6 +116,37 @@ def test_init_from_a_finetuning_run(demo, pretrained, tmp_path, family):
         torch.testing.assert_close(second["model"][name], first["model"][name], msg=name)
 
 
+def test_official_json_list_with_the_class_index_csv(demo, pretrained, tmp_path, capsys):
+    # The official AudioSet layout: a JSON list whose labels are mids, and class_labels_indices.csv
+    # giving the head's classes in index order, those absent from the data included.
+    import json
+
+    with open(demo / "labels.csv") as f:
+        rows = list(csv.DictReader(f))
+    names = sorted({r["label"] for r in rows})
+    mids = {name: f"/m/{n:02d}" for n, name in enumerate(names)}
+    index = tmp_path / "class_labels_indices.csv"
+    order = [*reversed(names), "absent"]  # not sorted: the CSV's order rules
+    with open(index, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["index", "mid", "display_name"])
+        writer.writerows([n, mids.get(name, "/m/zz"), name] for n, name in enumerate(order))
+    data = tmp_path / "train.json"
+    data.write_text(json.dumps({"data": [{"wav": str(demo / r["path"]), "labels": mids[r["label"]]} for r in rows]}))
+    out = tmp_path / "ft"
+    assert finetune(data, pretrained, out, "--epochs", "1", "--multilabel", "--label-csv", str(index)) == 0
+    checkpoint = load_checkpoint(out / "checkpoint.pth")
+    assert checkpoint["config"]["classes"] == [mids.get(name, "/m/zz") for name in order]
+    assert checkpoint["model"]["head.weight"].shape[0] == len(order)
+    capsys.readouterr()
+    index.write_text("index,mid,display_name\n0,/m/00,a\n")  # a label of the data is missing
+    assert finetune(data, pretrained, tmp_path / "ft2", "--epochs", "1", "--label-csv", str(index)) == 2
+    assert "not in --label-csv" in capsys.readouterr().err
+    index.write_text("mid,name\n/m/00,a\n")
+    assert finetune(data, pretrained, tmp_path / "ft3", "--epochs", "1", "--label-csv", str(index)) == 2
+    assert "index,mid" in capsys.readouterr().err
+
+
 def test_unlabelled_data_is_refused(pretrained, tmp_path, capsys):
     make_demo(tmp_path / "flat", num_per_class=1)
     for clip in (tmp_path / "flat").rglob("*.wav"):
