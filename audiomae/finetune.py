@@ -124,15 +124,16 @@ def class_index(path) -> list[str]:
     import csv
 
     try:
-        with open(path, newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
+        with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a byte-order mark is not a column
+            rows = [{k.strip().lower(): (v or "").strip() for k, v in row.items() if k}
+                    for row in csv.DictReader(f, skipinitialspace=True)]
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise UsageError(f"--label-csv {path}: cannot read it ({type(exc).__name__}: {exc})") from exc
     if not rows or not {"index", "mid"} <= set(rows[0]):
         raise UsageError(f"--label-csv {path}: expected the columns index,mid[,display_name] of the official "
                          "class_labels_indices.csv")
     try:
-        indexed = sorted((int(row["index"]), row["mid"].strip()) for row in rows)
+        indexed = sorted((int(row["index"]), row["mid"]) for row in rows)
     except (TypeError, ValueError) as exc:
         raise UsageError(f"--label-csv {path}: an index that is not an integer ({exc})") from exc
     if [i for i, _ in indexed] != list(range(len(indexed))):

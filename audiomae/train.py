@@ -361,6 +361,12 @@ def make_trainer(model, args, world, precision, config, checkpoint, *, num_clips
                 "--resume needs the model of the run it continues: it had "
                 f"{saved_model['model']} {saved_model['model_kwargs']}, this run has {config.get('model')} "
                 f"{config.get('model_kwargs')}")
+        saved_task = {k: checkpoint["config"].get(k) for k in ("classes", "multilabel")}
+        if saved_task != {k: config.get(k) for k in ("classes", "multilabel")}:
+            raise UsageError(
+                "--resume needs the classes, in the same order (--label-csv), and the task of the run it "
+                f"continues: it had {saved_task}, this run has "
+                f"{ {k: config.get(k) for k in ('classes', 'multilabel')} }")
         if checkpoint["config"].get("run") != config["run"]:
             raise UsageError(
                 "--resume needs the same data, batch size, gradient accumulation, seed and number of processes "

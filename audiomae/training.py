@@ -404,7 +404,8 @@ class Trainer:
         """Train to the end (or ``max_steps``); ``on_epoch_end(epoch) -> dict`` adds evaluation rows."""
         from tqdm import tqdm
 
-        batches_per_epoch = len(sampler) - len(sampler) % self.accum_iter  # a partial accumulation is dropped
+        loader_batches = len(sampler)  # one shuffle of the whole dataset: not again at every step
+        batches_per_epoch = loader_batches - loader_batches % self.accum_iter  # a partial accumulation is dropped
         steps_per_epoch = batches_per_epoch // self.accum_iter
         if steps_per_epoch == 0:
             raise ValueError(
@@ -427,7 +428,7 @@ class Trainer:
                     batch = batch.stand_in()
                 micro = self.position.batch % self.accum_iter
                 if micro == 0:
-                    lr = self.set_lr(len(sampler))
+                    lr = self.set_lr(loader_batches)
                 last = micro == self.accum_iter - 1
                 sync = contextlib.nullcontext() if last or self.ddp is None else self.ddp.no_sync()
                 with sync:

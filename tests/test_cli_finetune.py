@@ -139,6 +139,12 @@ def test_official_json_list_with_the_class_index_csv(demo, pretrained, tmp_path,
     assert checkpoint["config"]["classes"] == [mids.get(name, "/m/zz") for name in order]
     assert checkpoint["model"]["head.weight"].shape[0] == len(order)
     capsys.readouterr()
+    # resumed with the classes in another order: the head's rows would stand for other classes
+    with open(index, "w", newline="", encoding="utf-8-sig") as f:  # a byte-order mark and spaces are fine
+        f.write("index, mid, display_name\n")
+        csv.writer(f).writerows([n, mids.get(name, "/m/zz"), name] for n, name in enumerate(reversed(order)))
+    assert finetune(data, pretrained, out, "--epochs", "2", "--multilabel", "--label-csv", str(index), "--resume") == 2
+    assert "--resume needs the classes, in the same order" in capsys.readouterr().err
     index.write_text("index,mid,display_name\n0,/m/00,a\n")  # a label of the data is missing
     assert finetune(data, pretrained, tmp_path / "ft2", "--epochs", "1", "--label-csv", str(index)) == 2
     assert "not in --label-csv" in capsys.readouterr().err
