@@ -10,8 +10,9 @@ normalised features, with the same distributions:
 - ``mix_clips``: mixup. Each clip is mixed with probability ``rate`` with another clip, the
   waveforms (each less its own mean over its valid samples, the partner zero-padded or cut to the
   clip's length) weighted ``lam`` and ``1 - lam``, ``lam ~ Beta(10, 10)``, and the labels alike.
-  The official partner is a uniformly drawn clip of the dataset; here it is a uniformly drawn clip
-  of the batch (the clip itself included, which the official draw also allows).
+  The official partner is a uniformly drawn clip of the dataset (itself once in the dataset's
+  size); here it is a uniformly drawn other clip of the batch (a batch of one has none: its clip is
+  left as it is).
 - ``mask_spectrogram``: SpecAugment as torchaudio's ``FrequencyMasking(freqm)`` then
   ``TimeMasking(timem)``, one band of each per clip, drawn as torchaudio draws it. The official
   masks write 0 into the log-Mel fbank before normalising; on normalised features that is
@@ -34,14 +35,16 @@ def scale_magnitudes(waves: torch.Tensor) -> torch.Tensor:
 def mix_clips(waves: torch.Tensor, lengths: torch.Tensor, targets: torch.Tensor, rate: float):
     """(waves, targets) with each clip mixed, with probability ``rate``, as the module doc says."""
     B, N = waves.shape
-    if rate <= 0 or B == 0:
+    if rate <= 0 or B <= 1:  # a clip alone in its batch has no partner
         return waves, targets
     device = waves.device
     lengths = lengths.to(device)
     valid = torch.arange(N, device=device) < lengths.unsqueeze(1)
     mean = (waves * valid).sum(1, keepdim=True) / lengths.clamp(min=1).unsqueeze(1).to(waves.dtype)
     centred = (waves - mean) * valid  # zero past each clip's end: the official partner's zero padding
-    partner = torch.randint(B, (B,)).to(device)
+    # Another clip of the batch, uniformly: drawing the clip itself (1 / B of the time, half the
+    # mixes at batch 2) would mix it with nothing.
+    partner = ((torch.arange(B) + torch.randint(1, B, (B,))) % B).to(device)
     lam = torch.where(torch.rand(B).to(device) < rate, _beta_10_10(B, device), torch.ones((), device=device))
     lam_w = lam.to(waves.dtype).unsqueeze(1)
     # The clip's own constant offset is left to fbank's frame DC removal (audiomae.features); the

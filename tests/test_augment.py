@@ -27,17 +27,14 @@ def test_mix_clips_mixes_centred_partners_and_labels_alike():
     for i in range(B):
         lam = float(mixed_targets[i, i])
         others = [j for j in range(B) if j != i and mixed_targets[i, j] > 0]
-        j = others[0] if others else i
-        assert len(others) <= 1 and float(mixed_targets[i].sum()) == pytest.approx(1.0)
-        if j == i:  # its own partner: lambda is not in the labels; only a constant (fbank removes it) moves
-            shift = (mixed[i] - waves[i])[: lengths[i]]
-            torch.testing.assert_close(shift, shift[:1].expand_as(shift))
-            continue
-        torch.testing.assert_close(mixed[i], lam * waves[i] + (1 - lam) * centred[j])
+        assert len(others) == 1 and float(mixed_targets[i].sum()) == pytest.approx(1.0)  # never itself
+        torch.testing.assert_close(mixed[i], lam * waves[i] + (1 - lam) * centred[others[0]])
         lams.append(lam)
-    assert lams and all(0.05 < lam < 0.95 for lam in lams)
+    assert all(0.05 < lam < 0.95 for lam in lams)
     unchanged = augment.mix_clips(waves, lengths, targets, rate=0.0)
     assert unchanged[0] is waves and unchanged[1] is targets
+    alone = augment.mix_clips(waves[:1], lengths[:1], targets[:1], rate=1.0)  # a batch of one: no partner
+    assert alone[0] is waves[:1] or torch.equal(alone[0], waves[:1])
 
 
 def test_mix_clips_mixes_each_clip_with_the_given_probability():
@@ -46,7 +43,19 @@ def test_mix_clips_mixes_each_clip_with_the_given_probability():
     _, targets = augment.mix_clips(torch.randn(B, 8), torch.full((B,), 8), torch.eye(B)[:, :B], rate=0.3)
     own = targets.diagonal()
     share_mixed = float((own < 1).double().mean())
-    assert 0.27 < share_mixed < 0.33  # (a clip drawn as its own partner counts as unmixed: 1 / B of them)
+    assert 0.27 < share_mixed < 0.33
+
+
+def test_mix_partners_are_the_other_clips_uniformly():
+    torch.manual_seed(4)
+    B = 3
+    counts = torch.zeros(B, B)
+    for _ in range(600):
+        _, targets = augment.mix_clips(torch.randn(B, 8), torch.full((B,), 8), torch.eye(B), rate=1.0)
+        counts += targets > 0
+    assert torch.equal(counts.diagonal(), torch.full((B,), 600.0))  # each clip keeps its own label
+    off = counts[~torch.eye(B, dtype=torch.bool)]
+    assert 240 < float(off.min()) and float(off.max()) < 360  # each other clip about half the time
 
 
 def test_spectrogram_masks_are_one_band_per_axis_per_clip():
