@@ -355,22 +355,15 @@ def make_trainer(model, args, world, precision, config, checkpoint, *, num_clips
         max_steps=args.max_steps, log_every=args.log_every, find_unused_parameters=find_unused,
         compile=args.compile, **extra)
     if checkpoint is not None:
-        saved_model = {k: checkpoint["config"].get(k) for k in ("model", "model_kwargs")}
-        if saved_model != {k: config.get(k) for k in ("model", "model_kwargs")}:
-            raise UsageError(
-                "--resume needs the model of the run it continues: it had "
-                f"{saved_model['model']} {saved_model['model_kwargs']}, this run has {config.get('model')} "
-                f"{config.get('model_kwargs')}")
-        saved_task = {k: checkpoint["config"].get(k) for k in ("classes", "multilabel")}
-        if saved_task != {k: config.get(k) for k in ("classes", "multilabel")}:
-            raise UsageError(
-                "--resume needs the classes, in the same order (--label-csv), and the task of the run it "
-                f"continues: it had {saved_task}, this run has "
-                f"{ {k: config.get(k) for k in ('classes', 'multilabel')} }")
-        if checkpoint["config"].get("run") != config["run"]:
-            raise UsageError(
-                "--resume needs the same data, batch size, gradient accumulation, seed and number of processes "
-                f"as the run it continues: it had {checkpoint['config'].get('run')}, this run has {config['run']}")
+        # What a resumed run must share with the one it continues, each with what it means.
+        for keys, needs in ((("model", "model_kwargs"), "the model of the run it continues"),
+                            (("classes", "multilabel"), "the classes, in the same order (--label-csv), and the task "
+                                                        "of the run it continues"),
+                            (("run",), "the same data, batch size, gradient accumulation, seed and number of "
+                                       "processes as the run it continues")):
+            saved, now = ({k: c.get(k) for k in keys} for c in (checkpoint["config"], config))
+            if saved != now:
+                raise UsageError(f"--resume needs {needs}: it had {saved}, this run has {now}")
         trainer.resume(checkpoint)
         position = trainer.position
         say(world, f"resuming at step {position.step} (epoch {position.epoch}, batch {position.batch})")

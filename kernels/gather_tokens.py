@@ -375,10 +375,7 @@ def gather_rows_backward(
 def _gather_tokens_op(x: torch.Tensor, ids_keep: torch.Tensor, pos_embed: torch.Tensor | None) -> torch.Tensor:
     # Called directly (torch.ops.audiomae.gather_tokens) the op takes gather_tokens' argument forms
     # and shape checks, not its index range check (one host sync; out-of-range ids read out of bounds).
-    pos = _check_tokens(x, pos_embed)
-    check_index(ids_keep, "ids_keep", x.shape[0])
-    check_same_device(x=x, ids_keep=ids_keep, pos_embed=pos_embed)
-    return _gather_forward(x, ids_keep, pos)
+    return _gather_forward(x, ids_keep, _checked_gather_args(x, ids_keep, pos_embed))
 
 
 @_gather_tokens_op.register_fake
@@ -467,14 +464,20 @@ def _check_tokens(x: torch.Tensor, pos_embed: torch.Tensor | None) -> torch.Tens
     return as_table(pos_embed, "pos_embed", x.shape[1], x.shape[2])
 
 
+def _checked_gather_args(x, ids_keep, pos_embed) -> torch.Tensor | None:
+    """Shape, dtype and device checks of a gather (not the indices' range); ``pos_embed`` as [L, C]."""
+    pos = _check_tokens(x, pos_embed)
+    check_index(ids_keep, "ids_keep", x.shape[0])
+    check_same_device(x=x, ids_keep=ids_keep, pos_embed=pos_embed)
+    return pos
+
+
 def gather_tokens(
     x: torch.Tensor, ids_keep: torch.Tensor, pos_embed: torch.Tensor | None = None, *, check_indices: bool = True
 ) -> torch.Tensor:
     """``x`` [B, L, C], ``ids_keep`` [B, K] int64, ``pos_embed`` [L, C] or [1, L, C] -> [B, K, C]
     with ``out[b, j] = x[b, ids_keep[b, j]] + pos_embed[ids_keep[b, j]]``. See the module doc."""
-    pos = _check_tokens(x, pos_embed)
-    check_index(ids_keep, "ids_keep", x.shape[0])
-    check_same_device(x=x, ids_keep=ids_keep, pos_embed=pos_embed)
+    pos = _checked_gather_args(x, ids_keep, pos_embed)
     if check_indices:
         (ids_keep,) = range_checked((ids_keep, x.shape[1], "ids_keep"))
     if not use_triton(x):
