@@ -32,7 +32,7 @@ Backends
 * ``"torch"``: batched, vectorised torch (unfold, DC removal, pre-emphasis, window, rfft, power, Mel
   matmul, log) on any device, differentiable; scratch memory grows with batch x frames x FFT size.
 * ``"cuda"``: ``csrc/fbank/fbank.cu``, one launch for the whole batch, one warp per frame, the FFT in
-  shared memory; nothing but the samples and the features touch device memory. It serves CUDA
+  registers and shared memory; nothing but the samples and the features touch device memory. It serves CUDA
   tensors with a power-of-two padded window (2 to 4096 samples), no dither, no ``subtract_mean`` and
   no gradient; anything else is a ValueError naming the option.
 * ``"auto"``: the kernel for CUDA tensors when the options allow it and the extension builds;
@@ -248,16 +248,40 @@ class KernelTables:
     """What the CUDA kernel reads besides the samples: all small, all built on the host."""
 
     window: torch.Tensor  # [window_size] float64
-    fft_twiddles: torch.Tensor  # [P/2, 2] float64: exp(-2 pi i k / (P/2)), the complex FFT's
+    fft_twiddles: torch.Tensor  # [P/2, 2] float64: the complex FFT's, pass by pass (fft_pass_twiddles)
     real_twiddles: torch.Tensor  # [P/2, 2] float64: exp(-2 pi i k / P), to split the real spectrum
     mel_start: torch.Tensor  # [num_mel_bins] int32: first FFT bin with weight
     mel_len: torch.Tensor  # [num_mel_bins] int32: number of FFT bins from mel_start
-    mel_weights: torch.Tensor  # [num_mel_bins, max(mel_len)] float64, zero past mel_len
+    mel_weights: torch.Tensor  # [max(mel_len), num_mel_bins] float64: column m is bin m's run, zero past
+    # mel_len[m] (bin-major so that a warp's lanes, one Mel bin each, read one row together)
 
 
 def _unit_circle(count: int, period: int) -> torch.Tensor:
     angle = torch.arange(count, dtype=torch.float64) * (-2.0 * math.pi / period)
     return torch.stack([angle.cos(), angle.sin()], dim=1)
+
+
+def fft_pass_twiddles(n: int) -> torch.Tensor:
+    """``[n, 2]`` float64 twiddles of the kernel's ``n``-point Stockham FFT (csrc/fbank/fbank_frame.cuh,
+    ``fft_passes``), pass by pass: passes of radix ``R = min(8, n / s)`` at sub-transform length
+    ``s = 1, R1, R1 R2, ...``; the pass at ``s > 1`` owns entries ``r s + k`` for ``r`` in ``[1, R)``
+    and ``k`` in ``[0, s)``, holding ``exp(-2 pi i k r / (s R))``. The first pass needs none: rows
+    ``[0, R1)`` are zero."""
+    table = torch.zeros(n, 2, dtype=torch.float64)
+    span = pass_radix(n, 1)
+    while span < n:
+        radix = pass_radix(n, span)
+        r = torch.arange(1, radix, dtype=torch.float64).unsqueeze(1)
+        k = torch.arange(span, dtype=torch.float64)
+        angles = (k * r).flatten() * (-2.0 * math.pi / (span * radix))
+        table[span : span * radix] = torch.stack([angles.cos(), angles.sin()], dim=1)
+        span *= radix
+    return table
+
+
+def pass_radix(n: int, span: int) -> int:
+    """The radix of the kernel's FFT pass at sub-transform length ``span`` (fbank_frame.cuh's)."""
+    return min(8, n // span)
 
 
 @functools.lru_cache(maxsize=32)
@@ -276,11 +300,11 @@ def kernel_tables(opts: FbankOptions, device: torch.device, default_dtype: torch
     to = functools.partial(torch.Tensor.to, device=device)
     return KernelTables(
         window=to(window_function(opts)),
-        fft_twiddles=to(_unit_circle(half, half)),
+        fft_twiddles=to(fft_pass_twiddles(half)),
         real_twiddles=to(_unit_circle(half, 2 * half)),
         mel_start=to(first.int()),
         mel_len=to(length.int()),
-        mel_weights=to(weights.contiguous()),
+        mel_weights=to(weights.t().contiguous()),
     )
 
 
@@ -430,8 +454,15 @@ def _frame_features(frames, window, banks, opts: FbankOptions, generator, padded
         # root of the power would give 0/0 = NaN to every sample of a silent frame.
         spectrum = spectrum.abs().to(banks.dtype)
     else:
-        squares = torch.view_as_real(spectrum).to(banks.dtype).square_()
-        spectrum = squares[..., 0] + squares[..., 1]
+        if spectrum.requires_grad and torch.is_grad_enabled():
+            squares = torch.view_as_real(spectrum).to(banks.dtype).square_()
+            spectrum = squares[..., 0] + squares[..., 1]
+        else:
+            # The FFT's output is this block's own: squared in place in its float64, the two halves
+            # summed straight into the output's dtype (one pass fewer than converting it first).
+            squares = torch.view_as_real(spectrum).square_()
+            power = torch.empty(squares.shape[:-1], dtype=banks.dtype, device=squares.device)
+            spectrum = torch.add(squares[..., 0], squares[..., 1], out=power)
         if not opts.use_power:
             spectrum.sqrt_()
     banded = spectrum.device.type == "cpu" and not (spectrum.requires_grad and torch.is_grad_enabled())
@@ -474,7 +505,13 @@ def fbank_torch(
     window, banks = _torch_tables(opts, waveforms.device, compute_dtype, feature_dtype, torch.get_default_dtype())
     B = waveforms.shape[0]
     step = num_frames if waveforms.is_cuda else max(1, CPU_BLOCK_FRAMES // max(B, 1))
-    padded = waveforms.new_zeros(B, min(step, num_frames), opts.padded_window_size, dtype=compute_dtype)
+    # The FFT input of every block, [B, count, padded] contiguous in one storage: a slice of a
+    # [B, step, padded] buffer would make a shorter last block non-contiguous, and the FFT would
+    # copy it first. Only the zeros past window_size outlive a block, so they are written when the
+    # view changes, not every block.
+    P, W = opts.padded_window_size, opts.window_size
+    storage = waveforms.new_empty(B * min(step, num_frames) * P, dtype=compute_dtype)
+    zeroed_count = None
     features = None if 0 < num_frames <= step else \
         torch.empty(B, num_frames, opts.num_features, dtype=feature_dtype, device=waveforms.device)
     for start in range(0, num_frames, step):
@@ -487,7 +524,13 @@ def fbank_torch(
         emphasized = None
         if opts.dither == 0.0 and not differentiable:
             emphasized = _frames(_emphasized(sequence, opts.preemphasis_coefficient), count, opts)
-        buffer = torch.zeros_like(padded[:, :count]) if differentiable else padded[:, :count]
+        if differentiable:
+            buffer = storage.new_zeros(B, count, P)
+        else:
+            buffer = storage[: B * count * P].view(B, count, P)
+            if count != zeroed_count:
+                buffer[..., W:].zero_()
+                zeroed_count = count
         block = _frame_features(frames, window, banks, opts, generator, buffer, emphasized)
         if features is None:
             features = block
@@ -551,10 +594,11 @@ def _(waveforms, lengths, num_frames, window, fft_twiddles, real_twiddles, mel_s
 
 
 # The kernel's launch shapes (csrc/fbank/fbank.cu, kLaunchShapes): (frames per block, blocks per
-# SM asked of the register allocator). Shape 0 is the default (sm_90: 112 registers a thread, two
+# SM asked of the register allocator). Shape 0 is the default (sm_90: 106 registers a thread, two
 # blocks, 16 warps an SM); float32 clips may take the others through ``forced_launch_shape``, which
 # the benchmark uses to time each on the GPU (not yet timed). ptxas gives them 96, 80, 72 and 72
-# registers, for 20, 24, 28 and 28 warps an SM; the last three spill 40 to 68 bytes a thread.
+# registers; the last two spill 24 bytes a thread. A 512-point frame takes 9 KiB of shared memory,
+# so an SM holds at most 24 warps whatever the registers allow: 20, 24, 24 and 24 warps an SM.
 LAUNCH_SHAPES = ((8, 1), (4, 5), (8, 3), (4, 7), (2, 14))
 _LAUNCH_SHAPE = 0
 

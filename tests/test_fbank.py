@@ -19,7 +19,7 @@ import torch
 from torchaudio.compliance import kaldi
 
 from kernels.fbank import (
-    LAUNCH_SHAPES, FbankOptions, _fbank_cuda_op, _unit_circle, _warn_once, fbank, forced_launch_shape, kernel_tables,
+    LAUNCH_SHAPES, FbankOptions, _fbank_cuda_op, _warn_once, fft_pass_twiddles, fbank, forced_launch_shape, kernel_tables,
 )
 
 ATOL = 1e-3
@@ -274,7 +274,7 @@ def host_fbank(lib, waveforms, lengths, opts: FbankOptions, lanes: int | None = 
         i32(opts.window_size), i32(opts.padded_window_size), i64(opts.window_shift), i64(opts.reflect_pad()),
         i32(opts.snip_edges), i32(opts.remove_dc_offset), f64(opts.preemphasis_coefficient), i32(opts.raw_energy),
         f64(opts.energy_floor), i32(opts.use_energy), i32(opts.htk_compat), i32(opts.use_log_fbank),
-        i32(opts.use_power), i32(opts.num_mel_bins), i32(t.mel_weights.shape[1]), _ptr(t.window),
+        i32(opts.use_power), i32(opts.num_mel_bins), i32(t.mel_weights.shape[0]), _ptr(t.window),
         _ptr(t.fft_twiddles), _ptr(t.real_twiddles), _ptr(t.mel_start), _ptr(t.mel_len), _ptr(t.mel_weights),
     )  # fmt: skip
     return out
@@ -352,9 +352,8 @@ def test_stockham_fft_matches_numpy(host_lib, n):
     rng = np.random.default_rng(n)
     x = rng.standard_normal(n) + 1j * rng.standard_normal(n)
     data = torch.from_numpy(np.stack([x.real, x.imag], axis=1).copy())
-    scratch = torch.empty_like(data)
-    twiddles = _unit_circle(n, n)
-    host_lib.fft_host(_ptr(data), _ptr(scratch), ctypes.c_int(n), _ptr(twiddles))
+    twiddles = fft_pass_twiddles(n)
+    host_lib.fft_host(_ptr(data), ctypes.c_int(n), _ptr(twiddles))
     np.testing.assert_allclose(data[:, 0].numpy() + 1j * data[:, 1].numpy(), np.fft.fft(x), atol=1e-11 * n, rtol=0)
 
 
@@ -364,7 +363,7 @@ def test_kernel_mel_table_equals_dense_banks():
     dense = torch.zeros(opts.num_mel_bins, opts.padded_window_size // 2, dtype=torch.float64)
     for m in range(opts.num_mel_bins):
         start, length = int(t.mel_start[m]), int(t.mel_len[m])
-        dense[m, start : start + length] = t.mel_weights[m, :length]
+        dense[m, start : start + length] = t.mel_weights[:length, m]
     expected, _ = kaldi.get_mel_banks(128, opts.padded_window_size, 44100.0, 20.0, 0.0, 100.0, -500.0, 1.1)
     assert torch.equal(dense, expected.double())
 
@@ -483,6 +482,12 @@ def test_cuda_kernel_padded_batch_equals_torch_backend(dtype):
     want, want_frames = fbank(clips, lengths=lengths, backend="torch", **options)
     assert torch.equal(frames, want_frames)
     torch.testing.assert_close(got, want, atol=1e-4 if dtype == torch.float32 else 1e-9, rtol=0)
+    # lengths as a slice that starts 8 bytes into its storage: only the kernel's 16-byte tables
+    # must be aligned, not the lengths it reads one at a time.
+    sliced = torch.cat([lengths[:1], lengths])[1:]
+    assert sliced.data_ptr() % 16 == 8
+    got_sliced, _ = fbank(clips, lengths=sliced, backend="cuda", **options)
+    torch.testing.assert_close(got_sliced, got, atol=0, rtol=0)
 
 
 @gpu

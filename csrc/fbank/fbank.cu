@@ -1,10 +1,20 @@
 // Batched Kaldi fbank in one launch: one warp per frame, one block per (clip, group of frames).
 //
-// Each warp copies its frame's samples into shared memory as doubles, removes the DC offset,
-// pre-emphasises and windows them, runs the FFT in shared memory (radix-8/4/2 Stockham passes,
-// registers in between), takes the power spectrum and sums it through the sparse Mel table
-// straight into the output row. Device memory sees the samples once and the features once; the
-// frames and spectra live only in shared memory. The arithmetic is fbank_frame.cuh's.
+// Each warp reads its frame's samples from the clip (a first pass for the DC offset, a second that
+// pre-emphasises and windows them in doubles straight into the FFT's first radix-8 pass, in
+// registers), runs the other FFT passes in shared memory (radix-8/4/2 Stockham passes, registers
+// in between), takes the power spectrum two bins at a time and sums it through the sparse Mel
+// table straight into the output row. Device memory sees the samples once and the features once;
+// the frames and spectra live only in registers and shared memory. The arithmetic is
+// fbank_frame.cuh's.
+//
+// Shared memory and L1 traffic, not arithmetic, bound this kernel: a model of one warp's accesses
+// for a 512-point frame with 128 Mel bins (per warp instruction: bank conflicts on shared memory,
+// 128-byte lines on global loads) counts 1177 wavefronts for the kernel measured at 1.34 ms on the
+// H100 (2026-11-27) and 489 for this one. What this layout changed: the frame no longer goes through
+// shared memory, the FFT buffers are padded against the first pass's 32-way bank conflicts
+// (padded_index), the Mel weights are bin-major (coalesced), the twiddles are stored pass by pass
+// (consecutive per lane), the window is read in pairs and the power spectrum two bins per load.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
@@ -19,13 +29,16 @@ namespace fbank {
 namespace {
 
 constexpr int kWarp = 32;
-constexpr int kSharedBudget = 64 * 1024;  // bytes per block; a 4096-point frame alone needs 64 KiB
+// Bytes per block, at most: a 4096-point frame alone needs 72 KiB (two padded buffers of 2304
+// complex doubles); eight 512-point frames need 8 x 9 KiB. A GPU that allows a block less (sm_75:
+// 64 KiB) gets fewer frames per block.
+constexpr int kSharedBudget = 80 * 1024;
 
 // Launch shapes: warps (frames) per block, and the blocks per SM that __launch_bounds__ asks the
 // register allocator to fit. Shape 0 is the default; the others are candidates that
-// benches/bench_fbank.py times on the GPU (at 100 registers a thread, shape 0 fits two blocks, 16
-// warps, an SM: the warps' shared-memory and fp64 latencies are hidden by few others). Float64
-// clips always take shape 0.
+// benches/bench_fbank.py times on the GPU (at 106 registers a thread, shape 0 fits two blocks, 16
+// warps, an SM: the warps' shared-memory and fp64 latencies are hidden by few others; 9 KiB of
+// shared memory a 512-point frame caps every shape at 24 warps). Float64 clips always take shape 0.
 struct LaunchShape {
   int frames_per_block, min_blocks_per_sm;
 };
@@ -53,8 +66,9 @@ fbank_kernel(const scalar_t* __restrict__ waveforms, int64_t num_clips, int64_t 
   const int warp = threadIdx.x / kWarp;
   const int64_t frame = static_cast<int64_t>(blockIdx.x) * frames_per_block + warp;
   if (frame >= num_frames) return;
-  double* a = reinterpret_cast<double*>(shared) + static_cast<int64_t>(warp) * 2 * config.padded_size;
-  double* b = a + config.padded_size;
+  const int buffer = scratch_doubles(config.padded_size);
+  double* a = reinterpret_cast<double*>(shared) + static_cast<int64_t>(warp) * 2 * buffer;
+  double* b = a + buffer;
   const WarpTeam team{static_cast<int>(threadIdx.x % kWarp)};
   for (int64_t clip = blockIdx.y; clip < num_clips; clip += gridDim.y) {
     compute_frame(team, config, waveforms + clip * num_samples, lengths[clip], frame, a, b,
@@ -63,10 +77,14 @@ fbank_kernel(const scalar_t* __restrict__ waveforms, int64_t num_clips, int64_t 
   }
 }
 
-void check_table(const at::Tensor& t, const char* name, at::ScalarType dtype, const at::Device& device) {
+void check_table(const at::Tensor& t, const char* name, at::ScalarType dtype, const at::Device& device,
+                 bool read_in_pairs = false) {
   TORCH_CHECK(t.device() == device, "fbank_cuda: ", name, " is on ", t.device(), ", expected ", device);
   TORCH_CHECK(t.scalar_type() == dtype, "fbank_cuda: ", name, " must be ", dtype, ", got ", t.scalar_type());
   TORCH_CHECK(t.is_contiguous(), "fbank_cuda: ", name, " must be contiguous");
+  // The window and the twiddles are read 16 bytes at a time (window pairs, complex twiddles).
+  TORCH_CHECK(!read_in_pairs || reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, "fbank_cuda: ", name,
+              " must be 16-byte aligned");
 }
 
 }  // namespace
@@ -109,9 +127,9 @@ at::Tensor fbank_cuda(const at::Tensor& waveforms, const at::Tensor& lengths, in
   const int64_t num_clips = waveforms.size(0);
   check_table(lengths, "lengths", at::kLong, device);
   TORCH_CHECK(lengths.numel() == num_clips, "fbank_cuda: lengths must have one entry per clip");
-  check_table(window, "window", at::kDouble, device);
-  check_table(fft_twiddles, "fft_twiddles", at::kDouble, device);
-  check_table(real_twiddles, "real_twiddles", at::kDouble, device);
+  check_table(window, "window", at::kDouble, device, true);
+  check_table(fft_twiddles, "fft_twiddles", at::kDouble, device, true);
+  check_table(real_twiddles, "real_twiddles", at::kDouble, device, true);
   check_table(mel_start, "mel_start", at::kInt, device);
   check_table(mel_len, "mel_len", at::kInt, device);
   check_table(mel_weights, "mel_weights", at::kDouble, device);
@@ -120,8 +138,8 @@ at::Tensor fbank_cuda(const at::Tensor& waveforms, const at::Tensor& lengths, in
               "fbank_cuda: the padded window must be a power of two <= 4096, got ", 2 * half);
   TORCH_CHECK(window.numel() <= 2 * half, "fbank_cuda: window longer than the padded window");
   TORCH_CHECK(real_twiddles.size(0) == half, "fbank_cuda: fft_twiddles and real_twiddles differ in length");
-  TORCH_CHECK(mel_weights.dim() == 2 && mel_weights.size(0) == mel_start.numel() && mel_len.numel() == mel_start.numel(),
-              "fbank_cuda: Mel tables disagree in size");
+  TORCH_CHECK(mel_weights.dim() == 2 && mel_weights.size(1) == mel_start.numel() && mel_len.numel() == mel_start.numel(),
+              "fbank_cuda: Mel tables disagree in size (mel_weights is [max(mel_len), num_mel_bins])");
   TORCH_CHECK(window_shift >= 1, "fbank_cuda: window_shift must be >= 1");
 
   const int num_mel_bins = static_cast<int>(mel_start.numel());
@@ -132,13 +150,17 @@ at::Tensor fbank_cuda(const at::Tensor& waveforms, const at::Tensor& lengths, in
   const FrameConfig config = make_frame_config(
       static_cast<int>(window.numel()), static_cast<int>(2 * half), window_shift, reflect_pad, snip_edges,
       remove_dc_offset, preemphasis_coefficient, raw_energy, energy_floor, use_energy, htk_compat, use_log_fbank,
-      use_power, num_mel_bins, static_cast<int>(mel_weights.size(1)), window.data_ptr<double>(),
+      use_power, num_mel_bins, static_cast<int>(mel_weights.size(0)), window.data_ptr<double>(),
       fft_twiddles.data_ptr<double>(), real_twiddles.data_ptr<double>(), mel_start.data_ptr<int>(),
       mel_len.data_ptr<int>(), mel_weights.data_ptr<double>());
 
-  const int frame_bytes = 2 * config.padded_size * static_cast<int>(sizeof(double));
-  const int frames_per_block = std::max(
-      1, std::min(kLaunchShapes[launch_shape].frames_per_block, kSharedBudget / frame_bytes));
+  const int frame_bytes = 2 * scratch_doubles(config.padded_size) * static_cast<int>(sizeof(double));
+  int shared_limit = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&shared_limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device.index()));
+  const int budget = std::min(kSharedBudget, shared_limit);
+  TORCH_CHECK(frame_bytes <= budget, "fbank_cuda: a ", config.padded_size, "-point frame needs ", frame_bytes,
+              " bytes of shared memory, more than the ", budget, " a block may have on this GPU");
+  const int frames_per_block = std::min(kLaunchShapes[launch_shape].frames_per_block, budget / frame_bytes);
   const int shared_bytes = frames_per_block * frame_bytes;
   const dim3 grid(static_cast<unsigned>((num_frames + frames_per_block - 1) / frames_per_block),
                   static_cast<unsigned>(std::min<int64_t>(num_clips, 65535)));

@@ -72,50 +72,77 @@ FBANK_HD void dft8(Complex* v) {
 }
 
 template <int R>
-FBANK_HD void dft(Complex* v) {
+FBANK_HD void dft(Complex* v) {  // R == 1: nothing to do
   if (R == 2) dft2(v);
   if (R == 4) dft4(v);
   if (R == 8) dft8(v);
 }
 
-// One radix-R Stockham pass over n points: sub-transforms of length `span` become length span*R.
-// twiddles[t] = exp(-2 pi i t / n). Output is in natural order after the last pass, no bit reversal.
+// Position of complex element i in a shared-memory FFT buffer: one spare slot after every 8.
+// The first radix-8 pass stores lane j's 8 outputs at 8j..8j+7, a 128-byte stride that puts all
+// 32 lanes' 16-byte stores in the same four banks (32-way conflicts, a quarter of the kernel's
+// shared-memory traffic at 512 points); with the spare slot the stride is 144 bytes and the
+// stores of each 8 lanes fall in 8 different bank groups. Runs of 8 consecutive elements stay
+// contiguous, so the lane-consecutive loads and the later passes' stores stay conflict-free.
+FBANK_HD int padded_index(int i) { return i + (i >> 3); }
+
+// Complex slots of a padded buffer of n elements.
+FBANK_HD int padded_length(int n) { return n + (n >> 3); }
+
+// Doubles of shared scratch that compute_frame needs per buffer (it takes two) for a padded frame
+// of `padded_size` samples: a complex FFT of padded_size / 2 points in the padded layout.
+FBANK_HD int scratch_doubles(int padded_size) { return 2 * padded_length(padded_size / 2); }
+
+// One radix-R Stockham pass over n points, both buffers in the padded layout: sub-transforms of
+// length `span` become length span*R. Output is in natural order after the last pass, no bit
+// reversal. The twiddles are stored pass by pass (see fft_passes): this pass's factor for input r
+// of sub-transform position k, exp(-2 pi i k r / (span R)), is twiddles[r span + k], so the lanes
+// of a warp (consecutive k, one r at a time) read consecutive entries from a 128-byte line
+// boundary, where one table of exp(-2 pi i t / n) had them read entries r n / (span R) apart.
 FBANK_HD_TEMPLATE
 template <int R, class Team>
 FBANK_HD void stockham_pass(const Team& team, const Complex* src, Complex* dst, int n, int span,
                             const Complex* twiddles) {
   const int items = n / R;
-  const int twiddle_step = n / (span * R);
   for (int j = team.rank(); j < items; j += team.size()) {
     const int k = j & (span - 1);
     Complex v[R];
-    for (int r = 0; r < R; ++r) v[r] = src[j + r * items];
+    for (int r = 0; r < R; ++r) v[r] = src[padded_index(j + r * items)];
     if (span > 1) {
-      for (int r = 1; r < R; ++r) v[r] = v[r] * twiddles[k * r * twiddle_step];
+      for (int r = 1; r < R; ++r) v[r] = v[r] * twiddles[r * span + k];
     }
     dft<R>(v);
     const int base = (j - k) * R + k;
-    for (int r = 0; r < R; ++r) dst[base + r * span] = v[r];
+    for (int r = 0; r < R; ++r) dst[padded_index(base + r * span)] = v[r];
   }
 }
 
-// Forward complex FFT of n (a power of two) points in `a`, using `b` as the other half of the
-// ping-pong; returns whichever buffer holds the result.
+// The largest radix (8, 4, 2, or 1 for a single point) that the next pass over n points at
+// sub-transform length `span` takes.
+FBANK_HD int pass_radix(int n, int span) {
+  const int remaining = n / span;
+  return remaining >= 8 ? 8 : remaining;
+}
+
+// The Stockham passes of a forward complex FFT of n (a power of two) points from sub-transform
+// length `span` on (1: the whole FFT), `a` holding the input in the padded layout and `b` the other
+// half of the ping-pong; returns whichever buffer holds the result. `twiddles` holds n entries,
+// pass by pass: the pass at span s > 1 (radix R = pass_radix(n, s)) owns entries [s, s R); the
+// first pass needs none and entries [0, R1) are unused (kernels/fbank.py's fft_pass_twiddles
+// builds the table).
 FBANK_HD_TEMPLATE
 template <class Team>
-FBANK_HD Complex* fft(const Team& team, Complex* a, Complex* b, int n, const Complex* twiddles) {
-  for (int span = 1; span < n;) {
-    const int remaining = n / span;
-    if (remaining >= 8) {
+FBANK_HD Complex* fft_passes(const Team& team, Complex* a, Complex* b, int n, int span, const Complex* twiddles) {
+  while (span < n) {
+    const int radix = pass_radix(n, span);
+    if (radix == 8) {
       stockham_pass<8>(team, a, b, n, span, twiddles);
-      span *= 8;
-    } else if (remaining == 4) {
+    } else if (radix == 4) {
       stockham_pass<4>(team, a, b, n, span, twiddles);
-      span *= 4;
     } else {
       stockham_pass<2>(team, a, b, n, span, twiddles);
-      span *= 2;
     }
+    span *= radix;
     team.sync();
     Complex* t = a;
     a = b;
@@ -124,14 +151,19 @@ FBANK_HD Complex* fft(const Team& team, Complex* a, Complex* b, int n, const Com
   return a;
 }
 
-// |X[k]|^2 of the real sequence y[0..2n) whose halves were packed as z = y[even] + i y[odd] and
-// transformed to Z; real_twiddle = exp(-2 pi i k / (2n)).
-FBANK_HD double real_spectrum_power(const Complex* Z, int n, int k, Complex real_twiddle) {
-  const Complex zk = Z[k], zc = conj(Z[(n - k) & (n - 1)]);
+// |X[k]|^2 and |X[n - k]|^2 of the real sequence y[0..2n) whose halves were packed as
+// z = y[even] + i y[odd] and transformed to Z (padded layout); real_twiddle = exp(-2 pi i k / (2n)).
+// X[k] = E + t O with E = (Z[k] + conj Z[n-k]) / 2, O = -i (Z[k] - conj Z[n-k]) / 2, t the twiddle;
+// X[n - k] reads the same two values: it is conj(E - t O). One load of each serves both bins.
+struct PowerPair {
+  double low, high;  // |X[k]|^2, |X[n - k]|^2
+};
+FBANK_HD PowerPair real_spectrum_powers(const Complex* Z, int n, int k, Complex real_twiddle) {
+  const Complex zk = Z[padded_index(k)], zc = conj(Z[padded_index((n - k) & (n - 1))]);
   const Complex even = scale(zk + zc, 0.5);
-  const Complex odd = scale(times_minus_i(zk - zc), 0.5);
-  const Complex x = even + real_twiddle * odd;
-  return x.re * x.re + x.im * x.im;
+  const Complex odd = real_twiddle * scale(times_minus_i(zk - zc), 0.5);
+  const Complex low = even + odd, high = even - odd;
+  return {low.re * low.re + low.im * low.im, high.re * high.re + high.im * high.im};
 }
 
 // max(value, floor) that keeps a NaN (fmax would return the floor): NaN samples give NaN features,
@@ -151,13 +183,14 @@ struct FrameConfig {
   double preemphasis_coefficient;
   double energy_floor;
   int num_mel_bins;
-  int mel_width;                  // row stride of mel_weights
-  const double* window;           // [W]
-  const Complex* fft_twiddles;    // [P/2]  exp(-2 pi i k / (P/2))
+  int mel_width;                  // rows of mel_weights: the longest run of weights of any Mel bin
+  const double* window;           // [W], 16-byte aligned: read in pairs
+  const Complex* fft_twiddles;    // [P/2]  the FFT's twiddles pass by pass (fft_passes); the first pass's rows unused
   const Complex* real_twiddles;   // [P/2]  exp(-2 pi i k / P)
   const int* mel_start;           // [num_mel_bins]
   const int* mel_len;             // [num_mel_bins]
-  const double* mel_weights;      // [num_mel_bins, mel_width]
+  const double* mel_weights;      // [mel_width, num_mel_bins]: column m holds bin m's run, zero past its
+                                  // mel_len (bin-major, a warp's lanes, one bin each, load one row)
 };
 
 // The one place the call's options and table pointers become a FrameConfig (launcher and harness).
@@ -204,8 +237,56 @@ FBANK_HD int64_t reflect(int64_t k, int64_t length) {
   return k;
 }
 
+// Sample j of a frame whose first sample is clip sample `first`, reflected at the clip's ends
+// unless edges are snipped (snipped frames lie inside the clip).
+template <class scalar_t>
+FBANK_HD double frame_sample(const FrameConfig& c, const scalar_t* clip, int64_t length, int64_t first, int j) {
+  return static_cast<double>(clip[c.snip_edges ? first + j : reflect(first + j, length)]);
+}
+
+// The FFT input z[m] = y[2m] + i y[2m+1] of Kaldi's frame y = window * (x - c * x_prev), x the
+// samples less their mean and x_prev[0] = x[0], zero past the window. Adds the two samples'
+// x^2 to raw_energy and y^2 to windowed_energy.
+template <class scalar_t>
+FBANK_HD Complex windowed_pair(const FrameConfig& c, const scalar_t* clip, int64_t length, int64_t first,
+                               double mean, int m, double& raw_energy, double& windowed_energy) {
+  const int j = 2 * m;
+  if (j >= c.window_size) return {0.0, 0.0};
+  // window[j] and window[j + 1] in one 16-byte load, where both exist.
+  const bool pair = j + 1 < c.window_size;
+  const Complex window = pair ? reinterpret_cast<const Complex*>(c.window)[m] : Complex{c.window[j], 0.0};
+  const double previous = frame_sample(c, clip, length, first, j > 0 ? j - 1 : 0) - mean;
+  const double x0 = frame_sample(c, clip, length, first, j) - mean;
+  const double y0 = window.re * (x0 - c.preemphasis_coefficient * previous);
+  raw_energy += x0 * x0;
+  windowed_energy += y0 * y0;
+  if (!pair) return {y0, 0.0};
+  const double x1 = frame_sample(c, clip, length, first, j + 1) - mean;
+  const double y1 = window.im * (x1 - c.preemphasis_coefficient * x0);
+  raw_energy += x1 * x1;
+  windowed_energy += y1 * y1;
+  return {y0, y1};
+}
+
+// The FFT's first radix-R pass (sub-transforms of length 1, no twiddles) computed from the clip:
+// each lane builds its R inputs in registers and writes the pass's outputs to dst (padded
+// layout). The frame itself never goes through shared memory.
+FBANK_HD_TEMPLATE
+template <int R, class Team, class scalar_t>
+FBANK_HD void first_pass_from_clip(const Team& team, const FrameConfig& c, const scalar_t* clip, int64_t length,
+                                   int64_t first, double mean, Complex* dst, double& raw_energy,
+                                   double& windowed_energy) {
+  const int items = c.padded_size / 2 / R;
+  for (int j = team.rank(); j < items; j += team.size()) {
+    Complex v[R];
+    for (int r = 0; r < R; ++r) v[r] = windowed_pair(c, clip, length, first, mean, j + r * items, raw_energy, windowed_energy);
+    dft<R>(v);
+    for (int r = 0; r < R; ++r) dst[padded_index(j * R + r)] = v[r];
+  }
+}
+
 // Features of frame `frame` of one clip into out[0..num_mel_bins + use_energy).
-// a and b: P doubles each (16-byte aligned) of scratch, private to the team.
+// a and b: scratch_doubles(P) doubles each (16-byte aligned), private to the team.
 FBANK_HD_TEMPLATE
 template <class Team, class scalar_t>
 FBANK_HD void compute_frame(const Team& team, const FrameConfig& c, const scalar_t* clip, int64_t length,
@@ -215,48 +296,46 @@ FBANK_HD void compute_frame(const Team& team, const FrameConfig& c, const scalar
     for (int m = team.rank(); m < num_features; m += team.size()) out[m] = scalar_t(0);
     return;
   }
-  const int W = c.window_size, P = c.padded_size, n = P / 2;
+  const int W = c.window_size, n = c.padded_size / 2;
   const int64_t first = frame * c.window_shift - c.reflect_pad;
 
-  double sum = 0.0;
-  for (int j = team.rank(); j < W; j += team.size()) {
-    const int64_t k = c.snip_edges ? first + j : reflect(first + j, length);
-    a[j] = static_cast<double>(clip[k]);
-    sum += a[j];
+  double mean = 0.0;
+  if (c.remove_dc_offset) {
+    double sum = 0.0;
+    for (int j = team.rank(); j < W; j += team.size()) sum += frame_sample(c, clip, length, first, j);
+    mean = team.sum(sum) / W;
   }
-  const double mean = c.remove_dc_offset ? team.sum(sum) / W : 0.0;
-  team.sync();
 
   double raw_energy = 0.0, windowed_energy = 0.0;
-  for (int j = team.rank(); j < P; j += team.size()) {
-    double y = 0.0;
-    if (j < W) {
-      const double x = a[j] - mean;
-      const double previous = a[j > 0 ? j - 1 : 0] - mean;
-      raw_energy += x * x;
-      y = c.window[j] * (x - c.preemphasis_coefficient * previous);
-    }
-    windowed_energy += y * y;
-    b[j] = y;
+  Complex* z = reinterpret_cast<Complex*>(a);
+  const int radix = pass_radix(n, 1);
+  if (radix == 8) {
+    first_pass_from_clip<8>(team, c, clip, length, first, mean, z, raw_energy, windowed_energy);
+  } else if (radix == 4) {
+    first_pass_from_clip<4>(team, c, clip, length, first, mean, z, raw_energy, windowed_energy);
+  } else if (radix == 2) {
+    first_pass_from_clip<2>(team, c, clip, length, first, mean, z, raw_energy, windowed_energy);
+  } else {
+    first_pass_from_clip<1>(team, c, clip, length, first, mean, z, raw_energy, windowed_energy);
   }
   const double energy = team.sum(c.raw_energy ? raw_energy : windowed_energy);
   team.sync();
 
-  // b holds y[0..P) = z[0..n) with z[m] = y[2m] + i y[2m+1].
-  Complex* spectrum = fft(team, reinterpret_cast<Complex*>(b), reinterpret_cast<Complex*>(a), n, c.fft_twiddles);
+  Complex* spectrum = fft_passes(team, z, reinterpret_cast<Complex*>(b), n, radix, c.fft_twiddles);
   double* power = reinterpret_cast<double*>(spectrum) == a ? b : a;
-  for (int k = team.rank(); k < n; k += team.size()) {
-    const double p = real_spectrum_power(spectrum, n, k, c.real_twiddles[k]);
-    power[k] = c.use_power ? p : sqrt(p);
+  // Bins k and n - k together (k = 0 and k = n / 2 are their own partners; bin n, Nyquist, is dropped).
+  for (int k = team.rank(); k <= n / 2; k += team.size()) {
+    const PowerPair p = real_spectrum_powers(spectrum, n, k, c.real_twiddles[k]);
+    power[k] = c.use_power ? p.low : sqrt(p.low);
+    if (k > 0 && 2 * k < n) power[n - k] = c.use_power ? p.high : sqrt(p.high);
   }
   team.sync();
 
   const int mel_column = c.use_energy && !c.htk_compat ? 1 : 0;
   for (int m = team.rank(); m < c.num_mel_bins; m += team.size()) {
-    const double* weights = c.mel_weights + static_cast<int64_t>(m) * c.mel_width;
     const double* bins = power + c.mel_start[m];
     double e = 0.0;
-    for (int i = 0; i < c.mel_len[m]; ++i) e += weights[i] * bins[i];
+    for (int i = 0; i < c.mel_len[m]; ++i) e += c.mel_weights[static_cast<int64_t>(i) * c.num_mel_bins + m] * bins[i];
     out[mel_column + m] = c.use_log_fbank ? log_floored(e, scalar_t()) : static_cast<scalar_t>(e);
   }
   if (c.use_energy && team.rank() == 0) {

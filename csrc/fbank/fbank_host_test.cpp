@@ -18,12 +18,13 @@ template <class scalar_t>
 void run(const scalar_t* waveforms, int64_t num_clips, int64_t num_samples, const int64_t* lengths,
          int64_t num_frames, fbank::FrameConfig config, scalar_t* out) {
   const int num_features = config.num_mel_bins + (config.use_energy ? 1 : 0);
-  std::vector<double> scratch(2 * static_cast<size_t>(config.padded_size) + 2);
+  const int buffer = fbank::scratch_doubles(config.padded_size);
+  std::vector<double> scratch(2 * static_cast<size_t>(buffer) + 2);
   double* a = scratch.data() + (reinterpret_cast<uintptr_t>(scratch.data()) % 16 ? 1 : 0);
   for (int64_t clip = 0; clip < num_clips; ++clip) {
     for (int64_t frame = 0; frame < num_frames; ++frame) {
       fbank::compute_frame(fbank::SerialTeam{}, config, waveforms + clip * num_samples, lengths[clip], frame, a,
-                           a + config.padded_size, out + (clip * num_frames + frame) * num_features);
+                           a + buffer, out + (clip * num_frames + frame) * num_features);
     }
   }
 }
@@ -81,7 +82,8 @@ template <class scalar_t>
 void run_lanes(const scalar_t* waveforms, int64_t num_clips, int64_t num_samples, const int64_t* lengths,
                int64_t num_frames, fbank::FrameConfig config, scalar_t* out, int lanes) {
   const int num_features = config.num_mel_bins + (config.use_energy ? 1 : 0);
-  std::vector<double> scratch(2 * static_cast<size_t>(config.padded_size) + 2);
+  const int buffer = fbank::scratch_doubles(config.padded_size);
+  std::vector<double> scratch(2 * static_cast<size_t>(buffer) + 2);
   double* a = scratch.data() + (reinterpret_cast<uintptr_t>(scratch.data()) % 16 ? 1 : 0);
   Barrier barrier(lanes);
   std::vector<double> partial(lanes);
@@ -92,7 +94,7 @@ void run_lanes(const scalar_t* waveforms, int64_t num_clips, int64_t num_samples
       for (int64_t clip = 0; clip < num_clips; ++clip) {
         for (int64_t frame = 0; frame < num_frames; ++frame) {
           fbank::compute_frame(team, config, waveforms + clip * num_samples, lengths[clip], frame, a,
-                               a + config.padded_size, out + (clip * num_frames + frame) * num_features);
+                               a + buffer, out + (clip * num_frames + frame) * num_features);
           team.sync();  // the kernel's __syncwarp before the scratch is reused
         }
       }
@@ -132,12 +134,13 @@ extern "C" void fbank_host_lanes_double(const double* waveforms, double* out, in
   run_lanes(waveforms, num_clips, num_samples, lengths, num_frames, FBANK_HOST_CONFIG, out, lanes);
 }
 
-// The bare complex FFT, to test the Stockham passes against numpy for every power of two.
-extern "C" void fft_host(double* data, double* scratch, int n, const double* twiddles) {
-  auto* a = reinterpret_cast<fbank::Complex*>(data);
-  auto* b = reinterpret_cast<fbank::Complex*>(scratch);
-  const fbank::Complex* result = fbank::fft(fbank::SerialTeam{}, a, b, n, reinterpret_cast<const fbank::Complex*>(twiddles));
-  if (result != a) {
-    for (int k = 0; k < n; ++k) a[k] = result[k];
-  }
+// The bare complex FFT of data[0..n) in place, to test the Stockham passes against numpy for every
+// power of two: the data go into the padded layout and come back out of it.
+extern "C" void fft_host(double* data, int n, const double* twiddles) {
+  auto* values = reinterpret_cast<fbank::Complex*>(data);
+  std::vector<fbank::Complex> a(fbank::padded_length(n)), b(fbank::padded_length(n));
+  for (int k = 0; k < n; ++k) a[fbank::padded_index(k)] = values[k];
+  const fbank::Complex* result = fbank::fft_passes(fbank::SerialTeam{}, a.data(), b.data(), n, 1,
+                                                   reinterpret_cast<const fbank::Complex*>(twiddles));
+  for (int k = 0; k < n; ++k) values[k] = result[fbank::padded_index(k)];
 }
