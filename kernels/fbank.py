@@ -454,15 +454,8 @@ def _frame_features(frames, window, banks, opts: FbankOptions, generator, padded
         # root of the power would give 0/0 = NaN to every sample of a silent frame.
         spectrum = spectrum.abs().to(banks.dtype)
     else:
-        if spectrum.requires_grad and torch.is_grad_enabled():
-            squares = torch.view_as_real(spectrum).to(banks.dtype).square_()
-            spectrum = squares[..., 0] + squares[..., 1]
-        else:
-            # The FFT's output is this block's own: squared in place in its float64, the two halves
-            # summed straight into the output's dtype (one pass fewer than converting it first).
-            squares = torch.view_as_real(spectrum).square_()
-            power = torch.empty(squares.shape[:-1], dtype=banks.dtype, device=squares.device)
-            spectrum = torch.add(squares[..., 0], squares[..., 1], out=power)
+        squares = torch.view_as_real(spectrum).to(banks.dtype).square_()
+        spectrum = squares[..., 0] + squares[..., 1]
         if not opts.use_power:
             spectrum.sqrt_()
     banded = spectrum.device.type == "cpu" and not (spectrum.requires_grad and torch.is_grad_enabled())
