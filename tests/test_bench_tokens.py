@@ -24,3 +24,14 @@ def test_each_set_has_its_own_inputs():
             assert len(per_set) == 2, (op, impl)
             (_, first), (_, second) = per_set
             assert all(a is not b and a.data_ptr() != b.data_ptr() for a, b in zip(first, second)), (op, impl)
+
+
+def test_back_to_back_runs_every_set_once_a_replay(monkeypatch):
+    """The back-to-back rows capture one call per input set in one graph and divide by their count."""
+    monkeypatch.setattr(bench_tokens, "graphed", lambda fn: fn)  # no CUDA here: the capture is the call
+    calls = []
+    replay = bench_tokens.BackToBack([lambda: calls.append(0), lambda: calls.append(1), lambda: calls.append(2)])
+    assert replay.calls_per_replay == 3 and bench_tokens.Rotation([lambda: 0]).calls_per_replay == 1
+    replay()
+    replay()
+    assert calls == [0, 1, 2, 0, 1, 2]
