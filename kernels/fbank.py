@@ -26,6 +26,9 @@ Contract
   conditioned, and float32 there costs about 1e-6 of the budget. Both backends are within 1e-3 (absolute,
   on log features) of torchaudio run in float64, with the same frame count. The Mel filterbank is
   built exactly as torchaudio builds it (in the default dtype), the log floor is float32's epsilon.
+  One limit of float32 after the FFT: float32 samples beyond about 1e17 give a power spectrum past
+  float32's range, and the torch path's features become inf or NaN there (the kernel sums and takes
+  the log in double; float64 clips are fine on both).
 
 Backends
 --------
@@ -661,8 +664,9 @@ def _check_lengths(lengths, batch: int, num_samples: int, device: torch.device) 
         raise TypeError(f"lengths must hold integers, got dtype {lengths.dtype}")
     if lengths.shape != (batch,):
         raise ValueError(f"lengths must have shape [{batch}] (one per clip), got {list(lengths.shape)}")
-    if batch and (int(lengths.min()) < 0 or int(lengths.max()) > num_samples):
-        raise ValueError(f"lengths must lie in [0, {num_samples}] (the padded clip length), got {lengths.tolist()}")
+    values = lengths.tolist()  # Python integers: exact for every integer dtype, unsigned ones included
+    if batch and (min(values) < 0 or max(values) > num_samples):
+        raise ValueError(f"lengths must lie in [0, {num_samples}] (the padded clip length), got {values}")
     return lengths.to(device=device, dtype=torch.int64).contiguous()  # a strided view would reach the kernel as is
 
 

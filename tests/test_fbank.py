@@ -165,6 +165,19 @@ def test_lengths_as_list_and_subtract_mean_over_valid_frames():
     assert num_frames.dtype == torch.int64
 
 
+@pytest.mark.parametrize("dtype", [np.uint16, np.uint32, np.uint64, np.int16])
+def test_lengths_of_any_integer_numpy_dtype(dtype):
+    clips = clips_for({}, num_samples=3000)
+    lengths = [3000, 1000, 2000, 800, 2999]
+    want, want_frames = fbank(clips, lengths=lengths, backend="torch")
+    got, frames = fbank(clips, lengths=np.array(lengths, dtype=dtype), backend="torch")
+    assert torch.equal(frames, want_frames) and torch.equal(got, want)
+    huge = np.array(lengths, dtype=dtype)
+    huge[1] = np.iinfo(dtype).max  # past the clip, and past int64 for uint64: an error, not a wrap
+    with pytest.raises(ValueError, match="lengths must lie in"):
+        fbank(clips, lengths=huge, backend="torch")
+
+
 def test_dither_is_random_and_reproducible():
     clip = clips_for({})[4:5]  # silent: without dither every bin sits at the log floor
     seeded = [fbank(clip, dither=1.0, generator=torch.Generator().manual_seed(7)) for _ in range(2)]
@@ -314,6 +327,17 @@ def test_kernel_arithmetic_keeps_nan_samples_nan(host_lib, dtype):
     torch.testing.assert_close(features.isnan(), expected.isnan())
     assert features[1].isnan().any(dim=1).sum() == 3 and features[0].isfinite().all()  # frames 4-6 read sample 1000
     torch.testing.assert_close(features.nan_to_num(0.0), expected.nan_to_num(0.0), atol=1e-3, rtol=0)
+
+
+def test_kernel_arithmetic_float_features_past_float_range(host_lib):
+    """float32 samples near 1e18 have Mel energies past float32's range: the kernel takes the log in
+    double, so the features stay finite and match torchaudio in float64."""
+    t = torch.arange(8000, dtype=torch.float64) / 16000
+    clips = (1e18 * torch.sin(2 * math.pi * 1000 * t)).float().unsqueeze(0)
+    features = host_fbank(host_lib, clips, torch.tensor([8000]), FbankOptions())
+    assert features.isfinite().all()
+    want = kaldi.fbank(clips.double())
+    torch.testing.assert_close(features[0].double(), want, atol=1e-3, rtol=0)
 
 
 @pytest.mark.parametrize("lanes", [32, 5])
