@@ -11,8 +11,8 @@ accesses of one warp computing one frame, instruction by instruction, and counts
 
 ``--layout measured`` replays the kernel as it was when the H100 timed it (1.34 ms for 256
 ten-second clips, 2026-11-27): samples staged in shared memory, an unpadded FFT buffer (the first
-radix-8 pass stores at a 128-byte stride: 32-way conflicts), Mel weights bin after bin, one twiddle
-table. ``--layout current`` (the default) replays fbank_frame.cuh as it is now. The ratio of the two
+radix-8 pass stores at a 128-byte stride: 32-way conflicts), float64 Mel weights bin after bin,
+one twiddle table. ``--layout current`` (the default) replays fbank_frame.cuh as it is now. The ratio of the two
 counts is what the change should buy where the pipe is the bound; it is a model, not a timing:
 the GPU benchmark (benches/bench_fbank.py) is the measurement.
 
@@ -132,8 +132,11 @@ def count(layout: str, padded_size: int, window_size: int, num_mel_bins: int) ->
         add("mel", lines=2 + 1)  # mel_start and mel_len, the output row
         for i in range(max(lengths[m] for m in bins.values())):
             active = {l: m for l, m in bins.items() if i < lengths[m]}
-            weight = {l: 8 * (i * num_mel_bins + m) if current else 8 * (m * width + i) for l, m in active.items()}
-            add("mel", shared_wavefronts({l: 8 * (starts[m] + i) for l, m in active.items()}, 8), global_lines(weight, 8))
+            if current:  # float32 weights, bin-major
+                weight = global_lines({l: 4 * (i * num_mel_bins + m) for l, m in active.items()}, 4)
+            else:  # float64 weights, bin after bin
+                weight = global_lines({l: 8 * (m * width + i) for l, m in active.items()}, 8)
+            add("mel", shared_wavefronts({l: 8 * (starts[m] + i) for l, m in active.items()}, 8), weight)
     return {stage: tuple(v) for stage, v in stages.items()}
 
 

@@ -255,8 +255,10 @@ class KernelTables:
     real_twiddles: torch.Tensor  # [P/2, 2] float64: exp(-2 pi i k / P), to split the real spectrum
     mel_start: torch.Tensor  # [num_mel_bins] int32: first FFT bin with weight
     mel_len: torch.Tensor  # [num_mel_bins] int32: number of FFT bins from mel_start
-    mel_weights: torch.Tensor  # [max(mel_len), num_mel_bins] float64: column m is bin m's run, zero past
-    # mel_len[m] (bin-major so that a warp's lanes, one Mel bin each, read one row together)
+    mel_weights: torch.Tensor  # [max(mel_len), num_mel_bins] float32: column m is bin m's run, zero past
+    # mel_len[m] (bin-major so that a warp's lanes, one Mel bin each, read one row together). float32:
+    # torchaudio builds the filters in the default dtype, so they are exact unless that is float64
+    # (then rounded by 6e-8 of a weight; a log moves by as much), in half the bytes of float64.
 
 
 def _unit_circle(count: int, period: int) -> torch.Tensor:
@@ -307,7 +309,7 @@ def kernel_tables(opts: FbankOptions, device: torch.device, default_dtype: torch
         real_twiddles=to(_unit_circle(half, 2 * half)),
         mel_start=to(first.int()),
         mel_len=to(length.int()),
-        mel_weights=to(weights.t().contiguous()),
+        mel_weights=to(weights.t().contiguous().float()),
     )
 
 

@@ -8,13 +8,14 @@
 // the frames and spectra live only in registers and shared memory. The arithmetic is
 // fbank_frame.cuh's.
 //
-// Shared memory and L1 traffic, not arithmetic, bound this kernel: a model of one warp's accesses
-// for a 512-point frame with 128 Mel bins (per warp instruction: bank conflicts on shared memory,
-// 128-byte lines on global loads) counts 1177 wavefronts for the kernel measured at 1.34 ms on the
-// H100 (2026-11-27) and 489 for this one. What this layout changed: the frame no longer goes through
-// shared memory, the FFT buffers are padded against the first pass's 32-way bank conflicts
-// (padded_index), the Mel weights are bin-major (coalesced), the twiddles are stored pass by pass
-// (consecutive per lane), the window is read in pairs and the power spectrum two bins per load.
+// Shared memory and L1 traffic, not arithmetic, bound this kernel. A model of one warp's accesses
+// for a 512-point frame with 128 Mel bins (python -m benches.fbank_traffic_model: bank conflicts on
+// shared memory, 128-byte lines on global loads) counts 1177 wavefronts for the kernel measured at
+// 1.34 ms on the H100 (2026-11-27) and 460 for this one. What changed: the frame no longer goes
+// through shared memory; the FFT buffers are padded against the first pass's 32-way bank conflicts
+// (padded_index); the Mel weights are bin-major float32 (coalesced, and float32 is what torchaudio
+// builds them in); the twiddles are stored pass by pass (consecutive per lane); the window is read
+// in pairs and the power spectrum two bins per load.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
@@ -132,7 +133,7 @@ at::Tensor fbank_cuda(const at::Tensor& waveforms, const at::Tensor& lengths, in
   check_table(real_twiddles, "real_twiddles", at::kDouble, device, true);
   check_table(mel_start, "mel_start", at::kInt, device);
   check_table(mel_len, "mel_len", at::kInt, device);
-  check_table(mel_weights, "mel_weights", at::kDouble, device);
+  check_table(mel_weights, "mel_weights", at::kFloat, device);
   const int64_t half = fft_twiddles.size(0);
   TORCH_CHECK(half >= 1 && (half & (half - 1)) == 0 && 2 * half <= 4096,
               "fbank_cuda: the padded window must be a power of two <= 4096, got ", 2 * half);
@@ -152,7 +153,7 @@ at::Tensor fbank_cuda(const at::Tensor& waveforms, const at::Tensor& lengths, in
       remove_dc_offset, preemphasis_coefficient, raw_energy, energy_floor, use_energy, htk_compat, use_log_fbank,
       use_power, num_mel_bins, static_cast<int>(mel_weights.size(0)), window.data_ptr<double>(),
       fft_twiddles.data_ptr<double>(), real_twiddles.data_ptr<double>(), mel_start.data_ptr<int>(),
-      mel_len.data_ptr<int>(), mel_weights.data_ptr<double>());
+      mel_len.data_ptr<int>(), mel_weights.data_ptr<float>());
 
   const int frame_bytes = 2 * scratch_doubles(config.padded_size) * static_cast<int>(sizeof(double));
   int shared_limit = 0;

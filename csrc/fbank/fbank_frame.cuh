@@ -191,7 +191,7 @@ struct FrameConfig {
   const Complex* real_twiddles;   // [P/2]  exp(-2 pi i k / P)
   const int* mel_start;           // [num_mel_bins]
   const int* mel_len;             // [num_mel_bins]
-  const double* mel_weights;      // [mel_width, num_mel_bins]: column m holds bin m's run, zero past its
+  const float* mel_weights;       // [mel_width, num_mel_bins]: column m holds bin m's run, zero past its
                                   // mel_len (bin-major, a warp's lanes, one bin each, load one row)
 };
 
@@ -201,7 +201,7 @@ inline FrameConfig make_frame_config(int window_size, int padded_size, int64_t w
                                int raw_energy, double energy_floor, int use_energy, int htk_compat,
                                int use_log_fbank, int use_power, int num_mel_bins, int mel_width,
                                const double* window, const double* fft_twiddles, const double* real_twiddles,
-                               const int* mel_start, const int* mel_len, const double* mel_weights) {
+                               const int* mel_start, const int* mel_len, const float* mel_weights) {
   FrameConfig c;
   c.window_size = window_size;
   c.padded_size = padded_size;
@@ -337,7 +337,9 @@ FBANK_HD void compute_frame(const Team& team, const FrameConfig& c, const scalar
   for (int m = team.rank(); m < c.num_mel_bins; m += team.size()) {
     const double* bins = power + c.mel_start[m];
     double e = 0.0;
-    for (int i = 0; i < c.mel_len[m]; ++i) e += c.mel_weights[static_cast<int64_t>(i) * c.num_mel_bins + m] * bins[i];
+    for (int i = 0; i < c.mel_len[m]; ++i) {
+      e += static_cast<double>(c.mel_weights[static_cast<int64_t>(i) * c.num_mel_bins + m]) * bins[i];
+    }
     out[mel_column + m] = c.use_log_fbank ? log_floored(e, scalar_t()) : static_cast<scalar_t>(e);
   }
   if (c.use_energy && team.rank() == 0) {

@@ -111,7 +111,7 @@ void run_lanes(const scalar_t* waveforms, int64_t num_clips, int64_t num_samples
       double preemphasis_coefficient, int raw_energy, double energy_floor, int use_energy, int htk_compat,   \
       int use_log_fbank, int use_power, int num_mel_bins, int mel_width, const double *window,               \
       const double *fft_twiddles, const double *real_twiddles, const int *mel_start, const int *mel_len,     \
-      const double *mel_weights
+      const float *mel_weights
 #define FBANK_HOST_CONFIG                                                                                    \
   fbank::make_frame_config(window_size, padded_size, window_shift, reflect_pad, snip_edges, remove_dc_offset,            \
               preemphasis_coefficient, raw_energy, energy_floor, use_energy, htk_compat, use_log_fbank,     \
