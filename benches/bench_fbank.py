@@ -119,9 +119,23 @@ def run(device: str = "cuda", quick: bool = False) -> list[dict]:
     if "cuda_kernel" in by_impl and "torch_path_fp32_compiled" in by_impl:
         by_impl["cuda_kernel"]["speedup_vs_torch_path_fp32_compiled"] = (
             by_impl["torch_path_fp32_compiled"]["median_ms"] / by_impl["cuda_kernel"]["median_ms"])
+    if "cuda_kernel" in by_impl:
+        by_impl["cuda_kernel"].update(_traffic_rate(by_impl["cuda_kernel"]["median_ms"], num_clips * num_frames))
     if device == "cuda":
         rows.append(_cpu_thread_row(waveforms[: 2 if quick else 8].cpu(), common))
     return rows + _precision_rows(device)
+
+
+def _traffic_rate(median_ms: float, frames: int) -> dict:
+    """The traffic model's wavefronts a frame (benches/fbank_traffic_model.py) and the rate they
+    imply per SM: at one wavefront a cycle, the SM clock the kernel would need if the model's pipe
+    were its only bound (a figure near the real clock, about 1.7 to 2 GHz on an H100, says it is)."""
+    from benches.fbank_traffic_model import count
+
+    wavefronts = sum(s + g for s, g in count("current", 512, 400, 128).values())
+    sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    return {"model_wavefronts_per_frame": wavefronts,
+            "model_ghz_per_sm": wavefronts * frames / sms / (median_ms * 1e-3) / 1e9}
 
 
 def _precision_clips(device: str) -> dict:
