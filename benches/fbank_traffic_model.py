@@ -83,9 +83,9 @@ def count(layout: str, padded_size: int, window_size: int, num_mel_bins: int) ->
         for j0 in range(0, items, WARP):  # the first pass, from the clip: pairs m = j + items r
             for r in range(8):
                 pairs = {l: 2 * (j + r * items) for l, j in lanes(j0, WARP, items).items() if 2 * (j + r * items) < W}
-                if pairs:
-                    for shift in (-1, 0, 1):
-                        add("samples", lines=global_lines({l: 4 * max(j + shift, 0) for l, j in pairs.items()}, 4))
+                if pairs:  # samples 2m and 2m + 1 in one 8-byte load (a frame inside its clip), 2m - 1 alone
+                    add("samples", lines=global_lines({l: 4 * j for l, j in pairs.items()}, 8))
+                    add("samples", lines=global_lines({l: 4 * (j - 1) for l, j in pairs.items() if j > 0}, 4))
                     add("window", lines=global_lines({l: 8 * j for l, j in pairs.items()}, 16))
             for r in range(8):
                 add("fft", shared=shared_wavefronts({l: 16 * pad(j * 8 + r) for l, j in lanes(j0, WARP, items).items()}, 16))

@@ -329,6 +329,21 @@ def test_kernel_arithmetic_keeps_nan_samples_nan(host_lib, dtype):
     torch.testing.assert_close(features.nan_to_num(0.0), expected.nan_to_num(0.0), atol=1e-3, rtol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("snip_edges", [True, False])
+def test_kernel_arithmetic_pairs_and_single_samples(host_lib, dtype, snip_edges):
+    """Frames inside their clip that start on a pair's alignment read two samples a load, the others
+    one: an odd clip length (every other clip starts off the alignment), an odd frame shift (every
+    other frame does) and reflected edges take both paths, with identical arithmetic."""
+    options = dict(frame_shift=161 / 16.0, snip_edges=snip_edges, use_energy=True, raw_energy=False, dither=0.0)
+    clips = clips_for({}, num_samples=2401).to(dtype)
+    lengths = torch.tensor([2401, 2400, 1999, 2401, 1234])
+    features = host_fbank(host_lib, clips, lengths, FbankOptions(**options))
+    expected, _ = fbank(clips, lengths=lengths, backend="torch", **options)
+    torch.testing.assert_close(features, expected, atol=1e-4 if dtype == torch.float32 else 1e-9, rtol=0)
+    assert_matches_reference(features, clips, options, lengths)
+
+
 def test_kernel_arithmetic_float_features_past_float_range(host_lib):
     """float32 samples near 1e18 have Mel energies past float32's range: the kernel takes the log in
     double, so the features stay finite and match torchaudio in float64."""

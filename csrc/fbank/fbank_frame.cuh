@@ -249,24 +249,47 @@ FBANK_HD double frame_sample(const FrameConfig& c, const scalar_t* clip, int64_t
   return static_cast<double>(clip[c.snip_edges ? first + j : reflect(first + j, length)]);
 }
 
+// Two consecutive samples, read in one load.
+template <class T>
+struct alignas(2 * sizeof(T)) SamplePair {
+  T even, odd;
+};
+
+// Whether a frame's samples 2m and 2m + 1 may be read as one SamplePair: the frame lies inside the
+// clip (nothing reflected; always so for snipped edges) and starts on a pair's alignment.
+template <class scalar_t>
+FBANK_HD bool reads_sample_pairs(const FrameConfig& c, const scalar_t* clip, int64_t length, int64_t first) {
+  return first >= 0 && first + c.window_size <= length &&
+         reinterpret_cast<uintptr_t>(clip + first) % sizeof(SamplePair<scalar_t>) == 0;
+}
+
 // The FFT input z[m] = y[2m] + i y[2m+1] of Kaldi's frame y = window * (x - c * x_prev), x the
 // samples less their mean and x_prev[0] = x[0], zero past the window. Adds the two samples'
-// x^2 to raw_energy and y^2 to windowed_energy.
+// x^2 to raw_energy and y^2 to windowed_energy. `sample_pairs`: reads_sample_pairs' answer.
 template <class scalar_t>
 FBANK_HD Complex windowed_pair(const FrameConfig& c, const scalar_t* clip, int64_t length, int64_t first,
-                               double mean, int m, double& raw_energy, double& windowed_energy) {
+                               bool sample_pairs, double mean, int m, double& raw_energy,
+                               double& windowed_energy) {
   const int j = 2 * m;
   if (j >= c.window_size) return {0.0, 0.0};
-  // window[j] and window[j + 1] in one 16-byte load, where both exist.
+  // window[j] and window[j + 1] in one 16-byte load, where both exist; the samples too, where the
+  // frame allows.
   const bool pair = j + 1 < c.window_size;
   const Complex window = pair ? reinterpret_cast<const Complex*>(c.window)[m] : Complex{c.window[j], 0.0};
-  const double previous = frame_sample(c, clip, length, first, j > 0 ? j - 1 : 0) - mean;
-  const double x0 = frame_sample(c, clip, length, first, j) - mean;
+  double x0, x1 = 0.0;
+  if (pair && sample_pairs) {
+    const SamplePair<scalar_t> samples = *reinterpret_cast<const SamplePair<scalar_t>*>(clip + first + j);
+    x0 = static_cast<double>(samples.even) - mean;
+    x1 = static_cast<double>(samples.odd) - mean;
+  } else {
+    x0 = frame_sample(c, clip, length, first, j) - mean;
+    if (pair) x1 = frame_sample(c, clip, length, first, j + 1) - mean;
+  }
+  const double previous = j > 0 ? frame_sample(c, clip, length, first, j - 1) - mean : x0;
   const double y0 = window.re * (x0 - c.preemphasis_coefficient * previous);
   raw_energy += x0 * x0;
   windowed_energy += y0 * y0;
   if (!pair) return {y0, 0.0};
-  const double x1 = frame_sample(c, clip, length, first, j + 1) - mean;
   const double y1 = window.im * (x1 - c.preemphasis_coefficient * x0);
   raw_energy += x1 * x1;
   windowed_energy += y1 * y1;
@@ -282,9 +305,12 @@ FBANK_HD void first_pass_from_clip(const Team& team, const FrameConfig& c, const
                                    int64_t first, double mean, Complex* dst, double& raw_energy,
                                    double& windowed_energy) {
   const int items = c.padded_size / 2 / R;
+  const bool sample_pairs = reads_sample_pairs(c, clip, length, first);
   for (int j = team.rank(); j < items; j += team.size()) {
     Complex v[R];
-    for (int r = 0; r < R; ++r) v[r] = windowed_pair(c, clip, length, first, mean, j + r * items, raw_energy, windowed_energy);
+    for (int r = 0; r < R; ++r) {
+      v[r] = windowed_pair(c, clip, length, first, sample_pairs, mean, j + r * items, raw_energy, windowed_energy);
+    }
     dft<R>(v);
     for (int r = 0; r < R; ++r) dst[padded_index(j * R + r)] = v[r];
   }
