@@ -123,14 +123,15 @@ def count(layout: str, padded_size: int, window_size: int, num_mel_bins: int) ->
                 add("fft", shared=shared_wavefronts(where, 16))
         span *= radix
     last = n // 2 if current else n - 1
+    size = 4 if current else 8  # the power spectrum in shared memory: float32 now (float32 clips), double then
     for k0 in range(0, last + 1, WARP):  # the power spectrum
         index = lanes(k0, WARP, last + 1)
         add("power", shared_wavefronts({l: 16 * pad(k) for l, k in index.items()}, 16)
             + shared_wavefronts({l: 16 * pad((n - k) % n) for l, k in index.items()}, 16)
-            + shared_wavefronts({l: 8 * k for l, k in index.items()}, 8),
+            + shared_wavefronts({l: size * k for l, k in index.items()}, size),
             global_lines({l: 16 * k for l, k in index.items()}, 16))
         if current:
-            add("power", shared_wavefronts({l: 8 * (n - k) for l, k in index.items() if 0 < k < n // 2}, 8))
+            add("power", shared_wavefronts({l: size * (n - k) for l, k in index.items() if 0 < k < n // 2}, size))
     for m0 in range(0, num_mel_bins, WARP):  # Mel sums, one bin a lane
         bins = lanes(m0, WARP, num_mel_bins)
         add("mel", lines=2 + 1)  # mel_start and mel_len, the output row
@@ -140,7 +141,7 @@ def count(layout: str, padded_size: int, window_size: int, num_mel_bins: int) ->
                 weight = global_lines({l: 4 * (i * num_mel_bins + m) for l, m in active.items()}, 4)
             else:  # float64 weights, bin after bin
                 weight = global_lines({l: 8 * (m * width + i) for l, m in active.items()}, 8)
-            add("mel", shared_wavefronts({l: 8 * (starts[m] + i) for l, m in active.items()}, 8), weight)
+            add("mel", shared_wavefronts({l: size * (starts[m] + i) for l, m in active.items()}, size), weight)
     return {stage: tuple(v) for stage, v in stages.items()}
 
 

@@ -11,11 +11,12 @@
 // Shared memory and L1 traffic, not arithmetic, bound this kernel. A model of one warp's accesses
 // for a 512-point frame with 128 Mel bins (python -m benches.fbank_traffic_model: bank conflicts on
 // shared memory, 128-byte lines on global loads) counts 1177 wavefronts for the kernel measured at
-// 1.34 ms on the H100 (2026-11-27) and 447 for this one. What changed: the frame no longer goes
+// 1.34 ms on the H100 (2026-11-27) and 415 for this one. What changed: the frame no longer goes
 // through shared memory; the FFT buffers are padded against the first pass's 32-way bank conflicts
 // (padded_index); the Mel weights are bin-major float32 (coalesced, and float32 is what torchaudio
 // builds them in); the twiddles are stored pass by pass (consecutive per lane); the window, and the
-// samples of a frame inside its clip, are read in pairs; the power spectrum two bins per load.
+// samples of a frame inside its clip, are read in pairs; the power spectrum is taken two bins per
+// load and kept in the features' type (float32 for float32 clips), scaled to fit.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>

@@ -349,26 +349,36 @@ FBANK_HD void compute_frame(const Team& team, const FrameConfig& c, const scalar
   } else {
     first_pass_from_clip<1>(team, c, clip, length, first, mean, z, raw_energy, windowed_energy);
   }
-  const double energy = team.sum(c.raw_energy ? raw_energy : windowed_energy);
+  const double windowed_total = team.sum(windowed_energy);
+  const double energy = c.use_energy && c.raw_energy ? team.sum(raw_energy) : windowed_total;
   team.sync();
 
   Complex* spectrum = fft_passes(team, z, reinterpret_cast<Complex*>(b), n, radix, c.fft_twiddles);
-  double* power = reinterpret_cast<double*>(spectrum) == a ? b : a;
+  // The power spectrum goes to shared memory in the features' type (float halves the Mel stage's
+  // traffic), divided by `scale`: by Parseval no bin's power exceeds P times the windowed energy,
+  // so the stored values are at most 1 and float holds them whatever the samples' size. The
+  // Mel sums run in double and multiply the scale back. (A NaN or Inf sample makes every stored
+  // value and the features NaN, as torchaudio's are.)
+  const double bound = c.padded_size * windowed_total;
+  const double scale = bound > 0.0 ? (c.use_power ? bound : sqrt(bound)) : 1.0;
+  const double inverse_scale = 1.0 / scale;
+  scalar_t* power = reinterpret_cast<scalar_t*>(reinterpret_cast<double*>(spectrum) == a ? b : a);
   // Bins k and n - k together (k = 0 and k = n / 2 are their own partners; bin n, Nyquist, is dropped).
   for (int k = team.rank(); k <= n / 2; k += team.size()) {
     const PowerPair p = real_spectrum_powers(spectrum, n, k, c.real_twiddles[k]);
-    power[k] = c.use_power ? p.low : sqrt(p.low);
-    if (k > 0 && 2 * k < n) power[n - k] = c.use_power ? p.high : sqrt(p.high);
+    power[k] = static_cast<scalar_t>((c.use_power ? p.low : sqrt(p.low)) * inverse_scale);
+    if (k > 0 && 2 * k < n) power[n - k] = static_cast<scalar_t>((c.use_power ? p.high : sqrt(p.high)) * inverse_scale);
   }
   team.sync();
 
   const int mel_column = c.use_energy && !c.htk_compat ? 1 : 0;
   for (int m = team.rank(); m < c.num_mel_bins; m += team.size()) {
-    const double* bins = power + c.mel_start[m];
+    const scalar_t* bins = power + c.mel_start[m];
     double e = 0.0;
     for (int i = 0; i < c.mel_len[m]; ++i) {
-      e += static_cast<double>(c.mel_weights[static_cast<int64_t>(i) * c.num_mel_bins + m]) * bins[i];
+      e += static_cast<double>(c.mel_weights[static_cast<int64_t>(i) * c.num_mel_bins + m]) * static_cast<double>(bins[i]);
     }
+    e *= scale;
     out[mel_column + m] = c.use_log_fbank ? log_floored(e, scalar_t()) : static_cast<scalar_t>(e);
   }
   if (c.use_energy && team.rank() == 0) {
