@@ -595,7 +595,7 @@ def _(waveforms, lengths, num_frames, window, fft_twiddles, real_twiddles, mel_s
 # SM asked of the register allocator). Shape 0 is the default (sm_90: 128 registers a thread, the
 # most that two blocks, 16 warps an SM, allow); float32 clips may take the others through
 # ``forced_launch_shape``, which the benchmark uses to time each on the GPU (not yet timed). ptxas
-# gives them 96, 80, 72 and 72 registers; the last three spill 12 to 32 bytes a thread. A 512-point
+# gives them 96, 80, 72 and 72 registers; the last three spill 16 to 32 bytes a thread. A 512-point
 # frame takes 9 KiB of shared memory, so an SM holds at most 24 warps whatever the registers allow:
 # 20, 24, 24 and 24 warps an SM.
 LAUNCH_SHAPES = ((8, 2), (4, 5), (8, 3), (4, 7), (2, 14))

@@ -344,6 +344,31 @@ def test_kernel_arithmetic_pairs_and_single_samples(host_lib, dtype, snip_edges)
     assert_matches_reference(features, clips, options, lengths)
 
 
+@pytest.mark.parametrize("amplitude", [1e-157, 1e-160, 6e151])
+def test_kernel_arithmetic_float64_clips_of_extreme_size(host_lib, amplitude):
+    """float64 clips keep their power spectrum in double as it is: no scale to overflow or vanish
+    (a frame energy near 1e-310 or 1e300), features as torchaudio's in float64."""
+    clips = amplitude * torch.randn(2, 4000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    for options in (dict(), dict(use_power=False)):
+        features = host_fbank(host_lib, clips, torch.tensor([4000, 4000]), FbankOptions(**options))
+        assert features.isfinite().all(), options
+        assert_matches_reference(features, clips, options)
+
+
+def test_kernel_arithmetic_float_spectrum_of_wide_range(host_lib):
+    """float32 clips keep their power spectrum in float32, scaled so that the largest possible bin
+    sits at 2^100: bins 50 decades below a loud frame's largest (here an exactly transformed loud
+    pattern over unit noise) stay normal floats and keep their log."""
+    x = torch.zeros(1024, dtype=torch.float64)
+    x[0::4], x[2::4] = 1e25, -1e25
+    x[1::2] = torch.randn(512, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    options = dict(window_type="rectangular", frame_length=32.0, preemphasis_coefficient=0.0, remove_dc_offset=False,
+                   num_mel_bins=23)
+    clips = x.float().unsqueeze(0)
+    features = host_fbank(host_lib, clips, torch.tensor([1024]), FbankOptions(**options))
+    torch.testing.assert_close(features[0].double(), kaldi.fbank(clips.double(), **options), atol=1e-3, rtol=0)
+
+
 def test_kernel_arithmetic_float_features_past_float_range(host_lib):
     """float32 samples near 1e18 have Mel energies past float32's range: the kernel takes the log in
     double, so the features stay finite and match torchaudio in float64."""

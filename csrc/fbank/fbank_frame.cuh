@@ -242,6 +242,21 @@ FBANK_HD int64_t reflect(int64_t k, int64_t length) {
   return k;
 }
 
+// Powers of two that take a frame's power spectrum (or magnitudes) to the values stored in shared
+// memory and back. `bound`: P times the windowed energy, which no bin's power exceeds. Float
+// storage puts the bound at 2^100; double storage and a bound that is zero or not finite (a NaN or
+// Inf sample: the features are NaN either way) keep the values as they are.
+struct PowerScale {
+  double to_stored, from_stored;
+};
+template <class scalar_t>
+FBANK_HD PowerScale power_scale(double bound, bool use_power) {
+  if (sizeof(scalar_t) == sizeof(double) || !(bound > 0.0 && bound < INFINITY)) return {1.0, 1.0};
+  int exponent;
+  frexp(use_power ? bound : sqrt(bound), &exponent);  // the largest stored value < 2^exponent
+  return {ldexp(1.0, 100 - exponent), ldexp(1.0, exponent - 100)};
+}
+
 // Sample j of a frame whose first sample is clip sample `first`, reflected at the clip's ends
 // unless edges are snipped (snipped frames lie inside the clip).
 template <class scalar_t>
@@ -354,20 +369,19 @@ FBANK_HD void compute_frame(const Team& team, const FrameConfig& c, const scalar
   team.sync();
 
   Complex* spectrum = fft_passes(team, z, reinterpret_cast<Complex*>(b), n, radix, c.fft_twiddles);
-  // The power spectrum goes to shared memory in the features' type (float halves the Mel stage's
-  // traffic), divided by `scale`: by Parseval no bin's power exceeds P times the windowed energy,
-  // so the stored values are at most 1 and float holds them whatever the samples' size. The
-  // Mel sums run in double and multiply the scale back. (A NaN or Inf sample makes every stored
-  // value and the features NaN, as torchaudio's are.)
-  const double bound = c.padded_size * windowed_total;
-  const double scale = bound > 0.0 ? (c.use_power ? bound : sqrt(bound)) : 1.0;
-  const double inverse_scale = 1.0 / scale;
+  // The power spectrum goes to shared memory in the features' type: float for float clips halves
+  // the Mel stage's traffic. Float's range is then the question, so float values are stored times
+  // a power of two (exact): by Parseval no bin's power exceeds P times the windowed energy, and the
+  // factor puts that bound at 2^100, so the largest bin cannot overflow and bins 68 decades below
+  // it stay normal floats (far below double rounding's noise, 1e-32 of the largest). Double
+  // values are stored as they are. The Mel sums run in double and undo the factor.
+  const PowerScale scale = power_scale<scalar_t>(c.padded_size * windowed_total, c.use_power);
   scalar_t* power = reinterpret_cast<scalar_t*>(reinterpret_cast<double*>(spectrum) == a ? b : a);
   // Bins k and n - k together (k = 0 and k = n / 2 are their own partners; bin n, Nyquist, is dropped).
   for (int k = team.rank(); k <= n / 2; k += team.size()) {
     const PowerPair p = real_spectrum_powers(spectrum, n, k, c.real_twiddles[k]);
-    power[k] = static_cast<scalar_t>((c.use_power ? p.low : sqrt(p.low)) * inverse_scale);
-    if (k > 0 && 2 * k < n) power[n - k] = static_cast<scalar_t>((c.use_power ? p.high : sqrt(p.high)) * inverse_scale);
+    power[k] = static_cast<scalar_t>((c.use_power ? p.low : sqrt(p.low)) * scale.to_stored);
+    if (k > 0 && 2 * k < n) power[n - k] = static_cast<scalar_t>((c.use_power ? p.high : sqrt(p.high)) * scale.to_stored);
   }
   team.sync();
 
@@ -378,7 +392,7 @@ FBANK_HD void compute_frame(const Team& team, const FrameConfig& c, const scalar
     for (int i = 0; i < c.mel_len[m]; ++i) {
       e += static_cast<double>(c.mel_weights[static_cast<int64_t>(i) * c.num_mel_bins + m]) * static_cast<double>(bins[i]);
     }
-    e *= scale;
+    e *= scale.from_stored;
     out[mel_column + m] = c.use_log_fbank ? log_floored(e, scalar_t()) : static_cast<scalar_t>(e);
   }
   if (c.use_energy && team.rank() == 0) {
