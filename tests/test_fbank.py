@@ -369,6 +369,18 @@ def test_kernel_arithmetic_float_spectrum_of_wide_range(host_lib):
     torch.testing.assert_close(features[0].double(), kaldi.fbank(clips.double(), **options), atol=1e-3, rtol=0)
 
 
+def test_kernel_arithmetic_inf_sample_without_preemphasis_keeps_infinite_energy(host_lib):
+    """Without pre-emphasis (or DC removal) an Inf sample's frames have infinite energy, as
+    torchaudio's and the torch path's: no 0 * Inf from the previous sample turns it into NaN."""
+    options = dict(preemphasis_coefficient=0.0, use_energy=True, raw_energy=False, remove_dc_offset=False)
+    clips = clips_for({}, num_samples=3000).double()
+    clips[1, 1000] = float("inf")
+    features = host_fbank(host_lib, clips, torch.full((len(clips),), 3000), FbankOptions(**options))
+    want = kaldi.fbank(clips[1:2], **options)
+    torch.testing.assert_close(features[1, :, 0], want[:, 0], atol=1e-3, rtol=0)  # energy: inf in frames 4-6
+    assert features[1, :, 0].isinf().sum() == 3
+
+
 def test_kernel_arithmetic_float_features_past_float_range(host_lib):
     """float32 samples near 1e18 have Mel energies past float32's range: the kernel takes the log in
     double, so the features stay finite and match torchaudio in float64."""

@@ -300,12 +300,15 @@ FBANK_HD Complex windowed_pair(const FrameConfig& c, const scalar_t* clip, int64
     x0 = frame_sample(c, clip, length, first, j) - mean;
     if (pair) x1 = frame_sample(c, clip, length, first, j + 1) - mean;
   }
-  const double previous = j > 0 ? frame_sample(c, clip, length, first, j - 1) - mean : x0;
-  const double y0 = window.re * (x0 - c.preemphasis_coefficient * previous);
+  // Without pre-emphasis the previous sample is neither read nor multiplied (0 * Inf would turn an
+  // Inf sample's energy into NaN where torchaudio keeps Inf).
+  const bool emphasis = c.preemphasis_coefficient != 0.0;
+  const double previous = !emphasis ? 0.0 : j > 0 ? frame_sample(c, clip, length, first, j - 1) - mean : x0;
+  const double y0 = window.re * (emphasis ? x0 - c.preemphasis_coefficient * previous : x0);
   raw_energy += x0 * x0;
   windowed_energy += y0 * y0;
   if (!pair) return {y0, 0.0};
-  const double y1 = window.im * (x1 - c.preemphasis_coefficient * x0);
+  const double y1 = window.im * (emphasis ? x1 - c.preemphasis_coefficient * x0 : x1);
   raw_energy += x1 * x1;
   windowed_energy += y1 * y1;
   return {y0, y1};
