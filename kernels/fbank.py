@@ -25,7 +25,8 @@ Contract
   the output's dtype: the power spectrum, the Mel sums (of non-negative terms) and the log are well
   conditioned, and float32 there costs about 1e-6 of the budget. Both backends are within 1e-3 (absolute,
   on log features) of torchaudio run in float64, with the same frame count. The Mel filterbank is
-  built exactly as torchaudio builds it (in the default dtype), the log floor is float32's epsilon.
+  built exactly as torchaudio builds it (in the default dtype; the kernel holds it in float32, which
+  is exact unless the default dtype is float64), the log floor is float32's epsilon.
   One limit of float32 after the FFT: float32 samples beyond about 1e17 give a power spectrum past
   float32's range, and the torch path's features become inf or NaN there (the kernel sums and takes
   the log in double; float64 clips are fine on both).
@@ -508,7 +509,7 @@ def fbank_torch(
     # copy it first. Only the zeros past window_size outlive a block, so they are written when the
     # view changes, not every block.
     P, W = opts.padded_window_size, opts.window_size
-    storage = waveforms.new_empty(B * min(step, num_frames) * P, dtype=compute_dtype)
+    storage = None if differentiable else waveforms.new_empty(B * min(step, num_frames) * P, dtype=compute_dtype)
     zeroed_count = None
     features = None if 0 < num_frames <= step else \
         torch.empty(B, num_frames, opts.num_features, dtype=feature_dtype, device=waveforms.device)
@@ -523,7 +524,7 @@ def fbank_torch(
         if opts.dither == 0.0 and not differentiable:
             emphasized = _frames(_emphasized(sequence, opts.preemphasis_coefficient), count, opts)
         if differentiable:
-            buffer = storage.new_zeros(B, count, P)
+            buffer = waveforms.new_zeros(B, count, P, dtype=compute_dtype)
         else:
             buffer = storage[: B * count * P].view(B, count, P)
             if count != zeroed_count:
@@ -595,7 +596,7 @@ def _(waveforms, lengths, num_frames, window, fft_twiddles, real_twiddles, mel_s
 # SM asked of the register allocator). Shape 0 is the default (sm_90: 128 registers a thread, the
 # most that two blocks, 16 warps an SM, allow); float32 clips may take the others through
 # ``forced_launch_shape``, which the benchmark uses to time each on the GPU (not yet timed). ptxas
-# gives them 96, 80, 72 and 72 registers; the last three spill 16 to 32 bytes a thread. A 512-point
+# gives them 96, 80, 72 and 72 registers; the last three spill 16 to 40 bytes a thread. A 512-point
 # frame takes 9 KiB of shared memory, so an SM holds at most 24 warps whatever the registers allow:
 # 20, 24, 24 and 24 warps an SM.
 LAUNCH_SHAPES = ((8, 2), (4, 5), (8, 3), (4, 7), (2, 14))
@@ -742,6 +743,25 @@ def fbank(
     return features, opts.num_frames(lengths)
 
 
+def kernel_frame_bytes(padded_window_size: int) -> int:
+    """Shared memory the kernel takes for one frame (csrc/fbank/fbank_frame.cuh, scratch_doubles):
+    two FFT buffers of P/2 complex doubles with one spare slot per 8."""
+    half = padded_window_size // 2
+    return 2 * 2 * (half + half // 8) * 8
+
+
+@functools.lru_cache(maxsize=None)
+def _shared_memory_shortfall(padded_window_size: int, device_index: int) -> str | None:
+    """Why a frame does not fit the shared memory a block may have on the device, or None (a
+    4096-point frame takes 72 KiB; an sm_75 GPU allows a block 64 KiB)."""
+    needed = kernel_frame_bytes(padded_window_size)
+    allowed = getattr(torch.cuda.get_device_properties(device_index), "shared_memory_per_block_optin", 48 * 1024)
+    if needed <= allowed:
+        return None
+    return (f"a padded window of {padded_window_size} samples needs {needed} bytes of shared memory a frame, "
+            f"more than the {allowed} a block may have on this GPU")
+
+
 def _choose_backend(backend: str, waveforms: torch.Tensor, opts: FbankOptions) -> bool:
     """True for the kernel; raises for ``backend="cuda"`` when the kernel cannot serve the call."""
     if backend == "torch":
@@ -753,9 +773,11 @@ def _choose_backend(backend: str, waveforms: torch.Tensor, opts: FbankOptions) -
     reason = opts.cuda_unsupported()
     if reason is None and waveforms.requires_grad and torch.is_grad_enabled():
         reason = "waveforms require grad (the kernel has no backward)"
+    device_index = waveforms.device.index if waveforms.device.index is not None else torch.cuda.current_device()
     if reason is None:
-        reason = _kernel_unavailable(waveforms.device.index if waveforms.device.index is not None
-                                     else torch.cuda.current_device())
+        reason = _kernel_unavailable(device_index)
+    if reason is None:
+        reason = _shared_memory_shortfall(opts.padded_window_size, device_index)
     if reason is None:
         return True
     if backend == "cuda":

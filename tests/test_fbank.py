@@ -587,6 +587,25 @@ def test_cuda_every_launch_shape_matches_torchaudio_float64(shape):
         assert_matches_reference(fbank(clips.cuda(), backend="cuda", **options).cpu(), clips, options)
 
 
+def test_frames_too_big_for_the_gpus_shared_memory_go_to_the_torch_path(monkeypatch):
+    """A 4096-point frame takes 72 KiB of shared memory: more than an sm_75 GPU gives a block
+    (64 KiB), where "auto" must take the torch path with a reason rather than fail at the launch."""
+    from types import SimpleNamespace
+
+    module = sys.modules["kernels.fbank"]
+    assert module.kernel_frame_bytes(512) == 9 * 1024 and module.kernel_frame_bytes(4096) == 72 * 1024
+    limits = {0: 64 * 1024, 1: 227 * 1024}
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda index: SimpleNamespace(shared_memory_per_block_optin=limits[index]))
+    module._shared_memory_shortfall.cache_clear()
+    try:
+        assert re.search(r"4096 samples needs 73728 bytes .* more than the 65536", module._shared_memory_shortfall(4096, 0))
+        assert module._shared_memory_shortfall(2048, 0) is None
+        assert module._shared_memory_shortfall(4096, 1) is None
+    finally:
+        module._shared_memory_shortfall.cache_clear()
+
+
 def test_forced_launch_shape_rejects_unknown_shapes_and_restores():
     module = sys.modules["kernels.fbank"]
     for bad in (-1, len(LAUNCH_SHAPES), 1.0):

@@ -33,7 +33,8 @@ namespace {
 constexpr int kWarp = 32;
 // Bytes per block, at most: a 4096-point frame alone needs 72 KiB (two padded buffers of 2304
 // complex doubles); eight 512-point frames need 8 x 9 KiB. A GPU that allows a block less (sm_75:
-// 64 KiB) gets fewer frames per block.
+// 64 KiB) gets fewer frames per block, and no 4096-point frames (kernels/fbank.py sends those to
+// the torch path under "auto").
 constexpr int kSharedBudget = 80 * 1024;
 
 // Launch shapes: warps (frames) per block, and the blocks per SM that __launch_bounds__ asks the
