@@ -199,13 +199,14 @@ def _forward_backward(forward, inputs):
 
 
 def _timed_impls(impls: dict, pass_name: str, device: str):
-    """(impl, callable): each call takes the next input set; graph rows replay one graph per set."""
+    """(impl, make): ``make()`` gives the callable, each call of which takes the next input set;
+    graph rows replay one graph per set, or all sets' calls in one (built, and captured, by make)."""
     for impl, per_set in impls.items():
         fns = [forward if pass_name == "fwd" else _forward_backward(forward, inputs) for forward, inputs in per_set]
-        yield impl, Rotation(fns)
+        yield impl, lambda fns=fns: Rotation(fns)
         if device.startswith("cuda") and impl in ("official", "kernel_unchecked"):
-            yield impl.replace("_unchecked", "") + "_graph", Rotation([graphed(fn) for fn in fns])
-            yield impl.replace("_unchecked", "") + "_graph_back_to_back", BackToBack(fns)
+            yield impl.replace("_unchecked", "") + "_graph", lambda fns=fns: Rotation([graphed(fn) for fn in fns])
+            yield impl.replace("_unchecked", "") + "_graph_back_to_back", lambda fns=fns: BackToBack(fns)
 
 
 def run(device: str = "cuda", quick: bool = False) -> list[dict]:
@@ -219,10 +220,18 @@ def run(device: str = "cuda", quick: bool = False) -> list[dict]:
             floor = memory_floor_ms(nbytes, device)
             official_ms = {}  # eager kernels against eager official, graphed against graphed
             with torch.no_grad() if pass_name == "fwd" else torch.enable_grad():
-                for impl, fn in _timed_impls(impls, pass_name, device):
+                for impl, make in _timed_impls(impls, pass_name, device):
                     mode = next((m for m in ("graph_back_to_back", "graph") if impl.endswith(m)), "eager")
-                    # a replay allocates nothing: graph rows carry no peak, as in every other suite
-                    t = time_fn(fn, device, warmup=warmup, reps=reps, measure_memory=mode == "eager")
+                    try:
+                        fn = make()
+                        # a replay allocates nothing: graph rows carry no peak, as in every other suite
+                        t = time_fn(fn, device, warmup=warmup, reps=reps, measure_memory=mode == "eager")
+                    except Exception as error:  # noqa: BLE001 - a graph row that fails is a row that says why
+                        if mode == "eager":
+                            raise  # the op itself failed: nothing in this suite means anything
+                        rows.append({"suite": SUITE, "name": f"{op} {pass_name}", "impl": impl, "shape": shape,
+                                     "status": "ERROR", "note": f"{type(error).__name__}: {error}".splitlines()[0][:300]})
+                        continue
                     median_ms, min_ms = t.median_ms / fn.calls_per_replay, t.min_ms / fn.calls_per_replay
                     if impl.startswith("official"):
                         official_ms[mode] = median_ms
@@ -232,7 +241,8 @@ def run(device: str = "cuda", quick: bool = False) -> list[dict]:
                         "median_ms": median_ms, "min_ms": min_ms, "peak_mem_bytes": t.peak_mem_bytes,
                         "bytes": nbytes, "floor_ms": floor, "fraction_of_copy_bandwidth": floor / median_ms,
                         "achieved_gbps": nbytes / (median_ms * 1e-3) / 1e9, "copy_gbps": bandwidth,
-                        "speedup_vs_official": official_ms[mode] / median_ms,
+                        # None where the official twin's graph failed (its ERROR row says why)
+                        "speedup_vs_official": official_ms[mode] / median_ms if mode in official_ms else None,
                         "input_sets": len(fn.fns), "calls_per_replay": fn.calls_per_replay, **info,
                     })
     return rows

@@ -35,3 +35,26 @@ def test_back_to_back_runs_every_set_once_a_replay(monkeypatch):
     replay()
     replay()
     assert calls == [0, 1, 2, 0, 1, 2]
+
+
+def test_a_failing_graph_row_is_an_error_row_and_the_rest_still_run(monkeypatch):
+    """On CUDA a graph capture that fails (here: every back-to-back one) gives that row an ERROR
+    note; the eager and single-call graph rows of the case keep their timings."""
+    monkeypatch.setattr(bench_tokens, "graphed", lambda fn: fn)
+
+    def broken(fns):
+        raise RuntimeError("capture failed")
+
+    monkeypatch.setattr(bench_tokens, "BackToBack", broken)
+    impls = next(iter(bench_tokens._cases("cpu", quick=True)))[4]
+    made = dict(bench_tokens._timed_impls(impls, "fwd", "cuda"))
+    assert set(made) >= {"official_graph", "kernel_graph", "official_graph_back_to_back", "kernel_graph_back_to_back"}
+    monkeypatch.setattr(bench_tokens, "_timed_impls", lambda impls, pass_name, device: iter(made.items()))
+    monkeypatch.setattr(bench_tokens, "copy_bandwidth_gbps", lambda device: 1.0)
+    monkeypatch.setattr(bench_tokens, "_cases", lambda device, quick: [("gather", "tiny", 1, 1, impls)])
+    rows = bench_tokens.run("cpu", quick=True)
+    errors = [r for r in rows if r.get("status") == "ERROR"]
+    assert {r["impl"] for r in errors} == {"official_graph_back_to_back", "kernel_graph_back_to_back"}
+    assert all("capture failed" in r["note"] for r in errors)
+    timed = {r["impl"]: r for r in rows if r.get("median_ms")}
+    assert timed["kernel_graph"]["speedup_vs_official"] is not None
