@@ -278,5 +278,10 @@ if __name__ == "__main__":
 
     dev = sys.argv[1] if len(sys.argv) > 1 else ("cuda" if torch.cuda.is_available() else "cpu")
     for row in run(dev, quick="--quick" in sys.argv):
+        if row.get("status") == "ERROR":
+            print(f"{row['name']:18s} {row['impl']:17s} ERROR {row['note']}")
+            continue
+        speedup = row["speedup_vs_official"]
         print(f"{row['name']:18s} {row['impl']:17s} {row['median_ms']:8.4f} ms  "
-              f"{row['fraction_of_copy_bandwidth']:6.1%} of copy bw  x{row['speedup_vs_official']:.1f} vs official")
+              f"{row['fraction_of_copy_bandwidth']:6.1%} of copy bw  "
+              + (f"x{speedup:.1f} vs official" if speedup is not None else "(no official twin)"))
