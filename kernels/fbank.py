@@ -37,8 +37,9 @@ Backends
   matmul, log) on any device, differentiable; scratch memory grows with batch x frames x FFT size.
 * ``"cuda"``: ``csrc/fbank/fbank.cu``, one launch for the whole batch, one warp per frame, the FFT in
   registers and shared memory; nothing but the samples and the features touch device memory. It serves CUDA
-  tensors with a power-of-two padded window (2 to 4096 samples), no dither, no ``subtract_mean`` and
-  no gradient; anything else is a ValueError naming the option.
+  tensors with a power-of-two padded window (2 to 4096 samples; 2048 at most where a block may
+  have only 64 KiB of shared memory, as on sm_75), no dither, no ``subtract_mean`` and no
+  gradient; anything else is a ValueError naming the option.
 * ``"auto"``: the kernel for CUDA tensors when the options allow it and the extension builds;
   otherwise the torch path, with a warning (once per reason) when a CUDA tensor did not get the kernel.
 """
