@@ -72,10 +72,10 @@ def pretrained_backbone(path):
                 preset = build_model(config["model"], config["model_kwargs"], "reference")
             # A pretraining run's MaskedAutoencoderViT or a fine-tuning run's VisionTransformer
             # (load_pretrained_encoder takes the encoder of either).
-            sizes = {"embed_dim": preset.blocks[0].norm1.normalized_shape[0], "depth": len(preset.blocks),
-                     "num_heads": preset.blocks[0].attn.num_heads,
-                     "mlp_ratio": preset.blocks[0].mlp.fc1.out_features / preset.blocks[0].norm1.normalized_shape[0],
-                     "patch_size": preset.patch_embed.patch_size[0]}
+            block = preset.blocks[0]
+            width = block.norm1.normalized_shape[0]
+            sizes = {"embed_dim": width, "depth": len(preset.blocks), "num_heads": block.attn.num_heads,
+                     "mlp_ratio": block.mlp.fc1.out_features / width, "patch_size": preset.patch_embed.patch_size[0]}
             return "VisionTransformer", sizes, config["features"], None
     state, extra = read_checkpoint(path)
     if extra.get("class") in ("MAEAST", "MAEASTClassifier") and extra.get("config"):

@@ -52,9 +52,9 @@ def global_lines(addresses: dict[int, int], size: int) -> int:
     return len({a // 128 for a in addresses.values()} | {(a + size - 1) // 128 for a in addresses.values()})
 
 
-def lanes(first: int, count: int, limit: int) -> dict[int, int]:
+def lanes(first: int, limit: int) -> dict[int, int]:
     """lane -> index for a lane-strided loop's iteration starting at ``first`` (indices < limit)."""
-    return {lane: first + lane for lane in range(WARP) if first + lane < limit and lane < count}
+    return {lane: first + lane for lane in range(WARP) if first + lane < limit}
 
 
 def count(layout: str, padded_size: int, window_size: int, num_mel_bins: int) -> dict[str, tuple[int, int]]:
@@ -62,9 +62,9 @@ def count(layout: str, padded_size: int, window_size: int, num_mel_bins: int) ->
     current = layout == "current"
     n = padded_size // 2
     pad = (lambda i: i + (i >> 3)) if current else (lambda i: i)
-    opts = FbankOptions(num_mel_bins=num_mel_bins, frame_length=window_size / 16.0, round_to_power_of_two=False)
+    opts = FbankOptions(num_mel_bins=num_mel_bins, frame_length=window_size / 16.0)  # 16 kHz
     if opts.padded_window_size != padded_size:
-        opts = FbankOptions(num_mel_bins=num_mel_bins, frame_length=window_size / 16.0)
+        raise ValueError(f"a window of {window_size} samples pads to {opts.padded_window_size}, not {padded_size}")
     tables = kernel_tables(opts, torch.device("cpu"), torch.get_default_dtype())
     starts, lengths = tables.mel_start.tolist(), tables.mel_len.tolist()
     width = tables.mel_weights.shape[0]
@@ -78,23 +78,23 @@ def count(layout: str, padded_size: int, window_size: int, num_mel_bins: int) ->
     W = window_size
     if current:
         for j0 in range(0, W, WARP):  # the DC offset: float samples
-            add("samples", lines=global_lines({l: 4 * j for l, j in lanes(j0, WARP, W).items()}, 4))
+            add("samples", lines=global_lines({l: 4 * j for l, j in lanes(j0, W).items()}, 4))
         items = n // 8
         for j0 in range(0, items, WARP):  # the first pass, from the clip: pairs m = j + items r
             for r in range(8):
-                pairs = {l: 2 * (j + r * items) for l, j in lanes(j0, WARP, items).items() if 2 * (j + r * items) < W}
+                pairs = {l: 2 * (j + r * items) for l, j in lanes(j0, items).items() if 2 * (j + r * items) < W}
                 if pairs:  # samples 2m and 2m + 1 in one 8-byte load (a frame inside its clip), 2m - 1 alone
                     add("samples", lines=global_lines({l: 4 * j for l, j in pairs.items()}, 8))
                     add("samples", lines=global_lines({l: 4 * (j - 1) for l, j in pairs.items() if j > 0}, 4))
                     add("window", lines=global_lines({l: 8 * j for l, j in pairs.items()}, 16))
             for r in range(8):
-                add("fft", shared=shared_wavefronts({l: 16 * pad(j * 8 + r) for l, j in lanes(j0, WARP, items).items()}, 16))
+                add("fft", shared=shared_wavefronts({l: 16 * pad(j * 8 + r) for l, j in lanes(j0, items).items()}, 16))
     else:
         for j0 in range(0, W, WARP):  # staged in shared memory as doubles
-            index = lanes(j0, WARP, W)
+            index = lanes(j0, W)
             add("samples", shared_wavefronts({l: 8 * j for l, j in index.items()}, 8), global_lines({l: 4 * j for l, j in index.items()}, 4))
         for j0 in range(0, padded_size, WARP):  # DC, pre-emphasis, window: a[j], a[j-1] -> b[j]
-            index = lanes(j0, WARP, padded_size)
+            index = lanes(j0, padded_size)
             body = {l: j for l, j in index.items() if j < W}
             if body:
                 add("samples", shared_wavefronts({l: 8 * j for l, j in body.items()}, 8)
@@ -106,7 +106,7 @@ def count(layout: str, padded_size: int, window_size: int, num_mel_bins: int) ->
         radix = min(8, n // span)
         items = n // radix
         for j0 in range(0, items, WARP):
-            index = lanes(j0, WARP, items)
+            index = lanes(j0, items)
             if span == 1 and current:
                 break  # the first pass came from the clip
             for r in range(radix):
@@ -125,7 +125,7 @@ def count(layout: str, padded_size: int, window_size: int, num_mel_bins: int) ->
     last = n // 2 if current else n - 1
     size = 4 if current else 8  # the power spectrum in shared memory: float32 now (float32 clips), double then
     for k0 in range(0, last + 1, WARP):  # the power spectrum
-        index = lanes(k0, WARP, last + 1)
+        index = lanes(k0, last + 1)
         add("power", shared_wavefronts({l: 16 * pad(k) for l, k in index.items()}, 16)
             + shared_wavefronts({l: 16 * pad((n - k) % n) for l, k in index.items()}, 16)
             + shared_wavefronts({l: size * k for l, k in index.items()}, size),
@@ -133,7 +133,7 @@ def count(layout: str, padded_size: int, window_size: int, num_mel_bins: int) ->
         if current:
             add("power", shared_wavefronts({l: size * (n - k) for l, k in index.items() if 0 < k < n // 2}, size))
     for m0 in range(0, num_mel_bins, WARP):  # Mel sums, one bin a lane
-        bins = lanes(m0, WARP, num_mel_bins)
+        bins = lanes(m0, num_mel_bins)
         add("mel", lines=2 + 1)  # mel_start and mel_len, the output row
         for i in range(max(lengths[m] for m in bins.values())):
             active = {l: m for l, m in bins.items() if i < lengths[m]}
