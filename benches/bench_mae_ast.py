@@ -15,7 +15,7 @@ compared with the graphed SSAST row, their memory by saved activations (a replay
 nothing, so it has no step peak to read). Then (``--attention reference``) both models with the
 ``"reference"`` backend: the explicit softmax of the official SSAST code (timm's ViT attention) and
 of MAE-AST's (fairseq's), which materialises each layer's [B, heads, L, L] attention matrix, the
-setting in which the paper measured its 3x and 2x. SSAST pays that matrix for all 512 tokens in
+attention the paper's 3x and 2x were timed with. SSAST pays that matrix for all 512 tokens in
 every layer, MAE-AST's encoder for a quarter of them; SDPA's fused attention takes most of it
 away, so the SDPA rows are the stricter comparison. Each row reports
 - ``median_ms`` and ``peak_mem_bytes``: the step's peak beyond what was live before it
@@ -23,16 +23,18 @@ away, so the SDPA rows are the stricter comparison. Each row reports
   the allocator's peak, on the CPU the peak resident memory (``benches.harness.cpu_peak_rss_bytes``);
 - ``saved_activation_bytes``: the distinct non-parameter tensors autograd saves for backward, a
   device-independent measure of the activation memory;
-- ``speedup_vs_ssast`` and ``mem_ratio_vs_ssast`` (SSAST's figure over this row's, measured in the
-  same run; the memory ratio uses the peaks, or saved activations where no peak could be read);
+- ``speedup_vs_ssast`` and ``mem_ratio_vs_ssast``: the figure of ``ssast_baseline`` (the SSAST row
+  of the same group: same attention, graphed against graphed, measured in the same run) over this
+  row's; the memory ratio uses the peaks, or saved activations where no peak could be read;
 - ``flops`` (``torch.utils.flop_counter`` over the step's forward and backward; on the CPU counted
   on ``CPU_PROBE_BATCH`` clips and scaled, ``counted_at_batch`` says which) and
   ``flop_floor_ms`` = flops over the measured matmul rate (``benches.harness.matmul_tflops``:
   bf16 on the GPU, fp32 on the CPU), with ``fraction_of_floor`` = floor / median.
 
-``python -m benches.bench_mae_ast --device cpu --depths 12 --tokens patch --warmup 1 --reps 3 --out F.json``
-writes rows and ``benches.harness.device_info`` as JSON (``benches/results/mae_ast_cpu_b32-*.json``:
-batch 32, one process per (tokens, depth), as a 24 GiB machine needs).
+``python -m benches.bench_mae_ast --device cpu --attention sdpa --depths 12 --tokens patch --warmup 1 --reps 3 --out F.json``
+writes rows and ``benches.harness.device_info`` as JSON (batch 32, one process per (tokens, depth),
+as a 24 GiB machine needs: ``benches/results/mae_ast_cpu_b32-*.json`` with ``--attention sdpa``,
+``mae_ast_cpu_b32_reference-*.json`` with ``--attention reference``).
 """
 from __future__ import annotations
 
@@ -201,6 +203,7 @@ def _with_ratios(rows: list[dict], baseline: dict) -> list[dict]:
     # saved activations compare the cases instead.
     memory = "peak_mem_bytes" if all(row["peak_mem_bytes"] for row in rows) else "saved_activation_bytes"
     for row in rows:
+        row["ssast_baseline"] = baseline["name"]
         row["speedup_vs_ssast"] = baseline["median_ms"] / row["median_ms"]
         row["mem_ratio_vs_ssast"] = baseline[memory] / row[memory]
         row["mem_ratio_measure"] = memory
@@ -211,7 +214,10 @@ def _groups(device: torch.device, attention: tuple[str, ...]) -> list[list[tuple
     """The (mode, backend) groups to time, each led by its SSAST baseline. ``"sdpa"``: SDPA for
     both models and, on the GPU, MAE-AST on the ``"triton"`` backend, then the same steps replayed
     from CUDA graphs. ``"reference"``: the explicit-softmax attention of the official SSAST and
-    MAE-AST code (timm's and fairseq's), the setting of the paper's 3x and 2x, eager only."""
+    MAE-AST code (timm's and fairseq's), the attention the paper's 3x and 2x were timed with, eager only."""
+    unknown = set(attention) - set(ATTENTION)
+    if unknown:
+        raise ValueError(f"unknown attention {sorted(unknown)}; choose from {', '.join(ATTENTION)}")
     groups = []
     if "sdpa" in attention:
         variants = [("ssast", "sdpa"), ("mae", "sdpa")] + ([("mae", "triton")] if device.type == "cuda" else [])
@@ -252,10 +258,10 @@ def _group_rows(device, group, token_kind, depth, batch, frames, embed_dim, num_
     return _with_ratios(case_rows, baseline=case_rows[0])
 
 
-def run(device, quick: bool) -> list[dict]:
+def run(device, quick: bool, attention=ATTENTION) -> list[dict]:
     config = QUICK if quick else FULL
     warmup, reps = (1, 2) if quick else (3, 10)
-    return measure(device, warmup=warmup, reps=reps, **config)
+    return measure(device, warmup=warmup, reps=reps, attention=attention, **config)
 
 
 # ------------------------------------------------------------------------------- pytest-benchmark
@@ -294,7 +300,7 @@ def main():
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     if args.quick:
-        rows = run(args.device, quick=True)
+        rows = run(args.device, quick=True, attention=args.attention)
     else:
         rows = measure(args.device, batch=args.batch, frames=args.frames, depths=args.depths, tokens=args.tokens,
                        embed_dim=FULL["embed_dim"], num_heads=FULL["num_heads"], warmup=args.warmup, reps=args.reps,

@@ -86,7 +86,8 @@ SECOND_BENCHES = ("mae_ast", "window_tiling", "gelu_grad", "gelu_matmul")
 BENCH_TIMEOUTS = {"window_attention": 180, "tokens": 90, "window_tiling": 90, "post_norm": 90, "mae_ast": 180}
 # About how long each part took on the H100 (2026-11-27), with some margin: a part is started only
 # when the budget left covers most of it (a part cut by its timeout loses all its rows), and a
-# shorter part further down the list may still fit.
+# shorter part further down the list may still fit. bench-mae_ast's is a guess until a GPU times it
+# with the reference-attention group (about 40 s before that group).
 EXPECTED_S = {"build": 45, "tests": 110, "bench-window_attention": 110, "bench-tokens": 15, "bench-fbank": 35,
               "models-pretrain": 60, "profile": 25, "parity": 50, "bench-mae_ast": 65, "bench-window_tiling": 25,
               "bench-gelu_grad": 15, "bench-gelu_matmul": 20, "models-pretrain-compiled": 230, "bench-post_norm": 30,

@@ -117,7 +117,8 @@ def _mae_ast_targets(rows):
                 and r.get("median_ms")]
     for r in measured:
         speed, mem = r.get("speedup_vs_ssast"), r.get("mem_ratio_vs_ssast")
-        yield _line(7, f"{r['name']}: >= 3x SSAST's speed and >= 2x less memory", speed,
+        against = f" (against {r['ssast_baseline']})" if r.get("ssast_baseline") else ""
+        yield _line(7, f"{r['name']}{against}: >= 3x SSAST's speed and >= 2x less memory", speed,
                     lambda v, mem=mem: v >= 3 and mem >= 2,
                     f"{speed:.2f}x speed, {mem:.2f}x less memory ({r.get('mem_ratio_measure', '')})")
     if not measured:  # no row (or only failed ones): the target is unmeasured, not absent
