@@ -594,14 +594,16 @@ def _(waveforms, lengths, num_frames, window, fft_twiddles, real_twiddles, mel_s
 
 
 # The kernel's launch shapes (csrc/fbank/fbank.cu, kLaunchShapes): (frames per block, blocks per
-# SM asked of the register allocator). Shape 0 is the default (sm_90: 128 registers a thread, the
-# most that two blocks, 16 warps an SM, allow); float32 clips may take the others through
-# ``forced_launch_shape``, which the benchmark uses to time each on the GPU (not yet timed). ptxas
-# gives them 96, 80, 72 and 72 registers; the last three spill 16 to 40 bytes a thread. A 512-point
-# frame takes 9 KiB of shared memory, so an SM holds at most 24 warps whatever the registers allow:
-# 20, 24, 24 and 24 warps an SM.
+# SM asked of the register allocator). ptxas (sm_90) gives them 128, 96, 80, 72 and 72 registers a
+# thread; the last three spill 16 to 40 bytes. A 512-point frame takes 9 KiB of shared memory, so
+# an SM holds at most 24 warps whatever the registers allow: 16, 20, 24, 24 and 24 warps an SM.
+# Float32 clips take DEFAULT_LAUNCH_SHAPE, the fastest on the GPU: on an H200 (2026-11-27, batch
+# 256 ten-second clips, benches/results/gpu_check-h200-2026-11-27.json) the five read 1.152,
+# 0.9995, 1.016, 1.061 and 1.066 ms. Float64 clips take shape 0 (no spills at 128 registers).
+# ``forced_launch_shape`` picks another for float32, which the benchmark uses to time each.
 LAUNCH_SHAPES = ((8, 2), (4, 5), (8, 3), (4, 7), (2, 14))
-_LAUNCH_SHAPE = 0
+DEFAULT_LAUNCH_SHAPE = 1
+_LAUNCH_SHAPE = DEFAULT_LAUNCH_SHAPE
 
 
 @contextlib.contextmanager

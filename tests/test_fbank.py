@@ -614,7 +614,7 @@ def test_forced_launch_shape_rejects_unknown_shapes_and_restores():
                 pass
     with forced_launch_shape(2):
         assert module._LAUNCH_SHAPE == 2
-    assert module._LAUNCH_SHAPE == 0
+    assert module._LAUNCH_SHAPE == module.DEFAULT_LAUNCH_SHAPE
 
 
 @gpu
