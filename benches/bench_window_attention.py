@@ -17,8 +17,8 @@ output projection's input, forward and forward + backward):
 On CUDA every implementation also gets ``(graph)`` rows: the same step captured once in a CUDA
 graph and replayed, which times the kernels without the host time of launching them (eager rows
 are what a caller sees; at this size the launches of a few kernels cost about what they compute).
-The floor is the bytes the core must move (read q, k, v, write out; backward: read q, k, v, out,
-dout, write dq, dk, dv) over the copy bandwidth measured in the same run.
+The floor is the bytes the core must move (``FLOOR_UNITS``: read q, k, v, write out; backward: read
+q, k, v, dout, write dq, dk, dv) over the copy bandwidth measured in the same run.
 
 Suite ``window_attention_block``: one decoder block's attention path (qkv Linear, attention, proj
 Linear), forward + backward, the official order (roll, partition, Linear on windows, attend,
@@ -33,7 +33,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benches.harness import copy_bandwidth_gbps, graphed, memory_floor_ms, time_fn
+from benches.harness import copy_bandwidth_gbps, graphed, memory_floor_ms, peak_holders, time_fn
 from kernels.reference.window_attention import (
     attend_windows, shift_window_mask, window_partition, window_reverse, window_attention_reference,
 )
@@ -43,6 +43,12 @@ from kernels.window_attention import window_attention
 TARGET = dict(B=64, grid=(64, 8), num_heads=16, head_dim=32, window=(4, 4), shift=(2, 0))
 SMALL = dict(B=2, grid=(8, 8), num_heads=2, head_dim=16, window=(4, 4), shift=(2, 0))
 MASK_VALUE = -100.0
+
+
+# [B, L, C]-sized tensors the core moves at least: the forward reads q, k, v and writes out; the
+# backward reads q, k, v and dout and writes dq, dk, dv. (Not out: where each window fits one tile,
+# as at the target shape, the backward takes the softmax correction from the tile.)
+FLOOR_UNITS = {"fwd": 4, "fwd+bwd": 11}
 
 
 def _config(device: torch.device) -> dict:
@@ -187,11 +193,11 @@ def _core_rows(device, quick, dtype):
                                               window=cfg["window"], shift=cfg["shift"],
                                               num_heads=cfg["num_heads"], mask_value=MASK_VALUE)
     unit = B * L * C * dtype.itemsize
-    floors = {"fwd": memory_floor_ms(4 * unit, str(device)), "fwd+bwd": memory_floor_ms(12 * unit, str(device))}
+    floors = {step: memory_floor_ms(units * unit, str(device)) for step, units in FLOOR_UNITS.items()}
     base = dict(suite="window_attention_core", shape=_shape(cfg), dtype=str(dtype).removeprefix("torch."),
                 device=str(device), copy_bandwidth_gbps=copy_bandwidth_gbps(str(device)),
                 triton_runs_on="triton" if use_triton(qkv) else "eager reference")
-    rows, graph_steps = [], []
+    rows, graph_steps, triton_step = [], [], None
     detached = tuple(t.detach() for t in (qkv, tau, bias))
     for name, factory in _core_impls(cfg, device).items():
         try:
@@ -205,6 +211,8 @@ def _core_rows(device, quick, dtype):
             # allow_unused: the frozen-bias variant does not use tau's and bias's gradients
             "fwd+bwd": lambda fn=fn: torch.autograd.grad(fn(qkv, tau, bias), (qkv, tau, bias), grad, allow_unused=True),
         }
+        if name == "triton":
+            triton_step = steps["fwd+bwd"]
         if name == "flex_attention_frozen_bias":
             del steps["fwd"]  # on detached inputs it is flex_attention's forward, timed above
         for step_name, step in steps.items():
@@ -215,6 +223,7 @@ def _core_rows(device, quick, dtype):
                 graph_steps.append((dict(row, name=f"{row['name']} (graph)", step=f"{step_name} graph"), step))
     # Captured last, so that a capture that fails cannot disturb the eager rows.
     rows += [_measure(row, step, device, quick, capture=True) for row, step in graph_steps]
+    _add_peak_holders(rows, {"triton": triton_step} if triton_step else {}, device)
     _add_ratios(rows, {"reference": "speedup_vs_reference", "flex_attention": "speedup_vs_flex_attention",
                        "flex_attention_frozen_bias": "speedup_vs_flex_attention_frozen_bias"})
     return rows
@@ -237,6 +246,20 @@ def _measure(row: dict, step, device, quick, capture: bool = False) -> dict:
     if "floor_ms" in row:
         row["floor_ratio"] = t.median_ms / row["floor_ms"]
     return row
+
+
+def _add_peak_holders(rows, steps, device):
+    """On a GPU, ``peak_holders`` on the eager fwd+bwd row of each impl in ``steps``: the largest
+    allocations live at its peak and where each was made (``benches.harness.peak_holders``), to
+    check the peak against what the path should keep."""
+    if device.type != "cuda":
+        return
+    for r in rows:
+        if r.get("step") == "fwd+bwd" and r["impl"] in steps and r.get("peak_mem_bytes") is not None:
+            try:
+                r["peak_holders"] = peak_holders(steps[r["impl"]], device)
+            except Exception as e:  # a diagnostic: its failure is reported, the row keeps its figures
+                r["peak_holders"] = [f"unavailable: {_reason(e)}"]
 
 
 def _add_ratios(rows, baselines):
@@ -304,6 +327,7 @@ def _block_rows(device, quick, dtype):
         rows += [_measure(dict(base, impl=name, name=f"block {name} fwd+bwd (graph)", step="fwd+bwd graph"), step,
                           device, quick, capture=True) for name, step in steps.items()]
     _add_ratios(rows, {"official": "speedup_vs_official", "official_compiled": "speedup_vs_official_compiled"})
+    _add_peak_holders(rows, {name: steps[name] for name in ("official", "triton")}, device)
     for r in rows:
         for other in ("official", "official_compiled"):
             peak = next((o["peak_mem_bytes"] for o in rows if o["impl"] == other and o.get("peak_mem_bytes")), None)

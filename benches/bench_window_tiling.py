@@ -19,7 +19,8 @@ import sys
 import torch
 import triton
 
-from benches.bench_window_attention import _config, _core_impls, _core_inputs, _measure, _shape, _add_ratios
+from benches.bench_window_attention import (FLOOR_UNITS, _add_ratios, _config, _core_impls, _core_inputs, _measure,
+                                            _shape)
 from benches.harness import memory_floor_ms
 
 import kernels.window_attention  # noqa: F401  (the package attribute of that name is the function)
@@ -56,7 +57,7 @@ def run(device, quick: bool) -> list[dict]:
     defaults = {step: window_attention_module.default_tiling(area, d_pad, dtype == torch.float32, backward)
                 for step, backward in (("fwd", False), ("bwd", True))}
     unit = B * L * C * dtype.itemsize
-    floors = {"fwd": memory_floor_ms(4 * unit, str(device)), "fwd+bwd": memory_floor_ms(12 * unit, str(device))}
+    floors = {step: memory_floor_ms(units * unit, str(device)) for step, units in FLOOR_UNITS.items()}
     base = dict(suite="window_attention_tiling", shape=_shape(cfg), dtype=str(dtype).removeprefix("torch."),
                 device=str(device),
                 default=f"fwd rows={defaults['fwd'].rows} warps={defaults['fwd'].num_warps}, "

@@ -83,6 +83,58 @@ def time_fn(fn: Callable[[], object], device: torch.device | str, *, warmup: int
     return Timing(statistics.median(times), min(times), reps, peak)
 
 
+def live_at_peak(trace: list[dict]) -> tuple[int, list[dict]]:
+    """(peak bytes, the allocations live at that peak, largest first) over an allocator trace
+    (``torch.cuda.memory._snapshot()["device_traces"][i]``): "alloc" adds a block,
+    "free_completed" removes it; blocks allocated before the trace are not counted, so the peak is
+    the one beyond what was live when recording began, as ``time_fn`` measures it."""
+    live: dict[int, dict] = {}
+    total = peak = 0
+    at_peak: list[dict] = []
+    for entry in trace:
+        if entry.get("action") == "alloc":
+            live[entry["addr"]] = entry
+            total += entry["size"]
+            if total > peak:
+                peak, at_peak = total, list(live.values())
+        elif entry.get("action") == "free_completed" and entry.get("addr") in live:
+            total -= live.pop(entry["addr"])["size"]
+    return peak, sorted(at_peak, key=lambda e: -e["size"])
+
+
+def _allocation_site(frames: list[dict]) -> str:
+    """Where an allocation was made: the innermost frame of this project's code (kernels/,
+    audiomae/, benches/), else the innermost Python frame; none is a C++ caller such as the
+    autograd engine running a built-in backward."""
+    own = [f for f in frames if any(part in f.get("filename", "") for part in ("/kernels/", "/audiomae/", "/benches/"))]
+    frame = (own or frames or [None])[0]
+    if frame is None:
+        return "C++ (no Python frame: an ATen op or the autograd engine)"
+    return f"{frame['filename'].rsplit('/', 1)[-1]}:{frame['line']} {frame['name']}"
+
+
+def peak_holders(fn: Callable[[], object], device: torch.device | str, top: int = 8) -> list[str]:
+    """What holds the memory at the peak of one call of ``fn`` (CUDA only): the ``top`` largest
+    allocations live at that moment, as "MiB at file:line function", from the allocator's history.
+    For reading a peak that a memory model does not explain; one more, untimed call."""
+    device = torch.device(device)
+    _sync(device)
+    torch.cuda.memory._record_memory_history(enabled="all", context="alloc", stacks="python", max_entries=1 << 20,
+                                             device=device)
+    try:
+        fn()
+        _sync(device)
+        snapshot = torch.cuda.memory._snapshot(device)
+    finally:
+        torch.cuda.memory._record_memory_history(enabled=None, device=device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    peak, holders = live_at_peak(snapshot["device_traces"][index])
+    lines = [f"{e['size'] / 2**20:.1f} MiB at {_allocation_site(e.get('frames', []))}" for e in holders[:top]]
+    rest = sum(e["size"] for e in holders[top:])
+    return [f"peak {peak / 2**20:.1f} MiB"] + lines + ([f"{rest / 2**20:.1f} MiB in {len(holders) - top} more"]
+                                                      if len(holders) > top else [])
+
+
 def graphed(fn: Callable[[], object]) -> Callable[[], None]:
     """``fn`` captured once in a CUDA graph (after three warm-up calls on a side stream); returns
     its replay. Timing the replay measures the kernels without the host time eager PyTorch spends

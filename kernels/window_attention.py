@@ -24,7 +24,9 @@ Contract
   TF32), 16-bit inputs dots in their dtype and a TF32 sum for the bias gradient. ``tau`` and
   ``bias`` may have their own float dtype; their gradients come back in it.
 - Backward: gradients of ``qkv``, ``tau`` (zero where ``tau < 0.01``, as the official clamp) and
-  ``bias``. It recomputes the logits from the saved per-row logsumexp. The bias and tau gradients
+  ``bias``. It recomputes the logits from the saved per-row logsumexp. Where each window fits one
+  tile, the softmax correction ``dout . out`` is the row sum of ``p * dp`` over the tile, so the
+  output is neither kept for the backward nor read by it. The bias and tau gradients
   are per-program partial sums reduced afterwards, so they are deterministic; a backward program
   takes several batch elements in turn (``default_batch_per_program``) so that the partials stay
   small beside qkv.
@@ -200,15 +202,19 @@ def _window_attention_fwd(
 def _pair_grads(q, k, v, do, lse, delta, q_norm, k_norm, q_win, q_pos, q_valid, q_region,
                 k_win, k_pos, k_valid, k_region, bias_ptr, inv_tau, scale, mask_value,
                 N: tl.constexpr, HAS_TAU: tl.constexpr, HAS_BIAS: tl.constexpr, SHIFTED: tl.constexpr,
-                DOT_PRECISION: tl.constexpr):
+                DOT_PRECISION: tl.constexpr, DELTA_FROM_TILE: tl.constexpr):
     """For a query block against a key block: probabilities ``p``, the logit gradient ``ds``, the
     unscaled logit, the gradient of the raw ``q.k`` and the gradient of the norm product ``|q||k|``
-    (zero where the 1e-6 clamp holds, and without tau)."""
+    (zero where the 1e-6 clamp holds, and without tau). ``DELTA_FROM_TILE``: the key block holds
+    every key of each query's window, so the softmax correction ``delta`` is the row sum of
+    ``p * dp`` (``dout . out``, without reading out) and the ``delta`` argument is ignored."""
     s, unscaled = _logits(q, k, q_norm, k_norm, q_win, q_pos, q_valid, q_region, k_win, k_pos, k_valid,
                           k_region, bias_ptr, inv_tau, scale, mask_value, N, HAS_TAU, HAS_BIAS, SHIFTED,
                           DOT_PRECISION)
     p = tl.exp(s - lse[:, None])
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+    if DELTA_FROM_TILE:
+        delta = tl.sum(p * dp, axis=1)
     ds = p * (dp - delta[:, None])
     if HAS_TAU:
         d_unscaled = ds * inv_tau
@@ -231,14 +237,18 @@ def _add_norm_grad(grad, x, x_norm, d_norm):
 
 @triton.jit
 def _query_side(q_ptr, do_ptr, o_ptr, lse_ptr, rows, valid, stride_l, stride_dout_l, C, cols_in, cols_do, cols,
-                col_mask, HAS_TAU: tl.constexpr):
+                col_mask, HAS_TAU: tl.constexpr, READ_DELTA: tl.constexpr):
     """What the backward needs of a block of query rows: q, dout, the saved logsumexp, delta (the
-    row's dout . out, the softmax backward's correction) and |q|."""
+    row's dout . out, the softmax backward's correction; zeros without ``READ_DELTA``, where the
+    caller takes it from the tile and ``o_ptr`` may be None) and |q|."""
     q = _load_rows(q_ptr, rows, valid, stride_l, cols_in, col_mask)
     do = _load_rows(do_ptr, rows, valid, stride_dout_l, cols_do, col_mask)
-    o = _load_rows(o_ptr, rows, valid, C, cols, col_mask)
     lse = tl.load(lse_ptr + rows, mask=valid, other=0.0)
-    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
+    if READ_DELTA:
+        o = _load_rows(o_ptr, rows, valid, C, cols, col_mask)
+        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
+    else:
+        delta = tl.zeros([q.shape[0]], tl.float32)
     return q, do, lse, delta, _row_norm(q, HAS_TAU)
 
 
@@ -316,20 +326,21 @@ def _window_attention_bwd(
         # Past the batch (its last block), every row is invalid: loads give zeros, ds is zero.
         valid = valid_any & (b < batch)
         q_ptr, k_ptr, v_ptr = _qkv_pointers(qkv_ptr, b, h, stride_b, stride_c, C, HEAD_DIM)
-        o_ptr = out_ptr + b.to(tl.int64) * seq_len * C + h * HEAD_DIM
         do_ptr = dout_ptr + b.to(tl.int64) * stride_dout_b + h * HEAD_DIM * stride_dout_c
         lse_rows = lse_ptr + (b * num_heads + h).to(tl.int64) * seq_len
         dq_ptr = dqkv_ptr + b.to(tl.int64) * seq_len * 3 * C + h * HEAD_DIM + row[:, None] * 3 * C + cols[None, :]
         mask = valid[:, None] & col_mask[None, :]
         if NUM_CHUNKS == 1:
             # The whole window group in one tile: one pass over its pairs gives dq, dk and dv. Every
-            # store depends on every load of this tile, so dqkv may be qkv itself (in place).
-            q, do, lse, delta, q_norm = _query_side(q_ptr, do_ptr, o_ptr, lse_rows, row, valid, stride_l,
-                                                    stride_dout_l, C, cols_in, cols_do, cols, col_mask, HAS_TAU)
+            # store depends on every load of this tile, so dqkv may be qkv itself (in place). Each
+            # row's softmax correction comes from the tile too, so out is not read (nor kept).
+            q, do, lse, delta, q_norm = _query_side(q_ptr, do_ptr, None, lse_rows, row, valid, stride_l,
+                                                    stride_dout_l, C, cols_in, cols_do, cols, col_mask, HAS_TAU,
+                                                    False)
             k, v, k_norm = _key_side(k_ptr, v_ptr, row, valid, stride_l, cols_in, col_mask, HAS_TAU)
             p, ds, unscaled, d_dot, d_norm_product = _pair_grads(
                 q, k, v, do, lse, delta, q_norm, k_norm, win, pos, valid, region, win, pos, valid, region,
-                bias_ptr, inv_tau, scale, mask_value, N, HAS_TAU, HAS_BIAS, SHIFTED, DOT_PRECISION)
+                bias_ptr, inv_tau, scale, mask_value, N, HAS_TAU, HAS_BIAS, SHIFTED, DOT_PRECISION, True)
             dv = tl.dot(tl.trans(p).to(do.dtype), do, input_precision=DOT_PRECISION)
             dk = tl.dot(tl.trans(d_dot).to(q.dtype), q, input_precision=DOT_PRECISION)
             dq = tl.dot(d_dot.to(k.dtype), k, input_precision=DOT_PRECISION)
@@ -347,8 +358,10 @@ def _window_attention_bwd(
             # pass holding both spilled registers on sm_90 at every block size):
             # 1. this chunk's queries against every key chunk: dq, and the tau and bias gradients of
             #    each pair (every pair has exactly one query chunk, so each is counted once);
+            o_ptr = out_ptr + b.to(tl.int64) * seq_len * C + h * HEAD_DIM
             q, do, lse, delta, q_norm = _query_side(q_ptr, do_ptr, o_ptr, lse_rows, row, valid, stride_l,
-                                                    stride_dout_l, C, cols_in, cols_do, cols, col_mask, HAS_TAU)
+                                                    stride_dout_l, C, cols_in, cols_do, cols, col_mask, HAS_TAU,
+                                                    True)
             dq = tl.zeros([BLOCK, D_PAD], tl.float32)
             dq_norm = tl.zeros([BLOCK], tl.float32)
             for key_chunk in range(NUM_CHUNKS):
@@ -358,7 +371,8 @@ def _window_attention_bwd(
                 k, v, k_norm = _key_side(k_ptr, v_ptr, k_row, k_valid, stride_l, cols_in, col_mask, HAS_TAU)
                 _, ds, unscaled, d_dot, d_norm_product = _pair_grads(
                     q, k, v, do, lse, delta, q_norm, k_norm, win, pos, valid, region, k_win, k_pos, k_valid,
-                    k_region, bias_ptr, inv_tau, scale, mask_value, N, HAS_TAU, HAS_BIAS, SHIFTED, DOT_PRECISION)
+                    k_region, bias_ptr, inv_tau, scale, mask_value, N, HAS_TAU, HAS_BIAS, SHIFTED, DOT_PRECISION,
+                    False)
                 dq += tl.dot(d_dot.to(k.dtype), k, input_precision=DOT_PRECISION)
                 dq_norm += tl.sum(d_norm_product * k_norm[None, :], axis=1)
                 dtau_sum += tl.sum(tl.sum(ds * unscaled, axis=1), axis=0)
@@ -381,11 +395,11 @@ def _window_attention_bwd(
                 q_valid = q_valid & (b < batch)
                 q_other, do_other, lse_other, delta_other, q_other_norm = _query_side(
                     q_ptr, do_ptr, o_ptr, lse_rows, q_row, q_valid, stride_l, stride_dout_l, C, cols_in, cols_do,
-                    cols, col_mask, HAS_TAU)
+                    cols, col_mask, HAS_TAU, True)
                 p, _, _, d_dot, d_norm_product = _pair_grads(
                     q_other, k, v, do_other, lse_other, delta_other, q_other_norm, k_norm,
                     q_win, q_pos, q_valid, q_region, win, pos, valid, region, bias_ptr, inv_tau, scale,
-                    mask_value, N, HAS_TAU, HAS_BIAS, SHIFTED, DOT_PRECISION)
+                    mask_value, N, HAS_TAU, HAS_BIAS, SHIFTED, DOT_PRECISION, False)
                 dv += tl.dot(tl.trans(p).to(do_other.dtype), do_other, input_precision=DOT_PRECISION)
                 dk += tl.dot(tl.trans(d_dot).to(q_other.dtype), q_other, input_precision=DOT_PRECISION)
                 dk_norm += tl.sum(d_norm_product * q_other_norm[:, None], axis=0)
@@ -541,10 +555,16 @@ def _forward(qkv, tau, bias, grid, window, shift, num_heads, mask_value):
 
 @on_tensors_device
 def _backward(dout, qkv, tau, bias, out, lse, grid, window, shift, num_heads, mask_value, dqkv=None):
-    """(dqkv, dtau, dbias). ``dqkv``: the contiguous buffer to write qkv's gradient into (qkv itself
-    for ``overwrite_qkv``; the caller checks that the launch allows it); by default a new one."""
+    """(dqkv, dtau, dbias). ``out``: the forward's output, read only where a window spans several
+    tiles (``_backward_reads_out``; None elsewhere). ``dqkv``: the contiguous buffer to write qkv's
+    gradient into (qkv itself for ``overwrite_qkv``; the caller checks that the launch allows it);
+    by default a new one."""
     area = window[0] * window[1]
     runtime, meta, num_programs = _launch_args(qkv, grid, window, shift, num_heads, tau, bias, backward=True)
+    reads_out = meta["NUM_CHUNKS"] > 1
+    if reads_out and out is None:
+        raise ValueError("window_attention backward: out (the forward's output) is needed where a window spans "
+                         f"several tiles ({window[0]}x{window[1]} windows here), got None")
     if dqkv is None:
         dqkv = torch.empty(qkv.shape, device=qkv.device, dtype=qkv.dtype)
     num_groups, num_chunks = runtime["num_groups"], meta["NUM_CHUNKS"]
@@ -555,8 +575,8 @@ def _backward(dout, qkv, tau, bias, out, lse, grid, window, shift, num_heads, ma
                             dtype=torch.float32) if tau is not None else None
     pos_block = max(16, min(next_power_of_2(area), meta["BLOCK"]))
     _window_attention_bwd[(num_programs,)](
-        qkv, tau, bias, out, dout, lse, dqkv, dbias_part, dtau_part, *qkv.stride(), *dout.stride(),
-        mask_value=mask_value, POS_BLOCK=pos_block, **runtime, **meta)
+        qkv, tau, bias, out if reads_out else None, dout, lse, dqkv, dbias_part, dtau_part, *qkv.stride(),
+        *dout.stride(), mask_value=mask_value, POS_BLOCK=pos_block, **runtime, **meta)
     dtau, dbias = qkv.new_empty(0), qkv.new_empty(0)
     if tau is not None:
         tau32 = tau.float()
@@ -576,6 +596,19 @@ def _owns_its_memory(qkv: torch.Tensor) -> bool:
     root = qkv._base if qkv._base is not None else qkv
     return (not root.is_leaf and qkv.is_contiguous() and qkv.storage_offset() == 0
             and qkv.untyped_storage().nbytes() == qkv.numel() * qkv.element_size())
+
+
+def _backward_reads_out(qkv, grid, window, num_heads) -> bool:
+    """Whether the backward reads the forward's output: only where a window spans several tiles.
+    Where each fits one tile, the softmax correction ``dout . out`` is the row sum of ``p * dp``
+    over the tile, so the output need not be kept for the backward (in the decoder it is then freed
+    once the output projection's backward has run, a [B, L, C] tensor less at the backward's peak).
+    The same tiling as the launch's (``_launch_plan``), without the batch, which may be symbolic
+    under torch.compile."""
+    (T, F), (wt, wf) = grid, window
+    d_pad = max(16, next_power_of_2(qkv.shape[-1] // (3 * num_heads)))
+    _, _, num_chunks, _ = _tiling((T // wt) * (F // wf), wt * wf, d_pad, qkv.dtype == torch.float32, backward=True)
+    return num_chunks > 1
 
 
 def _can_overwrite(qkv, grid, window, shift, num_heads, tau, bias) -> bool:
@@ -635,27 +668,32 @@ def _(qkv, tau, bias, grid, window, shift, num_heads, mask_value):
 @torch.library.custom_op("audiomae::window_attention_backward", mutates_args=())
 def _window_attention_backward_op(
     dout: torch.Tensor, qkv: torch.Tensor, tau: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-    out: torch.Tensor, lse: torch.Tensor, grid: Sequence[int], window: Sequence[int], shift: Sequence[int],
+    out: Optional[torch.Tensor], lse: torch.Tensor, grid: Sequence[int], window: Sequence[int], shift: Sequence[int],
     num_heads: int, mask_value: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dqkv, dtau, dbias); dtau and dbias are empty when tau or bias is None (ops cannot return None).
 
+    ``out`` (the forward's output) may be None where every window fits one tile
+    (``_backward_reads_out``): the autograd rule keeps it only where the backward reads it.
     Called directly it checks its arguments (those of the forward, and ``dout``, ``out``, ``lse``
     as the forward makes them) and takes ``dout`` in any float dtype and layout."""
     grid, window, shift = tuple(grid), tuple(window), tuple(shift)
     _check_args(qkv, grid, window, shift, num_heads, tau, bias, mask_value)
     _check_kernel_dtype(qkv)
     B, L, C3 = qkv.shape
-    for name, t, shape, dtype in (("dout", dout, (B, L, C3 // 3), None), ("out", out, (B, L, C3 // 3), qkv.dtype),
-                                  ("lse", lse, (B, num_heads, L), torch.float32)):
+    checked = [("dout", dout, (B, L, C3 // 3), None), ("lse", lse, (B, num_heads, L), torch.float32)]
+    if out is not None or _backward_reads_out(qkv, grid, window, num_heads):
+        checked.append(("out", out, (B, L, C3 // 3), qkv.dtype))
+    for name, t, shape, dtype in checked:
         if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape or t.device != qkv.device:
             raise ValueError(f"{name} must be a {list(shape)} tensor on {qkv.device}, got "
                              f"{list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
         if dtype is not None and t.dtype != dtype:
             raise TypeError(f"{name} must be {dtype} (as the forward makes it), got {t.dtype}")
     # The kernel reads out and lse as the forward wrote them (contiguous), dout by its strides.
-    return _backward(dout.to(qkv.dtype), qkv, _contiguous(tau), _contiguous(bias), out.contiguous(),
-                     lse.contiguous(), grid, window, shift, num_heads, mask_value)
+    return _backward(dout.to(qkv.dtype), qkv, _contiguous(tau), _contiguous(bias),
+                     out.contiguous() if out is not None else None, lse.contiguous(), grid, window, shift, num_heads,
+                     mask_value)
 
 
 @_window_attention_backward_op.register_fake
@@ -669,7 +707,8 @@ def _(dout, qkv, tau, bias, out, lse, grid, window, shift, num_heads, mask_value
 def _setup_context(ctx, inputs, output):
     qkv, tau, bias, grid, window, shift, num_heads, mask_value = inputs
     out, lse = output
-    ctx.save_for_backward(qkv, tau, bias, out, lse)
+    kept_out = out if _backward_reads_out(qkv, tuple(grid), tuple(window), num_heads) else None
+    ctx.save_for_backward(qkv, tau, bias, kept_out, lse)
     ctx.args = (grid, window, shift, num_heads, mask_value)
     ctx.mark_non_differentiable(lse)
 
@@ -693,7 +732,8 @@ class _WindowAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, qkv, tau, bias, grid, window, shift, num_heads, mask_value, overwrite_qkv):
         out, lse = _forward(qkv, tau, bias, grid, window, shift, num_heads, mask_value)
-        ctx.save_for_backward(qkv, tau, bias, out, lse)
+        kept_out = out if _backward_reads_out(qkv, grid, window, num_heads) else None
+        ctx.save_for_backward(qkv, tau, bias, kept_out, lse)
         ctx.args = (grid, window, shift, num_heads, mask_value)
         ctx.overwrite_qkv = overwrite_qkv
         return out

@@ -352,6 +352,46 @@ def test_backward_op_called_directly_reads_any_layout_and_checks_shapes():
     assert dtau.is_contiguous() and dbias.is_contiguous()
 
 
+@pytest.mark.parametrize("window,grid,keeps_out", [((4, 4), (8, 8), False), ((12, 12), (12, 12), True)])
+def test_backward_keeps_the_output_only_where_a_window_spans_several_tiles(window, grid, keeps_out):
+    # One tile a window: the softmax correction comes from the tile, so the output is not saved
+    # (in the decoder it is freed after the output projection's backward). A chunked window still
+    # reads it. Counted with saved-tensor hooks, eagerly and through the custom op.
+    qkv, tau, bias = (x.float() for x in make_inputs(1, grid, window, 2, 16))
+    args = dict(grid=grid, window=window, shift=(1, 1), num_heads=2)
+    out_shape = (1, grid[0] * grid[1], 2 * 16)
+    for through_op in (False, True):
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+            leaf = qkv.clone().requires_grad_()
+            if through_op:
+                out, _ = torch.ops.audiomae.window_attention(leaf, tau, bias, list(grid), list(window), [1, 1], 2,
+                                                             -100.0)
+            else:
+                out = window_attention(leaf, tau=tau, bias=bias, **args)
+        assert (out_shape in saved) == keeps_out, (through_op, saved)
+        (grad,) = torch.autograd.grad(out, leaf, torch.ones_like(out))
+        assert torch.isfinite(grad).all()
+
+
+def test_backward_op_takes_no_output_where_it_does_not_read_it():
+    # out=None where each window fits one tile: the same gradients as with out; where a window
+    # is chunked, None is an error naming out.
+    qkv, tau, bias = (x.float() for x in make_inputs(2, (8, 8), (4, 4), 2, 16))
+    args = ([8, 8], [4, 4], [2, 1], 2, -100.0)
+    out, lse = torch.ops.audiomae.window_attention(qkv, tau, bias, *args)
+    dout = torch.randn_like(out)
+    with_out = torch.ops.audiomae.window_attention_backward(dout, qkv, tau, bias, out, lse, *args)
+    without = torch.ops.audiomae.window_attention_backward(dout, qkv, tau, bias, None, lse, *args)
+    for a, b in zip(with_out, without):
+        assert torch.equal(a, b)
+    qkv, tau, bias = (x.float() for x in make_inputs(1, (12, 12), (12, 12), 2, 16))
+    args = ([12, 12], [12, 12], [0, 0], 2, -100.0)
+    out, lse = torch.ops.audiomae.window_attention(qkv, tau, bias, *args)
+    with pytest.raises(ValueError, match="out must be a"):
+        torch.ops.audiomae.window_attention_backward(torch.randn_like(out), qkv, tau, bias, None, lse, *args)
+
+
 def test_compiles_without_graph_breaks():
     """The compiled graph runs the custom ops, eager runs the autograd.Function: same outputs and gradients."""
     qkv, tau, bias = (x.float() for x in make_inputs(1, (4, 4), (2, 2), 2, 16))

@@ -1,0 +1,52 @@
+"""benches.harness: the allocator-trace reading behind ``peak_holders`` (the GPU call itself is
+exercised by the window-attention benchmark on a GPU)."""
+import pytest
+import torch
+
+from benches.harness import _allocation_site, live_at_peak, peak_holders
+
+
+def _alloc(addr, size, filename="/x/torch/nn/functional.py", name="linear"):
+    return {"action": "alloc", "addr": addr, "size": size, "frames": [{"filename": filename, "line": 7, "name": name}]}
+
+
+def _free(addr, action="free_completed"):
+    return {"action": action, "addr": addr}
+
+
+def test_live_at_peak_finds_the_largest_live_set_and_only_counts_completed_frees():
+    trace = [
+        _alloc(1, 100), _alloc(2, 50), _free(1, "free_requested"), _free(1),  # 150 live, then 50
+        {"action": "segment_alloc", "addr": 9, "size": 10**9},  # the cache growing is not an allocation
+        _alloc(3, 30), _alloc(4, 200),  # 280 live: the peak
+        _free(4), _free(77),  # a block allocated before the trace: ignored
+        _alloc(5, 60),
+    ]
+    peak, holders = live_at_peak(trace)
+    assert peak == 280
+    assert [h["addr"] for h in holders] == [4, 2, 3]  # largest first
+    assert live_at_peak([]) == (0, [])
+
+
+def test_allocation_site_prefers_this_projects_innermost_frame():
+    frames = [{"filename": "/v/torch/autograd/function.py", "line": 3, "name": "apply"},
+              {"filename": "/repo/kernels/window_attention.py", "line": 560, "name": "_backward"},
+              {"filename": "/repo/benches/bench_window_attention.py", "line": 9, "name": "step"}]
+    assert _allocation_site(frames) == "window_attention.py:560 _backward"
+    assert _allocation_site(frames[:1]) == "function.py:3 apply"
+    assert _allocation_site([]).startswith("C++")
+
+
+@pytest.mark.gpu
+def test_gpu_peak_holders_names_the_allocations_of_one_call():
+    x = torch.randn(1024, 1024, device="cuda")
+
+    def step():
+        y = x * 2  # 4 MiB
+        z = y + 1  # 4 MiB more, both live
+        return z.sum()
+
+    step()
+    lines = peak_holders(step, "cuda", top=2)
+    assert lines[0].startswith("peak ") and float(lines[0].split()[1]) >= 8.0
+    assert all("MiB at test_harness.py" in line for line in lines[1:3]), lines
