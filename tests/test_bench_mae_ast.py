@@ -14,6 +14,8 @@ def test_groups_per_device_and_attention():
     assert groups[0] == [("ssast", "sdpa"), ("mae", "sdpa"), ("mae", "triton")]
     assert groups[1] == [("ssast", "sdpa+graph"), ("mae", "sdpa+graph"), ("mae", "triton+graph")]
     assert groups[2] == [("ssast", "reference"), ("mae", "reference")]
+    assert groups[3] == [("ssast", "reference+graph"), ("mae", "reference+graph")]
+    assert len(groups) == 4
     with pytest.raises(ValueError, match="unknown attention"):
         bench_mae_ast._groups(cpu, ("flash",))
 

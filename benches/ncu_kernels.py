@@ -1,0 +1,76 @@
+"""Hardware counters of the kernels furthest from their targets, read by Nsight Compute on the GPU.
+
+The fbank kernel (issue 5) runs at half its target and no longer at the rate of the shared-memory
+pipe its traffic model counted; the window-attention backward (issue 4) at twice its memory floor.
+Timings alone cannot say what holds them: ``ncu`` can (warp stall reasons, issue slot use,
+occupancy, memory throughput). ``python -m benches.ncu_kernels`` runs ``ncu`` on this module once
+per kernel; each run launches that kernel at its issue's shape, warms it up (``WARMUP`` launches,
+skipped by ``ncu``) and profiles the next launch, with the clocks left alone
+(``--clock-control none``, as the device notes ask). Without ``ncu`` on the PATH, or without a
+GPU, it says so and exits 0: the diagnostic is optional. ``--launch NAME`` (internal) only
+launches.
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+
+import torch
+
+WARMUP = 2
+# (the kernel's name for ncu's filter, what launches it)
+KERNELS = {"fbank": "regex:fbank_kernel", "window_attention_bwd": "regex:_window_attention_bwd"}
+SECTIONS = ("SpeedOfLight", "LaunchStats", "Occupancy", "SchedulerStats", "WarpStateStats", "MemoryWorkloadAnalysis")
+
+
+def _launch_fbank(repeats: int) -> None:
+    from benches.bench_fbank import AUDIOMAE_OPTIONS, SAMPLE_RATE
+    from kernels.fbank import fbank
+
+    waveforms = 0.1 * torch.randn(256, 160000, device="cuda")  # the issue's 256 ten-second clips
+    for _ in range(repeats):
+        fbank(waveforms, backend="cuda", sample_frequency=SAMPLE_RATE, **AUDIOMAE_OPTIONS)
+
+
+def _launch_window_attention_bwd(repeats: int) -> None:
+    from benches.bench_window_attention import MASK_VALUE, _core_inputs
+    from kernels.window_attention import window_attention
+
+    cfg = dict(B=64, grid=(64, 8), num_heads=16, head_dim=32, window=(4, 4), shift=(2, 0))
+    qkv, tau, bias = _core_inputs(cfg, torch.device("cuda"), torch.bfloat16)
+    grad = torch.randn(qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3, device="cuda", dtype=torch.bfloat16)
+    for _ in range(repeats):
+        out = window_attention(qkv, grid=cfg["grid"], window=cfg["window"], shift=cfg["shift"],
+                               num_heads=cfg["num_heads"], tau=tau, bias=bias, mask_value=MASK_VALUE)
+        torch.autograd.grad(out, (qkv, tau, bias), grad)
+
+
+LAUNCHERS = {"fbank": _launch_fbank, "window_attention_bwd": _launch_window_attention_bwd}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--launch", choices=sorted(LAUNCHERS), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.launch:
+        LAUNCHERS[args.launch](WARMUP + 1)
+        torch.cuda.synchronize()
+        return 0
+    ncu = shutil.which("ncu")
+    if ncu is None or not torch.cuda.is_available():
+        print("ncu_kernels: skipped (" + ("no ncu on the PATH" if ncu is None else "no CUDA GPU") + ")")
+        return 0
+    failed = 0
+    for name, kernel_filter in KERNELS.items():
+        command = [ncu, "--clock-control", "none", "--kernel-name", kernel_filter, "--launch-skip", str(WARMUP),
+                   "--launch-count", "1", *(arg for section in SECTIONS for arg in ("--section", section)),
+                   sys.executable, "-m", "benches.ncu_kernels", "--launch", name]
+        print(f"===== {name}: {' '.join(command)}", flush=True)
+        failed |= subprocess.run(command).returncode != 0
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
