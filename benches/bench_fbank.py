@@ -121,6 +121,11 @@ def run(device: str = "cuda", quick: bool = False) -> list[dict]:
             by_impl["torch_path_fp32_compiled"]["median_ms"] / by_impl["cuda_kernel"]["median_ms"])
     if "cuda_kernel" in by_impl:
         by_impl["cuda_kernel"].update(_traffic_rate(by_impl["cuda_kernel"]["median_ms"], num_clips * num_frames))
+    for row in rows:  # which of kernels.fbank.LAUNCH_SHAPES each kernel row ran (the default moves)
+        if row["impl"] == "cuda_kernel":
+            row["launch_shape"] = DEFAULT_LAUNCH_SHAPE
+        elif row["impl"].startswith("cuda_kernel_shape"):
+            row["launch_shape"] = int(row["impl"].removeprefix("cuda_kernel_shape"))
     if device == "cuda":
         rows.append(_cpu_thread_row(waveforms[: 2 if quick else 8].cpu(), common))
     return rows + _precision_rows(device)

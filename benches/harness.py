@@ -85,19 +85,23 @@ def time_fn(fn: Callable[[], object], device: torch.device | str, *, warmup: int
 
 def live_at_peak(trace: list[dict]) -> tuple[int, list[dict]]:
     """(peak bytes, the allocations live at that peak, largest first) over an allocator trace
-    (``torch.cuda.memory._snapshot()["device_traces"][i]``): "alloc" adds a block,
-    "free_completed" removes it; blocks allocated before the trace are not counted, so the peak is
-    the one beyond what was live when recording began, as ``time_fn`` measures it."""
+    (``torch.cuda.memory._snapshot()["device_traces"][i]``): "alloc" adds a block, its first
+    "free_requested" or "free_completed" removes it (the allocator's allocated-bytes count drops
+    at the request, before other streams' uses end). Blocks allocated before the trace are not
+    counted, so the peak is the one beyond what was live when recording began, as ``time_fn``
+    reads it, but in requested bytes: the allocator counts blocks rounded up to 512 bytes (and may
+    hand out a cached block up to 1 MiB larger), so its peak may read a little higher."""
     live: dict[int, dict] = {}
     total = peak = 0
     at_peak: list[dict] = []
     for entry in trace:
-        if entry.get("action") == "alloc":
+        action = entry.get("action")
+        if action == "alloc":
             live[entry["addr"]] = entry
             total += entry["size"]
             if total > peak:
                 peak, at_peak = total, list(live.values())
-        elif entry.get("action") == "free_completed" and entry.get("addr") in live:
+        elif action in ("free_requested", "free_completed") and entry.get("addr") in live:
             total -= live.pop(entry["addr"])["size"]
     return peak, sorted(at_peak, key=lambda e: -e["size"])
 

@@ -6,20 +6,23 @@ Timings alone cannot say what holds them: ``ncu`` can (warp stall reasons, issue
 occupancy, memory throughput). ``python -m benches.ncu_kernels`` runs ``ncu`` on this module once
 per kernel; each run launches that kernel at its issue's shape, warms it up (``WARMUP`` launches,
 skipped by ``ncu``) and profiles the next launch, with the clocks left alone
-(``--clock-control none``, as the device notes ask). Without ``ncu`` on the PATH, or without a
-GPU, it says so and exits 0: the diagnostic is optional. ``--launch NAME`` (internal) only
-launches.
+(``--clock-control none``, as the device notes ask). A diagnostic: it always exits 0, and says
+what it could not read (no ``ncu`` on the PATH, no GPU, an ``ncu`` run that failed or took more
+than ``TIMEOUT_S``). ``--launch NAME`` (internal) only launches.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
+import signal
 import subprocess
 import sys
 
 import torch
 
 WARMUP = 2
+TIMEOUT_S = 60  # one ncu run: a Python start, the launches, and ncu's replays of one of them
 # (the kernel's name for ncu's filter, what launches it)
 KERNELS = {"fbank": "regex:fbank_kernel", "window_attention_bwd": "regex:_window_attention_bwd"}
 SECTIONS = ("SpeedOfLight", "LaunchStats", "Occupancy", "SchedulerStats", "WarpStateStats", "MemoryWorkloadAnalysis")
@@ -62,14 +65,22 @@ def main(argv=None) -> int:
     if ncu is None or not torch.cuda.is_available():
         print("ncu_kernels: skipped (" + ("no ncu on the PATH" if ncu is None else "no CUDA GPU") + ")")
         return 0
-    failed = 0
     for name, kernel_filter in KERNELS.items():
         command = [ncu, "--clock-control", "none", "--kernel-name", kernel_filter, "--launch-skip", str(WARMUP),
                    "--launch-count", "1", *(arg for section in SECTIONS for arg in ("--section", section)),
                    sys.executable, "-m", "benches.ncu_kernels", "--launch", name]
         print(f"===== {name}: {' '.join(command)}", flush=True)
-        failed |= subprocess.run(command).returncode != 0
-    return 1 if failed else 0
+        child = subprocess.Popen(command, start_new_session=True)  # its own group: ncu and the profiled program
+        try:
+            code = child.wait(timeout=TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            os.killpg(child.pid, signal.SIGKILL)
+            child.wait()
+            print(f"ncu_kernels: {name}: no report, ncu took more than {TIMEOUT_S} s", flush=True)
+            continue
+        if code:
+            print(f"ncu_kernels: {name}: ncu exited with {code}; its output above says why", flush=True)
+    return 0
 
 
 if __name__ == "__main__":

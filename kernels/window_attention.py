@@ -496,6 +496,22 @@ def forced_tiling(rows: int, num_warps: int, batch_per_program: int | None = Non
         TILING_OVERRIDE = previous
 
 
+@contextlib.contextmanager
+def _tiling_of_forward(tiling: Tiling | None):
+    """The backward launches with the tiling its forward ran under: the forward decided from it
+    whether to keep ``out`` (``_backward_reads_out``), and ``forced_tiling`` may have been entered
+    or left in between. Without such a change (every call outside a tiling sweep) nothing is set."""
+    global TILING_OVERRIDE
+    if tiling == TILING_OVERRIDE:
+        yield
+        return
+    previous, TILING_OVERRIDE = TILING_OVERRIDE, tiling
+    try:
+        yield
+    finally:
+        TILING_OVERRIDE = previous
+
+
 def _tiling(num_windows: int, area: int, d_pad: int, fp32: bool, backward: bool) -> tuple[int, int, int, Tiling]:
     """(BLOCK, windows per group, chunks per window, tiling). Windows of up to ``rows`` tokens
     are packed as many to a tile as fit; larger ones are split into ``rows``-row chunks."""
@@ -710,13 +726,15 @@ def _setup_context(ctx, inputs, output):
     kept_out = out if _backward_reads_out(qkv, tuple(grid), tuple(window), num_heads) else None
     ctx.save_for_backward(qkv, tau, bias, kept_out, lse)
     ctx.args = (grid, window, shift, num_heads, mask_value)
+    ctx.tiling = TILING_OVERRIDE
     ctx.mark_non_differentiable(lse)
 
 
 @first_order_only("window_attention")
 def _backward_rule(ctx, dout, _dlse):
     qkv, tau, bias, out, lse = ctx.saved_tensors
-    dqkv, dtau, dbias = _window_attention_backward_op(dout, qkv, tau, bias, out, lse, *ctx.args)
+    with _tiling_of_forward(ctx.tiling):
+        dqkv, dtau, dbias = _window_attention_backward_op(dout, qkv, tau, bias, out, lse, *ctx.args)
     return (dqkv, dtau if tau is not None else None, dbias if bias is not None else None,
             None, None, None, None, None)
 
@@ -735,6 +753,7 @@ class _WindowAttentionFunction(torch.autograd.Function):
         kept_out = out if _backward_reads_out(qkv, grid, window, num_heads) else None
         ctx.save_for_backward(qkv, tau, bias, kept_out, lse)
         ctx.args = (grid, window, shift, num_heads, mask_value)
+        ctx.tiling = TILING_OVERRIDE
         ctx.overwrite_qkv = overwrite_qkv
         return out
 
@@ -742,16 +761,18 @@ class _WindowAttentionFunction(torch.autograd.Function):
     @first_order_only("window_attention")  # double backward is an error, as for the op
     def backward(ctx, dout):
         qkv, tau, bias, out, lse = ctx.saved_tensors
-        if needs_custom_op():  # compiled autograd traces this backward: there it takes the op too
-            dqkv, dtau, dbias = _window_attention_backward_op(dout, qkv, tau, bias, out, lse, *ctx.args)
-        else:
-            overwrite = ctx.overwrite_qkv and ctx.needs_input_grad[0] and _can_overwrite(qkv, *ctx.args[:4], tau, bias)
-            dqkv, dtau, dbias = _backward(dout, qkv, tau, bias, out, lse, *ctx.args,
-                                          dqkv=qkv.detach() if overwrite else None)
-            if overwrite:
-                # Any other node that saved qkv and runs later now fails loudly (modified in place)
-                # instead of reading the gradient as qkv.
-                torch.autograd.graph.increment_version(qkv)
+        with _tiling_of_forward(ctx.tiling):
+            if needs_custom_op():  # compiled autograd traces this backward: there it takes the op too
+                dqkv, dtau, dbias = _window_attention_backward_op(dout, qkv, tau, bias, out, lse, *ctx.args)
+            else:
+                overwrite = (ctx.overwrite_qkv and ctx.needs_input_grad[0]
+                             and _can_overwrite(qkv, *ctx.args[:4], tau, bias))
+                dqkv, dtau, dbias = _backward(dout, qkv, tau, bias, out, lse, *ctx.args,
+                                              dqkv=qkv.detach() if overwrite else None)
+                if overwrite:
+                    # Any other node that saved qkv and runs later now fails loudly (modified in
+                    # place) instead of reading the gradient as qkv.
+                    torch.autograd.graph.increment_version(qkv)
         return (dqkv, dtau if tau is not None else None, dbias if bias is not None else None,
                 None, None, None, None, None, None)
 

@@ -14,17 +14,20 @@ def _free(addr, action="free_completed"):
     return {"action": action, "addr": addr}
 
 
-def test_live_at_peak_finds_the_largest_live_set_and_only_counts_completed_frees():
+def test_live_at_peak_finds_the_largest_live_set_and_releases_blocks_at_the_free_request():
     trace = [
         _alloc(1, 100), _alloc(2, 50), _free(1, "free_requested"), _free(1),  # 150 live, then 50
         {"action": "segment_alloc", "addr": 9, "size": 10**9},  # the cache growing is not an allocation
+        _alloc(6, 500), _free(6, "free_requested"),  # another stream still uses it: released all the same
         _alloc(3, 30), _alloc(4, 200),  # 280 live: the peak
         _free(4), _free(77),  # a block allocated before the trace: ignored
-        _alloc(5, 60),
+        _alloc(5, 60), _free(6),  # the completion of a request already counted: no change
     ]
     peak, holders = live_at_peak(trace)
-    assert peak == 280
-    assert [h["addr"] for h in holders] == [4, 2, 3]  # largest first
+    assert peak == 550  # 50 + 500, while block 6 was live
+    assert [h["addr"] for h in holders] == [6, 2]
+    peak, holders = live_at_peak(trace[:6] + trace[7:])  # without block 6's request: it stays live
+    assert peak == 780 and [h["addr"] for h in holders] == [6, 4, 2, 3]
     assert live_at_peak([]) == (0, [])
 
 

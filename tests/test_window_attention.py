@@ -3,6 +3,7 @@
 On the CPU the Triton kernels run through the interpreter (tiny shapes; fp32 and fp16, since the
 interpreter's bf16 tl.dot is wrong); bf16 and the decoder's shape run on the GPU.
 """
+import contextlib
 import sys
 
 import pytest
@@ -293,9 +294,10 @@ def test_opcheck():
     out, lse = torch.ops.audiomae.window_attention(qkv, tau, bias, [4, 4], [2, 2], [1, 0], 2, -100.0)
     torch.library.opcheck(torch.ops.audiomae.window_attention.default,
                           (qkv.requires_grad_(), tau.requires_grad_(), bias, [4, 4], [2, 2], [1, 0], 2, -100.0))
-    torch.library.opcheck(torch.ops.audiomae.window_attention_backward.default,
-                          (torch.randn_like(out), qkv.detach(), tau.detach(), bias, out, lse, [4, 4], [2, 2],
-                           [1, 0], 2, -100.0))
+    for kept_out in (out, None):  # None: every window fits one tile, so the backward does not read out
+        torch.library.opcheck(torch.ops.audiomae.window_attention_backward.default,
+                              (torch.randn_like(out), qkv.detach(), tau.detach(), bias, kept_out, lse, [4, 4],
+                               [2, 2], [1, 0], 2, -100.0))
 
 
 def test_op_called_directly_takes_strided_tau_and_bias_and_checks_its_arguments():
@@ -372,6 +374,27 @@ def test_backward_keeps_the_output_only_where_a_window_spans_several_tiles(windo
         assert (out_shape in saved) == keeps_out, (through_op, saved)
         (grad,) = torch.autograd.grad(out, leaf, torch.ones_like(out))
         assert torch.isfinite(grad).all()
+
+
+def test_backward_launches_with_the_tiling_of_its_forward():
+    # The forward decides from its tiling whether to keep out; a backward run after forced_tiling
+    # was entered or left (a 32-token window: one tile by default in fp32, chunked at 16 rows)
+    # must launch as its forward did, and give the reference's gradients either way.
+    module = sys.modules["kernels.window_attention"]
+    qkv, tau, bias = (x.float() for x in make_inputs(1, (8, 8), (8, 4), 2, 16))
+    args = dict(grid=(8, 8), window=(8, 4), shift=(3, 1), num_heads=2, mask_value=-100.0)
+    ref = {k: v.detach().double().requires_grad_() for k, v in (("qkv", qkv), ("tau", tau), ("bias", bias))}
+    grad = torch.randn(1, 64, 32, dtype=torch.float64, device=qkv.device)
+    window_attention_reference(ref["qkv"], tau=ref["tau"], bias=ref["bias"], **args).backward(grad)
+    for forward_rows, backward_rows in ((None, 16), (16, None)):
+        leaves = [t.clone().requires_grad_() for t in (qkv, tau, bias)]
+        with module.forced_tiling(forward_rows, 1) if forward_rows else contextlib.nullcontext():
+            out = window_attention(leaves[0], tau=leaves[1], bias=leaves[2], **args)
+        with module.forced_tiling(backward_rows, 1) if backward_rows else contextlib.nullcontext():
+            out.backward(grad.float())
+        for leaf, name in zip(leaves, ("qkv", "tau", "bias")):
+            assert relative_error(leaf.grad, ref[name].grad) < TOLERANCE[torch.float32] * DTAU_SLACK, name
+        assert module.TILING_OVERRIDE is None
 
 
 def test_backward_op_takes_no_output_where_it_does_not_read_it():
