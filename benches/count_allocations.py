@@ -63,17 +63,24 @@ class LiveStorages(TorchDispatchMode):
 
 @contextlib.contextmanager
 def kernel_launches_skipped():
-    """The window-attention launchers with their Triton launches skipped (and its eager path
-    taken under the counting mode, which would otherwise route the call to the custom op)."""
+    """The window-attention launchers with their Triton launches skipped (every ``@triton.jit``
+    kernel of the module, launched as ``kernel[grid](...)``), and its eager path taken under the
+    counting mode, which would otherwise route the call to the custom op."""
     module = sys.modules["kernels.window_attention"]
 
     class _Skipped:
         def __getitem__(self, grid):
             return lambda *args, **kwargs: None
 
-    names = ("_window_attention_fwd", "_window_attention_bwd", "needs_custom_op", "use_triton", "_check_kernel_dtype")
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    # (under TRITON_INTERPRET=1, @triton.jit makes InterpretedFunctions)
+    launches = [name for name, value in vars(module).items() if isinstance(value, (JITFunction, InterpretedFunction))]
+    names = (*launches, "needs_custom_op", "use_triton", "_check_kernel_dtype")
     saved = {name: getattr(module, name) for name in names}
-    module._window_attention_fwd = module._window_attention_bwd = _Skipped()
+    for name in launches:
+        setattr(module, name, _Skipped())
     module.needs_custom_op = lambda: False
     module.use_triton = lambda tensor: True
     module._check_kernel_dtype = lambda qkv: None

@@ -27,7 +27,8 @@ Contract
   ``bias``. It recomputes the logits from the saved per-row logsumexp. Where each window fits one
   tile, the softmax correction ``dout . out`` is the row sum of ``p * dp`` over the tile, so the
   output is neither kept for the backward nor read by it. The bias and tau gradients
-  are per-program partial sums reduced afterwards, so they are deterministic; a backward program
+  are per-program partial sums reduced afterwards in a fixed order by one more launch
+  (``_window_attention_bwd_finish``), so they are deterministic; a backward program
   takes several batch elements in turn (``default_batch_per_program``) so that the partials stay
   small beside qkv.
 - ``overwrite_qkv=True``: the backward writes dqkv over qkv's memory (see ``window_attention``).
@@ -414,6 +415,46 @@ def _window_attention_bwd(
             _store_bias_grad(part_ptr, dbias_sum, 0, 0, False, N, POS_BLOCK)
 
 
+@triton.jit
+def _sum_rows(part_ptr, rows, cols, c, col_mask, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
+    """Column sums over ``rows`` rows of the row-major fp32 [rows, cols] partials, for the columns
+    ``c``, in a fixed order (so the gradients are deterministic)."""
+    acc = tl.zeros([BLOCK_ROWS, BLOCK_COLS], tl.float32)
+    for start in range(0, rows, BLOCK_ROWS):
+        r = start + tl.arange(0, BLOCK_ROWS)
+        mask = (r < rows)[:, None] & col_mask[None, :]
+        acc += tl.load(part_ptr + r.to(tl.int64)[:, None] * cols + c[None, :], mask=mask, other=0.0)
+    return tl.sum(acc, axis=0)
+
+
+@triton.jit
+def _window_attention_bwd_finish(dbias_part_ptr, dtau_part_ptr, tau_ptr, dbias_ptr, dtau_ptr, bias_rows, bias_cols,
+                                 tau_rows, num_heads, HAS_TAU: tl.constexpr, HAS_BIAS: tl.constexpr,
+                                 BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
+    """The backward's partials summed into the bias and tau gradients, in one launch where torch
+    took eleven small ones (tiny kernels that cost the replayed backward about a tenth of its
+    time, and the eager one as much host time): programs ``0 ..`` sum ``BLOCK_COLS`` columns of
+    the bias partials each; the last sums the tau partials and applies the clamp's derivative."""
+    pid = tl.program_id(0)
+    bias_programs = tl.cdiv(bias_cols, BLOCK_COLS) if HAS_BIAS else 0
+    c = tl.arange(0, BLOCK_COLS)
+    if HAS_BIAS:
+        if pid < bias_programs:
+            col = pid * BLOCK_COLS + c
+            total = _sum_rows(dbias_part_ptr, bias_rows, bias_cols, col, col < bias_cols, BLOCK_ROWS, BLOCK_COLS)
+            tl.store(dbias_ptr + col, total.to(dbias_ptr.dtype.element_ty), mask=col < bias_cols)
+    if HAS_TAU:
+        if pid == bias_programs:
+            heads = c < num_heads
+            total = _sum_rows(dtau_part_ptr, tau_rows, num_heads, c, heads, BLOCK_ROWS, BLOCK_COLS)
+            tau = tl.load(tau_ptr + c, mask=heads, other=1.0).to(tl.float32)
+            # logits = unscaled / max(tau, 0.01): d/dtau = -unscaled / tau^2 where the clamp passes,
+            # 0 where it holds (a where, not a product: tau = 0 would make that inf * 0 = NaN).
+            clamped = tl.maximum(tau, 0.01)
+            dtau = tl.where(tau >= 0.01, -total / (clamped * clamped), 0.0)
+            tl.store(dtau_ptr + c, dtau.to(dtau_ptr.dtype.element_ty), mask=heads)
+
+
 @dataclasses.dataclass(frozen=True)
 class Tiling:
     """How the launch tiles a window group: ``rows`` per tile (a power of two, at least 16 for
@@ -593,15 +634,17 @@ def _backward(dout, qkv, tau, bias, out, lse, grid, window, shift, num_heads, ma
     _window_attention_bwd[(num_programs,)](
         qkv, tau, bias, out if reads_out else None, dout, lse, dqkv, dbias_part, dtau_part, *qkv.stride(),
         *dout.stride(), mask_value=mask_value, POS_BLOCK=pos_block, **runtime, **meta)
-    dtau, dbias = qkv.new_empty(0), qkv.new_empty(0)
-    if tau is not None:
-        tau32 = tau.float()
-        # logits = unscaled / max(tau, 0.01): d/dtau = -unscaled / tau^2 where the clamp passes, 0
-        # where it holds (a where, not a product: tau = 0 would make that inf * 0 = NaN).
-        passes = tau32 >= 0.01
-        dtau = torch.where(passes, -dtau_part.sum((0, 1)) / tau32.clamp_min(0.01).square(), 0.0).to(tau.dtype)
-    if bias is not None:
-        dbias = dbias_part.sum((0, 1)).to(bias.dtype)
+    dtau = torch.empty_like(tau) if tau is not None else qkv.new_empty(0)
+    dbias = torch.empty_like(bias) if bias is not None else qkv.new_empty(0)
+    if tau is not None or bias is not None:
+        # One column block serves every head's tau; 64 bias columns a program spread the bias
+        # partials' reads over many SMs. At most 4096 fp32 accumulators a program.
+        bias_cols = num_heads * area * area if bias is not None else 0
+        block_cols = max(16, next_power_of_2(num_heads), 64 if bias is not None else 16)
+        _window_attention_bwd_finish[(cdiv(bias_cols, block_cols) + (tau is not None),)](
+            dbias_part, dtau_part, tau, dbias, dtau, batch_blocks * num_groups, bias_cols,
+            batch_blocks * num_groups * num_chunks, num_heads, HAS_TAU=tau is not None, HAS_BIAS=bias is not None,
+            BLOCK_ROWS=max(1, 4096 // block_cols), BLOCK_COLS=block_cols)
     return dqkv, dtau, dbias
 
 

@@ -376,6 +376,20 @@ def test_backward_keeps_the_output_only_where_a_window_spans_several_tiles(windo
         assert torch.isfinite(grad).all()
 
 
+@pytest.mark.parametrize("num_heads", [1, 80])
+def test_bias_and_tau_gradients_are_summed_for_any_number_of_heads(num_heads):
+    # The partials are summed by one launch: bias columns 64 a program (80 heads of 2x2 windows:
+    # five programs, the last part-filled), every head's tau in one more program (80: wider than
+    # the bias blocks), a clamped tau (< 0.01) getting zero; with only one of the two as well.
+    qkv, tau, bias = make_inputs(2, (4, 4), (2, 2), num_heads, 16)
+    tau[0] = 0.005
+    for t, b in ((tau, bias), (tau, None), (None, bias)):
+        grads = check_against_reference(qkv, t, b, torch.float32, grid=(4, 4), window=(2, 2), shift=(1, 1),
+                                        num_heads=num_heads)
+        if t is not None:
+            assert grads["tau"][0] == 0
+
+
 def test_backward_launches_with_the_tiling_of_its_forward():
     # The forward decides from its tiling whether to keep out; a backward run after forced_tiling
     # was entered or left (a 32-token window: one tile by default in fp32, chunked at 16 rows)
