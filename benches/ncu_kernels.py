@@ -24,7 +24,7 @@ import torch
 WARMUP = 2
 TIMEOUT_S = 60  # one ncu run: a Python start, the launches, and ncu's replays of one of them
 # (the kernel's name for ncu's filter, what launches it)
-KERNELS = {"fbank": "regex:fbank_kernel", "window_attention_bwd": "regex:_window_attention_bwd"}
+KERNELS = {"fbank": "regex:fbank_kernel", "window_attention_bwd": "regex:^_window_attention_bwd$"}
 SECTIONS = ("SpeedOfLight", "LaunchStats", "Occupancy", "SchedulerStats", "WarpStateStats", "MemoryWorkloadAnalysis")
 
 

@@ -432,9 +432,10 @@ def _window_attention_bwd_finish(dbias_part_ptr, dtau_part_ptr, tau_ptr, dbias_p
                                  tau_rows, num_heads, HAS_TAU: tl.constexpr, HAS_BIAS: tl.constexpr,
                                  BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
     """The backward's partials summed into the bias and tau gradients, in one launch where torch
-    took eleven small ones (tiny kernels that cost the replayed backward about a tenth of its
-    time, and the eager one as much host time): programs ``0 ..`` sum ``BLOCK_COLS`` columns of
-    the bias partials each; the last sums the tau partials and applies the clamp's derivative."""
+    took up to eleven small ones (tiny kernels in the replayed backward, host time in the eager
+    one; by estimate a tenth of the backward, not yet timed): programs ``0 ..`` sum
+    ``BLOCK_COLS`` columns of the bias partials each; the last sums the tau partials and applies
+    the clamp's derivative."""
     pid = tl.program_id(0)
     bias_programs = tl.cdiv(bias_cols, BLOCK_COLS) if HAS_BIAS else 0
     c = tl.arange(0, BLOCK_COLS)
@@ -634,11 +635,12 @@ def _backward(dout, qkv, tau, bias, out, lse, grid, window, shift, num_heads, ma
     _window_attention_bwd[(num_programs,)](
         qkv, tau, bias, out if reads_out else None, dout, lse, dqkv, dbias_part, dtau_part, *qkv.stride(),
         *dout.stride(), mask_value=mask_value, POS_BLOCK=pos_block, **runtime, **meta)
-    dtau = torch.empty_like(tau) if tau is not None else qkv.new_empty(0)
-    dbias = torch.empty_like(bias) if bias is not None else qkv.new_empty(0)
+    dtau = torch.empty(tau.shape, device=tau.device, dtype=tau.dtype) if tau is not None else qkv.new_empty(0)
+    dbias = torch.empty(bias.shape, device=bias.device, dtype=bias.dtype) if bias is not None else qkv.new_empty(0)
     if tau is not None or bias is not None:
         # One column block serves every head's tau; 64 bias columns a program spread the bias
-        # partials' reads over many SMs. At most 4096 fp32 accumulators a program.
+        # partials' reads over many SMs. At most 4096 fp32 accumulators a program (more only
+        # where one block must hold over 4096 heads' tau).
         bias_cols = num_heads * area * area if bias is not None else 0
         block_cols = max(16, next_power_of_2(num_heads), 64 if bias is not None else 16)
         _window_attention_bwd_finish[(cdiv(bias_cols, block_cols) + (tau is not None),)](

@@ -378,9 +378,10 @@ def test_backward_keeps_the_output_only_where_a_window_spans_several_tiles(windo
 
 @pytest.mark.parametrize("num_heads", [1, 80])
 def test_bias_and_tau_gradients_are_summed_for_any_number_of_heads(num_heads):
-    # The partials are summed by one launch: bias columns 64 a program (80 heads of 2x2 windows:
-    # five programs, the last part-filled), every head's tau in one more program (80: wider than
-    # the bias blocks), a clamped tau (< 0.01) getting zero; with only one of the two as well.
+    # The partials are summed by one launch: bias columns in blocks at least 64 wide and as wide
+    # as the heads (80 heads of 2x2 windows: ten programs of 128 columns), every head's tau in one
+    # more program, a clamped tau (< 0.01) getting zero; with only one of the two as well. (Part-
+    # filled bias blocks: the 3x3 windows of test_matches_reference_fp32.)
     qkv, tau, bias = make_inputs(2, (4, 4), (2, 2), num_heads, 16)
     tau[0] = 0.005
     for t, b in ((tau, bias), (tau, None), (None, bias)):
