@@ -27,7 +27,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 SUITE = "window_attention_block_count"
-CONFIG = dict(B=64, grid=(64, 8), num_heads=16, head_dim=32, window=(4, 4), shift=(2, 0))
 
 
 class LiveStorages(TorchDispatchMode):
@@ -98,10 +97,11 @@ def peak_bytes(step, existing) -> int:
     return counter.peak
 
 
-def run(cfg: dict = CONFIG) -> list[dict]:
-    from benches.bench_window_attention import _AttentionPath, _shape
+def run(cfg: dict | None = None) -> list[dict]:
+    """The counted rows at ``cfg`` (default: issue 4's shape, ``bench_window_attention.TARGET``)."""
+    from benches.bench_window_attention import TARGET, _AttentionPath, _shape
 
-    cfg = dict(cfg)
+    cfg = dict(cfg or TARGET)
     torch.manual_seed(0)
     dtype = torch.bfloat16
     B, L, C = cfg["B"], cfg["grid"][0] * cfg["grid"][1], cfg["num_heads"] * cfg["head_dim"]

@@ -38,10 +38,9 @@ def _launch_fbank(repeats: int) -> None:
 
 
 def _launch_window_attention_bwd(repeats: int) -> None:
-    from benches.bench_window_attention import MASK_VALUE, _core_inputs
+    from benches.bench_window_attention import MASK_VALUE, TARGET as cfg, _core_inputs
     from kernels.window_attention import window_attention
 
-    cfg = dict(B=64, grid=(64, 8), num_heads=16, head_dim=32, window=(4, 4), shift=(2, 0))
     qkv, tau, bias = _core_inputs(cfg, torch.device("cuda"), torch.bfloat16)
     grad = torch.randn(qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3, device="cuda", dtype=torch.bfloat16)
     for _ in range(repeats):

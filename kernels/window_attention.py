@@ -554,9 +554,13 @@ def _tiling_of_forward(tiling: Tiling | None):
         TILING_OVERRIDE = previous
 
 
-def _tiling(num_windows: int, area: int, d_pad: int, fp32: bool, backward: bool) -> tuple[int, int, int, Tiling]:
-    """(BLOCK, windows per group, chunks per window, tiling). Windows of up to ``rows`` tokens
-    are packed as many to a tile as fit; larger ones are split into ``rows``-row chunks."""
+def _tiling(c3: int, fp32: bool, grid, window, num_heads: int, backward: bool) -> tuple[int, int, int, Tiling]:
+    """(BLOCK, windows per group, chunks per window, tiling) for qkv's last axis ``c3``. Windows of
+    up to ``rows`` tokens are packed as many to a tile as fit; larger ones are split into
+    ``rows``-row chunks."""
+    (T, F), (wt, wf) = grid, window
+    num_windows, area = (T // wt) * (F // wf), wt * wf
+    d_pad = max(16, next_power_of_2(c3 // (3 * num_heads)))
     tiling = TILING_OVERRIDE or default_tiling(area, d_pad, fp32, backward)
     if area > tiling.rows:
         return tiling.rows, 1, cdiv(area, tiling.rows), tiling
@@ -580,7 +584,7 @@ def _launch_plan(batch, c3, fp32, itemsize, grid, window, shift, num_heads, has_
     (T, F), (wt, wf) = grid, window
     num_windows = (T // wt) * (F // wf)
     d_pad = max(16, next_power_of_2(head_dim))
-    block, windows_per_group, num_chunks, tiling = _tiling(num_windows, wt * wf, d_pad, fp32, backward)
+    block, windows_per_group, num_chunks, tiling = _tiling(c3, fp32, grid, window, num_heads, backward)
     num_groups = cdiv(num_windows, windows_per_group)
     batch_per_program = 1
     if backward and has_bias:  # without a bias there is no partial to shrink (tau's are a float a program)
@@ -666,9 +670,7 @@ def _backward_reads_out(qkv, grid, window, num_heads) -> bool:
     once the output projection's backward has run, a [B, L, C] tensor less at the backward's peak).
     The same tiling as the launch's (``_launch_plan``), without the batch, which may be symbolic
     under torch.compile."""
-    (T, F), (wt, wf) = grid, window
-    d_pad = max(16, next_power_of_2(qkv.shape[-1] // (3 * num_heads)))
-    _, _, num_chunks, _ = _tiling((T // wt) * (F // wf), wt * wf, d_pad, qkv.dtype == torch.float32, backward=True)
+    _, _, num_chunks, _ = _tiling(qkv.shape[-1], qkv.dtype == torch.float32, grid, window, num_heads, backward=True)
     return num_chunks > 1
 
 
