@@ -256,8 +256,11 @@ def command(run):
         from .checkpoint import CheckpointMismatchError
         from .training import teardown_distributed
 
+        finished = False
         try:
-            return run(args)
+            status = run(args)
+            finished = status == 0
+            return status
         except (ValueError, FileNotFoundError, CheckpointMismatchError, BackendUnavailableError) as exc:
             print(f"audiomae {args.command}: error: {exc}", file=sys.stderr)
             return 2
@@ -269,7 +272,7 @@ def command(run):
             print(f"audiomae {args.command}: error: {exc}", file=sys.stderr)
             return 1
         finally:
-            teardown_distributed()
+            teardown_distributed(wait_for_peers=finished)
 
     wrapped.__name__ = run.__name__
     return wrapped

@@ -79,9 +79,16 @@ def setup_distributed(device: str | None) -> Dist:
     return Dist(dist.get_rank(), dist.get_world_size(), device)
 
 
-def teardown_distributed() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+def teardown_distributed(wait_for_peers: bool = False) -> None:
+    """Leave the process group. After a clean run every rank first waits for the others (rank 0 may
+    still be writing its checkpoint): a rank that tears gloo down and exits while a peer still holds
+    its connections can abort ("terminate called without an active exception", seen once in CI).
+    After an error nobody waits, since a peer may never arrive."""
+    if not dist.is_initialized():
+        return
+    if wait_for_peers:
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 def gather_objects(obj, world: Dist) -> list:

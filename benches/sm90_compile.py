@@ -114,12 +114,12 @@ def compile_only(case_name: list[str]):
 
 # ---- the launches ---------------------------------------------------------------------------------
 
-def _tokens_case(dtype, B, L, K, C, pos=True):
+def _tokens_case(dtype, B, L, K, C, pos=True, pos_grad=True):
     import torch
 
     import kernels
     x = torch.randn(B, L, C, dtype=dtype, requires_grad=True)
-    pos_embed = torch.randn(1, L, C, dtype=dtype, requires_grad=True) if pos else None
+    pos_embed = torch.randn(1, L, C, dtype=dtype, requires_grad=pos_grad) if pos else None
     ids = torch.rand(B, L).argsort(1)
     kept = kernels.gather_tokens(x, ids[:, :K], pos_embed)
     kept.backward(torch.randn_like(kept))
@@ -193,6 +193,9 @@ def cases() -> dict:
         # #3: gather at C=768 (the encoder), unshuffle at C=512 (the decoder); B and L do not change the code.
         table[f"tokens-target-{name}"] = lambda d=dtype: (_tokens_case(d, 2, 512, 102, 768),
                                                           _tokens_case(d, 2, 512, 102, 512))
+        # The models' setting, timed by benches/bench_tokens.py: a fixed positional embedding.
+        table[f"tokens-target-{name}-fixed-pos"] = lambda d=dtype: (
+            _tokens_case(d, 2, 512, 102, 768, pos_grad=False), _tokens_case(d, 2, 512, 102, 512, pos_grad=False))
         # #4: decoder grid 64x8, 16 heads of 32, window 4x4, shift (2, 0).
         table[f"window-target-{name}"] = lambda d=dtype: _window_case(d, 1, (64, 8), (4, 4), (2, 0), 16, 32)
     # The MLP backward's fused GELU pass at the decoder's hidden width, exact and tanh.

@@ -17,11 +17,13 @@ torch; the sum is taken in float32), and float64 when every float input is float
 float64). Any sizes, including zero; any strides (nothing is copied to make inputs contiguous).
 The output is a new contiguous tensor.
 
-Gradients: ``x`` gets ``grad_out`` at the kept rows and zeros elsewhere, every row written once by
-the backward kernel (no zero-fill pass); ``pos_embed`` gets the same summed over the batch. An
-index listed twice in one sequence is correct: its gradients are summed in list order, so the
-result is deterministic; each repeat costs the backward one more scan of the index row. No
-atomics anywhere. Double backward is not supported.
+Gradients: ``x`` gets ``grad_out`` at the kept rows and zeros elsewhere; ``pos_embed`` gets the
+same summed over the batch. With ``x``'s gradient alone (the models' fixed ``pos_embed``) and more
+rows than kept ones, the backward fills zeros and scatters each kept row once; otherwise one
+kernel writes every row, zeros included, from a scan of the index row (``scatters_owned_rows``
+says why; both give the same bits). An index listed twice in one sequence is correct: its
+gradients are summed in list order, so the result is deterministic; each repeat costs the
+backward one more scan of the index row. No atomics anywhere. Double backward is not supported.
 
 Index checks: a wrong index dtype or shape is a TypeError / ValueError before anything runs.
 Values outside [0, L) are a ValueError too, which costs one min/max reduction and one host sync
@@ -299,6 +301,44 @@ def _gather_backward_kernel(
         tl.store(row_sum_ptr + split.to(tl.int64) * M * C + out_offsets, row_sum.to(row_sum_ptr.dtype.element_ty), mask=out_mask)
 
 
+@triton.jit
+def _scatter_owned_rows_kernel(
+    grad_ptr, ids_ptr, table_ptr,
+    N, M, C, list_blocks,
+    stride_gb, stride_gn, stride_gc,
+    stride_ib, stride_in,
+    ACC_DTYPE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    # One program per (sequence, BLOCK_R list positions, BLOCK_C channels), over a table the
+    # launcher zeroed. A position writes its table row only if it is the first position that reads
+    # it, and writes there every reading position's gradient summed in list order: the sums of
+    # _gather_backward_kernel, in its order, so both give the same bits.
+    pid = tl.program_id(0)
+    b = (pid // list_blocks).to(tl.int64)
+    n_own = (pid % list_blocks) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_ok = cols < C
+    ids_row = ids_ptr + b * stride_ib
+    key = tl.load(ids_row + n_own.to(tl.int64) * stride_in, mask=n_own < N, other=-1)
+    valid = (n_own < N) & (key >= 0) & (key < M)
+    # Positions past N and out-of-range indices own nothing (whatever they match is never used).
+    first, count = _next_match(ids_row, stride_in, N, key, tl.full([BLOCK_R], -1, tl.int32), BLOCK_N)
+    owner = valid & (first == n_own)
+    grad_rows = grad_ptr + b * stride_gb + cols[None, :] * stride_gc
+    n = n_own
+    acc = tl.load(grad_rows + n[:, None].to(tl.int64) * stride_gn, mask=owner[:, None] & col_ok[None, :],
+                  other=0.0).to(ACC_DTYPE)
+    repeats = tl.max(tl.where(owner, count, 1), axis=0) - 1
+    while repeats > 0:
+        n, count = _next_match(ids_row, stride_in, N, key, n, BLOCK_N)
+        acc += tl.load(grad_rows + n[:, None].to(tl.int64) * stride_gn,
+                       mask=(owner & (n < N))[:, None] & col_ok[None, :], other=0.0).to(ACC_DTYPE)
+        repeats -= 1
+    out_rows = b * M + tl.where(owner, key, 0)
+    tl.store(table_ptr + out_rows[:, None] * C + cols[None, :], acc.to(table_ptr.dtype.element_ty),
+             mask=owner[:, None] & col_ok[None, :])
+
+
 # ----------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------
@@ -324,6 +364,37 @@ def _gather_forward(x: torch.Tensor, ids_keep: torch.Tensor, pos_embed: torch.Te
     return out
 
 
+def scatters_owned_rows(num_rows: int, list_len: int) -> bool:
+    """Whether ``gather_rows_backward`` zero-fills the table and scatters the listed rows into it
+    (``_scatter_owned_rows``) rather than writing every table row from a scan of its sequence's
+    index row (``_gather_backward_kernel``). Taken when the table has more rows than the list, as
+    in the encoder's gather (512 rows, 102 listed): most of its rows are zeros, which a fill writes
+    at full bandwidth, while the scan puts a dependent index read before every row's store. The
+    scan stays for short tables (the decoder's kept rows, read from a 512-long list) and whenever
+    the batch sum is wanted, which must visit every table row anyway."""
+    return num_rows > list_len
+
+
+def _scatter_owned_rows(grad: torch.Tensor, ids: torch.Tensor, num_rows: int, table_dtype: torch.dtype) -> torch.Tensor:
+    """``gather_rows_backward``'s ``grad_table`` by zero fill and scatter: see ``scatters_owned_rows``."""
+    B, N, C = grad.shape
+    grad_table = torch.zeros((B, num_rows, C), dtype=table_dtype, device=grad.device)
+    if B * N * num_rows * C == 0:
+        return grad_table
+    block_r = 16
+    block_n = min(128, next_power_of_2(N))  # the encoder's 102 kept positions in one pass
+    block_c = min(256, next_power_of_2(C))
+    list_blocks = cdiv(N, block_r)
+    _scatter_owned_rows_kernel[(B * list_blocks, cdiv(C, block_c))](
+        grad, ids, grad_table,
+        N, num_rows, C, list_blocks,
+        *grad.stride(), *ids.stride(),
+        ACC_DTYPE=TL_DTYPES[accumulate_dtype(grad.dtype)],
+        BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_C=block_c, num_warps=4,
+    )
+    return grad_table
+
+
 @on_tensors_device
 def gather_rows_backward(
     grad: torch.Tensor,
@@ -331,6 +402,8 @@ def gather_rows_backward(
     num_rows: int,
     table_dtype: torch.dtype | None,
     sum_dtype: torch.dtype | None,
+    *,
+    scatter: bool | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """The adjoint of ``out[b, n] = table[b, ids[b, n]]`` for table rows [0, num_rows).
 
@@ -338,10 +411,16 @@ def gather_rows_backward(
     ``table_dtype`` with ``grad_table[b, m] = sum of grad[b, n] over n with ids[b, n] == m``
     (zeros when none; indices outside [0, num_rows) feed nothing), and its sum over the batch,
     [num_rows, C] in ``sum_dtype``; either is skipped (None) when its dtype is None.
+    ``scatter`` picks the strategy (see ``scatters_owned_rows``, the default); both give the same
+    bits, and the batch sum always takes the scan.
     """
     B, N, C = grad.shape
     M = num_rows
     device = grad.device
+    if scatter is None:
+        scatter = scatters_owned_rows(M, N)
+    if table_dtype is not None and sum_dtype is None and scatter:
+        return _scatter_owned_rows(grad, ids, M, table_dtype), None
     grad_table = torch.empty((B, M, C), dtype=table_dtype, device=device) if table_dtype is not None else None
     row_sum = None
     if sum_dtype is not None:

@@ -1,5 +1,8 @@
 """The token benchmark's input rotation: every call takes the next input set (issue 6: fresh inputs)."""
+import torch
+
 from benches import bench_tokens
+from kernels.gather_tokens import gather_tokens
 
 
 def test_rotation_takes_the_sets_in_turn():
@@ -58,3 +61,16 @@ def test_a_failing_graph_row_is_an_error_row_and_the_rest_still_run(monkeypatch)
     assert all("capture failed" in r["note"] for r in errors)
     timed = {r["impl"]: r for r in rows if r.get("median_ms")}
     assert timed["kernel_graph"]["speedup_vs_official"] is not None
+
+
+def test_scan_backward_row_computes_the_same_gradient(seed):
+    """The A/B row's gather (backward forced to the scan) gives the default's gradient, bit for bit."""
+    x = torch.randn(2, 30, 12, requires_grad=True)
+    pos = torch.randn(30, 12)
+    ids = torch.stack([torch.randperm(30)[:6] for _ in range(2)])
+    ids[0, 4] = ids[0, 1]
+    out = bench_tokens._ScanBackwardGather.apply(x, ids, pos)
+    want = gather_tokens(x, ids, pos)
+    assert torch.equal(out, want)
+    g = torch.randn_like(out)
+    assert torch.equal(torch.autograd.grad(out, x, g)[0], torch.autograd.grad(want, x, g)[0])

@@ -91,6 +91,47 @@ def test_gather_repeated_indices_sum_their_gradients(seed):
     check_gather(torch.randn(B, L, C, device=DEVICE), ids, torch.randn(L, C, device=DEVICE), torch.float32)
 
 
+@pytest.mark.parametrize("B,L,N,C", [(1, 9, 4, 5), (2, 40, 7, 33), (3, 300, 150, 20), (2, 6, 11, 3)])
+def test_rows_backward_scatter_and_scan_give_the_same_bits(seed, B, L, N, C):
+    # The two strategies of gather_rows_backward (zero fill + scatter of owned rows, and the scan
+    # of every table row) must sum the same gradients in the same order. Repeats, out-of-range
+    # indices (check_indices=False: they feed nothing), a list longer than one scan block (150)
+    # and a list longer than the table (11 > 6) included.
+    from kernels.gather_tokens import gather_rows_backward
+
+    ids = torch.randint(-2, L + 2, (B, N), device=DEVICE)
+    ids[:, N // 2:] = ids[:, : N - N // 2].flip(1)  # every sequence repeats indices
+    grad = torch.randn(B, N, C, device=DEVICE)
+    results = {scatter: gather_rows_backward(grad, ids, L, torch.float32, None, scatter=scatter)[0]
+               for scatter in (True, False)}
+    assert torch.equal(results[True], results[False])
+    want = torch.zeros(B, L, C, dtype=torch.float64, device=DEVICE)
+    for b in range(B):
+        for n in range(N):
+            if 0 <= ids[b, n] < L:
+                want[b, ids[b, n]] += grad[b, n].double()
+    torch.testing.assert_close(results[True].double(), want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION + [torch.float64])
+def test_gather_backward_with_a_fixed_pos_embed(seed, dtype):
+    # The models' case: pos_embed is a buffer, so only x needs a gradient and the backward takes
+    # the zero-fill-and-scatter path (more table rows than kept ones), repeats included.
+    B, L, C = 3, 23, 37
+    ids = torch.stack([torch.randperm(L)[:8] for _ in range(B)]).to(DEVICE)
+    ids[1, 5] = ids[1, 2]
+    ids[2] = ids[2, 0]
+    assert sys.modules["kernels.gather_tokens"].scatters_owned_rows(L, ids.shape[1])
+    (xl,), (xh,) = leaves(torch.randn(B, L, C, device=DEVICE), dtype=dtype)
+    pos = torch.randn(1, L, C, device=DEVICE)
+    out = gather_tokens(xl, ids, pos.to(dtype))
+    ref = gather_reference.gather_tokens(xh, ids, pos.to(dtype).double())
+    assert_matches(out, ref, dtype)
+    g = torch.randn(out.shape, device=DEVICE).to(dtype).transpose(0, 1).contiguous().transpose(0, 1)
+    assert not g.is_contiguous()
+    assert_matches(torch.autograd.grad(out, xl, g)[0], torch.autograd.grad(ref, xh, g.double())[0], dtype)
+
+
 def test_gather_non_contiguous_inputs(seed):
     B, L, K, C = 3, 17, 6, 23
     x = torch.randn(C, L, B, device=DEVICE).permute(2, 1, 0)  # channels not innermost

@@ -48,6 +48,9 @@ def test_every_case_compiles_each_kernel(compiled):
         expected = KERNELS[name.split("-")[0]]
         if "notau-nobias" in name:  # no tau or bias gradient: no partials to finish
             expected = expected - {"_window_attention_bwd_finish"}
+        if name.endswith("-fixed-pos") or name == "tokens-odd-channels":
+            # x's gradient alone from a gather over more rows than it keeps: the zero fill and scatter
+            expected = expected | {"_scatter_owned_rows_kernel"}
         assert kernels == expected, name
 
 
