@@ -671,6 +671,27 @@ def test_gpu_gather_at_target_shape(seed, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", LOW_PRECISION)
+def test_gpu_gather_backward_strategies_at_target_shape(seed, dtype):
+    # The models' fixed pos_embed: x's gradient by zero fill and scatter, against the float64
+    # reference and, bit for bit, against the scan of every row; repeats in one sequence.
+    from kernels.gather_tokens import gather_rows_backward
+
+    B, L, K, C = 8, 512, 102, 768
+    ids = random_ids(B, L, K)
+    ids[3, 50:60] = ids[3, 7]
+    (xl,), (xh,) = leaves(torch.randn(B, L, C, device=DEVICE), dtype=dtype)
+    pos = torch.randn(1, L, C, device=DEVICE).to(dtype)
+    out = gather_tokens(xl, ids, pos)
+    ref = gather_reference.gather_tokens(xh, ids, pos.double())
+    g = torch.randn(out.shape, device=DEVICE).to(dtype)
+    got = torch.autograd.grad(out, xl, g)[0]
+    assert_matches(got, torch.autograd.grad(ref, xh, g.double())[0], dtype)
+    scan, _ = gather_rows_backward(g, ids, L, dtype, None, scatter=False)
+    assert torch.equal(got, scan)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
 def test_gpu_unshuffle_at_target_shape(seed, dtype):
     B, L, K, C = 8, 512, 102, 512
     check_unshuffle(torch.randn(B, K, C, device=DEVICE), random_ids(B, L, L), torch.randn(C, device=DEVICE), torch.randn(L, C, device=DEVICE), dtype)
