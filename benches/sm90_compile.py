@@ -205,6 +205,8 @@ def cases() -> dict:
         table[f"gelumatmul-target-{name}"] = lambda d=dtype: (_gelu_matmul_case(d, 256, 512, 2048, 512, "none"),
                                                         _gelu_matmul_case(d, 70, 40, 72, 24, "tanh"))
     table["tokens-odd-channels"] = lambda: _tokens_case(torch.bfloat16, 1, 37, 5, 1000, pos=False)
+    # float64 accumulates in float64: the widest tiles' registers.
+    table["tokens-target-fp64-fixed-pos"] = lambda: _tokens_case(torch.float64, 2, 512, 102, 768, pos_grad=False)
     # The decoder's post-norm residual (fp32 stream, bf16 branch), and the edges: float64, odd and
     # widest rows, no parameters.
     table["postnorm-target-bf16"] = lambda: _post_norm_case(torch.float32, torch.bfloat16, 64, 512)

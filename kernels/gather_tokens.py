@@ -412,14 +412,16 @@ def gather_rows_backward(
     (zeros when none; indices outside [0, num_rows) feed nothing), and its sum over the batch,
     [num_rows, C] in ``sum_dtype``; either is skipped (None) when its dtype is None.
     ``scatter`` picks the strategy (see ``scatters_owned_rows``, the default); both give the same
-    bits, and the batch sum always takes the scan.
+    bits. The scatter gives the table's gradient alone: the batch sum always takes the scan.
     """
     B, N, C = grad.shape
     M = num_rows
     device = grad.device
     if scatter is None:
-        scatter = scatters_owned_rows(M, N)
-    if table_dtype is not None and sum_dtype is None and scatter:
+        scatter = scatters_owned_rows(M, N) and sum_dtype is None
+    elif scatter and (table_dtype is None or sum_dtype is not None):
+        raise ValueError("scatter=True gives the table's gradient alone: table_dtype set, sum_dtype None")
+    if scatter and table_dtype is not None:
         return _scatter_owned_rows(grad, ids, M, table_dtype), None
     grad_table = torch.empty((B, M, C), dtype=table_dtype, device=device) if table_dtype is not None else None
     row_sum = None

@@ -105,12 +105,35 @@ def test_rows_backward_scatter_and_scan_give_the_same_bits(seed, B, L, N, C):
     results = {scatter: gather_rows_backward(grad, ids, L, torch.float32, None, scatter=scatter)[0]
                for scatter in (True, False)}
     assert torch.equal(results[True], results[False])
+    with pytest.raises(ValueError, match="scatter=True"):
+        gather_rows_backward(grad, ids, L, torch.float32, torch.float32, scatter=True)
     want = torch.zeros(B, L, C, dtype=torch.float64, device=DEVICE)
     for b in range(B):
         for n in range(N):
             if 0 <= ids[b, n] < L:
                 want[b, ids[b, n]] += grad[b, n].double()
     torch.testing.assert_close(results[True].double(), want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("scatter", [True, False])
+def test_rows_backward_sums_repeats_in_list_order(seed, scatter):
+    # Three readers of one row with magnitudes that make float32 addition order visible: in list
+    # order (1e8 - 1e8) + 1 = 1, in any other (1 - 1e8) + 1e8 or (1e8 + 1) - 1e8 = 0. Two channel
+    # blocks (C = 300), and an index row that is a strided view.
+    from kernels.gather_tokens import gather_rows_backward
+
+    B, L, N, C = 2, 9, 6, 300
+    ids = torch.tensor([[5, 0, 5, 2, 5, 8], [1, 1, 3, 4, 7, 1]], device=DEVICE).repeat_interleave(2, 1)[:, ::2]
+    assert not ids.is_contiguous()
+    grad = torch.randn(B, N, C, device=DEVICE)
+    grad[0, 0], grad[0, 2], grad[0, 4] = 1e8, -1e8, 1.0
+    grad[1, 0], grad[1, 1], grad[1, 5] = -1e8, 1e8, 1.0
+    got, _ = gather_rows_backward(grad, ids, L, torch.float32, None, scatter=scatter)
+    torch.testing.assert_close(got[0, 5], torch.ones(C, device=DEVICE), rtol=0, atol=0)
+    torch.testing.assert_close(got[1, 1], torch.ones(C, device=DEVICE), rtol=0, atol=0)
+    assert torch.equal(got[0, 2], grad[0, 3]) and torch.equal(got[1, 7], grad[1, 4])
+    untouched = [m for m in range(L) if m not in (5, 0, 2, 8)]
+    assert not got[0, untouched].any()
 
 
 @pytest.mark.parametrize("dtype", LOW_PRECISION + [torch.float64])
