@@ -9,7 +9,9 @@ output projection's input, forward and forward + backward):
   bias, temperature and shift mask (q and k normalised beforehand), compiled. Its backward sums the
   gradient of the [heads, N, N] bias table from every score, which FlexAttention does with atomic
   adds onto a few thousand addresses; ``flex_attention_frozen_bias`` is the same with ``tau`` and
-  ``bias`` taken as constants (gradients for qkv only), FlexAttention's best case;
+  ``bias`` taken as constants (gradients for qkv only), FlexAttention's best case, and
+  ``triton_frozen_bias`` the kernel on the same terms (it then skips its tau and bias partial sums):
+  the two compare equal work;
 - ``sdpa_dense_mask``: roll / partition, then SDPA on the window batch with a materialised additive
   mask (bias + shift mask) per window;
 - ``xformers``: the same through ``memory_efficient_attention``, when its ops load; otherwise a row
@@ -168,6 +170,7 @@ def _core_impls(cfg, device):
                 mask_value=MASK_VALUE)
     impls = {
         "triton": lambda: lambda qkv, tau, bias: window_attention(qkv, tau=tau, bias=bias, **args),
+        "triton_frozen_bias": lambda: _frozen(lambda qkv, tau, bias: window_attention(qkv, tau=tau, bias=bias, **args)),
         "reference": lambda: lambda qkv, tau, bias: window_attention_reference(qkv, tau=tau, bias=bias, **args),
         "flex_attention": lambda: _flex_attention(cfg, device),
         "flex_attention_frozen_bias": lambda: _frozen(_flex_attention(cfg, device)),
@@ -213,8 +216,8 @@ def _core_rows(device, quick, dtype):
         }
         if name == "triton":
             triton_step = steps["fwd+bwd"]
-        if name == "flex_attention_frozen_bias":
-            del steps["fwd"]  # on detached inputs it is flex_attention's forward, timed above
+        if name in ("flex_attention_frozen_bias", "triton_frozen_bias"):
+            del steps["fwd"]  # on detached inputs it is the unfrozen twin's forward, timed above
         for step_name, step in steps.items():
             row = dict(base, impl=name, name=f"{name} {step_name}", step=step_name, floor_ms=floors[step_name],
                        max_abs_err_vs_fp32_reference=err)

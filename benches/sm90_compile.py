@@ -130,14 +130,14 @@ def _tokens_case(dtype, B, L, K, C, pos=True, pos_grad=True):
     full.backward(torch.randn_like(full))
 
 
-def _window_case(dtype, B, grid, window, shift, heads, head_dim, tau=True, bias=True):
+def _window_case(dtype, B, grid, window, shift, heads, head_dim, tau=True, bias=True, frozen=False):
     import torch
 
     import kernels
     qkv = torch.randn(B, grid[0] * grid[1], 3 * heads * head_dim, dtype=dtype, requires_grad=True)
     area = window[0] * window[1]
-    tau_t = torch.ones(heads, requires_grad=True) if tau else None
-    bias_t = torch.randn(heads, area, area, requires_grad=True) if bias else None
+    tau_t = torch.ones(heads, requires_grad=not frozen) if tau else None
+    bias_t = torch.randn(heads, area, area, requires_grad=not frozen) if bias else None
     out = kernels.window_attention(qkv, grid=grid, window=window, shift=shift, num_heads=heads, tau=tau_t,
                                    bias=bias_t)
     out.backward(torch.randn_like(out))
@@ -198,6 +198,11 @@ def cases() -> dict:
             _tokens_case(d, 2, 512, 102, 768, pos_grad=False), _tokens_case(d, 2, 512, 102, 512, pos_grad=False))
         # #4: decoder grid 64x8, 16 heads of 32, window 4x4, shift (2, 0).
         table[f"window-target-{name}"] = lambda d=dtype: _window_case(d, 1, (64, 8), (4, 4), (2, 0), 16, 32)
+    # A frozen tau and bias (applied, no gradients): the backward without its partial sums.
+    table["window-target-bf16-frozen"] = lambda: _window_case(torch.bfloat16, 1, (64, 8), (4, 4), (2, 0), 16, 32,
+                                                              frozen=True)
+    table["window-16x16-d128-bf16-frozen"] = lambda: _window_case(torch.bfloat16, 1, (16, 16), (16, 16), (8, 8), 1,
+                                                                  128, frozen=True)
     # The MLP backward's fused GELU pass at the decoder's hidden width, exact and tanh.
     for name, dtype in dtypes.items():
         table[f"gelu-target-{name}"] = lambda d=dtype: (_gelu_case(d, 128, 2048, "none"), _gelu_case(d, 70, 33, "tanh"))

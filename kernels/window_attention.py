@@ -297,7 +297,10 @@ def _window_attention_bwd(
     BLOCK: tl.constexpr, POS_BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
     BATCH_PER_PROGRAM: tl.constexpr,
     HAS_TAU: tl.constexpr, HAS_BIAS: tl.constexpr, SHIFTED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    TAU_GRAD: tl.constexpr, BIAS_GRAD: tl.constexpr,
 ):
+    # TAU_GRAD / BIAS_GRAD: whether tau's and bias's gradients are wanted (a frozen table skips
+    # its partial sums, their stores and the finish launch). They imply HAS_TAU / HAS_BIAS.
     # A program takes one (window group, chunk, head) in BATCH_PER_PROGRAM consecutive batch
     # elements, one after the other, and sums their bias and tau gradients into one partial: the
     # partials then take 1/BATCH_PER_PROGRAM of the memory (and of the reduction's reads).
@@ -313,6 +316,7 @@ def _window_attention_bwd(
     inv_tau = _inverse_tau(tau_ptr, h, HAS_TAU)
     if HAS_BIAS:
         bias_ptr += h * N * N
+    if BIAS_GRAD:
         part_ptr = dbias_part_ptr + ((batch_block * num_groups + group) * num_heads + h).to(tl.int64) * N * N
     row, win, pos, valid_any, region = _window_rows(
         group, chunk * BLOCK + offs, T, F, shift_t, shift_f, num_windows, WT, WF, WINDOWS_PER_GROUP)
@@ -348,8 +352,9 @@ def _window_attention_bwd(
             if HAS_TAU:
                 dq = _add_norm_grad(dq, q, q_norm, tl.sum(d_norm_product * k_norm[None, :], axis=1))
                 dk = _add_norm_grad(dk, k, k_norm, tl.sum(d_norm_product * q_norm[:, None], axis=0))
-                dtau_sum += tl.sum(tl.sum(ds * unscaled, axis=1), axis=0)
-            if HAS_BIAS:
+                if TAU_GRAD:
+                    dtau_sum += tl.sum(tl.sum(ds * unscaled, axis=1), axis=0)
+            if BIAS_GRAD:
                 dbias_sum += _fold_bias_grad(ds, pos, valid, pos, valid, 0, 0, POS_BLOCK, DOT_PRECISION)
             tl.store(dq_ptr, dq.to(elem), mask=mask)
             tl.store(dq_ptr + C, dk.to(elem), mask=mask)
@@ -376,8 +381,9 @@ def _window_attention_bwd(
                     False)
                 dq += tl.dot(d_dot.to(k.dtype), k, input_precision=DOT_PRECISION)
                 dq_norm += tl.sum(d_norm_product * k_norm[None, :], axis=1)
-                dtau_sum += tl.sum(tl.sum(ds * unscaled, axis=1), axis=0)
-                if HAS_BIAS:
+                if TAU_GRAD:
+                    dtau_sum += tl.sum(tl.sum(ds * unscaled, axis=1), axis=0)
+                if BIAS_GRAD:
                     folded = _fold_bias_grad(ds, pos, valid, k_pos, k_valid, chunk * BLOCK, key_chunk * BLOCK,
                                              POS_BLOCK, DOT_PRECISION)
                     _store_bias_grad(part_ptr, folded, chunk * BLOCK, key_chunk * BLOCK, i > 0, N, POS_BLOCK)
@@ -408,10 +414,10 @@ def _window_attention_bwd(
                 dk = _add_norm_grad(dk, k, k_norm, dk_norm)
             tl.store(dq_ptr + C, dk.to(elem), mask=mask)
             tl.store(dq_ptr + 2 * C, dv.to(elem), mask=mask)
-    if HAS_TAU:
+    if TAU_GRAD:
         tl.store(dtau_part_ptr + tl.program_id(0), dtau_sum)
     if NUM_CHUNKS == 1:
-        if HAS_BIAS:
+        if BIAS_GRAD:
             _store_bias_grad(part_ptr, dbias_sum, 0, 0, False, N, POS_BLOCK)
 
 
@@ -616,11 +622,14 @@ def _forward(qkv, tau, bias, grid, window, shift, num_heads, mask_value):
 
 
 @on_tensors_device
-def _backward(dout, qkv, tau, bias, out, lse, grid, window, shift, num_heads, mask_value, dqkv=None):
+def _backward(dout, qkv, tau, bias, out, lse, grid, window, shift, num_heads, mask_value, dqkv=None,
+              tau_grad=True, bias_grad=True):
     """(dqkv, dtau, dbias). ``out``: the forward's output, read only where a window spans several
     tiles (``_backward_reads_out``; None elsewhere). ``dqkv``: the contiguous buffer to write qkv's
     gradient into (qkv itself for ``overwrite_qkv``; the caller checks that the launch allows it);
-    by default a new one."""
+    by default a new one. ``tau_grad`` / ``bias_grad`` False: that gradient is not computed (a
+    frozen tau or bias) and comes back empty, as for an absent one."""
+    tau_grad, bias_grad = tau is not None and tau_grad, bias is not None and bias_grad
     area = window[0] * window[1]
     runtime, meta, num_programs = _launch_args(qkv, grid, window, shift, num_heads, tau, bias, backward=True)
     reads_out = meta["NUM_CHUNKS"] > 1
@@ -632,24 +641,25 @@ def _backward(dout, qkv, tau, bias, out, lse, grid, window, shift, num_heads, ma
     num_groups, num_chunks = runtime["num_groups"], meta["NUM_CHUNKS"]
     batch_blocks = cdiv(qkv.shape[0], meta["BATCH_PER_PROGRAM"])
     dbias_part = torch.empty(batch_blocks, num_groups, num_heads, area, area, device=qkv.device,
-                             dtype=torch.float32) if bias is not None else None
+                             dtype=torch.float32) if bias_grad else None
     dtau_part = torch.empty(batch_blocks, num_groups * num_chunks, num_heads, device=qkv.device,
-                            dtype=torch.float32) if tau is not None else None
+                            dtype=torch.float32) if tau_grad else None
     pos_block = max(16, min(next_power_of_2(area), meta["BLOCK"]))
     _window_attention_bwd[(num_programs,)](
         qkv, tau, bias, out if reads_out else None, dout, lse, dqkv, dbias_part, dtau_part, *qkv.stride(),
-        *dout.stride(), mask_value=mask_value, POS_BLOCK=pos_block, **runtime, **meta)
-    dtau = torch.empty(tau.shape, device=tau.device, dtype=tau.dtype) if tau is not None else qkv.new_empty(0)
-    dbias = torch.empty(bias.shape, device=bias.device, dtype=bias.dtype) if bias is not None else qkv.new_empty(0)
-    if tau is not None or bias is not None:
+        *dout.stride(), mask_value=mask_value, POS_BLOCK=pos_block, TAU_GRAD=tau_grad, BIAS_GRAD=bias_grad,
+        **runtime, **meta)
+    dtau = torch.empty(tau.shape, device=tau.device, dtype=tau.dtype) if tau_grad else qkv.new_empty(0)
+    dbias = torch.empty(bias.shape, device=bias.device, dtype=bias.dtype) if bias_grad else qkv.new_empty(0)
+    if tau_grad or bias_grad:
         # One column block serves every head's tau; 64 bias columns a program spread the bias
         # partials' reads over many SMs. At most 4096 fp32 accumulators a program (more only
         # where one block must hold over 4096 heads' tau).
-        bias_cols = num_heads * area * area if bias is not None else 0
-        block_cols = max(16, next_power_of_2(num_heads), 64 if bias is not None else 16)
-        _window_attention_bwd_finish[(cdiv(bias_cols, block_cols) + (tau is not None),)](
-            dbias_part, dtau_part, tau, dbias, dtau, batch_blocks * num_groups, bias_cols,
-            batch_blocks * num_groups * num_chunks, num_heads, HAS_TAU=tau is not None, HAS_BIAS=bias is not None,
+        bias_cols = num_heads * area * area if bias_grad else 0
+        block_cols = max(16, next_power_of_2(num_heads), 64 if bias_grad else 16)
+        _window_attention_bwd_finish[(cdiv(bias_cols, block_cols) + tau_grad,)](
+            dbias_part, dtau_part, tau if tau_grad else None, dbias, dtau, batch_blocks * num_groups, bias_cols,
+            batch_blocks * num_groups * num_chunks, num_heads, HAS_TAU=tau_grad, HAS_BIAS=bias_grad,
             BLOCK_ROWS=max(1, 4096 // block_cols), BLOCK_COLS=block_cols)
     return dqkv, dtau, dbias
 
@@ -732,9 +742,10 @@ def _(qkv, tau, bias, grid, window, shift, num_heads, mask_value):
 def _window_attention_backward_op(
     dout: torch.Tensor, qkv: torch.Tensor, tau: Optional[torch.Tensor], bias: Optional[torch.Tensor],
     out: Optional[torch.Tensor], lse: torch.Tensor, grid: Sequence[int], window: Sequence[int], shift: Sequence[int],
-    num_heads: int, mask_value: float,
+    num_heads: int, mask_value: float, tau_grad: bool = True, bias_grad: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dqkv, dtau, dbias); dtau and dbias are empty when tau or bias is None (ops cannot return None).
+    """(dqkv, dtau, dbias); dtau and dbias are empty when tau or bias is None or its gradient is not
+    asked for (``tau_grad`` / ``bias_grad`` False: a frozen table; ops cannot return None).
 
     ``out`` (the forward's output) may be None where every window fits one tile
     (``_backward_reads_out``): the autograd rule keeps it only where the backward reads it.
@@ -756,14 +767,14 @@ def _window_attention_backward_op(
     # The kernel reads out and lse as the forward wrote them (contiguous), dout by its strides.
     return _backward(dout.to(qkv.dtype), qkv, _contiguous(tau), _contiguous(bias),
                      out.contiguous() if out is not None else None, lse.contiguous(), grid, window, shift, num_heads,
-                     mask_value)
+                     mask_value, tau_grad=tau_grad, bias_grad=bias_grad)
 
 
 @_window_attention_backward_op.register_fake
-def _(dout, qkv, tau, bias, out, lse, grid, window, shift, num_heads, mask_value):
+def _(dout, qkv, tau, bias, out, lse, grid, window, shift, num_heads, mask_value, tau_grad=True, bias_grad=True):
     # Contiguous whatever the strides of tau and bias, as the op returns them.
-    dtau = tau.new_empty(tau.shape) if tau is not None else qkv.new_empty(0)
-    dbias = bias.new_empty(bias.shape) if bias is not None else qkv.new_empty(0)
+    dtau = tau.new_empty(tau.shape) if tau is not None and tau_grad else qkv.new_empty(0)
+    dbias = bias.new_empty(bias.shape) if bias is not None and bias_grad else qkv.new_empty(0)
     return torch.empty_like(qkv, memory_format=torch.contiguous_format), dtau, dbias
 
 
@@ -780,9 +791,10 @@ def _setup_context(ctx, inputs, output):
 @first_order_only("window_attention")
 def _backward_rule(ctx, dout, _dlse):
     qkv, tau, bias, out, lse = ctx.saved_tensors
+    tau_grad, bias_grad = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
     with _tiling_of_forward(ctx.tiling):
-        dqkv, dtau, dbias = _window_attention_backward_op(dout, qkv, tau, bias, out, lse, *ctx.args)
-    return (dqkv, dtau if tau is not None else None, dbias if bias is not None else None,
+        dqkv, dtau, dbias = _window_attention_backward_op(dout, qkv, tau, bias, out, lse, *ctx.args, tau_grad, bias_grad)
+    return (dqkv, dtau if tau is not None and tau_grad else None, dbias if bias is not None and bias_grad else None,
             None, None, None, None, None)
 
 
@@ -810,18 +822,20 @@ class _WindowAttentionFunction(torch.autograd.Function):
         qkv, tau, bias, out, lse = ctx.saved_tensors
         with _tiling_of_forward(ctx.tiling):
             if needs_custom_op():  # compiled autograd traces this backward: there it takes the op too
-                dqkv, dtau, dbias = _window_attention_backward_op(dout, qkv, tau, bias, out, lse, *ctx.args)
+                dqkv, dtau, dbias = _window_attention_backward_op(dout, qkv, tau, bias, out, lse, *ctx.args,
+                                                                  ctx.needs_input_grad[1], ctx.needs_input_grad[2])
             else:
                 overwrite = (ctx.overwrite_qkv and ctx.needs_input_grad[0]
                              and _can_overwrite(qkv, *ctx.args[:4], tau, bias))
                 dqkv, dtau, dbias = _backward(dout, qkv, tau, bias, out, lse, *ctx.args,
-                                              dqkv=qkv.detach() if overwrite else None)
+                                              dqkv=qkv.detach() if overwrite else None,
+                                              tau_grad=ctx.needs_input_grad[1], bias_grad=ctx.needs_input_grad[2])
                 if overwrite:
                     # Any other node that saved qkv and runs later now fails loudly (modified in
                     # place) instead of reading the gradient as qkv.
                     torch.autograd.graph.increment_version(qkv)
-        return (dqkv, dtau if tau is not None else None, dbias if bias is not None else None,
-                None, None, None, None, None, None)
+        return (dqkv, dtau if tau is not None and ctx.needs_input_grad[1] else None,
+                dbias if bias is not None and ctx.needs_input_grad[2] else None, None, None, None, None, None, None)
 
 
 def window_attention(

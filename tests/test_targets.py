@@ -56,6 +56,19 @@ def test_fbank_and_window_targets_use_the_newest_row():
     assert v["core fwd+bwd (graph replay): >= 10x flex_attention"] == ("missed", "9.0x")
 
 
+def test_frozen_bias_flex_target_compares_the_kernel_frozen_too():
+    # Equal work: FlexAttention with tau and bias frozen against the kernel with them frozen, not
+    # against the kernel that still computes their gradients.
+    core = {"suite": "window_attention_core", "step": "fwd+bwd graph", "median_ms": 0.3, "floor_ratio": 2.5}
+    rows = [dict(core, impl="triton", speedup_vs_flex_attention=100.0, speedup_vs_flex_attention_frozen_bias=8.0)]
+    v = _verdicts(rows)
+    assert v["core fwd+bwd (graph replay): >= 10x flex_attention_frozen_bias"][0] == "not measured"
+    rows.append(dict(core, impl="triton_frozen_bias", median_ms=0.2, speedup_vs_flex_attention_frozen_bias=12.0))
+    v = _verdicts(rows)
+    assert v["core fwd+bwd (graph replay): >= 10x flex_attention_frozen_bias"] == ("met", "12.0x")
+    assert v["core fwd+bwd (graph replay): >= 10x flex_attention"] == ("met", "100.0x")
+
+
 def test_block_targets_eager_and_graph_replayed():
     rows = [
         {"suite": "window_attention_block", "impl": "triton", "step": "fwd+bwd", "median_ms": 2.0,

@@ -391,6 +391,61 @@ def test_bias_and_tau_gradients_are_summed_for_any_number_of_heads(num_heads):
             assert grads["tau"][0] == 0
 
 
+@pytest.mark.parametrize("window,grid", [((2, 2), (4, 4)), ((16, 16), (16, 16))])  # one tile; chunked
+@pytest.mark.parametrize("frozen", ["tau", "bias", "both"])
+@pytest.mark.parametrize("path", ["eager", "op"])
+def test_a_frozen_tau_or_bias_gets_no_gradient_and_the_rest_are_unchanged(window, grid, frozen, path, monkeypatch):
+    # A tau or bias that does not require grad is still applied, but its partial sums, their
+    # stores and the finish launch are skipped: qkv's gradient must be the same bits as with both
+    # learnable, and the learnable one the same bits too.
+    import kernels.window_attention  # noqa: F401 - the module itself, for its dispatch helper
+
+    module = sys.modules["kernels.window_attention"]
+    if path == "op":  # the torch.library op, as traced under torch.compile
+        monkeypatch.setattr(module, "needs_custom_op", lambda: True)
+    qkv, tau, bias = (x.float() for x in make_inputs(2, grid, window, 2, 16))
+    tau[0] = 0.005  # clamped: its gradient is zero, not skipped
+    args = dict(grid=grid, window=window, shift=(1, 1), num_heads=2)
+    grad = torch.randn(2, grid[0] * grid[1], 32)
+
+    def grads(tau_grad, bias_grad):
+        q, t, b = qkv.clone().requires_grad_(), tau.clone().requires_grad_(tau_grad), bias.clone().requires_grad_(bias_grad)
+        window_attention(q, tau=t, bias=b, **args).backward(grad)
+        return q.grad, t.grad, b.grad
+
+    full = grads(True, True)
+    if frozen == "both":  # nothing to finish: the launch that sums the partials must not happen
+
+        class NoLaunch:
+            def __getitem__(self, grid):
+                raise AssertionError("the finish kernel ran for a frozen tau and bias")
+
+        monkeypatch.setattr(module, "_window_attention_bwd_finish", NoLaunch())
+    got = grads(frozen == "bias", frozen == "tau")
+    assert torch.equal(got[0], full[0])
+    for name, i in (("tau", 1), ("bias", 2)):
+        if frozen in (name, "both"):
+            assert got[i] is None, name
+        else:
+            assert torch.equal(got[i], full[i]), name
+
+
+def test_backward_op_skips_the_gradients_it_is_told_to():
+    qkv, tau, bias = (x.float() for x in make_inputs(1, (4, 4), (2, 2), 2, 16))
+    out, lse = torch.ops.audiomae.window_attention(qkv, tau, bias, [4, 4], [2, 2], [1, 0], 2, -100.0)
+    args = ([4, 4], [2, 2], [1, 0], 2, -100.0)
+    dout = torch.randn_like(out)
+    full = torch.ops.audiomae.window_attention_backward(dout, qkv, tau, bias, None, lse, *args)
+    for tau_grad, bias_grad in ((False, True), (True, False), (False, False)):
+        dqkv, dtau, dbias = torch.ops.audiomae.window_attention_backward(dout, qkv, tau, bias, None, lse, *args,
+                                                                        tau_grad, bias_grad)
+        assert torch.equal(dqkv, full[0])
+        assert torch.equal(dtau, full[1]) if tau_grad else dtau.numel() == 0
+        assert torch.equal(dbias, full[2]) if bias_grad else dbias.numel() == 0
+        torch.library.opcheck(torch.ops.audiomae.window_attention_backward.default,
+                              (dout, qkv, tau, bias, None, lse, *args, tau_grad, bias_grad))
+
+
 def test_backward_launches_with_the_tiling_of_its_forward():
     # The forward decides from its tiling whether to keep out; a backward run after forced_tiling
     # was entered or left (a 32-token window: one tile by default in fp32, chunked at 16 rows)
