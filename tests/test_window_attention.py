@@ -538,6 +538,27 @@ def test_gpu_decoder_shape_bf16():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("window,grid,head_dim", [((4, 4), (64, 8), 32), ((16, 16), (16, 16), 128)])
+def test_gpu_frozen_tau_and_bias_leave_qkv_gradient_unchanged(window, grid, head_dim):
+    # The compiled bf16 kernels with and without the tau and bias gradients: the same dqkv bits
+    # (the decoder's shape in one tile, and a chunked window), dqkv against the reference.
+    qkv, tau, bias = make_inputs(4, grid, window, 2, head_dim)
+    args = dict(grid=grid, window=window, shift=(window[0] // 2, 0), num_heads=2)
+    q64 = qkv.clone().requires_grad_()
+    expected = window_attention_reference(q64, tau=tau, bias=bias, **args)
+    grad = torch.randn_like(expected)
+    expected.backward(grad)
+    dqkv = {}
+    for frozen in (False, True):
+        q = qkv.bfloat16().requires_grad_()
+        t, b = tau.float().requires_grad_(not frozen), bias.float().requires_grad_(not frozen)
+        window_attention(q, tau=t, bias=b, **args).backward(grad.bfloat16())
+        dqkv[frozen] = q.grad
+    assert torch.equal(dqkv[True], dqkv[False])
+    assert relative_error(dqkv[True], q64.grad) < TOLERANCE[torch.bfloat16]
+
+
+@pytest.mark.gpu
 def test_gpu_inputs_on_two_devices():
     qkv, tau, bias = (x.float() for x in make_inputs(1, (8, 8), (4, 4), 2, 16))
     with pytest.raises(ValueError, match="tau"):
