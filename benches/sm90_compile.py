@@ -136,8 +136,9 @@ def _window_case(dtype, B, grid, window, shift, heads, head_dim, tau=True, bias=
     import kernels
     qkv = torch.randn(B, grid[0] * grid[1], 3 * heads * head_dim, dtype=dtype, requires_grad=True)
     area = window[0] * window[1]
-    tau_t = torch.ones(heads, requires_grad=not frozen) if tau else None
-    bias_t = torch.randn(heads, area, area, requires_grad=not frozen) if bias else None
+    # frozen: True (tau and bias), "tau" or "bias": applied, without a gradient
+    tau_t = torch.ones(heads, requires_grad=frozen not in (True, "tau")) if tau else None
+    bias_t = torch.randn(heads, area, area, requires_grad=frozen not in (True, "bias")) if bias else None
     out = kernels.window_attention(qkv, grid=grid, window=window, shift=shift, num_heads=heads, tau=tau_t,
                                    bias=bias_t)
     out.backward(torch.randn_like(out))
@@ -201,6 +202,8 @@ def cases() -> dict:
     # A frozen tau and bias (applied, no gradients): the backward without its partial sums.
     table["window-target-bf16-frozen"] = lambda: _window_case(torch.bfloat16, 1, (64, 8), (4, 4), (2, 0), 16, 32,
                                                               frozen=True)
+    table["window-target-bf16-frozen-tau"] = lambda: _window_case(torch.bfloat16, 1, (64, 8), (4, 4), (2, 0), 16, 32,
+                                                                  frozen="tau")
     table["window-16x16-d128-bf16-frozen"] = lambda: _window_case(torch.bfloat16, 1, (16, 16), (16, 16), (8, 8), 1,
                                                                   128, frozen=True)
     # The MLP backward's fused GELU pass at the decoder's hidden width, exact and tanh.

@@ -322,7 +322,7 @@ def _window_attention_bwd(
         group, chunk * BLOCK + offs, T, F, shift_t, shift_f, num_windows, WT, WF, WINDOWS_PER_GROUP)
     elem = dqkv_ptr.dtype.element_ty
     dtau_sum = 0.0
-    if NUM_CHUNKS == 1:
+    if NUM_CHUNKS == 1 and BIAS_GRAD:
         dbias_sum = tl.zeros([POS_BLOCK, POS_BLOCK], tl.float32)
     # One element after another, not pipelined: prefetching the next element doubled the registers
     # (sm_90: 112 -> 231 a thread at the decoder shape), and other programs hide the latency.
@@ -574,18 +574,20 @@ def _tiling(c3: int, fp32: bool, grid, window, num_heads: int, backward: bool) -
     return max(16, next_power_of_2(windows_per_group * area)), windows_per_group, 1, tiling
 
 
-def _launch_args(qkv, grid, window, shift, num_heads, tau, bias, backward):
+def _launch_args(qkv, grid, window, shift, num_heads, tau, bias, backward, bias_grad=True):
     """(runtime arguments, compile-time arguments, number of programs) of a launch; read-only
-    dicts, shared between calls with the same shapes."""
+    dicts, shared between calls with the same shapes. ``bias_grad`` False (a frozen bias): the
+    backward has no bias partials, so nothing to shrink by taking several batch elements a program."""
     return _launch_plan(qkv.shape[0], qkv.shape[-1], qkv.dtype == torch.float32, qkv.dtype.itemsize, grid, window,
-                        shift, num_heads, tau is not None, bias is not None, backward, TILING_OVERRIDE)
+                        shift, num_heads, tau is not None, bias is not None, backward, TILING_OVERRIDE,
+                        bias is not None and bias_grad)
 
 
 # Cached: working the plan out costs about as much host time as launching the kernel, and a
 # decoder calls the same shapes 16 times a step.
 @functools.lru_cache(maxsize=256)
 def _launch_plan(batch, c3, fp32, itemsize, grid, window, shift, num_heads, has_tau, has_bias, backward,
-                 tiling_override):
+                 tiling_override, bias_partials):
     head_dim = c3 // (3 * num_heads)
     (T, F), (wt, wf) = grid, window
     num_windows = (T // wt) * (F // wf)
@@ -593,7 +595,7 @@ def _launch_plan(batch, c3, fp32, itemsize, grid, window, shift, num_heads, has_
     block, windows_per_group, num_chunks, tiling = _tiling(c3, fp32, grid, window, num_heads, backward)
     num_groups = cdiv(num_windows, windows_per_group)
     batch_per_program = 1
-    if backward and has_bias:  # without a bias there is no partial to shrink (tau's are a float a program)
+    if backward and bias_partials:  # without them nothing to shrink (tau's are a float a program)
         batch_per_program = tiling.batch_per_program or default_batch_per_program(
             batch, num_groups * num_chunks * num_heads, partial_bytes=4 * (wt * wf) ** 2,
             qkv_bytes=windows_per_group * wt * wf * 3 * head_dim * itemsize)
@@ -631,7 +633,8 @@ def _backward(dout, qkv, tau, bias, out, lse, grid, window, shift, num_heads, ma
     frozen tau or bias) and comes back empty, as for an absent one."""
     tau_grad, bias_grad = tau is not None and tau_grad, bias is not None and bias_grad
     area = window[0] * window[1]
-    runtime, meta, num_programs = _launch_args(qkv, grid, window, shift, num_heads, tau, bias, backward=True)
+    runtime, meta, num_programs = _launch_args(qkv, grid, window, shift, num_heads, tau, bias, backward=True,
+                                               bias_grad=bias_grad)
     reads_out = meta["NUM_CHUNKS"] > 1
     if reads_out and out is None:
         raise ValueError("window_attention backward: out (the forward's output) is needed where a window spans "
@@ -657,7 +660,7 @@ def _backward(dout, qkv, tau, bias, out, lse, grid, window, shift, num_heads, ma
         # where one block must hold over 4096 heads' tau).
         bias_cols = num_heads * area * area if bias_grad else 0
         block_cols = max(16, next_power_of_2(num_heads), 64 if bias_grad else 16)
-        _window_attention_bwd_finish[(cdiv(bias_cols, block_cols) + tau_grad,)](
+        _window_attention_bwd_finish[(cdiv(bias_cols, block_cols) + int(tau_grad),)](
             dbias_part, dtau_part, tau if tau_grad else None, dbias, dtau, batch_blocks * num_groups, bias_cols,
             batch_blocks * num_groups * num_chunks, num_heads, HAS_TAU=tau_grad, HAS_BIAS=bias_grad,
             BLOCK_ROWS=max(1, 4096 // block_cols), BLOCK_COLS=block_cols)
