@@ -258,6 +258,24 @@ def _next_match(ids_ptr, stride_in, N, table_rows, after, BLOCK_N: tl.constexpr)
 
 
 @triton.jit
+def _sum_in_list_order(grad_rows, stride_gn, ids_row, stride_in, N, keys, first, count, take, col_ok,
+                       ACC_DTYPE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """For each key, the gradient rows of every list position whose index equals it, added in
+    list order (deterministic): ``first`` and ``count`` are ``_next_match``'s (the first such
+    position and how many there are); rows where ``take`` is False give zeros."""
+    n = first
+    acc = tl.load(grad_rows + n[:, None].to(tl.int64) * stride_gn, mask=(take & (n < N))[:, None] & col_ok[None, :],
+                  other=0.0).to(ACC_DTYPE)
+    repeats = tl.max(tl.where(take, count, 1), axis=0) - 1
+    while repeats > 0:
+        n, count = _next_match(ids_row, stride_in, N, keys, n, BLOCK_N)
+        acc += tl.load(grad_rows + n[:, None].to(tl.int64) * stride_gn,
+                       mask=(take & (n < N))[:, None] & col_ok[None, :], other=0.0).to(ACC_DTYPE)
+        repeats -= 1
+    return acc
+
+
+@triton.jit
 def _gather_backward_kernel(
     grad_ptr, ids_ptr, grad_table_ptr, row_sum_ptr,
     B, N, M, C, batches_per_split, num_row_blocks,
@@ -284,14 +302,9 @@ def _gather_backward_kernel(
     while b < b_end:
         ids_row = ids_ptr + b.to(tl.int64) * stride_ib
         grad_rows = grad_ptr + b.to(tl.int64) * stride_gb + cols[None, :] * stride_gc
-        n, count = _next_match(ids_row, stride_in, N, table_rows, no_match, BLOCK_N)
-        acc = tl.load(grad_rows + n[:, None].to(tl.int64) * stride_gn, mask=(n < N)[:, None] & col_ok[None, :], other=0.0).to(ACC_DTYPE)
-        # Rows listed more than once add their further list rows in list order.
-        repeats = tl.max(count, axis=0) - 1
-        while repeats > 0:
-            n, count = _next_match(ids_row, stride_in, N, table_rows, n, BLOCK_N)
-            acc += tl.load(grad_rows + n[:, None].to(tl.int64) * stride_gn, mask=(n < N)[:, None] & col_ok[None, :], other=0.0).to(ACC_DTYPE)
-            repeats -= 1
+        first, count = _next_match(ids_row, stride_in, N, table_rows, no_match, BLOCK_N)
+        acc = _sum_in_list_order(grad_rows, stride_gn, ids_row, stride_in, N, table_rows, first, count,
+                                 table_rows < M, col_ok, ACC_DTYPE, BLOCK_N)
         if WRITE_TABLE:
             tl.store(grad_table_ptr + b.to(tl.int64) * M * C + out_offsets, acc.to(grad_table_ptr.dtype.element_ty), mask=out_mask)
         if WRITE_ROW_SUM:
@@ -325,15 +338,8 @@ def _scatter_owned_rows_kernel(
     first, count = _next_match(ids_row, stride_in, N, key, tl.full([BLOCK_R], -1, tl.int32), BLOCK_N)
     owner = valid & (first == n_own)
     grad_rows = grad_ptr + b * stride_gb + cols[None, :] * stride_gc
-    n = n_own
-    acc = tl.load(grad_rows + n[:, None].to(tl.int64) * stride_gn, mask=owner[:, None] & col_ok[None, :],
-                  other=0.0).to(ACC_DTYPE)
-    repeats = tl.max(tl.where(owner, count, 1), axis=0) - 1
-    while repeats > 0:
-        n, count = _next_match(ids_row, stride_in, N, key, n, BLOCK_N)
-        acc += tl.load(grad_rows + n[:, None].to(tl.int64) * stride_gn,
-                       mask=(owner & (n < N))[:, None] & col_ok[None, :], other=0.0).to(ACC_DTYPE)
-        repeats -= 1
+    acc = _sum_in_list_order(grad_rows, stride_gn, ids_row, stride_in, N, key, first, count, owner, col_ok,
+                             ACC_DTYPE, BLOCK_N)
     out_rows = b * M + tl.where(owner, key, 0)
     tl.store(table_ptr + out_rows[:, None] * C + cols[None, :], acc.to(table_ptr.dtype.element_ty),
              mask=owner[:, None] & col_ok[None, :])
@@ -418,10 +424,10 @@ def gather_rows_backward(
     M = num_rows
     device = grad.device
     if scatter is None:
-        scatter = scatters_owned_rows(M, N) and sum_dtype is None
+        scatter = scatters_owned_rows(M, N) and table_dtype is not None and sum_dtype is None
     elif scatter and (table_dtype is None or sum_dtype is not None):
         raise ValueError("scatter=True gives the table's gradient alone: table_dtype set, sum_dtype None")
-    if scatter and table_dtype is not None:
+    if scatter:
         return _scatter_owned_rows(grad, ids, M, table_dtype), None
     grad_table = torch.empty((B, M, C), dtype=table_dtype, device=device) if table_dtype is not None else None
     row_sum = None

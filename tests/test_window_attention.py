@@ -33,6 +33,15 @@ def make_inputs(B, grid, window, num_heads, head_dim, *, tau=True, bias=True, de
     return qkv, taus, biases
 
 
+def op_inputs(B, grid, window, shift, num_heads=2, head_dim=16):
+    """float32 qkv, tau and bias, the ops' trailing arguments, the forward op's (out, lse) and a
+    dout: the backward op's inputs, for the tests that call it directly."""
+    qkv, tau, bias = (x.float() for x in make_inputs(B, grid, window, num_heads, head_dim))
+    args = (list(grid), list(window), list(shift), num_heads, -100.0)
+    out, lse = torch.ops.audiomae.window_attention(qkv, tau, bias, *args)
+    return qkv, tau, bias, args, out, lse, torch.randn_like(out)
+
+
 def relative_error(actual, expected):
     return ((actual.double() - expected).abs().max() / expected.abs().max().clamp(min=1e-30)).item()
 
@@ -326,10 +335,7 @@ def test_backward_op_called_directly_reads_any_layout_and_checks_shapes():
     # out and lse as any strides, dout in another float dtype: the same gradients; shapes the
     # kernel would misread are errors naming the argument. Its fake returns contiguous dtau and
     # dbias whatever tau's and bias's strides, as the op does (inductor compares the two).
-    qkv, tau, bias = (x.float() for x in make_inputs(2, (4, 4), (2, 2), 2, 16))
-    args = ([4, 4], [2, 2], [1, 1], 2, -100.0)
-    out, lse = torch.ops.audiomae.window_attention(qkv, tau, bias, *args)
-    dout = torch.randn_like(out)
+    qkv, tau, bias, args, out, lse, dout = op_inputs(2, (4, 4), (2, 2), (1, 1))
     want = torch.ops.audiomae.window_attention_backward(dout, qkv, tau, bias, out, lse, *args)
     out_t = out.transpose(0, 1).contiguous().transpose(0, 1)
     lse_t = lse.transpose(1, 2).contiguous().transpose(1, 2)
@@ -431,10 +437,7 @@ def test_a_frozen_tau_or_bias_gets_no_gradient_and_the_rest_are_unchanged(window
 
 
 def test_backward_op_skips_the_gradients_it_is_told_to():
-    qkv, tau, bias = (x.float() for x in make_inputs(1, (4, 4), (2, 2), 2, 16))
-    out, lse = torch.ops.audiomae.window_attention(qkv, tau, bias, [4, 4], [2, 2], [1, 0], 2, -100.0)
-    args = ([4, 4], [2, 2], [1, 0], 2, -100.0)
-    dout = torch.randn_like(out)
+    qkv, tau, bias, args, _, lse, dout = op_inputs(1, (4, 4), (2, 2), (1, 0))
     full = torch.ops.audiomae.window_attention_backward(dout, qkv, tau, bias, None, lse, *args)
     for tau_grad, bias_grad in ((False, True), (True, False), (False, False)):
         dqkv, dtau, dbias = torch.ops.audiomae.window_attention_backward(dout, qkv, tau, bias, None, lse, *args,
@@ -470,19 +473,14 @@ def test_backward_launches_with_the_tiling_of_its_forward():
 def test_backward_op_takes_no_output_where_it_does_not_read_it():
     # out=None where each window fits one tile: the same gradients as with out; where a window
     # is chunked, None is an error naming out.
-    qkv, tau, bias = (x.float() for x in make_inputs(2, (8, 8), (4, 4), 2, 16))
-    args = ([8, 8], [4, 4], [2, 1], 2, -100.0)
-    out, lse = torch.ops.audiomae.window_attention(qkv, tau, bias, *args)
-    dout = torch.randn_like(out)
+    qkv, tau, bias, args, out, lse, dout = op_inputs(2, (8, 8), (4, 4), (2, 1))
     with_out = torch.ops.audiomae.window_attention_backward(dout, qkv, tau, bias, out, lse, *args)
     without = torch.ops.audiomae.window_attention_backward(dout, qkv, tau, bias, None, lse, *args)
     for a, b in zip(with_out, without):
         assert torch.equal(a, b)
-    qkv, tau, bias = (x.float() for x in make_inputs(1, (12, 12), (12, 12), 2, 16))
-    args = ([12, 12], [12, 12], [0, 0], 2, -100.0)
-    out, lse = torch.ops.audiomae.window_attention(qkv, tau, bias, *args)
+    qkv, tau, bias, args, _, lse, dout = op_inputs(1, (12, 12), (12, 12), (0, 0))
     with pytest.raises(ValueError, match="out must be a"):
-        torch.ops.audiomae.window_attention_backward(torch.randn_like(out), qkv, tau, bias, None, lse, *args)
+        torch.ops.audiomae.window_attention_backward(dout, qkv, tau, bias, None, lse, *args)
 
 
 @pytest.mark.parametrize("learnable", [(True, True), (False, True), (True, False)])  # (tau, bias)
