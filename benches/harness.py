@@ -106,25 +106,53 @@ def live_at_peak(trace: list[dict]) -> tuple[int, list[dict]]:
     return peak, sorted(at_peak, key=lambda e: -e["size"])
 
 
+PROJECT_DIRS = ("/kernels/", "/audiomae/", "/benches/", "/tests/")
+
+
+def _is_python_frame(frame: dict) -> bool:
+    return str(frame.get("filename", "")).endswith(".py")
+
+
 def _allocation_site(frames: list[dict]) -> str:
     """Where an allocation was made: the innermost frame of this project's code (kernels/,
-    audiomae/, benches/), else the innermost Python frame; none is a C++ caller such as the
-    autograd engine running a built-in backward."""
-    own = [f for f in frames if any(part in f.get("filename", "") for part in ("/kernels/", "/audiomae/", "/benches/"))]
-    frame = (own or frames or [None])[0]
-    if frame is None:
-        return "C++ (no Python frame: an ATen op or the autograd engine)"
-    return f"{frame['filename'].rsplit('/', 1)[-1]}:{frame['line']} {frame['name']}"
+    audiomae/, benches/, tests/) other than ``peak_holders``' own call of the function it
+    measures, else the innermost Python frame; none is a C++ caller such as the autograd engine
+    running a built-in backward (its C++ frames, when recorded, follow: ``peak_holders(cpp=True)``)."""
+    python = [f for f in frames if _is_python_frame(f)]
+    own = [f for f in python if any(part in f["filename"] for part in PROJECT_DIRS)
+           and not (f["filename"].endswith("benches/harness.py") and f.get("name") == "peak_holders")]
+    frame = (own or python or [None])[0]
+    if frame is not None:
+        return f"{frame['filename'].rsplit('/', 1)[-1]}:{frame['line']} {frame['name']}"
+    native = [f["name"][:NAME_CHARS] for f in frames if not _is_python_frame(f) and not _plumbing_frame(f)]
+    site = "C++ (no Python frame: an ATen op or the autograd engine)"
+    return site + (": " + " <- ".join(native[:CPP_FRAMES]) if native else "")
 
 
-def peak_holders(fn: Callable[[], object], device: torch.device | str, top: int = 8) -> list[str]:
+# C++ frames shown for an allocation without a Python frame, after the allocator's, the unwinder's
+# and the dispatcher's own (which say nothing about which op asked).
+CPP_FRAMES = 8
+NAME_CHARS = 90  # a demangled name with its argument list runs to hundreds of characters
+PLUMBING_FRAMES = ("c10::cuda::CUDACachingAllocator", "c10::CachingDeviceAllocator", "c10::CapturedTraceback",
+                   "torch::CapturedTraceback", "unwind", "_Unwind", "c10::Dispatcher", "c10::impl::",
+                   "c10::KernelFunction", "c10::BoxedKernel", "c10::OperatorHandle", "std::")
+
+
+def _plumbing_frame(frame: dict) -> bool:
+    name = str(frame.get("name", ""))
+    return not name or name.startswith("?") or any(part in name for part in PLUMBING_FRAMES)
+
+
+def peak_holders(fn: Callable[[], object], device: torch.device | str, top: int = 8, cpp: bool = False) -> list[str]:
     """What holds the memory at the peak of one call of ``fn`` (CUDA only): the ``top`` largest
     allocations live at that moment, as "MiB at file:line function", from the allocator's history.
-    For reading a peak that a memory model does not explain; one more, untimed call."""
+    For reading a peak that a memory model does not explain; one more, untimed call. ``cpp``
+    records C++ stacks too (slower to symbolize), to name the ATen op behind an allocation that
+    has no Python frame."""
     device = torch.device(device)
     _sync(device)
-    torch.cuda.memory._record_memory_history(enabled="all", context="alloc", stacks="python", max_entries=1 << 20,
-                                             device=device)
+    torch.cuda.memory._record_memory_history(enabled="all", context="alloc", stacks="all" if cpp else "python",
+                                             max_entries=1 << 20, device=device)
     try:
         fn()
         _sync(device)

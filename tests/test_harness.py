@@ -40,6 +40,19 @@ def test_allocation_site_prefers_this_projects_innermost_frame():
     assert _allocation_site([]).startswith("C++")
 
 
+def test_allocation_site_skips_the_harness_call_and_names_cpp_callers():
+    harness = {"filename": "/repo/benches/harness.py", "line": 129, "name": "peak_holders"}
+    test = {"filename": "/repo/tests/test_harness.py", "line": 50, "name": "step"}
+    assert _allocation_site([test, harness]) == "test_harness.py:50 step"
+    assert _allocation_site([harness]) == "harness.py:129 peak_holders"  # no other Python frame
+    native = [{"filename": "??", "line": 0, "name": "c10::cuda::CUDACachingAllocator::Native::malloc"},
+              {"filename": "/pytorch/aten/Blas.cpp", "line": 7, "name": "at::native::addmm_out_cuda_impl"},
+              {"filename": "??", "line": 0, "name": "c10::Dispatcher::call"},
+              {"filename": "/pytorch/autograd/engine.cpp", "line": 9, "name": "torch::autograd::Engine::evaluate_function"}]
+    assert _allocation_site(native) == ("C++ (no Python frame: an ATen op or the autograd engine): "
+                                        "at::native::addmm_out_cuda_impl <- torch::autograd::Engine::evaluate_function")
+
+
 @pytest.mark.gpu
 def test_gpu_peak_holders_names_the_allocations_of_one_call():
     x = torch.randn(1024, 1024, device="cuda")

@@ -542,9 +542,11 @@ def test_gpu_decoder_shape_bf16():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("window,grid,head_dim", [((4, 4), (64, 8), 32), ((16, 16), (16, 16), 128)])
-def test_gpu_frozen_tau_and_bias_leave_qkv_gradient_unchanged(window, grid, head_dim):
-    # The compiled bf16 kernels with and without the tau and bias gradients: the same dqkv bits
-    # (the decoder's shape in one tile, and a chunked window), dqkv against the reference.
+def test_gpu_frozen_tau_and_bias_leave_qkv_gradient_within_rounding(window, grid, head_dim):
+    # The compiled bf16 kernels with and without the tau and bias gradients (the decoder's shape in
+    # one tile, and a chunked window): dqkv against the reference, and the two within bf16
+    # rounding of each other. Not the same bits: the flags compile different kernels, and on the
+    # H200 (2026-11-27) the chunked window's fp32 accumulations rounded differently.
     qkv, tau, bias = make_inputs(4, grid, window, 2, head_dim)
     args = dict(grid=grid, window=window, shift=(window[0] // 2, 0), num_heads=2)
     q64 = qkv.clone().requires_grad_()
@@ -557,8 +559,14 @@ def test_gpu_frozen_tau_and_bias_leave_qkv_gradient_unchanged(window, grid, head
         t, b = tau.float().requires_grad_(not frozen), bias.float().requires_grad_(not frozen)
         window_attention(q, tau=t, bias=b, **args).backward(grad.bfloat16())
         dqkv[frozen] = q.grad
-    assert torch.equal(dqkv[True], dqkv[False])
-    assert relative_error(dqkv[True], q64.grad) < TOLERANCE[torch.bfloat16]
+    for frozen in (False, True):
+        assert relative_error(dqkv[frozen], q64.grad) < TOLERANCE[torch.bfloat16], f"frozen={frozen}"
+    # A rounding difference moves an element by an ulp or two (2**-8 of it each), or by a little
+    # of the largest gradient where a sum cancels; a wrong term moves far more.
+    a, b = dqkv[True].double(), dqkv[False].double()
+    diff = (a - b).abs()
+    allowed = 2**-6 * torch.maximum(a.abs(), b.abs()) + 1e-3 * b.abs().max()
+    assert (diff <= allowed).all(), f"max |difference| {diff.max():.3g}, at most {(diff / allowed).max():.3g}x the allowance"
 
 
 @pytest.mark.gpu
