@@ -15,10 +15,10 @@ show what its dispatcher costs. On CUDA, ``official_graph`` and ``kernel_graph``
 work captured in a CUDA graph (the index check is skipped under capture): at these sizes a kernel
 moves its bytes in a few microseconds, close to what eager PyTorch spends launching it, so the
 graphed rows are the ones that measure the kernels against the copy bandwidth, and the eager rows
-what a caller sees. ``kernel_scan_bwd_graph`` (CUDA, gather fwd+bwd) replays the
-gather with its backward forced to the scan of every table row, the strategy the default's zero
-fill and scatter replaced at this shape (``kernels.gather_tokens.scatters_owned_rows``): the two
-side by side in one run. ``official_graph_back_to_back`` and ``kernel_graph_back_to_back`` capture every
+what a caller sees. ``kernel_scan_bwd_graph`` and ``kernel_fill_scatter_bwd_graph`` (CUDA,
+gather fwd+bwd) replay the gather with its backward forced to a strategy the default replaced at
+this shape (``kernels.gather_tokens.scatters_owned_rows``): the scan of every table row, and a
+zero fill by torch before the scatter; all side by side in one run. ``official_graph_back_to_back`` and ``kernel_graph_back_to_back`` capture every
 input set's call in one graph and report the time per call (``BackToBack``): the op as it runs
 inside a training step's graph, without the gap between two graph launches.
 
@@ -43,7 +43,7 @@ import pytest
 import torch
 
 from benches.harness import copy_bandwidth_gbps, device_info, graphed, memory_floor_ms, time_fn
-from kernels.gather_tokens import _gather_forward, gather_rows_backward, gather_tokens, gather_tokens_2d
+from kernels.gather_tokens import _gather_forward, _scatter_owned_rows, gather_rows_backward, gather_tokens, gather_tokens_2d
 from kernels.reference import gather_tokens as gather_reference
 from kernels.reference import unshuffle_tokens as unshuffle_reference
 from kernels.unshuffle_tokens import unshuffle_tokens
@@ -138,7 +138,8 @@ def _case_makers(device: str, quick: bool):
         }
         if on_gpu:
             impls["kernel_custom_op"] = (lambda: torch.ops.audiomae.gather_tokens(x, ids_keep, pos[0]), (x,))
-            impls["kernel_scan_bwd"] = (lambda: _ScanBackwardGather.apply(x, ids_keep, pos[0]), (x,))
+            for impl, strategy in FORCED_BACKWARDS.items():
+                impls[impl] = (lambda s=strategy: _ForcedBackwardGather.apply(x, ids_keep, pos[0], s), (x,))
         return impls
 
     pos_rows = _random_ids(B, L, K, device).unique().numel()
@@ -190,21 +191,30 @@ def _case_makers(device: str, quick: bool):
     yield "unshuffle", f"B={B} L={L} K={K} C={C_u}", fwd, bwd, unshuffle_set
 
 
-class _ScanBackwardGather(torch.autograd.Function):
-    """The gather with the backward forced to scan every table row (``scatter=False``), the
-    strategy the zero fill and scatter replaced for this shape: both timed in the same run."""
+# The gather's fwd+bwd rows with the backward forced to the strategies the default replaced at
+# this shape, timed (replayed) beside it in the same run: impl name -> strategy.
+FORCED_BACKWARDS = {"kernel_scan_bwd": "scan", "kernel_fill_scatter_bwd": "fill_scatter"}
+
+
+class _ForcedBackwardGather(torch.autograd.Function):
+    """The gather with its backward forced to ``strategy``: ``"scan"`` writes every table row from
+    a scan of its index row (``scatter=False``); ``"fill_scatter"`` zero-fills the table with torch
+    and then scatters the kept rows (the default until the zeros moved into the scatter's launch)."""
 
     @staticmethod
-    def forward(ctx, x, ids_keep, pos):
+    def forward(ctx, x, ids_keep, pos, strategy):
         ctx.save_for_backward(ids_keep)
-        ctx.num_rows, ctx.x_dtype = x.shape[1], x.dtype
+        ctx.num_rows, ctx.x_dtype, ctx.strategy = x.shape[1], x.dtype, strategy
         return _gather_forward(x, ids_keep, pos)
 
     @staticmethod
     def backward(ctx, grad):
         (ids_keep,) = ctx.saved_tensors
-        grad_x, _ = gather_rows_backward(grad, ids_keep, ctx.num_rows, ctx.x_dtype, None, scatter=False)
-        return grad_x, None, None
+        if ctx.strategy == "scan":
+            grad_x, _ = gather_rows_backward(grad, ids_keep, ctx.num_rows, ctx.x_dtype, None, scatter=False)
+        else:
+            grad_x = _scatter_owned_rows(grad, ids_keep, ctx.num_rows, ctx.x_dtype, fill_first=True)
+        return grad_x, None, None, None
 
 
 def _forward_backward(forward, inputs):
@@ -223,10 +233,10 @@ def _timed_impls(impls: dict, pass_name: str, device: str):
     """(impl, make): ``make()`` gives the callable, each call of which takes the next input set;
     graph rows replay one graph per set, or all sets' calls in one (built, and captured, by make)."""
     for impl, per_set in impls.items():
-        if impl == "kernel_scan_bwd" and pass_name == "fwd":
+        if impl in FORCED_BACKWARDS and pass_name == "fwd":
             continue  # the same forward as kernel's
         fns = [forward if pass_name == "fwd" else _forward_backward(forward, inputs) for forward, inputs in per_set]
-        if impl == "kernel_scan_bwd":  # replayed only: eagerly the host's launch time hides the kernels
+        if impl in FORCED_BACKWARDS:  # replayed only: eagerly the host's launch time hides the kernels
             yield impl + "_graph", lambda fns=fns: Rotation([graphed(fn) for fn in fns])
             continue
         yield impl, lambda fns=fns: Rotation(fns)

@@ -19,11 +19,11 @@ The output is a new contiguous tensor.
 
 Gradients: ``x`` gets ``grad_out`` at the kept rows and zeros elsewhere; ``pos_embed`` gets the
 same summed over the batch. With ``x``'s gradient alone (the models' fixed ``pos_embed``) and more
-rows than kept ones, the backward fills zeros and scatters each kept row once; otherwise one
-kernel writes every row, zeros included, from a scan of the index row (``scatters_owned_rows``
-says why; both give the same bits). An index listed twice in one sequence is correct: its
-gradients are summed in list order, so the result is deterministic; each repeat costs the
-backward one more scan of the index row. No atomics anywhere. Double backward is not supported.
+rows than kept ones, the backward scatters each kept row once and stores zeros to the rows no
+position reads, in one launch; otherwise one kernel writes every row, zeros included, from a scan
+of the index row (``scatters_owned_rows`` says why; both give the same bits). An index listed
+twice in one sequence is correct: its gradients are summed in list order, so the result is
+deterministic; each repeat costs the backward one more scan of the index row. No atomics anywhere. Double backward is not supported.
 
 Index checks: a wrong index dtype or shape is a TypeError / ValueError before anything runs.
 Values outside [0, L) are a ValueError too, which costs one min/max reduction and one host sync
@@ -317,32 +317,45 @@ def _gather_backward_kernel(
 @triton.jit
 def _scatter_owned_rows_kernel(
     grad_ptr, ids_ptr, table_ptr,
-    N, M, C, list_blocks,
+    N, M, C, list_blocks, zero_blocks,
     stride_gb, stride_gn, stride_gc,
     stride_ib, stride_in,
-    ACC_DTYPE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_Z: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
-    # One program per (sequence, BLOCK_R list positions, BLOCK_C channels), over a table the
-    # launcher zeroed. A position writes its table row only if it is the first position that reads
-    # it, and writes there every reading position's gradient summed in list order: the sums of
-    # _gather_backward_kernel, in its order, so both give the same bits.
+    # One program per (sequence, block, BLOCK_C channels); a sequence's first list_blocks blocks
+    # are BLOCK_R list positions each, the next zero_blocks BLOCK_Z table rows each. Every table
+    # row is written once, in one launch, with no fill beforehand:
+    # - a list position writes its table row only if it is the first position that reads it, and
+    #   writes there every reading position's gradient summed in list order: the sums of
+    #   _gather_backward_kernel, in its order, so both give the same bits;
+    # - a table row that no position reads gets zeros from its row block's program.
     pid = tl.program_id(0)
-    b = (pid // list_blocks).to(tl.int64)
-    n_own = (pid % list_blocks) * BLOCK_R + tl.arange(0, BLOCK_R)
+    blocks = list_blocks + zero_blocks
+    b = (pid // blocks).to(tl.int64)
+    block = pid % blocks
     cols = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_ok = cols < C
     ids_row = ids_ptr + b * stride_ib
-    key = tl.load(ids_row + n_own.to(tl.int64) * stride_in, mask=n_own < N, other=-1)
-    valid = (n_own < N) & (key >= 0) & (key < M)
-    # Positions past N and out-of-range indices own nothing (whatever they match is never used).
-    first, count = _next_match(ids_row, stride_in, N, key, tl.full([BLOCK_R], -1, tl.int32), BLOCK_N)
-    owner = valid & (first == n_own)
-    grad_rows = grad_ptr + b * stride_gb + cols[None, :] * stride_gc
-    acc = _sum_in_list_order(grad_rows, stride_gn, ids_row, stride_in, N, key, first, count, owner, col_ok,
-                             ACC_DTYPE, BLOCK_N)
-    out_rows = b * M + tl.where(owner, key, 0)
-    tl.store(table_ptr + out_rows[:, None] * C + cols[None, :], acc.to(table_ptr.dtype.element_ty),
-             mask=owner[:, None] & col_ok[None, :])
+    if block < list_blocks:
+        n_own = block * BLOCK_R + tl.arange(0, BLOCK_R)
+        key = tl.load(ids_row + n_own.to(tl.int64) * stride_in, mask=n_own < N, other=-1)
+        valid = (n_own < N) & (key >= 0) & (key < M)
+        # Positions past N and out-of-range indices own nothing (whatever they match is never used).
+        first, count = _next_match(ids_row, stride_in, N, key, tl.full([BLOCK_R], -1, tl.int32), BLOCK_N)
+        owner = valid & (first == n_own)
+        grad_rows = grad_ptr + b * stride_gb + cols[None, :] * stride_gc
+        acc = _sum_in_list_order(grad_rows, stride_gn, ids_row, stride_in, N, key, first, count, owner, col_ok,
+                                 ACC_DTYPE, BLOCK_N)
+        out_rows = b * M + tl.where(owner, key, 0)
+        tl.store(table_ptr + out_rows[:, None] * C + cols[None, :], acc.to(table_ptr.dtype.element_ty),
+                 mask=owner[:, None] & col_ok[None, :])
+    else:
+        rows = (block - list_blocks) * BLOCK_Z + tl.arange(0, BLOCK_Z)
+        _, readers = _next_match(ids_row, stride_in, N, rows, tl.full([BLOCK_Z], -1, tl.int32), BLOCK_N)
+        unread = (rows < M) & (readers == 0)
+        zeros = tl.zeros([BLOCK_Z, BLOCK_C], table_ptr.dtype.element_ty)
+        tl.store(table_ptr + (b * M + rows)[:, None] * C + cols[None, :], zeros, mask=unread[:, None] & col_ok[None, :])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -371,32 +384,38 @@ def _gather_forward(x: torch.Tensor, ids_keep: torch.Tensor, pos_embed: torch.Te
 
 
 def scatters_owned_rows(num_rows: int, list_len: int) -> bool:
-    """Whether ``gather_rows_backward`` zero-fills the table and scatters the listed rows into it
-    (``_scatter_owned_rows``) rather than writing every table row from a scan of its sequence's
-    index row (``_gather_backward_kernel``). Taken when the table has more rows than the list, as
-    in the encoder's gather (512 rows, 102 listed): most of its rows are zeros, which a fill writes
-    at full bandwidth, while the scan puts a dependent index read before every row's store. The
-    scan stays for short tables (the decoder's kept rows, read from a 512-long list) and whenever
-    the batch sum is wanted, which must visit every table row anyway."""
+    """Whether ``gather_rows_backward`` scatters the listed rows into the table and writes zeros to
+    the rest (``_scatter_owned_rows``) rather than writing every table row from a scan of its
+    sequence's index row (``_gather_backward_kernel``). Taken when the table has more rows than the
+    list, as in the encoder's gather (512 rows, 102 listed): most of its rows are zeros, which a
+    program stores as soon as one read of the index row says nobody reads them, while the scan
+    puts the gradient's load between that read and every row's store. The scan stays for short
+    tables (the decoder's kept rows, read from a 512-long list) and whenever the batch sum is
+    wanted, which must visit every table row anyway."""
     return num_rows > list_len
 
 
-def _scatter_owned_rows(grad: torch.Tensor, ids: torch.Tensor, num_rows: int, table_dtype: torch.dtype) -> torch.Tensor:
-    """``gather_rows_backward``'s ``grad_table`` by zero fill and scatter: see ``scatters_owned_rows``."""
+def _scatter_owned_rows(grad: torch.Tensor, ids: torch.Tensor, num_rows: int, table_dtype: torch.dtype,
+                        fill_first: bool = False) -> torch.Tensor:
+    """``gather_rows_backward``'s ``grad_table`` by scatter and zeros: see ``scatters_owned_rows``.
+    ``fill_first`` is the strategy this one replaced, kept for the benchmark's comparison: the
+    table zero-filled by torch first, then the scatter alone."""
     B, N, C = grad.shape
-    grad_table = torch.zeros((B, num_rows, C), dtype=table_dtype, device=grad.device)
-    if B * N * num_rows * C == 0:
+    M = num_rows
+    empty = torch.zeros if fill_first else torch.empty
+    grad_table = empty((B, M, C), dtype=table_dtype, device=grad.device)
+    if B * M * C == 0 or (fill_first and N == 0):
         return grad_table
-    block_r = 16
-    block_n = min(128, next_power_of_2(N))  # the encoder's 102 kept positions in one pass
+    block_r, block_z = 16, 32
+    block_n = min(128, next_power_of_2(max(N, 1)))  # the encoder's 102 kept positions in one pass
     block_c = min(256, next_power_of_2(C))
-    list_blocks = cdiv(N, block_r)
-    _scatter_owned_rows_kernel[(B * list_blocks, cdiv(C, block_c))](
+    list_blocks, zero_blocks = cdiv(N, block_r), 0 if fill_first else cdiv(M, block_z)
+    _scatter_owned_rows_kernel[(B * (list_blocks + zero_blocks), cdiv(C, block_c))](
         grad, ids, grad_table,
-        N, num_rows, C, list_blocks,
+        N, M, C, list_blocks, zero_blocks,
         *grad.stride(), *ids.stride(),
         ACC_DTYPE=TL_DTYPES[accumulate_dtype(grad.dtype)],
-        BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_C=block_c, num_warps=4,
+        BLOCK_R=block_r, BLOCK_Z=block_z, BLOCK_N=block_n, BLOCK_C=block_c, num_warps=4,
     )
     return grad_table
 

@@ -1,4 +1,5 @@
 """The token benchmark's input rotation: every call takes the next input set (issue 6: fresh inputs)."""
+import pytest
 import torch
 
 from benches import bench_tokens
@@ -63,13 +64,14 @@ def test_a_failing_graph_row_is_an_error_row_and_the_rest_still_run(monkeypatch)
     assert timed["kernel_graph"]["speedup_vs_official"] is not None
 
 
-def test_scan_backward_row_computes_the_same_gradient(seed):
-    """The A/B row's gather (backward forced to the scan) gives the default's gradient, bit for bit."""
+@pytest.mark.parametrize("strategy", sorted(bench_tokens.FORCED_BACKWARDS.values()))
+def test_forced_backward_rows_compute_the_same_gradient(seed, strategy):
+    """The A/B rows' gathers (backward forced to another strategy) give the default's gradient, bit for bit."""
     x = torch.randn(2, 30, 12, requires_grad=True)
     pos = torch.randn(30, 12)
     ids = torch.stack([torch.randperm(30)[:6] for _ in range(2)])
     ids[0, 4] = ids[0, 1]
-    out = bench_tokens._ScanBackwardGather.apply(x, ids, pos)
+    out = bench_tokens._ForcedBackwardGather.apply(x, ids, pos, strategy)
     want = gather_tokens(x, ids, pos)
     assert torch.equal(out, want)
     g = torch.randn_like(out)

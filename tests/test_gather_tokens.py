@@ -91,13 +91,15 @@ def test_gather_repeated_indices_sum_their_gradients(seed):
     check_gather(torch.randn(B, L, C, device=DEVICE), ids, torch.randn(L, C, device=DEVICE), torch.float32)
 
 
-@pytest.mark.parametrize("B,L,N,C", [(1, 9, 4, 5), (2, 40, 7, 33), (3, 300, 150, 20), (2, 6, 11, 3)])
+@pytest.mark.parametrize("B,L,N,C", [(1, 9, 4, 5), (2, 40, 7, 33), (3, 300, 150, 20), (2, 6, 11, 3), (2, 70, 0, 4)])
 def test_rows_backward_scatter_and_scan_give_the_same_bits(seed, B, L, N, C):
-    # The two strategies of gather_rows_backward (zero fill + scatter of owned rows, and the scan
-    # of every table row) must sum the same gradients in the same order. Repeats, out-of-range
-    # indices (check_indices=False: they feed nothing), a list longer than one scan block (150)
-    # and a list longer than the table (11 > 6) included.
-    from kernels.gather_tokens import gather_rows_backward
+    # The two strategies of gather_rows_backward (scatter of owned rows with zeros for the rest,
+    # and the scan of every table row) must sum the same gradients in the same order; so must the
+    # scatter over a zero-filled table that the benchmark times beside them. Repeats,
+    # out-of-range indices (check_indices=False: they feed nothing), a list longer than one scan
+    # block (150), a table of several zero blocks (300, 70), a list longer than the table
+    # (11 > 6) and an empty list included; every output starts poisoned.
+    from kernels.gather_tokens import _scatter_owned_rows, gather_rows_backward
 
     ids = torch.randint(-2, L + 2, (B, N), device=DEVICE)
     ids[:, N // 2:] = ids[:, : N - N // 2].flip(1)  # every sequence repeats indices
@@ -105,6 +107,7 @@ def test_rows_backward_scatter_and_scan_give_the_same_bits(seed, B, L, N, C):
     results = {scatter: gather_rows_backward(grad, ids, L, torch.float32, None, scatter=scatter)[0]
                for scatter in (True, False)}
     assert torch.equal(results[True], results[False])
+    assert torch.equal(_scatter_owned_rows(grad, ids, L, torch.float32, fill_first=True), results[True])
     with pytest.raises(ValueError, match="scatter=True"):
         gather_rows_backward(grad, ids, L, torch.float32, torch.float32, scatter=True)
     want = torch.zeros(B, L, C, dtype=torch.float64, device=DEVICE)
@@ -139,7 +142,7 @@ def test_rows_backward_sums_repeats_in_list_order(seed, scatter):
 @pytest.mark.parametrize("dtype", LOW_PRECISION + [torch.float64])
 def test_gather_backward_with_a_fixed_pos_embed(seed, dtype):
     # The models' case: pos_embed is a buffer, so only x needs a gradient and the backward takes
-    # the zero-fill-and-scatter path (more table rows than kept ones), repeats included.
+    # the scatter-and-zeros path (more table rows than kept ones), repeats included.
     B, L, C = 3, 23, 37
     ids = torch.stack([torch.randperm(L)[:8] for _ in range(B)]).to(DEVICE)
     ids[1, 5] = ids[1, 2]
@@ -695,7 +698,7 @@ def test_gpu_gather_at_target_shape(seed, dtype):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", LOW_PRECISION)
 def test_gpu_gather_backward_strategies_at_target_shape(seed, dtype):
-    # The models' fixed pos_embed: x's gradient by zero fill and scatter, against the float64
+    # The models' fixed pos_embed: x's gradient by scatter and zeros, against the float64
     # reference and, bit for bit, against the scan of every row; repeats in one sequence.
     from kernels.gather_tokens import gather_rows_backward
 
