@@ -48,7 +48,7 @@ DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "bf16
 PARITY_OF_MODULE = {"tokens": ("gather_tokens", "gather_tokens_2d", "unshuffle_tokens"),
                     "window_attention": ("window_attention",), "window_tiling": ("window_attention",),
                     "post_norm": ("post_norm_residual", "post_norm_residual_copy"), "gelu_grad": ("gelu_mlp",),
-                    "gelu_matmul": ("gelu_mlp_fused",),
+                    "gelu_matmul": ("gelu_mlp_fused",), "column_sum": ("linear_column_sum",),
                     "fbank": ("fbank",), "models": ("models",), "train": ("models",)}
 
 

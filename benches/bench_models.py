@@ -294,10 +294,12 @@ def profile_step(step: str = "pretrain", variant: str = "triton", batch: int = G
 
 # This project's Triton kernels, by their exact names (a substring such as "_gather" would also
 # catch PyTorch's own scatter/gather kernels).
-PROJECT_KERNELS = frozenset({"_gather_kernel", "_gather_backward_kernel", "_unshuffle_kernel", "_mask_pos_backward_kernel",
+PROJECT_KERNELS = frozenset({"_gather_kernel", "_gather_backward_kernel", "_scatter_owned_rows_kernel",
+                             "_unshuffle_kernel", "_mask_pos_backward_kernel",
                              "_window_attention_fwd", "_window_attention_bwd", "_window_attention_bwd_finish",
                              "_forward_kernel", "_backward_kernel",
-                             "_gelu_grad_kernel", "_linear_gelu_kernel", "_linear_gelu_backward_kernel"})
+                             "_gelu_grad_kernel", "_linear_gelu_kernel", "_linear_gelu_backward_kernel",
+                             "_column_partials_kernel", "_column_finish_kernel"})
 KERNEL_KINDS = (  # (kind, substrings of the GPU kernel's name), first match wins, after PROJECT_KERNELS
     ("matmul", ("gemm", "cutlass", "xmma", "nvjet", "sm90_", "cublas")),
     ("attention (flash/SDPA)", ("flash", "fmha", "attention")),

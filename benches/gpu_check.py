@@ -20,8 +20,8 @@ check ends inside 8 minutes), most valuable first:
    window-attention default), ``bench-gelu_grad`` (the MLP backward's fused GELU pass),
    ``bench-gelu_matmul`` (the MLP with GELU in its own matmuls' epilogues, against cuBLAS),
    ``models-pretrain-compiled`` (the compiled variants, with their own
-   reference row), every other ``benches/bench_*.py`` at its target shapes (memory estimate,
-   post-norm kernel, training CLI), then ``models-finetune``, ``models-embed`` and
+   reference row), every other ``benches/bench_*.py`` at its target shapes (the Linears' bias
+   gradients, memory estimate, post-norm kernel, training CLI), then ``models-finetune``, ``models-embed`` and
    ``models-finetune-compiled``, and ``profile-compiled`` (the compiled step's profile, appended
    to ``profile.txt``).
 
@@ -97,7 +97,8 @@ BENCH_TIMEOUTS = {"window_attention": 180, "tokens": 90, "window_tiling": 90, "p
 EXPECTED_S = {"build": 45, "tests": 150, "bench-window_attention": 110, "bench-tokens": 15, "bench-fbank": 35,
               "ncu": 70, "models-pretrain": 60, "profile": 25, "parity": 55, "bench-mae_ast": 100, "bench-window_tiling": 25,
               "bench-gelu_grad": 25, "bench-gelu_matmul": 20, "models-pretrain-compiled": 230, "bench-post_norm": 30,
-              "models-finetune": 60, "models-embed": 30, "models-finetune-compiled": 200, "profile-compiled": 150}
+              "models-finetune": 60, "models-embed": 30, "models-finetune-compiled": 200, "profile-compiled": 150,
+              "bench-column_sum": 20}
 
 
 def plan(work: Path) -> list[dict]:

@@ -208,6 +208,20 @@ def post_norm_residual_copy_case(device, dtype, quick):
     return _check_op("triton", kernel, expected, inputs, ROUNDING[dtype])
 
 
+def linear_column_sum_case(device, dtype, quick):
+    """The Linear whose bias gradient is ``kernels.column_sum`` (the decoder's attention Linears
+    on the triton backend), at the decoder's qkv projection: a matmul, so ``ATTENTION``'s tolerance."""
+    import torch.nn.functional as F
+
+    from kernels.column_sum import linear
+
+    B, L, C_in, C_out = (4, 512, 512, 1536) if device.type == "cuda" else (3, 37, 24, 40)
+    inputs = {"x": torch.randn(B, L, C_in, device=device, dtype=dtype),
+              "weight": (torch.randn(C_out, C_in, device=device) * C_in**-0.5).to(dtype),
+              "bias": torch.randn(C_out, device=device, dtype=dtype)}
+    return _check_op("triton", linear, F.linear, inputs, ATTENTION[dtype])
+
+
 def _mlp_inputs(device, dtype) -> dict:
     M, C, H = (4 * 512, 512, 2048) if device.type == "cuda" else (37, 24, 96)  # the decoder's MLP
     return {"x": torch.randn(M, C, device=device, dtype=dtype),
@@ -366,6 +380,7 @@ CASES: dict[str, Case] = {
         Case("window_attention", window_attention_case),
         Case("post_norm_residual", post_norm_residual_case),
         Case("post_norm_residual_copy", post_norm_residual_copy_case),
+        Case("linear_column_sum", linear_column_sum_case),
         Case("gelu_mlp_fused", gelu_mlp_fused_case),
         Case("gelu_mlp", gelu_mlp_case),
         Case("fbank", fbank_case, dtypes=("float32", "float64")),

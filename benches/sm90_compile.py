@@ -179,6 +179,13 @@ def _gelu_matmul_case(dtype, M, K, N, J, approximate):
     linear_gelu_backward(x, w, b, g, w2, approximate, True, hidden=torch.randn(M, N, dtype=dtype))
 
 
+def _column_sum_case(dtype, rows, cols, out_dtype=None):
+    import torch
+
+    from kernels.column_sum import column_sum
+    column_sum(torch.randn(rows, cols, dtype=dtype), out_dtype)
+
+
 def _forced(rows, warps, batch_per_program, launch):
     with sys.modules["kernels.window_attention"].forced_tiling(rows, warps, batch_per_program):
         launch()
@@ -212,6 +219,12 @@ def cases() -> dict:
         # The MLP's matmuls with GELU in their epilogues (kernels/gelu_matmul.py), decoder widths.
         table[f"gelumatmul-target-{name}"] = lambda d=dtype: (_gelu_matmul_case(d, 256, 512, 2048, 512, "none"),
                                                         _gelu_matmul_case(d, 70, 40, 72, 24, "tanh"))
+    # The Linears' bias gradients (kernels/column_sum.py): the decoder's qkv and proj widths, the
+    # edges (float64, an odd width into a float32 result).
+    table["colsum-target-bf16"] = lambda: (_column_sum_case(torch.bfloat16, 4096, 1536),
+                                           _column_sum_case(torch.bfloat16, 4096, 512))
+    table["colsum-fp64"] = lambda: _column_sum_case(torch.float64, 1000, 768)
+    table["colsum-odd-fp16"] = lambda: _column_sum_case(torch.float16, 37, 300, torch.float32)
     table["tokens-odd-channels"] = lambda: _tokens_case(torch.bfloat16, 1, 37, 5, 1000, pos=False)
     # float64 accumulates in float64: the widest tiles' registers.
     table["tokens-target-fp64-fixed-pos"] = lambda: _tokens_case(torch.float64, 2, 512, 102, 768, pos_grad=False)

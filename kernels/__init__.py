@@ -3,9 +3,11 @@
 Triton ops run on CUDA tensors, and on CPU tensors through Triton's interpreter when
 ``TRITON_INTERPRET=1`` is set before this package is imported; otherwise CPU tensors take the
 eager reference in ``kernels.reference``. ``post_norm_residual`` fuses the decoder's post-norm
-residual add with its LayerNorm. ``fbank`` has a CUDA C++ kernel (``csrc/fbank``) and a
+residual add with its LayerNorm; ``column_sum`` gives Linears their bias gradients without
+PyTorch's staging buffer. ``fbank`` has a CUDA C++ kernel (``csrc/fbank``) and a
 batched torch path.
 """
+from .column_sum import column_sum
 from .fbank import FbankOptions, fbank
 from .gather_tokens import gather_tokens, gather_tokens_2d
 from .gelu_mlp import gelu_mlp
@@ -16,6 +18,7 @@ from .window_attention import window_attention
 
 __all__ = [
     "FbankOptions",
+    "column_sum",
     "fbank",
     "gather_tokens",
     "gather_tokens_2d",

@@ -15,7 +15,8 @@ so updating a weight in place between the forward and the backward behaves as it
 
 Every matmul is the one eager autograd runs (the same matmuls in the same dtypes); the backward's
 GELU, GELU gradient and fc1 bias gradient are one pass (``kernels.gelu_grad``, PyTorch's
-arithmetic), so outputs and gradients equal eager ``Mlp`` up to the order of the bias sums and the
+arithmetic) and fc2's bias gradient is ``kernels.column_sum`` (no staging buffer), so outputs
+and gradients equal eager ``Mlp`` up to the order of the bias sums and the
 last bit of erf/tanh on the GPU. ``fused_matmul=True`` (opt-in, not yet timed on a GPU) runs fc1
 with GELU in its epilogue (with ``save="input"``), and fc1's recomputation (or the kept output),
 fc2's input gradient and GELU's backward as one kernel (``kernels.gelu_matmul``): this project's
@@ -41,7 +42,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from kernels._dispatch import check_same_device, first_order_only, needs_custom_op
+from kernels._dispatch import check_same_device, first_order_only, needs_custom_op, use_triton
+from kernels.column_sum import column_sum
 from kernels.gelu_grad import gelu_and_grad
 from kernels.gelu_matmul import linear_gelu, linear_gelu_backward
 from kernels.reference.gelu_mlp import gelu_mlp as reference
@@ -62,7 +64,8 @@ def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
 def _linear_backward(grad2d, inp2d, weight, need_input, need_weight, need_bias, input_shape):
     grad_input = (grad2d @ weight).view(*input_shape[:-1], weight.shape[1]) if need_input else None
     grad_weight = grad2d.t() @ inp2d if need_weight else None
-    grad_bias = grad2d.sum(0) if need_bias else None
+    # column_sum: the sum(0) without the staging buffer torch's reduction allocates (4x the input)
+    grad_bias = (column_sum(grad2d) if use_triton(grad2d) else grad2d.sum(0)) if need_bias else None
     return grad_input, grad_weight, grad_bias
 
 

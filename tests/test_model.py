@@ -205,8 +205,9 @@ def _autograd_node_counts(t: torch.Tensor) -> Counter:
 
 def test_triton_decoder_takes_the_fused_kernels():
     # The "triton" backend must not run eager math where a kernel exists: one gather, one
-    # unshuffle, per decoder block one window attention and two post-norm residuals, and per
-    # block (encoder and decoder) one activation-saving MLP.
+    # unshuffle, per decoder block one window attention, two post-norm residuals and two Linears
+    # with column_sum's bias gradient (qkv, proj), and per block (encoder and decoder) one
+    # activation-saving MLP.
     torch.manual_seed(0)
     device = "cuda" if torch.cuda.is_available() else "cpu"  # CPU tensors run the kernels through the interpreter
     model = tiny_mae(decoder_mode=1).set_backend("triton").to(device)
@@ -225,7 +226,8 @@ def test_triton_decoder_takes_the_fused_kernels():
     fused = {name.removesuffix("Backward"): n for name, n in counts.items() if name.startswith("_")}
     blocks = len(model.decoder_blocks)  # 16 in decoder mode 1, as the official code builds it
     assert fused == {"_GatherTokens": 1, "_UnshuffleTokens": 1, "_WindowAttentionFunction": blocks,
-                     "_PostNormResidual": 2 * blocks, "_GeluMlp": blocks + len(model.blocks)}, counts
+                     "_PostNormResidual": 2 * blocks, "_GeluMlp": blocks + len(model.blocks),
+                     "_BiasGradient": 2 * blocks}, counts
 
 
 def test_vit_forward_and_structured_masking_match_explicit_math():

@@ -24,6 +24,7 @@ KERNELS = {
     "postnorm": {"_forward_kernel", "_backward_kernel"},
     "gelu": {"_gelu_grad_kernel"},
     "gelumatmul": {"_linear_gelu_kernel", "_linear_gelu_backward_kernel"},
+    "colsum": {"_column_partials_kernel", "_column_finish_kernel"},
 }
 
 
@@ -49,7 +50,7 @@ def test_every_case_compiles_each_kernel(compiled):
         if "notau-nobias" in name or name.endswith("-frozen"):  # no tau or bias gradient: no partials to finish
             expected = expected - {"_window_attention_bwd_finish"}
         if name.endswith("-fixed-pos") or name == "tokens-odd-channels":
-            # x's gradient alone from a gather over more rows than it keeps: the zero fill and scatter
+            # x's gradient alone from a gather over more rows than it keeps: the scatter (with zeros)
             expected = expected | {"_scatter_owned_rows_kernel"}
         assert kernels == expected, name
 
@@ -61,3 +62,18 @@ def test_launches_fit_an_h100(compiled):
         where = f"{launch['case']} {launch['kernel']} {launch['constants']}"
         assert 0 <= launch["shared_bytes"] <= H100_SHARED_BYTES, where
         assert launch["stack_bytes"] <= MAX_STACK_BYTES, where
+
+
+def test_every_launched_kernel_is_listed():
+    # A kernel added to kernels/ without a case here (or without its name in the step profile's
+    # list of this project's kernels) would go uncompiled, or be counted as PyTorch's.
+    import re
+
+    from benches.bench_models import PROJECT_KERNELS
+
+    launched = set()
+    for path in (ROOT / "kernels").glob("*.py"):
+        launched |= set(re.findall(r"^\s*(_\w+)\[[^\n]*?\]\(", path.read_text(), flags=re.M))  # name[grid](...
+    listed = set().union(*KERNELS.values()) | {"_scatter_owned_rows_kernel"}  # the fixed-pos cases add it
+    assert launched and launched == listed, (launched ^ listed)
+    assert launched == PROJECT_KERNELS, launched ^ PROJECT_KERNELS

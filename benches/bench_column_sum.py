@@ -1,0 +1,85 @@
+"""Benchmark: a Linear's bias gradient, PyTorch's column sum against ``kernels.column_sum``.
+
+The decoder's attention Linears on the triton backend take their bias gradients from
+``kernels.column_sum`` (``kernels.column_sum.linear``). Implementations:
+- ``official``: ``g.sum(0)``, the reduction autograd's ``_sum_to`` runs for ``nn.Linear``'s bias
+  (on the H200, 2026-11-27, it allocated 128 MiB of staging beside a 32 MiB [32768, 512] input);
+- ``kernel``: ``kernels.column_sum.column_sum`` (two launches, float32 partials).
+On CUDA also ``official_graph`` and ``kernel_graph``, replayed from a CUDA graph. The peak column
+is each call's memory beyond its input: the point of the kernel.
+
+Shapes (CUDA): the output gradients of the decoder's qkv (C = 1536) and proj (C = 512) Linears at
+batch 64 (R = 64 x 512 tokens), bfloat16. On the CPU (smoke test) a small float32 shape; its
+figures say nothing about the GPU. Fewest bytes (``floor_ms``, over the copy bandwidth of the
+same run): reading the gradient once.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from benches.harness import copy_bandwidth_gbps, device_info, graphed, memory_floor_ms, time_fn
+from kernels.column_sum import column_sum
+
+SUITE = "column_sum"
+
+
+def _shapes(device: torch.device) -> list[tuple[int, int, torch.dtype]]:
+    if device.type == "cuda":
+        return [(64 * 512, 512, torch.bfloat16), (64 * 512, 1536, torch.bfloat16)]
+    return [(300, 40, torch.float32)]
+
+
+IMPLS = {"official": lambda g: g.sum(0), "kernel": column_sum}
+
+
+def run(device="cuda", quick: bool = False) -> list[dict]:
+    device = torch.device(device)
+    warmup, reps = (2, 5) if quick else (10, 50)
+    bandwidth = copy_bandwidth_gbps(str(device))
+    rows = []
+    for R, C, dtype in _shapes(device):
+        g = torch.randn(R, C, generator=torch.Generator(device="cpu").manual_seed(0)).to(device, dtype)
+        nbytes = R * C * dtype.itemsize
+        floor = memory_floor_ms(nbytes, str(device))
+        common = {"suite": SUITE, "name": "bias gradient (column sum)", "shape": f"R={R} C={C}",
+                  "dtype": str(dtype).removeprefix("torch."), "bytes": nbytes, "floor_ms": floor,
+                  "copy_gbps": bandwidth, **device_info(device)}
+        timed = list(IMPLS.items())
+        if device.type == "cuda":
+            timed += [(f"{impl}_graph", fn) for impl, fn in IMPLS.items()]
+        official_ms = {}
+        for impl, fn in timed:
+            graph = impl.endswith("_graph")
+            step = lambda fn=fn: fn(g)  # noqa: E731
+            t = time_fn(graphed(step) if graph else step, device, warmup=warmup, reps=reps, measure_memory=not graph)
+            official_ms.setdefault(graph, t.median_ms)
+            rows.append({**common, "impl": impl, "median_ms": t.median_ms, "min_ms": t.min_ms,
+                         "peak_mem_bytes": t.peak_mem_bytes, "fraction_of_copy_bandwidth": floor / t.median_ms,
+                         "speedup_vs_official": official_ms[graph] / t.median_ms})
+    return rows
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("impl", sorted(IMPLS))
+def test_column_sum(benchmark, impl):
+    R, C, dtype = _shapes(torch.device("cuda"))[0]
+    g = torch.randn(R, C, device="cuda", dtype=dtype)
+    fn = IMPLS[impl]
+
+    def synced():
+        fn(g)
+        torch.cuda.synchronize()
+
+    benchmark(synced)
+
+
+if __name__ == "__main__":
+    import sys
+
+    dev = sys.argv[1] if len(sys.argv) > 1 else ("cuda" if torch.cuda.is_available() else "cpu")
+    for r in run(dev, quick="--quick" in sys.argv):
+        peak = r["peak_mem_bytes"]
+        print(f"{r['shape']:16s} {r['impl']:15s} {r['median_ms']:8.4f} ms  {r['fraction_of_copy_bandwidth']:6.1%} of "
+              f"copy bw  x{r['speedup_vs_official']:.2f} vs official  "
+              + (f"{peak / 2**20:.1f} MiB beyond the input" if peak is not None else ""))

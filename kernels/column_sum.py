@@ -1,0 +1,197 @@
+"""Column sums without a staging buffer: a Linear's bias gradient.
+
+``column_sum(x, dtype=None)``
+    ``x`` [..., C] (float16, bfloat16, float32 or float64; at least one dim). Returns [C]: ``x``
+    summed over every leading dim, accumulated in float32 (float64 where ``x`` or ``dtype`` is
+    float64, as ``torch.sum``) and rounded once to ``dtype`` (default ``x.dtype``; a float
+    dtype). Equals ``x.sum(dims, dtype=dtype)`` up to the order of the additions; deterministic
+    (a fixed order, no atomics).
+
+Why: a Linear's bias gradient is the column sum of its output gradient, a tall [R, C] matrix
+(R = batch x tokens). PyTorch's reduction splits each column over many blocks and stages their
+partials in a buffer it allocates per call: on the H200 (2026-11-27) ``g.sum(0)`` of a
+[32768, 512] bfloat16 ``g`` (32 MiB) allocated 128 MiB more, and that buffer set the peak of the
+decoder block's backward (``benches.harness.peak_holders``: the autograd engine's ``_sum_to`` of
+the projection's bias). Here each program adds a run of rows of BLOCK_C columns into float32
+registers and writes one partial row; a second launch adds the partials in order. Scratch: the
+partials, one float32 row segment per program of the first launch (at most PROGRAMS x 256
+floats, 512 KiB).
+
+Strides: any ``x`` viewable as [R, C] is read in place (a contiguous tensor, a row slice); others
+are copied first. CUDA tensors run the Triton kernels; CPU tensors ``kernels.reference`` unless
+``TRITON_INTERPRET=1``. Registered as ``audiomae::column_sum`` (with a fake and a gradient:
+the incoming [C] gradient broadcast over ``x``'s shape) for tracers; eager calls that need no
+gradient reach the launcher directly (``kernels._dispatch.needs_custom_op``).
+
+``linear(x, weight, bias=None)``
+    ``F.linear(x, weight, bias)`` whose bias gradient is ``column_sum`` of the output's gradient
+    (rounded to the output's dtype, then cast to the bias's, as autocast's cast back does): the
+    same values as ``F.linear``, forward and backward, up to the order of that sum. The forward is
+    ``F.linear`` itself (the bias added in the matmul's epilogue) with the bias detached, followed
+    by an identity that routes the bias's gradient. Plain ``F.linear`` where nothing is gained or
+    nothing may run eagerly: no bias or none that needs a gradient, CPU tensors without the
+    interpreter, and under tracers (``torch.compile`` makes its own reductions).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from kernels._dispatch import _batched, needs_custom_op, on_tensors_device, use_triton
+from kernels.gather_tokens import FLOAT_DTYPES, cdiv, next_power_of_2
+from kernels.reference import column_sum as reference
+
+# Programs of the first pass: about four per SM of an H100 or H200 (132 SMs), so that every SM
+# streams rows; each writes one partial row, so more programs cost more partials to add.
+PROGRAMS = 512
+TL_ACC = {torch.float32: tl.float32, torch.float64: tl.float64}
+
+
+@triton.jit
+def _column_partials_kernel(x_ptr, partial_ptr, R, C, rows_per_split, stride_r, stride_c,
+                            ACC_DTYPE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    # One program per (run of rows_per_split rows, BLOCK_C columns): its rows added in order.
+    split = tl.program_id(0)
+    cols = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_ok = cols < C
+    acc = tl.zeros([BLOCK_R, BLOCK_C], ACC_DTYPE)
+    start = split.to(tl.int64) * rows_per_split
+    end = tl.minimum(start + rows_per_split, R)
+    r0 = start
+    # A while loop, not range(start, end, ...): Triton 3.6's interpreter cannot take a runtime
+    # bound with numpy >= 2.4.
+    while r0 < end:
+        r = r0 + tl.arange(0, BLOCK_R)
+        mask = (r < end)[:, None] & col_ok[None, :]
+        acc += tl.load(x_ptr + r[:, None] * stride_r + cols[None, :] * stride_c, mask=mask, other=0.0).to(ACC_DTYPE)
+        r0 += BLOCK_R
+    tl.store(partial_ptr + split.to(tl.int64) * C + cols, tl.sum(acc, axis=0), mask=col_ok)
+
+
+@triton.jit
+def _column_finish_kernel(partial_ptr, out_ptr, splits, C, ACC_DTYPE: tl.constexpr,
+                          BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+    # One program per BLOCK_C columns: the partial rows added in order, rounded once.
+    cols = tl.program_id(0).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_ok = cols < C
+    acc = tl.zeros([BLOCK_S, BLOCK_C], ACC_DTYPE)
+    s0 = 0
+    while s0 < splits:
+        s = s0 + tl.arange(0, BLOCK_S)
+        acc += tl.load(partial_ptr + s.to(tl.int64)[:, None] * C + cols[None, :],
+                       mask=(s < splits)[:, None] & col_ok[None, :], other=0.0)
+        s0 += BLOCK_S
+    tl.store(out_ptr + cols, tl.sum(acc, axis=0).to(out_ptr.dtype.element_ty), mask=col_ok)
+
+
+def launch_plan(rows: int, channels: int) -> tuple[int, int, int, int]:
+    """(BLOCK_R, BLOCK_C, splits, rows per split): 4096-element tiles up to 256 columns wide (a
+    bf16 row segment of 512 contiguous bytes), and as many row runs as give about PROGRAMS
+    programs, each run a whole number of tiles."""
+    block_c = min(256, next_power_of_2(max(channels, 1)))
+    block_r = max(1, min(64, 4096 // block_c))
+    tiles = cdiv(rows, block_r)
+    splits = max(1, min(tiles, PROGRAMS // cdiv(channels, block_c)))
+    per_split = cdiv(tiles, splits) * block_r
+    return block_r, block_c, cdiv(rows, per_split), per_split
+
+
+@on_tensors_device
+def _column_sum_launch(x2: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``column_sum`` of a [R, C] view, by the two Triton launches."""
+    R, C = x2.shape
+    out = torch.empty(C, dtype=dtype, device=x2.device)
+    if C == 0:
+        return out
+    acc = torch.float64 if torch.float64 in (x2.dtype, dtype) else torch.float32
+    if R == 0:
+        return out.zero_()
+    block_r, block_c, splits, per_split = launch_plan(R, C)
+    partials = torch.empty((splits, C), dtype=acc, device=x2.device)
+    _column_partials_kernel[(splits, cdiv(C, block_c))](
+        x2, partials, R, C, per_split, *x2.stride(),
+        ACC_DTYPE=TL_ACC[acc], BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4)
+    finish_c = min(128, block_c)
+    _column_finish_kernel[(cdiv(C, finish_c),)](
+        partials, out, splits, C, ACC_DTYPE=TL_ACC[acc], BLOCK_S=32, BLOCK_C=finish_c, num_warps=4)
+    return out
+
+
+@torch.library.custom_op("audiomae::column_sum", mutates_args=())
+def _column_sum_op(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return _column_sum_launch(x, dtype)
+
+
+@_column_sum_op.register_fake
+def _(x, dtype):
+    return x.new_empty((x.shape[1],), dtype=dtype)
+
+
+def _op_setup_context(ctx, inputs, output):
+    x, _ = inputs
+    ctx.shape, ctx.x_dtype = x.shape, x.dtype
+
+
+def _op_backward(ctx, grad):
+    return grad.to(ctx.x_dtype).expand(ctx.shape), None
+
+
+_column_sum_op.register_autograd(_op_backward, setup_context=_op_setup_context)
+
+
+def _as_rows(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as a [R, C] view where its strides allow one, else a contiguous copy."""
+    shape = (math.prod(x.shape[:-1]), x.shape[-1])
+    try:
+        return x.view(shape)
+    except RuntimeError:  # leading dims that no single row stride spans
+        return x.reshape(shape)
+
+
+def column_sum(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """[C]: ``x`` [..., C] summed over every leading dim (see the module docstring)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() == 0:
+        raise ValueError("x must have at least one dim (its last holds the columns), got a 0-dim tensor")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"x has dtype {x.dtype}; supported: float16, bfloat16, float32, float64")
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or dtype not in FLOAT_DTYPES):
+        raise TypeError(f"dtype must be None or one of float16, bfloat16, float32, float64, got {dtype!r}")
+    dtype = dtype or x.dtype
+    if not use_triton(x):
+        return reference.column_sum(x, dtype)
+    x2 = _as_rows(x)
+    if needs_custom_op() or (x.requires_grad and torch.is_grad_enabled()):
+        return torch.ops.audiomae.column_sum(x2, dtype)
+    return _column_sum_launch(x2, dtype)
+
+
+class _BiasGradient(torch.autograd.Function):
+    """The identity on a Linear's output ``y`` that gives ``bias`` its gradient: ``column_sum`` of
+    ``y``'s, in ``y``'s dtype, cast to ``bias``'s."""
+
+    @staticmethod
+    def forward(ctx, y, bias):
+        ctx.bias_dtype = bias.dtype
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if torch.is_grad_enabled() or _batched(grad):  # create_graph=True or vmap: torch's own sum
+            grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0)
+        else:
+            grad_bias = column_sum(grad)
+        return grad, grad_bias.to(ctx.bias_dtype)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` with the bias gradient by ``column_sum`` (see the module docstring)."""
+    if (bias is None or not (bias.requires_grad and torch.is_grad_enabled()) or not use_triton(x)
+            or needs_custom_op()):
+        return F.linear(x, weight, bias)
+    return _BiasGradient.apply(F.linear(x, weight, bias.detach()), bias)

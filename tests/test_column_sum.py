@@ -1,0 +1,205 @@
+"""kernels.column_sum: column sums (a Linear's bias gradient) against float64, and ``linear``
+against ``F.linear`` (through the interpreter on the CPU, and on the GPU when present)."""
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kernels.column_sum import column_sum, launch_plan, linear
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+pytestmark = pytest.mark.usefixtures("poisoned_empty")  # see conftest: unwritten outputs read NaN
+# A sum rounded once to the output dtype, of terms each exact in the input dtype: off from the
+# float64 sum by the output's rounding plus float32's accumulation over R terms.
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3, torch.float64: 1e-12}
+
+
+def module():
+    return sys.modules["kernels.column_sum"]
+
+
+def check(x, dtype=None):
+    got = column_sum(x, dtype)
+    want = x.double().reshape(-1, x.shape[-1]).sum(0)
+    assert got.dtype == (dtype or x.dtype) and got.shape == (x.shape[-1],) and got.device == x.device
+    assert torch.isfinite(got).all()
+    # relative to the sum of magnitudes: cancellation leaves the rounding of the terms' scale
+    scale = x.double().abs().reshape(-1, x.shape[-1]).sum(0).clamp(min=1)
+    err = ((got.double() - want).abs() / scale).max().item() if got.numel() else 0.0
+    assert err < TOLERANCE[got.dtype], err
+    return got
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("shape", [(1, 1), (3, 37, 300), (1000, 5), (7,), (2, 3, 4, 257)])
+def test_matches_float64(seed, dtype, shape):
+    check(torch.randn(shape, device=DEVICE).to(dtype))
+
+
+def test_many_splits_and_partials_past_one_finish_block(seed, monkeypatch):
+    # More row runs than the finish kernel's 32-row block, runs that end mid-tile, two column blocks.
+    monkeypatch.setattr(module(), "PROGRAMS", 160)
+    R, C = 40 * 16 + 5, 300
+    block_r, block_c, splits, per_split = launch_plan(R, C)
+    assert (block_r, block_c) == (16, 256) and splits > 32 and per_split % block_r == 0
+    assert (splits - 1) * per_split < R <= splits * per_split
+    check(torch.randn(R, C, device=DEVICE))
+
+
+def test_launch_plan_covers_every_row():
+    for R in (1, 15, 16, 17, 1000, 32768, 32768 + 3):
+        for C in (1, 5, 256, 300, 512, 2048):
+            block_r, block_c, splits, per_split = launch_plan(R, C)
+            assert per_split % block_r == 0 and splits * per_split >= R > (splits - 1) * per_split
+            assert splits * -(-C // block_c) <= max(module().PROGRAMS, -(-C // block_c))
+
+
+def test_output_dtype_and_accumulation(seed):
+    # 2**24 + 1 in float32 rounds away the 1: a float64 result is summed in float64, as torch.sum's.
+    x = torch.tensor([[2.0**24], [1.0], [1.0]], device=DEVICE)
+    assert column_sum(x, torch.float64).item() == 2.0**24 + 2
+    # bfloat16 terms summed in float32, rounded once: 256 ones and a 256 give 512 exactly
+    x = torch.ones(257, 3, device=DEVICE, dtype=torch.bfloat16)
+    x[0] = 256
+    assert torch.equal(column_sum(x), torch.full((3,), 512.0, device=DEVICE, dtype=torch.bfloat16))
+    check(torch.randn(64, 9, device=DEVICE).bfloat16(), torch.float32)
+
+
+def test_empty_and_zero_rows():
+    assert column_sum(torch.randn(5, 0, device=DEVICE)).shape == (0,)
+    assert torch.equal(column_sum(torch.randn(0, 7, device=DEVICE)), torch.zeros(7, device=DEVICE))
+    assert torch.equal(column_sum(torch.randn(2, 0, 7, device=DEVICE)), torch.zeros(7, device=DEVICE))
+
+
+def test_strided_inputs(seed):
+    x = torch.randn(6, 10, 40, device=DEVICE)
+    check(x[2:])  # a row slice: read in place
+    check(x[:, ::3])  # rows that no single stride spans: copied
+    check(x[..., ::2])  # strided columns: read in place
+    check(x.transpose(0, 1))
+    check(torch.randn(40, 30, device=DEVICE).t())  # column-major
+
+
+def test_deterministic(seed):
+    x = torch.randn(3000, 70, device=DEVICE)
+    assert torch.equal(column_sum(x), column_sum(x))
+
+
+def test_bad_input_is_refused_before_any_kernel():
+    with pytest.raises(TypeError, match="x has dtype torch.int64"):
+        column_sum(torch.ones(3, 4, dtype=torch.int64, device=DEVICE))
+    with pytest.raises(ValueError, match="0-dim"):
+        column_sum(torch.tensor(1.0, device=DEVICE))
+    with pytest.raises(TypeError, match="dtype must be"):
+        column_sum(torch.ones(3, 4, device=DEVICE), torch.int32)
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        column_sum([1.0, 2.0])
+
+
+def test_gradient_through_the_op(seed):
+    x = torch.randn(4, 5, 6, device=DEVICE, requires_grad=True)
+    g = torch.randn(6, device=DEVICE, dtype=torch.float64)
+    (got,) = torch.autograd.grad(column_sum(x, torch.float64), x, g)
+    assert got.dtype == x.dtype and torch.equal(got, g.float().expand(4, 5, 6))
+
+
+def test_opcheck():
+    x = torch.randn(12, 7, device=DEVICE)
+    torch.library.opcheck(torch.ops.audiomae.column_sum, (x, torch.float32))
+    torch.library.opcheck(torch.ops.audiomae.column_sum, (x.bfloat16().requires_grad_(), torch.float32))
+
+
+# ------------------------------------------------------------------------------------- linear
+def linear_grads(fn, x, weight, bias, grad):
+    inputs = [t for t in (x, weight, bias) if t is not None and t.requires_grad]
+    out = fn(x, weight, bias)
+    return out, torch.autograd.grad(out, inputs, grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_linear_equals_f_linear(seed, dtype):
+    x = torch.randn(3, 11, 20, device=DEVICE, dtype=dtype, requires_grad=True)
+    weight = torch.randn(30, 20, device=DEVICE, dtype=dtype, requires_grad=True)
+    bias = torch.randn(30, device=DEVICE, dtype=dtype, requires_grad=True)
+    grad = torch.randn(3, 11, 30, device=DEVICE, dtype=dtype)
+    out, (gx, gw, gb) = linear_grads(linear, x, weight, bias, grad)
+    want, (wx, ww, wb) = linear_grads(F.linear, x, weight, bias, grad)
+    assert torch.equal(out, want) and torch.equal(gx, wx) and torch.equal(gw, ww)
+    assert out.grad_fn is not None and "BiasGradient" in type(out.grad_fn).__name__
+    torch.testing.assert_close(gb, grad.sum((0, 1)), rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype] * 10)
+
+
+def test_linear_under_autocast_gives_autocasts_dtypes(seed):
+    device_type = "cuda" if DEVICE == "cuda" else "cpu"
+    x = torch.randn(4, 9, 16, device=DEVICE, requires_grad=True)
+    lin = torch.nn.Linear(16, 24).to(DEVICE)
+    grad = torch.randn(4, 9, 24, device=DEVICE).bfloat16()
+    with torch.autocast(device_type, dtype=torch.bfloat16):
+        out, (gx, gw, gb) = linear_grads(linear, x, lin.weight, lin.bias, grad)
+        want, (wx, ww, wb) = linear_grads(F.linear, x, lin.weight, lin.bias, grad)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, want)
+    assert gb.dtype == torch.float32 and torch.equal(gx, wx) and torch.equal(gw, ww)
+    # the bias gradient rounded to bfloat16 (the output's dtype) as autocast's path rounds it
+    assert torch.equal(gb, gb.bfloat16().float())
+    torch.testing.assert_close(gb, grad.double().sum((0, 1)).float(), rtol=8e-3, atol=8e-3)
+
+
+def test_linear_takes_f_linear_where_nothing_is_gained(seed):
+    x = torch.randn(2, 5, device=DEVICE, requires_grad=True)
+    weight = torch.randn(3, 5, device=DEVICE, requires_grad=True)
+    frozen = torch.randn(3, device=DEVICE)
+    for bias in (None, frozen):
+        out = linear(x, weight, bias)
+        assert torch.equal(out, F.linear(x, weight, bias)) and "BiasGradient" not in type(out.grad_fn).__name__
+    with torch.no_grad():
+        out = linear(x, weight, frozen.requires_grad_())
+    assert out.grad_fn is None
+
+
+def test_linear_double_backward_uses_torchs_sum(seed):
+    x = torch.randn(4, 6, device=DEVICE, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(3, 6, device=DEVICE, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(3, device=DEVICE, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradcheck(linear, (x, weight, bias))
+    torch.autograd.gradgradcheck(linear, (x, weight, bias))
+
+
+def test_linear_output_feeds_an_in_place_overwrite_of_its_gradient(seed):
+    # The decoder's window attention writes qkv's gradient over qkv itself (overwrite_qkv): the
+    # identity's output is a view, and the bias gradient reads the gradient it receives.
+    from kernels.window_attention import window_attention
+
+    x = torch.randn(2, 16, 8, device=DEVICE, requires_grad=True)
+    lin = torch.nn.Linear(8, 96).to(DEVICE)  # two heads of 16
+    args = dict(grid=(4, 4), window=(2, 2), shift=(1, 0), num_heads=2)
+    grads = {}
+    for name, fn in (("linear", linear), ("f_linear", F.linear)):
+        qkv = fn(x, lin.weight, lin.bias)
+        out = window_attention(qkv, overwrite_qkv=True, **args)
+        grads[name] = torch.autograd.grad(out.square().sum(), (x, lin.weight, lin.bias))
+    for got, want in zip(grads["linear"], grads["f_linear"]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------- GPU
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shape", [(64 * 512, 512), (64 * 512, 1536), (64 * 513, 2048), (64 * 103, 768)])
+def test_gpu_target_shapes(seed, dtype, shape):
+    check(torch.randn(shape, device="cuda").to(dtype))
+
+
+@pytest.mark.gpu
+def test_gpu_scratch_is_the_partials_alone(seed):
+    # The property that makes it worth having: no staging buffer beside the input (torch's
+    # sum(0) of this bf16 input allocated 128 MiB on the H200, 2026-11-27).
+    x = torch.randn(64 * 512, 512, device="cuda").bfloat16()
+    column_sum(x)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    column_sum(x)
+    torch.cuda.synchronize()
+    assert torch.cuda.max_memory_allocated() - base <= 2 * 2**20  # partials (1 MiB) and the output
