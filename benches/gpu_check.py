@@ -19,11 +19,12 @@ check ends inside 8 minutes), most valuable first:
 7. ``bench-mae_ast`` (issue 7's ratios), ``bench-window_tiling`` (the sweep that should set the
    window-attention default), ``bench-gelu_grad`` (the MLP backward's fused GELU pass),
    ``bench-gelu_matmul`` (the MLP with GELU in its own matmuls' epilogues, against cuBLAS),
-   ``models-pretrain-compiled`` (the compiled variants, with their own
-   reference row), every other ``benches/bench_*.py`` at its target shapes (the Linears' bias
-   gradients, memory estimate, post-norm kernel, training CLI), then ``models-finetune``, ``models-embed`` and
-   ``models-finetune-compiled``, and ``profile-compiled`` (the compiled step's profile, appended
-   to ``profile.txt``).
+   ``bench-column_sum`` (the Linears' bias gradients) and ``bench-launch_overhead`` (the host's
+   time per launch, which bounds every eager row), ``models-pretrain-compiled`` (the compiled
+   variants, with their own reference row), every other ``benches/bench_*.py`` at its target
+   shapes (memory estimate, post-norm kernel, training CLI), then ``models-finetune``,
+   ``models-embed`` and ``models-finetune-compiled``, and ``profile-compiled`` (the compiled
+   step's profile, appended to ``profile.txt``).
 
 The first H200 run (2026-11-26) took about 800 s for every part: one call of the default budget
 gets through item 7's first parts, and a second call on the still-warm machine takes the rest. On
@@ -87,7 +88,8 @@ MODEL_TIMEOUTS = {"pretrain": 220, "pretrain-compiled": 260, "finetune": 150, "f
 FIRST_BENCHES = ("window_attention", "tokens", "fbank")  # issues 4, 3 and 5
 # issue 7's ratios, the tiling that sets issue 4's default, the MLP backward's GELU pass and the
 # MLP with GELU in its matmuls (issue 6: fused_matmul stays off until this row says it pays)
-SECOND_BENCHES = ("mae_ast", "window_tiling", "gelu_grad", "gelu_matmul")
+# and (short, new on 2026-11-27) the Linears' bias gradients and the host's time per launch
+SECOND_BENCHES = ("mae_ast", "window_tiling", "gelu_grad", "gelu_matmul", "column_sum", "launch_overhead")
 BENCH_TIMEOUTS = {"window_attention": 180, "tokens": 90, "window_tiling": 90, "post_norm": 90, "mae_ast": 180}
 # About how long each part took on the H100 and the H200 (2026-11-27), with some margin: a part is
 # started only when the budget left covers most of it (a part cut by its timeout loses all its
@@ -98,7 +100,7 @@ EXPECTED_S = {"build": 45, "tests": 150, "bench-window_attention": 110, "bench-t
               "ncu": 70, "models-pretrain": 60, "profile": 25, "parity": 55, "bench-mae_ast": 100, "bench-window_tiling": 25,
               "bench-gelu_grad": 25, "bench-gelu_matmul": 20, "models-pretrain-compiled": 230, "bench-post_norm": 30,
               "models-finetune": 60, "models-embed": 30, "models-finetune-compiled": 200, "profile-compiled": 150,
-              "bench-column_sum": 20}
+              "bench-column_sum": 20, "bench-launch_overhead": 15}
 
 
 def plan(work: Path) -> list[dict]:

@@ -1,0 +1,106 @@
+"""Benchmark: the host's time per launch, which bounds every eager (not graph-replayed) row.
+
+At the issues' shapes the token kernels move their bytes in about 8 us, yet an eager call of the
+gather forward took 84 us on the H200 (2026-11-27): the host's time, not the GPU's. This suite
+splits that time, each row timed as a host loop of back-to-back calls on tiny tensors (the GPU
+never the bottleneck) and reported per call:
+- ``torch_add``: one small PyTorch op (``x + 1``), the dispatcher and allocator's cost;
+- ``triton_one_arg``: a Triton kernel with one pointer argument (``JITFunction.run``: argument
+  specialization, cache lookup, driver launch);
+- ``triton_many_args``: the same kernel shape with the gather kernel's 19 arguments (the binder's
+  cost grows with the arguments it specializes);
+- ``gather_launcher``: ``kernels.gather_tokens._gather_forward`` (checks, output, one launch);
+- ``gather_tokens``: the public op with ``check_indices=False``, as the models call it (adds the
+  autograd.Function);
+- ``official_gather``: the official path's ``torch.gather(x + pos, 1, index.repeat(...))``.
+
+No floor: these are host costs. On the CPU (smoke test) the Triton rows run through the
+interpreter, whose figures say nothing about a GPU's launch path.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+import triton
+import triton.language as tl
+
+from benches.harness import device_info
+
+SUITE = "launch_overhead"
+
+
+@triton.jit
+def _touch_kernel(ptr):
+    tl.store(ptr + tl.program_id(0), 1.0)
+
+
+@triton.jit
+def _touch_many_kernel(ptr, a_ptr, b_ptr, c_ptr, n0, n1, n2, n3, s0, s1, s2, s3, s4, s5, s6, s7,
+                       FLAG: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    tl.store(ptr + tl.program_id(0), 1.0)
+
+
+def _impls(device: torch.device) -> dict:
+    from kernels.gather_tokens import _gather_forward, gather_tokens
+
+    B, L, K, C = 2, 16, 4, 32
+    x = torch.randn(B, L, C, device=device, requires_grad=True)
+    pos = torch.randn(1, L, C, device=device)
+    ids = torch.rand(B, L, device=device).argsort(1)[:, :K]
+    small = torch.zeros(16, device=device)
+    return {
+        "torch_add": lambda: small + 1,
+        "triton_one_arg": lambda: _touch_kernel[(1,)](small),
+        "triton_many_args": lambda: _touch_many_kernel[(1,)](small, small, small, small, 1, 2, 3, 4, 5, 6, 7, 8, 9,
+                                                             10, 11, 12, FLAG=True, ACC=tl.float32, BLOCK=16),
+        "gather_launcher": lambda: _gather_forward(x.detach(), ids, pos[0]),  # the table as the op passes it
+        "gather_tokens": lambda: gather_tokens(x, ids, pos, check_indices=False),
+        "official_gather": lambda: torch.gather(x + pos, 1, ids[..., None].repeat(1, 1, C)),
+    }
+
+
+def _host_us(fn, device: torch.device, calls: int, rounds: int = 5) -> float:
+    """Median over rounds of the mean host time per call of ``calls`` back-to-back calls."""
+    for _ in range(3):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    per_call = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        per_call.append((time.perf_counter() - start) / calls * 1e6)
+    return sorted(per_call)[len(per_call) // 2]
+
+
+def run(device="cuda", quick: bool = False) -> list[dict]:
+    device = torch.device(device)
+    calls = 20 if quick or device.type != "cuda" else 1000
+    info = device_info(device)
+    rows = []
+    for impl, fn in _impls(device).items():
+        try:
+            us = _host_us(fn, device, calls)
+        except Exception as e:  # a row that cannot run says why; the others still measure
+            rows.append({"suite": SUITE, "name": "host time per call", "impl": impl, "shape": "tiny",
+                         "dtype": "float32", "median_ms": None, "unavailable": f"{type(e).__name__}: {e}", **info})
+            continue
+        rows.append({"suite": SUITE, "name": "host time per call", "impl": impl, "shape": "tiny", "dtype": "float32",
+                     "median_ms": us / 1e3, "host_us_per_call": us, **info})
+    base = next((r["median_ms"] for r in rows if r["impl"] == "torch_add" and r.get("median_ms")), None)
+    for r in rows:
+        if base and r.get("median_ms"):
+            r["vs_torch_add"] = r["median_ms"] / base
+    return rows
+
+
+if __name__ == "__main__":
+    import sys
+
+    dev = sys.argv[1] if len(sys.argv) > 1 else ("cuda" if torch.cuda.is_available() else "cpu")
+    for r in run(dev, quick="--quick" in sys.argv):
+        print(f"{r['impl']:18s} " + (f"{r['host_us_per_call']:8.1f} us per call" if r.get("median_ms") else r["unavailable"]))
