@@ -18,7 +18,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benches.harness import copy_bandwidth_gbps, device_info, graphed, memory_floor_ms, time_fn
+from benches.harness import copy_bandwidth_gbps, device_info, memory_floor_ms, time_against_official
 from kernels.column_sum import column_sum
 
 SUITE = "column_sum"
@@ -35,7 +35,6 @@ IMPLS = {"official": lambda g: g.sum(0), "kernel": column_sum}
 
 def run(device="cuda", quick: bool = False) -> list[dict]:
     device = torch.device(device)
-    warmup, reps = (2, 5) if quick else (10, 50)
     bandwidth = copy_bandwidth_gbps(str(device))
     rows = []
     for R, C, dtype in _shapes(device):
@@ -45,18 +44,8 @@ def run(device="cuda", quick: bool = False) -> list[dict]:
         common = {"suite": SUITE, "name": "bias gradient (column sum)", "shape": f"R={R} C={C}",
                   "dtype": str(dtype).removeprefix("torch."), "bytes": nbytes, "floor_ms": floor,
                   "copy_gbps": bandwidth, **device_info(device)}
-        timed = list(IMPLS.items())
-        if device.type == "cuda":
-            timed += [(f"{impl}_graph", fn) for impl, fn in IMPLS.items()]
-        official_ms = {}
-        for impl, fn in timed:
-            graph = impl.endswith("_graph")
-            step = lambda fn=fn: fn(g)  # noqa: E731
-            t = time_fn(graphed(step) if graph else step, device, warmup=warmup, reps=reps, measure_memory=not graph)
-            official_ms.setdefault(graph, t.median_ms)
-            rows.append({**common, "impl": impl, "median_ms": t.median_ms, "min_ms": t.min_ms,
-                         "peak_mem_bytes": t.peak_mem_bytes, "fraction_of_copy_bandwidth": floor / t.median_ms,
-                         "speedup_vs_official": official_ms[graph] / t.median_ms})
+        rows += time_against_official(common, {impl: (lambda fn=fn: fn(g)) for impl, fn in IMPLS.items()},
+                                      device, quick)
     return rows
 
 

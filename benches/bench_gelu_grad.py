@@ -20,7 +20,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benches.harness import copy_bandwidth_gbps, device_info, graphed, memory_floor_ms, time_fn
+from benches.harness import copy_bandwidth_gbps, device_info, memory_floor_ms, time_against_official
 from kernels.gelu_grad import gelu_and_grad, gelu_and_grad_reference
 
 SUITE = "gelu_grad"
@@ -63,21 +63,8 @@ def run(device="cuda", quick: bool = False) -> list[dict]:
     common = {"suite": SUITE, "name": "gelu_grad fwd+bwd", "shape": f"M={rows_} H={cols}",
               "dtype": str(dtype).removeprefix("torch."), "bytes": nbytes, "floor_ms": floor,
               "copy_gbps": copy_bandwidth_gbps(str(device)), **device_info(device)}
-    impls = _impls(device)
-    timed = list(impls.items())
-    if device.type == "cuda":
-        timed += [(f"{impl}_graph", impls[impl]) for impl in ("official", "kernel")]
-    warmup, reps = (2, 5) if quick else (10, 50)
-    rows, official_ms = [], {}
-    for impl, fn in timed:
-        graph = impl.endswith("_graph")
-        step = lambda fn=fn: fn(hidden, grad_act)  # noqa: E731
-        t = time_fn(graphed(step) if graph else step, device, warmup=warmup, reps=reps, measure_memory=not graph)
-        official_ms.setdefault(graph, t.median_ms)
-        rows.append({**common, "impl": impl, "median_ms": t.median_ms, "min_ms": t.min_ms,
-                     "peak_mem_bytes": t.peak_mem_bytes, "fraction_of_copy_bandwidth": floor / t.median_ms,
-                     "speedup_vs_official": official_ms[graph] / t.median_ms})
-    return rows
+    steps = {impl: (lambda fn=fn: fn(hidden, grad_act)) for impl, fn in _impls(device).items()}
+    return time_against_official(common, steps, device, quick)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -18,9 +18,10 @@ graphed rows are the ones that measure the kernels against the copy bandwidth, a
 what a caller sees. ``kernel_scan_bwd_graph`` and ``kernel_fill_scatter_bwd_graph`` (CUDA,
 gather fwd+bwd) replay the gather with its backward forced to a strategy the default replaced at
 this shape (``kernels.gather_tokens.scatters_owned_rows``): the scan of every table row, and a
-zero fill by torch before the scatter; all side by side in one run. ``official_graph_back_to_back`` and ``kernel_graph_back_to_back`` capture every
-input set's call in one graph and report the time per call (``BackToBack``): the op as it runs
-inside a training step's graph, without the gap between two graph launches.
+zero fill by torch before the scatter; all side by side in one run.
+``official_graph_back_to_back`` and ``kernel_graph_back_to_back`` capture every input set's call
+in one graph and report the time per call (``BackToBack``): the op as it runs inside a training
+step's graph, without the gap between two graph launches.
 
 Fresh inputs: each case builds several independent input sets (``INPUT_SETS_BYTES`` of them
 in all on CUDA, well past an H100's 50 MB L2; two on the CPU) and every call, eager or replayed,

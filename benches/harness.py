@@ -83,6 +83,27 @@ def time_fn(fn: Callable[[], object], device: torch.device | str, *, warmup: int
     return Timing(statistics.median(times), min(times), reps, peak)
 
 
+def time_against_official(common: dict, steps: dict[str, Callable[[], object]], device: torch.device,
+                          quick: bool, graphed_impls: tuple[str, ...] = ("official", "kernel")) -> list[dict]:
+    """One row per impl of ``steps`` (the first is the baseline), and on CUDA one more per impl
+    of ``graphed_impls`` replayed from a CUDA graph (``<impl>_graph``): median and min ms, the
+    extra memory of an eager call, the fraction of copy bandwidth (``common["floor_ms"]`` over
+    the median) and the speed-up over the first impl timed the same way (eager or replayed)."""
+    timed = list(steps.items())
+    if device.type == "cuda":
+        timed += [(f"{impl}_graph", steps[impl]) for impl in graphed_impls]
+    warmup, reps = (2, 5) if quick else (10, 50)
+    rows, baseline_ms = [], {}
+    for impl, step in timed:
+        graph = impl.endswith("_graph")
+        t = time_fn(graphed(step) if graph else step, device, warmup=warmup, reps=reps, measure_memory=not graph)
+        baseline_ms.setdefault(graph, t.median_ms)
+        rows.append({**common, "impl": impl, "median_ms": t.median_ms, "min_ms": t.min_ms,
+                     "peak_mem_bytes": t.peak_mem_bytes, "fraction_of_copy_bandwidth": common["floor_ms"] / t.median_ms,
+                     "speedup_vs_official": baseline_ms[graph] / t.median_ms})
+    return rows
+
+
 def live_at_peak(trace: list[dict]) -> tuple[int, list[dict]]:
     """(peak bytes, the allocations live at that peak, largest first) over an allocator trace
     (``torch.cuda.memory._snapshot()["device_traces"][i]``): "alloc" adds a block, its first
@@ -110,7 +131,9 @@ PROJECT_DIRS = ("/kernels/", "/audiomae/", "/benches/", "/tests/")
 
 
 def _is_python_frame(frame: dict) -> bool:
-    return str(frame.get("filename", "")).endswith(".py")
+    """A Python frame: a source file, or code without one (``<string>``, ``<eval_with_key>``)."""
+    filename = str(frame.get("filename", ""))
+    return filename.endswith(".py") or (filename.startswith("<") and filename != "<unknown>")
 
 
 def _allocation_site(frames: list[dict]) -> str:
@@ -124,7 +147,7 @@ def _allocation_site(frames: list[dict]) -> str:
     frame = (own or python or [None])[0]
     if frame is not None:
         return f"{frame['filename'].rsplit('/', 1)[-1]}:{frame['line']} {frame['name']}"
-    native = [f["name"][:NAME_CHARS] for f in frames if not _is_python_frame(f) and not _plumbing_frame(f)]
+    native = [_function_name(f) for f in frames if not _is_python_frame(f) and not _plumbing_frame(f)]
     site = "C++ (no Python frame: an ATen op or the autograd engine)"
     return site + (": " + " <- ".join(native[:CPP_FRAMES]) if native else "")
 
@@ -132,15 +155,34 @@ def _allocation_site(frames: list[dict]) -> str:
 # C++ frames shown for an allocation without a Python frame, after the allocator's, the unwinder's
 # and the dispatcher's own (which say nothing about which op asked).
 CPP_FRAMES = 8
-NAME_CHARS = 90  # a demangled name with its argument list runs to hundreds of characters
 PLUMBING_FRAMES = ("c10::cuda::CUDACachingAllocator", "c10::CachingDeviceAllocator", "c10::CapturedTraceback",
-                   "torch::CapturedTraceback", "unwind", "_Unwind", "c10::Dispatcher", "c10::impl::",
-                   "c10::KernelFunction", "c10::BoxedKernel", "c10::OperatorHandle", "std::")
+                   "torch::CapturedTraceback", "torch::cuda::(anonymous namespace)::gather", "unwind", "_Unwind",
+                   "c10::Dispatcher", "c10::impl::", "c10::KernelFunction", "c10::BoxedKernel", "c10::OperatorHandle",
+                   "std::", "pthread_", "__clone", "start_thread")
+
+
+def _function_name(frame: dict) -> str:
+    """A C++ frame's function without its argument list (which runs to hundreds of characters) or
+    its return type (``void f<...>(...)`` gives ``f<...>``)."""
+    name = str(frame.get("name", ""))
+    depth, cut = 0, len(name)
+    for i, ch in enumerate(name):  # the first "(" outside template brackets opens the arguments
+        depth += (ch == "<") - (ch == ">")
+        if ch == "(" and depth == 0 and not name.startswith("(anonymous", i):
+            cut = i
+            break
+    head = name[:cut]
+    depth = 0
+    for i in range(len(head) - 1, -1, -1):  # a return type ends at the last space outside brackets
+        depth += (head[i] in ">)") - (head[i] in "<(")
+        if head[i] == " " and depth == 0:
+            return head[i + 1:]
+    return head
 
 
 def _plumbing_frame(frame: dict) -> bool:
-    name = str(frame.get("name", ""))
-    return not name or name.startswith("?") or any(part in name for part in PLUMBING_FRAMES)
+    name = _function_name(frame)
+    return not name or name.startswith("?") or name.startswith(PLUMBING_FRAMES)
 
 
 def peak_holders(fn: Callable[[], object], device: torch.device | str, top: int = 8, cpp: bool = False) -> list[str]:

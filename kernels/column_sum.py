@@ -14,22 +14,26 @@ partials in a buffer it allocates per call: on the H200 (2026-11-27) ``g.sum(0)`
 decoder block's backward (``benches.harness.peak_holders``: the autograd engine's ``_sum_to`` of
 the projection's bias). Here each program adds a run of rows of BLOCK_C columns into float32
 registers and writes one partial row; a second launch adds the partials in order. Scratch: the
-partials, one float32 row segment per program of the first launch (at most PROGRAMS x 256
-floats, 512 KiB).
+partials, one row segment per program of the first launch (about PROGRAMS x 256 sums: 512 KiB
+in float32, twice that in float64; a single row of C for the widest inputs).
 
 Strides: any ``x`` viewable as [R, C] is read in place (a contiguous tensor, a row slice); others
-are copied first. CUDA tensors run the Triton kernels; CPU tensors ``kernels.reference`` unless
-``TRITON_INTERPRET=1``. Registered as ``audiomae::column_sum`` (with a fake and a gradient:
-the incoming [C] gradient broadcast over ``x``'s shape) for tracers; eager calls that need no
-gradient reach the launcher directly (``kernels._dispatch.needs_custom_op``).
+are copied first (``reshape``). Widths up to 65535 x 256 columns (the launch grid's second
+axis). CUDA tensors run the Triton kernels; CPU tensors ``kernels.reference`` unless
+``TRITON_INTERPRET=1``. Registered as ``audiomae::column_sum`` (on a [R, C] tensor, with a fake
+and a gradient: the incoming [C] gradient broadcast over ``x``'s shape) for tracers; eager calls
+that need no gradient reach the launcher directly (``kernels._dispatch.needs_custom_op``).
 
 ``linear(x, weight, bias=None)``
     ``F.linear(x, weight, bias)`` whose bias gradient is ``column_sum`` of the output's gradient
     (rounded to the output's dtype, then cast to the bias's, as autocast's cast back does): the
     same values as ``F.linear``, forward and backward, up to the order of that sum. The forward is
-    ``F.linear`` itself (the bias added in the matmul's epilogue) with the bias detached, followed
-    by an identity that routes the bias's gradient. Plain ``F.linear`` where nothing is gained or
-    nothing may run eagerly: no bias or none that needs a gradient, CPU tensors without the
+    ``F.linear`` itself on ``x`` as [R, C_in] (the bias added in the matmul's epilogue, detached),
+    whose [R, C_out] output an autograd.Function then claims as its own (``mark_dirty``: no copy,
+    no view) so that the bias gets its gradient from it; the result is that output viewed as
+    ``[..., C_out]``, which in-place ops may modify as they may ``F.linear``'s. Plain
+    ``F.linear`` where nothing is gained or nothing may run eagerly: no bias or none that needs a
+    gradient, dtypes other than float16, bfloat16, float32 and float64, CPU tensors without the
     interpreter, and under tracers (``torch.compile`` makes its own reductions).
 """
 from __future__ import annotations
@@ -42,13 +46,13 @@ import triton
 import triton.language as tl
 
 from kernels._dispatch import _batched, needs_custom_op, on_tensors_device, use_triton
-from kernels.gather_tokens import FLOAT_DTYPES, cdiv, next_power_of_2
+from kernels.gather_tokens import FLOAT_DTYPES, TL_DTYPES, cdiv, row_tile
 from kernels.reference import column_sum as reference
 
 # Programs of the first pass: about four per SM of an H100 or H200 (132 SMs), so that every SM
 # streams rows; each writes one partial row, so more programs cost more partials to add.
 PROGRAMS = 512
-TL_ACC = {torch.float32: tl.float32, torch.float64: tl.float64}
+MAX_COLUMN_BLOCKS = 65535  # the launch grid's second axis
 
 
 @triton.jit
@@ -89,11 +93,10 @@ def _column_finish_kernel(partial_ptr, out_ptr, splits, C, ACC_DTYPE: tl.constex
 
 
 def launch_plan(rows: int, channels: int) -> tuple[int, int, int, int]:
-    """(BLOCK_R, BLOCK_C, splits, rows per split): 4096-element tiles up to 256 columns wide (a
-    bf16 row segment of 512 contiguous bytes), and as many row runs as give about PROGRAMS
-    programs, each run a whole number of tiles."""
-    block_c = min(256, next_power_of_2(max(channels, 1)))
-    block_r = max(1, min(64, 4096 // block_c))
+    """(BLOCK_R, BLOCK_C, splits, rows per split): the streaming tile of ``row_tile`` (up to 256
+    columns, a bf16 row segment of 512 contiguous bytes), and as many row runs as give about
+    PROGRAMS programs, each run a whole number of tiles."""
+    block_r, block_c = row_tile(max(channels, 1))
     tiles = cdiv(rows, block_r)
     splits = max(1, min(tiles, PROGRAMS // cdiv(channels, block_c)))
     per_split = cdiv(tiles, splits) * block_r
@@ -114,20 +117,27 @@ def _column_sum_launch(x2: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     partials = torch.empty((splits, C), dtype=acc, device=x2.device)
     _column_partials_kernel[(splits, cdiv(C, block_c))](
         x2, partials, R, C, per_split, *x2.stride(),
-        ACC_DTYPE=TL_ACC[acc], BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4)
+        ACC_DTYPE=TL_DTYPES[acc], BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4)
     finish_c = min(128, block_c)
     _column_finish_kernel[(cdiv(C, finish_c),)](
-        partials, out, splits, C, ACC_DTYPE=TL_ACC[acc], BLOCK_S=32, BLOCK_C=finish_c, num_warps=4)
+        partials, out, splits, C, ACC_DTYPE=TL_DTYPES[acc], BLOCK_S=32, BLOCK_C=finish_c, num_warps=4)
     return out
+
+
+def _check_rows(x: torch.Tensor) -> None:
+    if x.dim() != 2:
+        raise ValueError(f"audiomae::column_sum takes a [R, C] tensor, got shape {tuple(x.shape)}")
 
 
 @torch.library.custom_op("audiomae::column_sum", mutates_args=())
 def _column_sum_op(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    _check_rows(x)
     return _column_sum_launch(x, dtype)
 
 
 @_column_sum_op.register_fake
 def _(x, dtype):
+    _check_rows(x)
     return x.new_empty((x.shape[1],), dtype=dtype)
 
 
@@ -144,12 +154,9 @@ _column_sum_op.register_autograd(_op_backward, setup_context=_op_setup_context)
 
 
 def _as_rows(x: torch.Tensor) -> torch.Tensor:
-    """``x`` as a [R, C] view where its strides allow one, else a contiguous copy."""
-    shape = (math.prod(x.shape[:-1]), x.shape[-1])
-    try:
-        return x.view(shape)
-    except RuntimeError:  # leading dims that no single row stride spans
-        return x.reshape(shape)
+    """``x`` as [R, C]: a view where its strides allow one, else a contiguous copy (``reshape``,
+    which tracers follow, where a try of ``view`` would not trace)."""
+    return x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
 
 
 def column_sum(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -162,6 +169,8 @@ def column_sum(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tenso
         raise TypeError(f"x has dtype {x.dtype}; supported: float16, bfloat16, float32, float64")
     if dtype is not None and (not isinstance(dtype, torch.dtype) or dtype not in FLOAT_DTYPES):
         raise TypeError(f"dtype must be None or one of float16, bfloat16, float32, float64, got {dtype!r}")
+    if cdiv(x.shape[-1], 256) > MAX_COLUMN_BLOCKS:
+        raise ValueError(f"column_sum takes at most {MAX_COLUMN_BLOCKS * 256} columns, got {x.shape[-1]}")
     dtype = dtype or x.dtype
     if not use_triton(x):
         return reference.column_sum(x, dtype)
@@ -172,18 +181,22 @@ def column_sum(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tenso
 
 
 class _BiasGradient(torch.autograd.Function):
-    """The identity on a Linear's output ``y`` that gives ``bias`` its gradient: ``column_sum`` of
-    ``y``'s, in ``y``'s dtype, cast to ``bias``'s."""
+    """Claims a Linear's [R, C_out] output ``y`` (made with the bias detached) as this Function's
+    own and gives ``bias`` its gradient: ``column_sum`` of ``y``'s, in ``y``'s dtype, cast to
+    ``bias``'s. ``mark_dirty`` rather than a view: the output stays ``y`` itself, so it still owns
+    its memory (``window_attention(overwrite_qkv=True)`` may write the gradient over it) and in-place
+    ops on it stay legal; nothing saved ``y`` (a matmul keeps its inputs, not its output)."""
 
     @staticmethod
     def forward(ctx, y, bias):
         ctx.bias_dtype = bias.dtype
-        return y.view_as(y)
+        ctx.mark_dirty(y)
+        return y
 
     @staticmethod
     def backward(ctx, grad):
         if torch.is_grad_enabled() or _batched(grad):  # create_graph=True or vmap: torch's own sum
-            grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0)
+            grad_bias = grad.sum(0)
         else:
             grad_bias = column_sum(grad)
         return grad, grad_bias.to(ctx.bias_dtype)
@@ -192,6 +205,9 @@ class _BiasGradient(torch.autograd.Function):
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` with the bias gradient by ``column_sum`` (see the module docstring)."""
     if (bias is None or not (bias.requires_grad and torch.is_grad_enabled()) or not use_triton(x)
-            or needs_custom_op()):
+            or needs_custom_op() or x.dtype not in FLOAT_DTYPES or bias.dtype not in FLOAT_DTYPES):
         return F.linear(x, weight, bias)
-    return _BiasGradient.apply(F.linear(x, weight, bias.detach()), bias)
+    # [R, C_in] so that the matmul's output is a tensor of its own, not a view (F.linear views a
+    # 3-D input's product), which the Function can claim without autograd's copy-on-view machinery.
+    rows = F.linear(x.reshape(math.prod(x.shape[:-1]), x.shape[-1]), weight, bias.detach())
+    return _BiasGradient.apply(rows, bias).view(*x.shape[:-1], rows.shape[-1])

@@ -23,7 +23,8 @@ rows than kept ones, the backward scatters each kept row once and stores zeros t
 position reads, in one launch; otherwise one kernel writes every row, zeros included, from a scan
 of the index row (``scatters_owned_rows`` says why; both give the same bits). An index listed
 twice in one sequence is correct: its gradients are summed in list order, so the result is
-deterministic; each repeat costs the backward one more scan of the index row. No atomics anywhere. Double backward is not supported.
+deterministic; each repeat costs the backward one more scan of the index row. No atomics
+anywhere. Double backward is not supported.
 
 Index checks: a wrong index dtype or shape is a TypeError / ValueError before anything runs.
 Values outside [0, L) are a ValueError too, which costs one min/max reduction and one host sync

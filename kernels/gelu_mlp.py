@@ -42,7 +42,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from kernels._dispatch import check_same_device, first_order_only, needs_custom_op, use_triton
+from kernels._dispatch import check_same_device, first_order_only, needs_custom_op
 from kernels.column_sum import column_sum
 from kernels.gelu_grad import gelu_and_grad
 from kernels.gelu_matmul import linear_gelu, linear_gelu_backward
@@ -65,7 +65,7 @@ def _linear_backward(grad2d, inp2d, weight, need_input, need_weight, need_bias, 
     grad_input = (grad2d @ weight).view(*input_shape[:-1], weight.shape[1]) if need_input else None
     grad_weight = grad2d.t() @ inp2d if need_weight else None
     # column_sum: the sum(0) without the staging buffer torch's reduction allocates (4x the input)
-    grad_bias = (column_sum(grad2d) if use_triton(grad2d) else grad2d.sum(0)) if need_bias else None
+    grad_bias = column_sum(grad2d) if need_bias else None
     return grad_input, grad_weight, grad_bias
 
 

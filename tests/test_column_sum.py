@@ -96,6 +96,9 @@ def test_bad_input_is_refused_before_any_kernel():
         column_sum(torch.ones(3, 4, device=DEVICE), torch.int32)
     with pytest.raises(TypeError, match="torch.Tensor"):
         column_sum([1.0, 2.0])
+    too_wide = torch.zeros(1, device=DEVICE).expand(2, 65535 * 256 + 1)  # no memory behind it
+    with pytest.raises(ValueError, match="at most 16776960 columns"):
+        column_sum(too_wide)
 
 
 def test_gradient_through_the_op(seed):
@@ -111,7 +114,30 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.audiomae.column_sum, (x.bfloat16().requires_grad_(), torch.float32))
 
 
+def test_traced_with_an_input_that_needs_a_copy(seed):
+    # A view that no [R, C] view spans goes through reshape, which tracers follow.
+    x = torch.randn(6, 10, 40, device=DEVICE)[:, ::3]
+    compiled = torch.compile(lambda t: column_sum(t) * 2, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x), 2 * x.sum((0, 1)), rtol=1e-5, atol=1e-5)
+
+
+def test_the_op_takes_rows_and_columns_only():
+    with pytest.raises(ValueError, match=r"\[R, C\] tensor, got shape \(2, 3, 4\)"):
+        torch.ops.audiomae.column_sum(torch.ones(2, 3, 4, device=DEVICE), torch.float32)
+
+
 # ------------------------------------------------------------------------------------- linear
+def routes_bias_gradient(out: torch.Tensor) -> bool:
+    """Whether ``out``'s graph holds the Function that gives the bias its gradient by column_sum
+    (behind the view back to [..., C_out])."""
+    fn = out.grad_fn
+    seen = []
+    while fn is not None and len(seen) < 3:
+        seen.append(type(fn).__name__)
+        fn = fn.next_functions[0][0] if fn.next_functions else None
+    return any("BiasGradient" in name for name in seen)
+
+
 def linear_grads(fn, x, weight, bias, grad):
     inputs = [t for t in (x, weight, bias) if t is not None and t.requires_grad]
     out = fn(x, weight, bias)
@@ -127,7 +153,7 @@ def test_linear_equals_f_linear(seed, dtype):
     out, (gx, gw, gb) = linear_grads(linear, x, weight, bias, grad)
     want, (wx, ww, wb) = linear_grads(F.linear, x, weight, bias, grad)
     assert torch.equal(out, want) and torch.equal(gx, wx) and torch.equal(gw, ww)
-    assert out.grad_fn is not None and "BiasGradient" in type(out.grad_fn).__name__
+    assert routes_bias_gradient(out)
     torch.testing.assert_close(gb, grad.sum((0, 1)), rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype] * 10)
 
 
@@ -152,10 +178,31 @@ def test_linear_takes_f_linear_where_nothing_is_gained(seed):
     frozen = torch.randn(3, device=DEVICE)
     for bias in (None, frozen):
         out = linear(x, weight, bias)
-        assert torch.equal(out, F.linear(x, weight, bias)) and "BiasGradient" not in type(out.grad_fn).__name__
+        assert torch.equal(out, F.linear(x, weight, bias)) and not routes_bias_gradient(out)
     with torch.no_grad():
         out = linear(x, weight, frozen.requires_grad_())
     assert out.grad_fn is None
+
+
+def test_linear_output_may_be_modified_in_place(seed):
+    x = torch.randn(3, 4, 8, device=DEVICE, requires_grad=True)
+    lin = torch.nn.Linear(8, 5).to(DEVICE)
+    grads = {}
+    for name, fn in (("linear", linear), ("f_linear", F.linear)):
+        out = fn(x, lin.weight, lin.bias).relu_()
+        grads[name] = torch.autograd.grad(out.sum(), (x, lin.weight, lin.bias))
+    for got, want in zip(grads["linear"], grads["f_linear"]):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_linear_leaves_complex_tensors_to_f_linear():
+    x = torch.randn(2, 3, dtype=torch.complex64, device=DEVICE)
+    weight = torch.randn(4, 3, dtype=torch.complex64, device=DEVICE)
+    bias = torch.randn(4, dtype=torch.complex64, device=DEVICE, requires_grad=True)
+    out = linear(x, weight, bias)
+    assert not routes_bias_gradient(out)
+    out.abs().sum().backward()
+    assert bias.grad is not None
 
 
 def test_linear_double_backward_uses_torchs_sum(seed):
@@ -174,13 +221,19 @@ def test_linear_output_feeds_an_in_place_overwrite_of_its_gradient(seed):
     x = torch.randn(2, 16, 8, device=DEVICE, requires_grad=True)
     lin = torch.nn.Linear(8, 96).to(DEVICE)  # two heads of 16
     args = dict(grid=(4, 4), window=(2, 2), shift=(1, 0), num_heads=2)
-    grads = {}
-    for name, fn in (("linear", linear), ("f_linear", F.linear)):
-        qkv = fn(x, lin.weight, lin.bias)
-        out = window_attention(qkv, overwrite_qkv=True, **args)
-        grads[name] = torch.autograd.grad(out.square().sum(), (x, lin.weight, lin.bias))
-    for got, want in zip(grads["linear"], grads["f_linear"]):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for frozen in (False, True):  # frozen: x and the weight fixed, the bias alone trained (BitFit)
+        x.requires_grad_(not frozen)
+        lin.weight.requires_grad_(not frozen)
+        inputs = (lin.bias,) if frozen else (x, lin.weight, lin.bias)
+        grads = {}
+        for name, fn in (("linear", linear), ("f_linear", F.linear)):
+            qkv = fn(x, lin.weight, lin.bias)
+            out = window_attention(qkv, overwrite_qkv=True, **args)
+            version = qkv._version
+            grads[name] = torch.autograd.grad(out.square().sum(), inputs)
+            assert qkv._version > version, (name, frozen)  # the gradient was written over qkv
+        for got, want in zip(grads["linear"], grads["f_linear"]):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------- GPU

@@ -45,12 +45,20 @@ def test_allocation_site_skips_the_harness_call_and_names_cpp_callers():
     test = {"filename": "/repo/tests/test_harness.py", "line": 50, "name": "step"}
     assert _allocation_site([test, harness]) == "test_harness.py:50 step"
     assert _allocation_site([harness]) == "harness.py:129 peak_holders"  # no other Python frame
-    native = [{"filename": "??", "line": 0, "name": "c10::cuda::CUDACachingAllocator::Native::malloc"},
-              {"filename": "/pytorch/aten/Blas.cpp", "line": 7, "name": "at::native::addmm_out_cuda_impl"},
-              {"filename": "??", "line": 0, "name": "c10::Dispatcher::call"},
-              {"filename": "/pytorch/autograd/engine.cpp", "line": 9, "name": "torch::autograd::Engine::evaluate_function"}]
-    assert _allocation_site(native) == ("C++ (no Python frame: an ATen op or the autograd engine): "
-                                        "at::native::addmm_out_cuda_impl <- torch::autograd::Engine::evaluate_function")
+    # Names as torch symbolizes them, argument lists and return types included (the H200's, 2026-11-27).
+    native = [{"filename": "??", "line": 0, "name": "torch::cuda::(anonymous namespace)::gather_with_cpp()"},
+              {"filename": "??", "line": 0, "name": "c10::cuda::CUDACachingAllocator::Native::malloc(void**, int, unsigned long)"},
+              {"filename": "??", "line": 0, "name": "void at::native::gpu_reduce_kernel<c10::BFloat16, float, 4, 8>"
+                                                     "(at::TensorIterator&, std::optional<long> const&)"},
+              {"filename": "??", "line": 0, "name": "at::Tensor at::_sum_to<c10::SymInt>(at::Tensor, c10::ArrayRef<c10::SymInt>, bool)"},
+              {"filename": "??", "line": 0, "name": "c10::Dispatcher::call(std::vector<long> const&)"},
+              {"filename": "/pytorch/autograd/engine.cpp", "line": 9,
+               "name": "torch::autograd::Engine::evaluate_function(std::shared_ptr<torch::autograd::GraphTask>&)"},
+              {"filename": "??", "line": 0, "name": "start_thread"}]
+    assert _allocation_site(native) == (
+        "C++ (no Python frame: an ATen op or the autograd engine): at::native::gpu_reduce_kernel<c10::BFloat16, "
+        "float, 4, 8> <- at::_sum_to<c10::SymInt> <- torch::autograd::Engine::evaluate_function")
+    assert _allocation_site([{"filename": "<string>", "line": 1, "name": "<module>"}] + native) == "<string>:1 <module>"
 
 
 @pytest.mark.gpu

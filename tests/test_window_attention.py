@@ -561,7 +561,7 @@ def test_gpu_frozen_tau_and_bias_leave_qkv_gradient_within_rounding(window, grid
         dqkv[frozen] = q.grad
     for frozen in (False, True):
         assert relative_error(dqkv[frozen], q64.grad) < TOLERANCE[torch.bfloat16], f"frozen={frozen}"
-    # A rounding difference moves an element by an ulp or two (2**-8 of it each), or by a little
+    # A rounding difference moves an element by an ulp or two (2**-8 to 2**-7 of it each), or by a little
     # of the largest gradient where a sum cancels; a wrong term moves far more.
     a, b = dqkv[True].double(), dqkv[False].double()
     diff = (a - b).abs()
