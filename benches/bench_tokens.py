@@ -18,7 +18,8 @@ graphed rows are the ones that measure the kernels against the copy bandwidth, a
 what a caller sees. ``kernel_scan_bwd_graph`` and ``kernel_fill_scatter_bwd_graph`` (CUDA,
 gather fwd+bwd) replay the gather with its backward forced to a strategy the default replaced at
 this shape (``kernels.gather_tokens.scatters_owned_rows``): the scan of every table row, and a
-zero fill by torch before the scatter; all side by side in one run.
+zero fill by torch before the scatter; ``kernel_scatter_<R>x<Z>x<C>x<warps>_graph`` the default
+strategy at each candidate tiling (``SCATTER_TILING_CANDIDATES``); all side by side in one run.
 ``official_graph_back_to_back`` and ``kernel_graph_back_to_back`` capture every input set's call
 in one graph and report the time per call (``BackToBack``): the op as it runs inside a training
 step's graph, without the gap between two graph launches.
@@ -44,7 +45,8 @@ import pytest
 import torch
 
 from benches.harness import copy_bandwidth_gbps, device_info, graphed, memory_floor_ms, time_fn
-from kernels.gather_tokens import _gather_forward, _scatter_owned_rows, gather_rows_backward, gather_tokens, gather_tokens_2d
+from kernels.gather_tokens import (SCATTER_TILING_CANDIDATES, _gather_forward, _scatter_owned_rows, gather_rows_backward,
+                                   gather_tokens, gather_tokens_2d)
 from kernels.reference import gather_tokens as gather_reference
 from kernels.reference import unshuffle_tokens as unshuffle_reference
 from kernels.unshuffle_tokens import unshuffle_tokens
@@ -193,14 +195,17 @@ def _case_makers(device: str, quick: bool):
 
 
 # The gather's fwd+bwd rows with the backward forced to the strategies the default replaced at
-# this shape, timed (replayed) beside it in the same run: impl name -> strategy.
-FORCED_BACKWARDS = {"kernel_scan_bwd": "scan", "kernel_fill_scatter_bwd": "fill_scatter"}
+# this shape, and to each candidate tiling of the default's scatter, timed (replayed) beside it in
+# the same run: impl name -> strategy.
+FORCED_BACKWARDS = {"kernel_scan_bwd": "scan", "kernel_fill_scatter_bwd": "fill_scatter",
+                    **{"kernel_scatter_" + "x".join(map(str, t)): t for t in SCATTER_TILING_CANDIDATES}}
 
 
 class _ForcedBackwardGather(torch.autograd.Function):
     """The gather with its backward forced to ``strategy``: ``"scan"`` writes every table row from
     a scan of its index row (``scatter=False``); ``"fill_scatter"`` zero-fills the table with torch
-    and then scatters the kept rows (the default until the zeros moved into the scatter's launch)."""
+    and then scatters the kept rows (the default until the zeros moved into the scatter's launch);
+    a tuple is a tiling of the default's scatter (``kernels.gather_tokens.SCATTER_TILING``)."""
 
     @staticmethod
     def forward(ctx, x, ids_keep, pos, strategy):
@@ -213,8 +218,10 @@ class _ForcedBackwardGather(torch.autograd.Function):
         (ids_keep,) = ctx.saved_tensors
         if ctx.strategy == "scan":
             grad_x, _ = gather_rows_backward(grad, ids_keep, ctx.num_rows, ctx.x_dtype, None, scatter=False)
-        else:
+        elif ctx.strategy == "fill_scatter":
             grad_x = _scatter_owned_rows(grad, ids_keep, ctx.num_rows, ctx.x_dtype, fill_first=True)
+        else:
+            grad_x = _scatter_owned_rows(grad, ids_keep, ctx.num_rows, ctx.x_dtype, tiling=ctx.strategy)
         return grad_x, None, None, None
 
 

@@ -179,6 +179,15 @@ def _gelu_matmul_case(dtype, M, K, N, J, approximate):
     linear_gelu_backward(x, w, b, g, w2, approximate, True, hidden=torch.randn(M, N, dtype=dtype))
 
 
+def _scatter_case(dtype, tiling):
+    """The gather's backward scatter (x's gradient alone) at the encoder's shape and a tiling."""
+    import torch
+
+    from kernels.gather_tokens import _scatter_owned_rows
+    ids = torch.stack([torch.randperm(512)[:102] for _ in range(2)])
+    _scatter_owned_rows(torch.randn(2, 102, 768, dtype=dtype), ids, 512, dtype, tiling=tiling)
+
+
 def _column_sum_case(dtype, rows, cols, out_dtype=None):
     import torch
 
@@ -226,6 +235,10 @@ def cases() -> dict:
     table["colsum-fp64"] = lambda: _column_sum_case(torch.float64, 1000, 768)
     table["colsum-odd-fp16"] = lambda: _column_sum_case(torch.float16, 37, 300, torch.float32)
     table["tokens-odd-channels"] = lambda: _tokens_case(torch.bfloat16, 1, 37, 5, 1000, pos=False)
+    # The scatter's tilings that benches/bench_tokens.py times on the GPU.
+    from kernels.gather_tokens import SCATTER_TILING_CANDIDATES
+    for tiling in SCATTER_TILING_CANDIDATES:
+        table["scatter-target-bf16-" + "x".join(map(str, tiling))] = lambda t=tiling: _scatter_case(torch.bfloat16, t)
     # float64 accumulates in float64: the widest tiles' registers.
     table["tokens-target-fp64-fixed-pos"] = lambda: _tokens_case(torch.float64, 2, 512, 102, 768, pos_grad=False)
     # The decoder's post-norm residual (fp32 stream, bf16 branch), and the edges: float64, odd and

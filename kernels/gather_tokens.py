@@ -396,27 +396,37 @@ def scatters_owned_rows(num_rows: int, list_len: int) -> bool:
     return num_rows > list_len
 
 
+# The scatter's tiles: list positions and zero rows a program, channels a program, warps. The
+# default (16, 32, 256, 4) is untimed against the others; benches/bench_tokens.py times every
+# candidate at the issue's shape (``kernel_scatter_<tiling>_graph``), so a GPU run can pick one.
+SCATTER_TILING = (16, 32, 256, 4)
+SCATTER_TILING_CANDIDATES = ((16, 32, 256, 4), (16, 16, 256, 4), (16, 32, 256, 8), (8, 16, 256, 4),
+                             (16, 32, 128, 4), (8, 16, 128, 2), (4, 8, 64, 1))
+
+
 def _scatter_owned_rows(grad: torch.Tensor, ids: torch.Tensor, num_rows: int, table_dtype: torch.dtype,
-                        fill_first: bool = False) -> torch.Tensor:
+                        fill_first: bool = False, tiling: tuple[int, int, int, int] | None = None) -> torch.Tensor:
     """``gather_rows_backward``'s ``grad_table`` by scatter and zeros: see ``scatters_owned_rows``.
     ``fill_first`` is the strategy this one replaced, kept for the benchmark's comparison: the
-    table zero-filled by torch first, then the scatter alone."""
+    table zero-filled by torch first, then the scatter alone. ``tiling``: (list positions, zero
+    rows, channels, warps) a program, default ``SCATTER_TILING`` (channels capped at C's power of
+    two); the benchmark's candidates. Every tiling gives the same bits."""
     B, N, C = grad.shape
     M = num_rows
     empty = torch.zeros if fill_first else torch.empty
     grad_table = empty((B, M, C), dtype=table_dtype, device=grad.device)
     if B * M * C == 0 or (fill_first and N == 0):
         return grad_table
-    block_r, block_z = 16, 32
+    block_r, block_z, block_c, num_warps = tiling or SCATTER_TILING
     block_n = min(128, next_power_of_2(max(N, 1)))  # the encoder's 102 kept positions in one pass
-    block_c = min(256, next_power_of_2(C))
+    block_c = min(block_c, next_power_of_2(C))
     list_blocks, zero_blocks = cdiv(N, block_r), 0 if fill_first else cdiv(M, block_z)
     _scatter_owned_rows_kernel[(B * (list_blocks + zero_blocks), cdiv(C, block_c))](
         grad, ids, grad_table,
         N, M, C, list_blocks, zero_blocks,
         *grad.stride(), *ids.stride(),
         ACC_DTYPE=TL_DTYPES[accumulate_dtype(grad.dtype)],
-        BLOCK_R=block_r, BLOCK_Z=block_z, BLOCK_N=block_n, BLOCK_C=block_c, num_warps=4,
+        BLOCK_R=block_r, BLOCK_Z=block_z, BLOCK_N=block_n, BLOCK_C=block_c, num_warps=num_warps,
     )
     return grad_table
 

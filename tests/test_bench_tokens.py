@@ -64,7 +64,7 @@ def test_a_failing_graph_row_is_an_error_row_and_the_rest_still_run(monkeypatch)
     assert timed["kernel_graph"]["speedup_vs_official"] is not None
 
 
-@pytest.mark.parametrize("strategy", sorted(bench_tokens.FORCED_BACKWARDS.values()))
+@pytest.mark.parametrize("strategy", list(bench_tokens.FORCED_BACKWARDS.values()), ids=str)
 def test_forced_backward_rows_compute_the_same_gradient(seed, strategy):
     """The A/B rows' gathers (backward forced to another strategy) give the default's gradient, bit for bit."""
     x = torch.randn(2, 30, 12, requires_grad=True)

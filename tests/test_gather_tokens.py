@@ -95,7 +95,7 @@ def test_gather_repeated_indices_sum_their_gradients(seed):
 def test_rows_backward_scatter_and_scan_give_the_same_bits(seed, B, L, N, C):
     # The two strategies of gather_rows_backward (scatter of owned rows with zeros for the rest,
     # and the scan of every table row) must sum the same gradients in the same order; so must the
-    # scatter over a zero-filled table that the benchmark times beside them. Repeats,
+    # scatter over a zero-filled table and at every tiling that the benchmark times beside them. Repeats,
     # out-of-range indices (check_indices=False: they feed nothing), a list longer than one scan
     # block (150), a table of several zero blocks (300, 70), a list longer than the table
     # (11 > 6) and an empty list included; every output starts poisoned.
@@ -108,6 +108,8 @@ def test_rows_backward_scatter_and_scan_give_the_same_bits(seed, B, L, N, C):
                for scatter in (True, False)}
     assert torch.equal(results[True], results[False])
     assert torch.equal(_scatter_owned_rows(grad, ids, L, torch.float32, fill_first=True), results[True])
+    for tiling in sys.modules["kernels.gather_tokens"].SCATTER_TILING_CANDIDATES:  # the benchmark's
+        assert torch.equal(_scatter_owned_rows(grad, ids, L, torch.float32, tiling=tiling), results[True]), tiling
     with pytest.raises(ValueError, match="scatter=True"):
         gather_rows_backward(grad, ids, L, torch.float32, torch.float32, scatter=True)
     want = torch.zeros(B, L, C, dtype=torch.float64, device=DEVICE)

@@ -25,6 +25,7 @@ KERNELS = {
     "gelu": {"_gelu_grad_kernel"},
     "gelumatmul": {"_linear_gelu_kernel", "_linear_gelu_backward_kernel"},
     "colsum": {"_column_partials_kernel", "_column_finish_kernel"},
+    "scatter": {"_scatter_owned_rows_kernel"},
 }
 
 
