@@ -20,6 +20,8 @@ gather fwd+bwd) replay the gather with its backward forced to a strategy the def
 this shape (``kernels.gather_tokens.scatters_owned_rows``): the scan of every table row, and a
 zero fill by torch before the scatter; ``kernel_scatter_<R>x<Z>x<C>x<warps>_graph`` the default
 strategy at each candidate tiling (``SCATTER_TILING_CANDIDATES``); all side by side in one run.
+``kernel_scatter_bwd_graph`` (CUDA, unshuffle fwd+bwd) replays the unshuffle with x's gradient
+by that scatter instead of its default scan.
 ``official_graph_back_to_back`` and ``kernel_graph_back_to_back`` capture every input set's call
 in one graph and report the time per call (``BackToBack``): the op as it runs inside a training
 step's graph, without the gap between two graph launches.
@@ -49,7 +51,7 @@ from kernels.gather_tokens import (SCATTER_TILING_CANDIDATES, _gather_forward, _
                                    gather_tokens, gather_tokens_2d)
 from kernels.reference import gather_tokens as gather_reference
 from kernels.reference import unshuffle_tokens as unshuffle_reference
-from kernels.unshuffle_tokens import unshuffle_tokens
+from kernels.unshuffle_tokens import _input_grads, _mask_pos_backward, _setup_context, _unshuffle_forward, unshuffle_tokens
 
 SUITE = "tokens"
 INPUT_SETS_BYTES = 256 * 2**20  # on CUDA: at least this many bytes touched over all input sets, in turn
@@ -187,6 +189,9 @@ def _case_makers(device: str, quick: bool):
             impls["kernel_custom_op"] = (
                 lambda: torch.ops.audiomae.unshuffle_tokens(kept, ids_restore, mask_token.reshape(C_u), pos[0]),
                 (kept, mask_token))
+            impls[UNSHUFFLE_SCATTER] = (
+                lambda: _ScatterBackwardUnshuffle.apply(kept, ids_restore, mask_token.reshape(C_u), pos[0]),
+                (kept, mask_token))
         return impls
 
     fwd = (B * K * C_u + C_u + L * C_u + B * L * C_u) * size + B * L * idx
@@ -225,6 +230,31 @@ class _ForcedBackwardGather(torch.autograd.Function):
         return grad_x, None, None, None
 
 
+# The unshuffle's fwd+bwd with x's gradient by the scatter (with zeros) instead of the default's
+# scan: the gather's winning strategy at the other shape (102 table rows, a 512-long list), timed
+# (replayed) beside the default.
+UNSHUFFLE_SCATTER = "kernel_scatter_bwd"
+
+
+def _unshuffle_backward_scattering(grad, ids_restore, num_kept, x_dtype, mask_dtype, pos_dtype):
+    """``kernels.unshuffle_tokens._unshuffle_backward`` with x's gradient from the scatter."""
+    grad_x = _scatter_owned_rows(grad, ids_restore, num_kept, x_dtype) if x_dtype is not None else None
+    return (grad_x, *_mask_pos_backward(grad, ids_restore, num_kept, mask_dtype, pos_dtype))
+
+
+class _ScatterBackwardUnshuffle(torch.autograd.Function):
+    """The unshuffle (mask token [C], positions [L, C]) with ``_unshuffle_backward_scattering``."""
+
+    @staticmethod
+    def forward(ctx, x, ids_restore, mask_token, pos_embed):
+        _setup_context(ctx, (x, ids_restore, mask_token, pos_embed), None)
+        return _unshuffle_forward(x, ids_restore, mask_token, pos_embed)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _input_grads(ctx, grad, _unshuffle_backward_scattering)
+
+
 def _forward_backward(forward, inputs):
     """forward + backward with a gradient drawn once, outside the timed step: making it inside would
     add a write of the output's size to every call the byte count does not include."""
@@ -237,14 +267,17 @@ def _forward_backward(forward, inputs):
     return step
 
 
+REPLAYED_BACKWARDS = {*FORCED_BACKWARDS, UNSHUFFLE_SCATTER}  # fwd+bwd rows, graph-replayed only
+
+
 def _timed_impls(impls: dict, pass_name: str, device: str):
     """(impl, make): ``make()`` gives the callable, each call of which takes the next input set;
     graph rows replay one graph per set, or all sets' calls in one (built, and captured, by make)."""
     for impl, per_set in impls.items():
-        if impl in FORCED_BACKWARDS and pass_name == "fwd":
+        if impl in REPLAYED_BACKWARDS and pass_name == "fwd":
             continue  # the same forward as kernel's
         fns = [forward if pass_name == "fwd" else _forward_backward(forward, inputs) for forward, inputs in per_set]
-        if impl in FORCED_BACKWARDS:  # replayed only: eagerly the host's launch time hides the kernels
+        if impl in REPLAYED_BACKWARDS:  # replayed only: eagerly the host's launch time hides the kernels
             yield impl + "_graph", lambda fns=fns: Rotation([graphed(fn) for fn in fns])
             continue
         yield impl, lambda fns=fns: Rotation(fns)

@@ -76,3 +76,20 @@ def test_forced_backward_rows_compute_the_same_gradient(seed, strategy):
     assert torch.equal(out, want)
     g = torch.randn_like(out)
     assert torch.equal(torch.autograd.grad(out, x, g)[0], torch.autograd.grad(want, x, g)[0])
+
+
+def test_unshuffle_scatter_row_computes_the_same_gradients(seed):
+    """The unshuffle A/B row (x's gradient by the scatter) gives the default's gradients, bit for bit."""
+    from kernels.unshuffle_tokens import unshuffle_tokens
+
+    B, L, K, C = 2, 40, 9, 12
+    x = torch.randn(B, K, C, requires_grad=True)
+    mask_token = torch.randn(C, requires_grad=True)
+    pos = torch.randn(L, C)
+    ids_restore = torch.rand(B, L).argsort(1).argsort(1)
+    out = bench_tokens._ScatterBackwardUnshuffle.apply(x, ids_restore, mask_token, pos)
+    want = unshuffle_tokens(x, ids_restore, mask_token, pos)
+    assert torch.equal(out, want)
+    g = torch.randn_like(out)
+    for got, expected in zip(torch.autograd.grad(out, (x, mask_token), g), torch.autograd.grad(want, (x, mask_token), g)):
+        assert torch.equal(got, expected)
