@@ -46,7 +46,7 @@ import triton
 import triton.language as tl
 
 from kernels._dispatch import _batched, needs_custom_op, on_tensors_device, use_triton
-from kernels.gather_tokens import FLOAT_DTYPES, TL_DTYPES, cdiv, row_tile
+from kernels.gather_tokens import FLOAT_DTYPES, TL_DTYPES, accumulate_dtype, cdiv, row_tile
 from kernels.reference import column_sum as reference
 
 # Programs of the first pass: about four per SM of an H100 or H200 (132 SMs), so that every SM
@@ -110,7 +110,7 @@ def _column_sum_launch(x2: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     out = torch.empty(C, dtype=dtype, device=x2.device)
     if C == 0:
         return out
-    acc = torch.float64 if torch.float64 in (x2.dtype, dtype) else torch.float32
+    acc = accumulate_dtype(torch.promote_types(x2.dtype, dtype))  # float64 when either is
     if R == 0:
         return out.zero_()
     block_r, block_c, splits, per_split = launch_plan(R, C)
