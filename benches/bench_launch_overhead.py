@@ -12,13 +12,22 @@ never the bottleneck) and reported per call:
 - ``gather_launcher``: ``kernels.gather_tokens._gather_forward`` (checks, output, one launch);
 - ``gather_tokens``: the public op with ``check_indices=False``, as the models call it (adds the
   autograd.Function);
-- ``official_gather``: the official path's ``torch.gather(x + pos, 1, index.repeat(...))``.
+- ``official_gather``: the official path's ``torch.gather(x + pos, 1, index.repeat(...))``;
+- the backward, whose eager cost was the larger mystery (gather fwd+bwd 420 to 500 us eager
+  against 35 us replayed, H200 2026-11-27, with one kernel in the backward):
+  ``autograd_identity_fwd_bwd`` (``torch.autograd.grad`` through a Python autograd.Function that
+  does nothing: the engine's and its device thread's cost), ``gather_backward_launcher`` (the
+  backward's launcher called directly), ``gather_backward_launcher_thread`` (the same, timed in a
+  second Python thread, as the engine runs a CUDA backward off the main thread),
+  ``gather_tokens_fwd_bwd`` and ``official_gather_fwd_bwd`` (the whole step each way). The
+  difference between the whole step and its parts is what no row explains.
 
 No floor: these are host costs. On the CPU (smoke test) the Triton rows run through the
 interpreter, whose figures say nothing about a GPU's launch path.
 """
 from __future__ import annotations
 
+import threading
 import time
 
 import torch
@@ -41,14 +50,31 @@ def _touch_many_kernel(ptr, a_ptr, b_ptr, c_ptr, n0, n1, n2, n3, s0, s1, s2, s3,
     tl.store(ptr + tl.program_id(0), 1.0)
 
 
+class _Identity(torch.autograd.Function):
+    """Nothing forward or backward: ``torch.autograd.grad`` through it costs the engine alone."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
 def _impls(device: torch.device) -> dict:
-    from kernels.gather_tokens import _gather_forward, gather_tokens
+    from kernels.gather_tokens import _gather_forward, gather_rows_backward, gather_tokens
 
     B, L, K, C = 2, 16, 4, 32
     x = torch.randn(B, L, C, device=device, requires_grad=True)
     pos = torch.randn(1, L, C, device=device)
     ids = torch.rand(B, L, device=device).argsort(1)[:, :K]
     small = torch.zeros(16, device=device)
+    grad = torch.randn(B, K, C, device=device)
+
+    def backward_launcher():
+        return gather_rows_backward(grad, ids, L, x.dtype, None)
+
     return {
         "torch_add": lambda: small + 1,
         "triton_one_arg": lambda: _touch_kernel[(1,)](small),
@@ -57,11 +83,39 @@ def _impls(device: torch.device) -> dict:
         "gather_launcher": lambda: _gather_forward(x.detach(), ids, pos[0]),  # the table as the op passes it
         "gather_tokens": lambda: gather_tokens(x, ids, pos, check_indices=False),
         "official_gather": lambda: torch.gather(x + pos, 1, ids[..., None].repeat(1, 1, C)),
+        "autograd_identity_fwd_bwd": lambda: torch.autograd.grad(_Identity.apply(x), (x,), x),
+        "gather_backward_launcher": backward_launcher,
+        "gather_backward_launcher_thread": _InThread(backward_launcher),
+        "gather_tokens_fwd_bwd": lambda: torch.autograd.grad(gather_tokens(x, ids, pos, check_indices=False), (x,), grad),
+        "official_gather_fwd_bwd": lambda: torch.autograd.grad(
+            torch.gather(x + pos, 1, ids[..., None].repeat(1, 1, C)), (x,), grad),
     }
+
+
+class _InThread:
+    """A row whose calls are timed in a second Python thread (``_host_us`` runs there whole)."""
+
+    def __init__(self, fn):
+        self.fn = fn
 
 
 def _host_us(fn, device: torch.device, calls: int, rounds: int = 5) -> float:
     """Median over rounds of the mean host time per call of ``calls`` back-to-back calls."""
+    if isinstance(fn, _InThread):
+        result = {}
+
+        def timed():
+            try:
+                result["us"] = _host_us(fn.fn, device, calls, rounds)
+            except Exception as e:  # re-raised in the caller's thread, where the row reports it
+                result["error"] = e
+
+        thread = threading.Thread(target=timed)
+        thread.start()
+        thread.join()
+        if "error" in result:
+            raise result["error"]
+        return result["us"]
     for _ in range(3):
         fn()
     if device.type == "cuda":
@@ -103,4 +157,4 @@ if __name__ == "__main__":
 
     dev = sys.argv[1] if len(sys.argv) > 1 else ("cuda" if torch.cuda.is_available() else "cpu")
     for r in run(dev, quick="--quick" in sys.argv):
-        print(f"{r['impl']:18s} " + (f"{r['host_us_per_call']:8.1f} us per call" if r.get("median_ms") else r["unavailable"]))
+        print(f"{r['impl']:32s} " + (f"{r['host_us_per_call']:8.1f} us per call" if r.get("median_ms") else r["unavailable"]))
