@@ -7,7 +7,7 @@ CPU target) 16 ten-second clips, quick: 4 one-second clips; CPU figures say noth
 Implementations:
 - ``cuda_kernel``: ``kernels.fbank(backend="cuda")``, one launch, float64 arithmetic inside;
   ``cuda_kernel_shape0``, ``cuda_kernel_shape2`` ... : the same kernel under its other launch shapes
-  (``kernels.fbank.LAUNCH_SHAPES``: frames per block, blocks per SM), candidates for the default.
+  (``LAUNCH_SHAPES`` in ``kernels/fbank.py``: frames per block, blocks per SM), candidates for the default.
 - ``torch_path``: ``kernels.fbank(backend="torch")``, batched torch, float64 up to the FFT (the public torch path).
 - ``torch_path_fp32`` / ``torch_path_fp32_compiled``: the same pipeline in float32 (not within 1e-3 on
   tones, see kernels/fbank.py), eager and under ``torch.compile``: the plain vectorised baseline.
@@ -77,7 +77,7 @@ def _impls(waveforms: torch.Tensor, device: str, quick: bool) -> dict:
         compiled = torch.compile(fp32_path)
         impls["torch_path_fp32_compiled"] = lambda: compiled(waveforms)
         impls["cuda_kernel"] = lambda: fbank(waveforms, backend="cuda", sample_frequency=SAMPLE_RATE, **AUDIOMAE_OPTIONS)
-        # The kernel's other launch shapes (kernels.fbank.LAUNCH_SHAPES), candidates for the default.
+        # The kernel's other launch shapes (LAUNCH_SHAPES in kernels/fbank.py), candidates for the default.
         for shape in (shape for shape in range(len(LAUNCH_SHAPES)) if shape != DEFAULT_LAUNCH_SHAPE):
             impls[f"cuda_kernel_shape{shape}"] = lambda shape=shape: _forced_shape(shape, waveforms)
     return impls
@@ -121,7 +121,7 @@ def run(device: str = "cuda", quick: bool = False) -> list[dict]:
             by_impl["torch_path_fp32_compiled"]["median_ms"] / by_impl["cuda_kernel"]["median_ms"])
     if "cuda_kernel" in by_impl:
         by_impl["cuda_kernel"].update(_traffic_rate(by_impl["cuda_kernel"]["median_ms"], num_clips * num_frames))
-    for row in rows:  # which of kernels.fbank.LAUNCH_SHAPES each kernel row ran (the default moves)
+    for row in rows:  # which of kernels/fbank.py's LAUNCH_SHAPES each kernel row ran (the default moves)
         if row["impl"] == "cuda_kernel":
             row["launch_shape"] = DEFAULT_LAUNCH_SHAPE
         elif row["impl"].startswith("cuda_kernel_shape"):

@@ -686,12 +686,19 @@ def fbank(
     generator: torch.Generator | None = None,
     **options,
 ):
-    """Kaldi fbank features of one clip ``[N]`` or a batch of clips ``[B, N]``; see the module docstring."""
+    """Kaldi fbank features of one clip ``[N]`` or a batch of clips ``[B, N]``; see the module docstring.
+
+    Returns ``[frames, bins]`` for one clip, ``[B, frames, bins]`` for a batch, and with ``lengths``
+    the pair ``(features, num_frames)``, ``num_frames`` ``[B]`` int64 each clip's frame count.
+    ``bins`` is ``num_mel_bins`` plus one with ``use_energy``."""
     if backend not in ("auto", "torch", "cuda"):
         raise ValueError(f"backend must be 'auto', 'torch' or 'cuda', got {backend!r}")
     unknown = sorted(set(options) - set(FbankOptions.__dataclass_fields__))
     if unknown:
         raise TypeError(f"fbank() got unknown option(s) {unknown}; torchaudio's names are {sorted(FbankOptions.__dataclass_fields__)}")
+    # A 0-dim tensor (a sample rate from a dataloader) as its Python number, as torchaudio's arithmetic takes it.
+    options = {name: value.item() if isinstance(value, torch.Tensor) and value.dim() == 0 else value
+               for name, value in options.items()}
     opts = replace(FbankOptions(), **options)
     opts.validate()
     if type(opts.num_mel_bins) is not int:  # a NumPy or torch integer: a plain int for the kernel's launcher

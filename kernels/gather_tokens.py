@@ -575,6 +575,8 @@ def _gather(x: torch.Tensor, ids_keep: torch.Tensor, pos: torch.Tensor | None) -
 # Public API
 # ----------------------------------------------------------------------------------------------
 def _check_tokens(x: torch.Tensor, pos_embed: torch.Tensor | None) -> torch.Tensor | None:
+    if not isinstance(x, torch.Tensor):  # check_floats skips None: optional inputs may be
+        raise TypeError(f"x must be a tensor [B, L, C], got {type(x).__name__}")
     check_floats(x=x, pos_embed=pos_embed)
     if x.dim() != 3:
         raise ValueError(f"x must be [B, L, C], got shape {tuple(x.shape)}")

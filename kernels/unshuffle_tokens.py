@@ -297,6 +297,8 @@ def unshuffle_tokens(
 
 def _checked_forms(x, ids_restore, mask_token, pos_embed) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Shape, dtype and device checks; ``mask_token`` as [C] and ``pos_embed`` as [L, C] views."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a tensor [B, K, C], got {type(x).__name__}")
     if not isinstance(mask_token, torch.Tensor):
         raise TypeError(f"mask_token must be a tensor [C] or [1, 1, C], got {type(mask_token).__name__}")
     check_floats(x=x, mask_token=mask_token, pos_embed=pos_embed)

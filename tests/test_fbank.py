@@ -242,6 +242,14 @@ def test_bad_input_is_a_clear_error(call, error, match):
         call(clips_for({}, num_samples=1000))
 
 
+def test_zero_dim_tensor_options_are_their_numbers():
+    """A rate from a dataloader is often a 0-dim tensor; torchaudio takes it, so does fbank."""
+    clips = clips_for({}, num_samples=1000)
+    expected = fbank(clips, sample_frequency=8000.0, num_mel_bins=20)
+    got = fbank(clips, sample_frequency=torch.tensor(8000.0), num_mel_bins=torch.tensor(20))
+    assert torch.equal(got, expected)
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_check_finite(bad):
     clips = clips_for({}, num_samples=1000)

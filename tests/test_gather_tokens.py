@@ -373,11 +373,17 @@ def test_gather_rejects_bad_input():
     for grid in [(2.0, 4.0), (2, 2, 2), 8]:
         with pytest.raises(TypeError, match="grid must be two ints"):
             gather_tokens_2d(x, ids % 2, ids % 2, grid)
+    with pytest.raises(TypeError, match=r"x must be a tensor \[B, L, C\], got NoneType"):
+        gather_tokens(None, ids)
+    with pytest.raises(TypeError, match="x must be a tensor"):
+        gather_tokens_2d(None, ids % 2, ids % 2, (2, 4))
 
 
 def test_unshuffle_rejects_bad_input():
     x = torch.randn(2, 3, 4, device=DEVICE)
     ids = random_ids(2, 6, 6)
+    with pytest.raises(TypeError, match=r"x must be a tensor \[B, K, C\], got NoneType"):
+        unshuffle_tokens(None, ids, torch.zeros(4, device=DEVICE))
     mask = torch.randn(4, device=DEVICE)
     with pytest.raises(TypeError, match="ids_restore must be int64"):
         unshuffle_tokens(x, ids.float(), mask)

@@ -258,6 +258,12 @@ def test_reference_without_interpreter_is_the_cpu_path(monkeypatch):
         (dict(bias=torch.zeros(2, 16, 8)), ValueError, "bias"),
         (dict(grid=(8.0, 8)), TypeError, "grid"),
         (dict(mask_value=float("nan")), TypeError, "mask_value"),
+        (dict(mask_value=10**400), ValueError, "mask_value"),
+        (dict(num_heads=True), TypeError, "num_heads"),
+        (dict(num_heads=2.0), TypeError, "num_heads"),
+        (dict(grid=8), TypeError, "grid must be two ints"),
+        (dict(window=4), TypeError, "window must be two ints"),
+        (dict(shift=2), TypeError, "shift must be two ints"),
     ],
 )
 def test_bad_arguments(kwargs, error, match):
@@ -271,6 +277,24 @@ def test_bad_arguments(kwargs, error, match):
             args[name] = args[name].to(DEVICE)
     with pytest.raises(error, match=match):
         window_attention(qkv, **args)
+
+
+def test_numpy_mask_value_is_a_real_number():
+    """np.float32 is a real number (numbers.Real) but not a float subclass, as np.float64 is."""
+    np = pytest.importorskip("numpy")
+    qkv = torch.randn(1, 16, 3 * 2 * 16, device=DEVICE)
+    args = dict(grid=(4, 4), window=(2, 2), shift=(1, 1), num_heads=2)
+    expected = window_attention(qkv, **args, mask_value=-7.0)
+    assert torch.equal(window_attention(qkv, **args, mask_value=np.float32(-7.0)), expected)
+
+
+def test_bool_num_heads_does_not_reach_a_cached_plan():
+    """True == 1 and hashes alike: refused before it could share num_heads=1's cached launch plan."""
+    qkv = torch.randn(1, 16, 3 * 16, device=DEVICE)
+    args = dict(grid=(4, 4), window=(2, 2), shift=(1, 0))
+    with pytest.raises(TypeError, match="num_heads"):
+        window_attention(qkv, **args, num_heads=True)
+    assert window_attention(qkv, **args, num_heads=1).shape == (1, 16, 16)
 
 
 def test_bad_tensors():

@@ -10,6 +10,7 @@ It runs in whatever dtype it is given, float64 included.
 """
 from __future__ import annotations
 
+import numbers
 from typing import Sequence
 
 import torch
@@ -28,7 +29,8 @@ def check_window_attention_args(qkv, grid, window, shift, num_heads, tau, bias, 
     if qkv.dtype not in _DTYPES:
         raise TypeError(f"qkv must be float16, bfloat16, float32 or float64, got {qkv.dtype}")
     for name, pair in (("grid", grid), ("window", window), ("shift", shift)):
-        if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair):
+        if (not isinstance(pair, (tuple, list)) or len(pair) != 2
+                or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair)):
             raise TypeError(f"{name} must be two ints, got {pair!r}")
     (T, F), (wt, wf), (st, sf) = grid, window, shift
     if wt < 1 or wf < 1 or wt * wf > 256:
@@ -40,7 +42,10 @@ def check_window_attention_args(qkv, grid, window, shift, num_heads, tau, bias, 
     B, L, C3 = qkv.shape
     if L != T * F:
         raise ValueError(f"qkv has {L} tokens but grid {tuple(grid)} has {T * F}")
-    if not isinstance(num_heads, int) or num_heads < 1 or C3 % (3 * num_heads):
+    if not isinstance(num_heads, int) or isinstance(num_heads, bool):
+        # True == 1 would also share cached launch plans with num_heads=1 (lru_cache keys)
+        raise TypeError(f"num_heads must be an int, got {num_heads!r}")
+    if num_heads < 1 or C3 % (3 * num_heads):
         raise ValueError(f"qkv's last axis ({C3}) must be 3 * num_heads * head_dim, num_heads is {num_heads!r}")
     head_dim = C3 // (3 * num_heads)
     area = wt * wf
@@ -54,8 +59,12 @@ def check_window_attention_args(qkv, grid, window, shift, num_heads, tau, bias, 
         if t.dtype not in _DTYPES:
             raise TypeError(f"{name} must be a floating tensor, got {t.dtype}")
     check_same_device(qkv=qkv, tau=tau, bias=bias)
-    if not isinstance(mask_value, (int, float)) or isinstance(mask_value, bool) or mask_value != mask_value:
+    if not isinstance(mask_value, numbers.Real) or isinstance(mask_value, bool) or mask_value != mask_value:
         raise TypeError(f"mask_value must be a real number, got {mask_value!r}")
+    try:
+        float(mask_value)
+    except OverflowError:
+        raise ValueError(f"mask_value must fit a float, got {mask_value!r}") from None
     return head_dim, area
 
 
@@ -130,8 +139,9 @@ def window_attention_reference(
     mask_value: float = -100.0,
 ) -> torch.Tensor:
     """qkv [B, L, 3*C] in token order on ``grid`` -> [B, L, C]; see the module docstring."""
-    grid, window, shift = tuple(grid), tuple(window), tuple(shift)
+    grid, window, shift = (tuple(p) if isinstance(p, (tuple, list)) else p for p in (grid, window, shift))
     _, area = check_window_attention_args(qkv, grid, window, shift, num_heads, tau, bias, mask_value)
+    mask_value = float(mask_value)
     B, L, C3 = qkv.shape
     x = qkv.reshape(B, *grid, C3)
     if any(shift):
