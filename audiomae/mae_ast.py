@@ -31,7 +31,8 @@ Heads and loss, on the masked tokens only (each clip masks the same number ``M``
   (``nce_weight=10``); SSAST and MAE-AST's released config put lambda = 10 on the reconstruction
   instead (``recon_weight=10, nce_weight=1``).
 
-Masking (``mask`` is 1 for masked tokens), ``M = round(N * mask_ratio)`` clamped to [1, N - 1]:
+Masking (``mask`` is 1 for masked tokens), ``M = N - int(N * (1 - mask_ratio))`` (the released
+MAE-AST code's count, and AudioMAE's ``len_keep``) clamped to [1, N - 1]:
 - ``masking="random"``: ``audiomae.masking.random_masking_ids`` on ``noise`` [B, N].
 - ``masking="chunk"``: SSAST's scheme made exact and per clip. Chunks are anchored at the tokens
   in decreasing ``noise`` order (the order in which random masking masks them, so a chunk size of
@@ -90,8 +91,9 @@ class MAEASTOutput(NamedTuple):
 
 
 def num_masked_tokens(num_tokens: int, mask_ratio: float) -> int:
-    """``round(N * mask_ratio)``, kept in [1, N - 1] so both losses and the encoder have tokens."""
-    return min(max(round(num_tokens * mask_ratio), 1), num_tokens - 1)
+    """``N - int(N * (1 - mask_ratio))``: the released MAE-AST code keeps ``int((1 - r) * N)`` tokens,
+    as AudioMAE's ``random_masking`` does. Kept in [1, N - 1] so both losses and the encoder have tokens."""
+    return min(max(num_tokens - int(num_tokens * (1 - mask_ratio)), 1), num_tokens - 1)
 
 
 def chunk_masking_ids(noise: torch.Tensor, grid: tuple[int, int], num_masked: int, chunk_size: tuple[int, int]):

@@ -30,7 +30,9 @@ def fit_window(grid, window, shift) -> tuple[tuple[int, int], tuple[int, int]]:
 def relative_coordinates_log(window: tuple[int, int]) -> torch.Tensor:
     """[N*N, 2] signed log(1 + |delta|) of (row, col) offsets between every pair of window cells."""
     coords = torch.stack(torch.meshgrid(torch.arange(window[0]), torch.arange(window[1]), indexing="ij")).flatten(1)
-    relative = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0).reshape(-1, 2).float()
+    # In the default dtype, like the meta-MLP's parameters (float32 as the official table, unless
+    # a float64 default builds a float64 model)
+    relative = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0).reshape(-1, 2).to(torch.get_default_dtype())
     return torch.sign(relative) * torch.log1p(relative.abs())
 
 

@@ -174,7 +174,15 @@ def test_model_masks_exact_count(masking, tokens, frames, ratio):
     model = tiny(tokens=tokens, masking=masking, mask_ratio=ratio)
     N = model.grid(frames)[0] * model.grid(frames)[1]
     ids_keep, ids_restore, mask = model.masking_ids(3, frames, "cpu")
-    check_permutation_ids(ids_keep, ids_restore, mask, min(max(round(N * ratio), 1), N - 1))
+    check_permutation_ids(ids_keep, ids_restore, mask, min(max(N - int(N * (1 - ratio)), 1), N - 1))
+
+
+@pytest.mark.parametrize("num_tokens,ratio,expected", [
+    (14, 0.75, 11), (6, 0.75, 5), (512, 0.75, 384), (10, 0.7, 7), (101, 0.8, 81), (4, 0.1, 1), (4, 0.99, 3),
+])
+def test_masked_count_follows_the_released_code(num_tokens, ratio, expected):
+    """MAE-AST's released code keeps max(1, int((1 - r) * N)) tokens and masks the rest."""
+    assert num_masked_tokens(num_tokens, ratio) == expected
 
 
 @pytest.mark.parametrize("masking", ["random", "chunk"])

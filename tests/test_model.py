@@ -417,3 +417,16 @@ def test_stream_copy_only_for_stock_blocks():
             Halved.forward = original
     assert calls == ["halved", "halved"]  # once through run_blocks, once for the plain loop
     assert torch.equal(got, want)
+
+
+def test_a_float64_default_dtype_builds_a_float64_swin_decoder():
+    """The meta-MLP's coordinate table takes the default dtype, as the parameters beside it do."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        model = tiny_mae(decoder_mode=1)
+        loss, pred, _, _ = model(torch.randn(2, 1, 128, 64), mask_ratio=0.75)
+    finally:
+        torch.set_default_dtype(previous)
+    assert pred.dtype == torch.float64 and torch.isfinite(loss)
+    assert tiny_mae(decoder_mode=1).decoder_blocks[0].attn.relative_coordinates_log.dtype == torch.float32
