@@ -10,6 +10,7 @@ import functools
 import os
 
 import torch
+from torch.autograd import forward_ad
 
 
 def _interpret_env() -> bool:
@@ -100,6 +101,26 @@ def _batched(t) -> bool:
     return any(key.strip() in ("Batched", "FuncTorchBatched") for key in keys[keys.find("(") + 1:-1].split(","))
 
 
+def autodiff_transforms_active() -> bool:
+    """Whether ``torch.func``'s grad/vjp/jacrev/jvp/jacfwd transforms wrap this call (``vmap`` and
+    ``functionalize`` do not count: the ops serve them)."""
+    if not torch._C._are_functorch_transforms_active():
+        return False
+    from torch._C._functorch import TransformType
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+    active = {interpreter.key() for interpreter in retrieve_all_functorch_interpreters()}
+    return bool(active & {TransformType.Grad, TransformType.Jvp})
+
+
+def has_forward_tangent(*tensors: torch.Tensor | None) -> bool:
+    """Whether any of ``tensors`` carries a ``torch.autograd.forward_ad`` tangent at the current
+    level: the kernels' gradients are reverse-mode rules, and a launcher would drop it."""
+    if forward_ad._current_level < 0:  # no dual level open: no tangents (the common case, one read)
+        return False
+    return any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+
+
 def reject_autodiff_transforms(op: str) -> None:
     """A clear error under ``torch.func.grad``/``vjp``/``jacrev``/``jvp``/``jacfwd``.
 
@@ -107,13 +128,7 @@ def reject_autodiff_transforms(op: str) -> None:
     would give zero tangents (forward mode) or a confusing internal error. ``vmap`` and
     ``functionalize`` (and torch.compile) are fine and pass.
     """
-    if not torch._C._are_functorch_transforms_active():
-        return
-    from torch._C._functorch import TransformType
-    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
-
-    active = {interpreter.key() for interpreter in retrieve_all_functorch_interpreters()}
-    if active & {TransformType.Grad, TransformType.Jvp}:
+    if autodiff_transforms_active():
         raise NotImplementedError(
             f"kernels.{op} does not support torch.func's grad/vjp/jacrev/jvp/jacfwd transforms; use "
             "torch.autograd (loss.backward(), torch.autograd.grad) or the eager reference in kernels.reference"

@@ -23,6 +23,8 @@ axis). CUDA tensors run the Triton kernels; CPU tensors ``kernels.reference`` un
 ``TRITON_INTERPRET=1``. Registered as ``audiomae::column_sum`` (on a [R, C] tensor, with a fake
 and a gradient: the incoming [C] gradient broadcast over ``x``'s shape) for tracers; eager calls
 that need no gradient reach the launcher directly (``kernels._dispatch.needs_custom_op``).
+Forward-mode AD (dual tensors, ``torch.func.jvp``/``jacfwd``) and ``torch.func``'s ``grad``/``vjp``
+take ``torch.sum`` (the reference), which serves them; ``vmap`` runs the op.
 
 ``linear(x, weight, bias=None)``
     ``F.linear(x, weight, bias)`` whose bias gradient is ``column_sum`` of the output's gradient
@@ -34,7 +36,7 @@ that need no gradient reach the launcher directly (``kernels._dispatch.needs_cus
     ``[..., C_out]``, which in-place ops may modify as they may ``F.linear``'s. Plain
     ``F.linear`` where nothing is gained or nothing may run eagerly: no bias or none that needs a
     gradient, dtypes other than float16, bfloat16, float32 and float64, CPU tensors without the
-    interpreter, and under tracers (``torch.compile`` makes its own reductions).
+    interpreter, forward-mode AD, and under tracers (``torch.compile`` makes its own reductions).
 """
 from __future__ import annotations
 
@@ -45,7 +47,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels._dispatch import _batched, needs_custom_op, on_tensors_device, use_triton
+from kernels._dispatch import (_batched, autodiff_transforms_active, has_forward_tangent, needs_custom_op,
+                              on_tensors_device, use_triton)
 from kernels.gather_tokens import FLOAT_DTYPES, TL_DTYPES, accumulate_dtype, cdiv, row_tile
 from kernels.reference import column_sum as reference
 
@@ -107,10 +110,14 @@ def launch_plan(rows: int, channels: int) -> tuple[int, int, int, int]:
 def _column_sum_launch(x2: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``column_sum`` of a [R, C] view, by the two Triton launches."""
     R, C = x2.shape
+    acc = accumulate_dtype(torch.promote_types(x2.dtype, dtype))  # float64 when either is
+    if acc == torch.float64 and dtype.itemsize == 2:
+        # Float64 sums rounded to 16 bits by torch: Triton's interpreter cannot convert float64 to
+        # 16 bits (it returned garbage); rare (float64 rows, a 16-bit sum), so one more tiny op.
+        return _column_sum_launch(x2, torch.float64).to(dtype)
     out = torch.empty(C, dtype=dtype, device=x2.device)
     if C == 0:
         return out
-    acc = accumulate_dtype(torch.promote_types(x2.dtype, dtype))  # float64 when either is
     if R == 0:
         return out.zero_()
     block_r, block_c, splits, per_split = launch_plan(R, C)
@@ -172,7 +179,10 @@ def column_sum(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tenso
     if cdiv(x.shape[-1], 256) > MAX_COLUMN_BLOCKS:
         raise ValueError(f"column_sum takes at most {MAX_COLUMN_BLOCKS * 256} columns, got {x.shape[-1]}")
     dtype = dtype or x.dtype
-    if not use_triton(x):
+    # Forward-mode AD (dual tensors, torch.func.jvp/jacfwd) and torch.func's grad/vjp take torch's
+    # own sum, which serves them: the op's gradient is a reverse-mode rule and a launcher would
+    # drop a tangent. vmap stays on the op.
+    if not use_triton(x) or has_forward_tangent(x) or autodiff_transforms_active():
         return reference.column_sum(x, dtype)
     x2 = _as_rows(x)
     if needs_custom_op() or (x.requires_grad and torch.is_grad_enabled()):
@@ -205,7 +215,8 @@ class _BiasGradient(torch.autograd.Function):
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` with the bias gradient by ``column_sum`` (see the module docstring)."""
     if (bias is None or not (bias.requires_grad and torch.is_grad_enabled()) or not use_triton(x)
-            or needs_custom_op() or x.dtype not in FLOAT_DTYPES or bias.dtype not in FLOAT_DTYPES):
+            or needs_custom_op() or x.dtype not in FLOAT_DTYPES or bias.dtype not in FLOAT_DTYPES
+            or has_forward_tangent(x, weight, bias)):  # forward-mode AD: F.linear's own rule
         return F.linear(x, weight, bias)
     # [R, C_in] so that the matmul's output is a tensor of its own, not a view (F.linear views a
     # 3-D input's product), which the Function can claim without autograd's copy-on-view machinery.

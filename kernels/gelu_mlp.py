@@ -286,8 +286,16 @@ def gelu_mlp(
         # torch.func transforms compose with plain torch ops, not with this Function's saving
         # scheme: run the same ops unfused (same values, eager memory).
         return reference(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate=approximate)
+    # [..., C] as [rows, C]: for a 3-D or deeper input F.linear returns a view of its 2-D product
+    # (the same values as on the rows), and a view made inside an autograd.Function cannot be
+    # modified in place afterwards, where timm's Mlp's output can.
+    lead = x.shape[:-1]
+    if x.dim() > 2:
+        x = _rows(x)
     if needs_custom_op():
-        return _gelu_mlp_op(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, dtype, save == "hidden", approximate,
-                            fused_matmul)[0]
-    return _GeluMlp.apply(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, dtype, save == "hidden", approximate,
-                          fused_matmul)
+        out = _gelu_mlp_op(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, dtype, save == "hidden", approximate,
+                           fused_matmul)[0]
+    else:
+        out = _GeluMlp.apply(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, dtype, save == "hidden", approximate,
+                             fused_matmul)
+    return out.view(*lead, out.shape[-1]) if len(lead) > 1 else out

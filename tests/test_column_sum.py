@@ -256,3 +256,33 @@ def test_gpu_scratch_is_the_partials_alone(seed):
     column_sum(x)
     torch.cuda.synchronize()
     assert torch.cuda.max_memory_allocated() - base <= 2 * 2**20  # partials (1 MiB) and the output
+
+
+def test_forward_mode_and_func_transforms_take_torch_sum():
+    """A tangent would be dropped by the launcher and the op's gradient is reverse-mode only:
+    jvp, jacfwd, dual tensors, vjp and grad get torch.sum's (exact) derivatives instead."""
+    from torch.autograd import forward_ad as fwAD
+
+    x = torch.randn(5, 3, device=DEVICE, dtype=torch.float64)
+    tangent = torch.randn_like(x)
+    torch.testing.assert_close(torch.func.jvp(column_sum, (x,), (tangent,))[1], tangent.sum(0))
+    torch.testing.assert_close(torch.func.jacfwd(column_sum)(x), torch.func.jacfwd(lambda a: a.sum(0))(x))
+    torch.testing.assert_close(torch.func.vjp(column_sum, x)[1](torch.ones(3, device=DEVICE, dtype=x.dtype))[0],
+                               torch.ones_like(x))
+    torch.testing.assert_close(torch.func.grad(lambda a: (column_sum(a) ** 2).sum())(x),
+                               2 * x.sum(0).expand_as(x))
+    with fwAD.dual_level():
+        out = column_sum(fwAD.make_dual(x, tangent))
+        torch.testing.assert_close(fwAD.unpack_dual(out).tangent, tangent.sum(0))
+        weight = torch.randn(4, 3, device=DEVICE, dtype=x.dtype)
+        bias = torch.randn(4, device=DEVICE, dtype=x.dtype, requires_grad=True)
+        y = linear(fwAD.make_dual(x, tangent), weight, bias)
+        torch.testing.assert_close(fwAD.unpack_dual(y).tangent, tangent @ weight.T)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_float64_rows_to_a_16_bit_sum(dtype):
+    """Rounded once from the float64 sum, as torch.sum(dtype=...) of float64 rows (the interpreter
+    cannot convert float64 to 16 bits itself: torch rounds)."""
+    x = torch.randn(37, 5, device=DEVICE, dtype=torch.float64) * 100
+    torch.testing.assert_close(column_sum(x, dtype), x.sum(0).to(dtype), rtol=0, atol=0)

@@ -199,7 +199,10 @@ def test_module_takes_the_op_only_where_it_is_the_same(seed, training, drop):
     torch.manual_seed(1)
     b = twin(x)
     torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
-    fused = "_GeluMlp" in type(twin(x.requires_grad_()).grad_fn).__name__  # dropout, if any, is after it
+    node = twin(x.requires_grad_()).grad_fn  # dropout, if any, is after it
+    if type(node).__name__ == "ViewBackward0":  # [B, N, C] rows viewed back (gelu_mlp returns rows)
+        node = node.next_functions[0][0]
+    fused = "_GeluMlp" in type(node).__name__
     assert fused == twin._fusable() == (drop == 0.0 or not training)
     relu = Mlp(2, 8, out_features=4, act_layer=nn.ReLU, backend="triton")
     assert not relu._fusable()  # the meta-MLP keeps eager math
@@ -335,3 +338,23 @@ def test_op_path_equals_the_eager_path_under_autocast(seed, monkeypatch):
     for a, e in zip(grads, eager_grads, strict=True):
         assert a.dtype == e.dtype
         torch.testing.assert_close(a, e, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 8), (2, 3, 2, 8), (5, 8)])
+@pytest.mark.parametrize("save", ["input", "hidden"])
+def test_output_may_be_modified_in_place_as_mlps(shape, save):
+    """timm's Mlp output takes in-place ops (LayerScale(inplace=True), ``out += ...``); so does this
+    one, whatever x's rank: the Function returns rows, viewed as [..., C_out] outside it."""
+    torch.manual_seed(0)
+    w1, b1, w2, b2 = (torch.randn(*s, device=DEVICE, dtype=torch.float64, requires_grad=True)
+                      for s in ((16, 8), (16,), (8, 16), (8,)))
+    x = torch.randn(*shape, device=DEVICE, dtype=torch.float64, requires_grad=True)
+    out = gelu_mlp(x, w1, b1, w2, b2, save=save)
+    assert out.shape == (*shape[:-1], 8)
+    (out.mul_(0.5) ** 2).sum().backward()
+    grads = [t.grad for t in (x, w1, b1, w2, b2)]
+    for t in (x, w1, b1, w2, b2):
+        t.grad = None
+    (reference(x, w1, b1, w2, b2).mul(0.5) ** 2).sum().backward()
+    for got, t in zip(grads, (x, w1, b1, w2, b2)):
+        torch.testing.assert_close(got, t.grad)
