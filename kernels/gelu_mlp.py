@@ -234,7 +234,10 @@ _gelu_mlp_op.register_autograd(_op_backward, setup_context=_op_setup_context)
 def compute_dtype(x: torch.Tensor, *params: torch.Tensor | None) -> torch.dtype:
     """The dtype eager ``F.linear`` computes in here, or a TypeError where it would refuse."""
     device_type = x.device.type
-    autocast = torch.is_autocast_enabled(device_type)
+    try:
+        autocast = torch.is_autocast_enabled(device_type)
+    except RuntimeError:  # a device without autocast (meta tensors, shape inference): none applies
+        autocast = False
     target = torch.get_autocast_dtype(device_type) if autocast else None
     names = ("x", "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias")
     named = [(name, t) for name, t in zip(names, (x, *params)) if t is not None]
@@ -282,9 +285,10 @@ def gelu_mlp(
             raise ValueError(f"{name} must be [{size}], got {tuple(bias.shape)}")
     check_same_device(**named)
     dtype = compute_dtype(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
-    if torch._C._are_functorch_transforms_active():
+    if torch._C._are_functorch_transforms_active() or x.device.type == "meta":
         # torch.func transforms compose with plain torch ops, not with this Function's saving
-        # scheme: run the same ops unfused (same values, eager memory).
+        # scheme: run the same ops unfused (same values, eager memory). Meta tensors (shape
+        # inference) too: the Function's autocast guards need a device that has autocast.
         return reference(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate=approximate)
     # [..., C] as [rows, C]: for a 3-D or deeper input F.linear returns a view of its 2-D product
     # (the same values as on the rows), and a view made inside an autograd.Function cannot be

@@ -358,3 +358,11 @@ def test_output_may_be_modified_in_place_as_mlps(shape, save):
     (reference(x, w1, b1, w2, b2).mul(0.5) ** 2).sum().backward()
     for got, t in zip(grads, (x, w1, b1, w2, b2)):
         torch.testing.assert_close(got, t.grad)
+
+
+def test_meta_tensors_give_shapes():
+    """Shape inference on meta tensors, as F.linear gives it (meta has no autocast to query)."""
+    w1, b1, w2, b2 = (torch.empty(*s, device="meta") for s in ((16, 8), (16,), (4, 16), (4,)))
+    x = torch.empty(2, 3, 8, device="meta").requires_grad_()
+    out = gelu_mlp(x, w1, b1, w2, b2)
+    assert out.device.type == "meta" and out.shape == (2, 3, 4)
