@@ -410,6 +410,9 @@ def bench(args) -> int:
     except OSError as exc:
         raise UsageError(f"--out {out}: cannot make the folder ({exc.strerror or exc})")
     check_writable_folder(out, "--out")
+    for name in ("report.md", "results.json", *PLOT_NAMES):  # found at the end of a long run otherwise
+        if (out / name).is_dir():
+            raise UsageError(f"--out {out}: {out / name} is a folder, where the report writes a file of that name")
     cases, module_names = selection(args.ops, modules, parity.CASES)
     tasks = parity_tasks(cases, args.dtypes)
     chosen = {name: module for name, module in modules.items() if name in module_names}

@@ -101,6 +101,16 @@ def test_an_unwritable_out_folder_is_refused_before_the_run(monkeypatch):
     assert stop.value.code == 2 and not ran
 
 
+@pytest.mark.parametrize("name", ["report.md", "results.json", "speedup.png"])
+def test_a_folder_where_an_output_file_goes_is_refused_before_the_run(monkeypatch, tmp_path, name):
+    (tmp_path / name).mkdir()
+    ran = []
+    monkeypatch.setattr(report, "run_parity", lambda *a, **k: ran.append(1) or [])
+    with pytest.raises(SystemExit, match=f"{name} is a folder") as stop:
+        main(["bench", "--ops", "gather_tokens", "--out", str(tmp_path)])
+    assert stop.value.code == 2 and not ran
+
+
 def test_plots_of_an_earlier_run_are_removed(tmp_path):
     stale = tmp_path / "memory.png"
     stale.write_bytes(b"old")
