@@ -26,7 +26,7 @@ steps and the capture, since a replay allocates nothing), ``speedup_vs_reference
 ``flops`` (``torch.utils.flop_counter`` over one eager reference forward and backward) with
 ``flop_floor_ms`` = flops over the bf16 matmul rate measured in the same run.
 
-On the CPU the models are tiny, float32, batch 2 (1 with ``quick``, one timed step), and the
+On the CPU the models are tiny, float32, batch 2 (1 with ``quick``, one timed step after one warm-up), and the
 timings say nothing about GPU speed. There ``reference+compile`` is skipped (its first build takes minutes on two
 cores) and so is the pretraining step on ``triton``: the 16-block Swin decoder's window attention
 through Triton's interpreter takes tens of seconds a step; both are SKIP rows, not numbers.
@@ -221,7 +221,7 @@ def run(device: str = "cuda", quick: bool = False, batch_sizes=None, steps=STEPS
     caller can keep what was measured before a time limit cuts the run short."""
     device = torch.device(device)
     on_gpu = device.type == "cuda"
-    warmup, reps = (3, 10) if on_gpu else ((0, 1) if quick else (1, 3))
+    warmup, reps = (3, 10) if on_gpu else ((1, 1) if quick else (1, 3))  # timed after a warm-up, even quick
     batch_sizes = batch_sizes or [GPU_BATCH if on_gpu else (1 if quick else CPU_BATCH)]
     matmul_rate = matmul_tflops(str(device)) * 1e12
     rows = []
