@@ -15,7 +15,8 @@ imported), parity still checked, and timings that say nothing about GPU speed.
 
 ``--ops`` names parity cases and benchmark modules alike, each with its relatives
 (``PARITY_OF_MODULE``: ``fbank`` selects the fbank parity rows and ``benches/bench_fbank.py``,
-``tokens`` the three token cases and ``bench_tokens.py``). ``--dtypes`` and ``--batch-sizes`` select
+``tokens`` the three token cases and ``bench_tokens.py``); a case whose suite times several keeps
+that suite's rows of its own (``ROWS_OF_CASE``). ``--dtypes`` and ``--batch-sizes`` select
 rows (a suite left with none says what it measures instead); a benchmark module whose ``run``
 accepts ``dtypes`` or ``batch_sizes`` keywords is also told, so it can skip the work. The batch
 size of a row is its ``batch`` field, else the ``B=<n>`` in its shape. Unknown ops, dtypes or
@@ -45,6 +46,11 @@ DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "bf16
                  "fp64": "float64"}
 # The parity cases behind each benchmark module: `--ops tokens` also checks the token kernels, and
 # `--ops gather_tokens` also times them.
+# A suite that times several parity cases, by case: the first word of each case's row names. So
+# ``--ops gather_tokens`` keeps the gather's rows of ``bench_tokens.py``, not the unshuffle's
+# (``--ops tokens`` keeps them all).
+ROWS_OF_CASE = {"gather_tokens": ("tokens", "gather"), "gather_tokens_2d": ("tokens", "gather_2d"),
+                "unshuffle_tokens": ("tokens", "unshuffle")}
 PARITY_OF_MODULE = {"tokens": ("gather_tokens", "gather_tokens_2d", "unshuffle_tokens"),
                     "window_attention": ("window_attention",), "window_tiling": ("window_attention",),
                     "post_norm": ("post_norm_residual", "post_norm_residual_copy"), "gelu_grad": ("gelu_mlp",),
@@ -162,6 +168,18 @@ def run_benchmark(name: str, module_name: str, device, quick: bool, dtypes=None,
         return [{"suite": name, "name": "-", "impl": "-", "status": "SKIP",
                  "note": f"no row matches {asked}; this suite measures {', '.join(measured)}"}]
     return kept
+
+
+def rows_of_ops(name: str, rows: list[dict], ops: list[str] | None) -> list[dict]:
+    """Suite ``name``'s rows that ``--ops`` asked for (``ROWS_OF_CASE``): all of them unless only
+    some of its cases were named. ERROR and SKIP rows stay: they say what did not run."""
+    if not ops or name in ops:
+        return rows
+    wanted = {first for case, (suite, first) in ROWS_OF_CASE.items() if suite == name and case in ops}
+    if not wanted:
+        return rows
+    return [row for row in rows
+            if str(row.get("name", "")).split(" ")[0] in wanted or row.get("status") in ("SKIP", "ERROR")]
 
 
 # ---------------------------------------------------------------------------------- reporting
@@ -427,7 +445,8 @@ def bench(args) -> int:
         write_results(out / "results.json", info, parity_rows, bench_rows)
         for name, module in chosen.items():
             progress.set_description(f"bench {name}")
-            bench_rows += run_benchmark(name, module, device, bench_quick, args.dtypes, args.batch_sizes)
+            bench_rows += rows_of_ops(name, run_benchmark(name, module, device, bench_quick, args.dtypes,
+                                                          args.batch_sizes), args.ops)
             write_results(out / "results.json", info, parity_rows, bench_rows)
             progress.update()
     info["elapsed_s"] = time.perf_counter() - started

@@ -190,3 +190,19 @@ def test_bench_quick_writes_report_results_and_plots(tmp_path):
         assert "say nothing about GPU speed" in (out / "report.md").read_text()
     rendered = render_file(out / "results.json")
     assert results["device"]["device"] in rendered and "| fbank |" in rendered
+
+
+def test_a_named_case_keeps_its_own_rows_of_a_shared_suite():
+    rows = [{"name": "gather fwd"}, {"name": "gather_2d fwd+bwd"}, {"name": "unshuffle fwd"},
+            {"name": "-", "status": "ERROR"}]
+    names = lambda kept: [r["name"] for r in kept]  # noqa: E731
+    assert names(report.rows_of_ops("tokens", rows, ["gather_tokens"])) == ["gather fwd", "-"]
+    assert names(report.rows_of_ops("tokens", rows, ["unshuffle_tokens", "gather_tokens_2d"])) == [
+        "gather_2d fwd+bwd", "unshuffle fwd", "-"]
+    for ops in (None, ["tokens"], ["tokens", "gather_tokens"], ["fbank"]):
+        assert report.rows_of_ops("tokens", rows, ops) == rows
+    assert report.rows_of_ops("fbank", [{"name": "fbank AudioMAE options"}], ["gather_tokens"]) == [
+        {"name": "fbank AudioMAE options"}]
+    # every named suite and row prefix exists
+    modules = report.benchmark_modules()
+    assert all(suite in modules for suite, _ in report.ROWS_OF_CASE.values())
