@@ -60,7 +60,7 @@ import triton.language as tl
 from ._dispatch import (first_order_only, interpreting, needs_custom_op, on_tensors_device, reject_autodiff_transforms,
                         use_triton)
 from .gather_tokens import cdiv, next_power_of_2
-from .reference.window_attention import check_window_attention_args, window_attention_reference
+from .reference.window_attention import as_pairs, check_window_attention_args, window_attention_reference
 
 # Logit of a pair that shares no window; finite so that padded rows never make NaNs.
 _NO_PAIR = tl.constexpr(-1.0e30)
@@ -729,8 +729,7 @@ def _window_attention_op(qkv: torch.Tensor, tau: Optional[torch.Tensor], bias: O
 
     Called directly (``torch.ops.audiomae.window_attention``) it checks its arguments as
     ``window_attention`` does and takes tau and bias of any strides."""
-    # Sequences as tuples (hashable, for the cached launch plans); anything else fails the check.
-    grid, window, shift = (tuple(p) if isinstance(p, (tuple, list)) else p for p in (grid, window, shift))
+    grid, window, shift = as_pairs(grid, window, shift)
     _check_args(qkv, grid, window, shift, num_heads, tau, bias, mask_value)
     _check_kernel_dtype(qkv)
     return _forward(qkv, _contiguous(tau), _contiguous(bias), grid, window, shift, num_heads, mask_value)
@@ -755,8 +754,7 @@ def _window_attention_backward_op(
     (``_backward_reads_out``): the autograd rule keeps it only where the backward reads it.
     Called directly it checks its arguments (those of the forward, and ``dout``, ``out``, ``lse``
     as the forward makes them) and takes ``dout`` in any float dtype and layout."""
-    # Sequences as tuples (hashable, for the cached launch plans); anything else fails the check.
-    grid, window, shift = (tuple(p) if isinstance(p, (tuple, list)) else p for p in (grid, window, shift))
+    grid, window, shift = as_pairs(grid, window, shift)
     _check_args(qkv, grid, window, shift, num_heads, tau, bias, mask_value)
     _check_kernel_dtype(qkv)
     B, L, C3 = qkv.shape
@@ -866,8 +864,7 @@ def window_attention(
     interpreter path when qkv was made by an op (not a leaf or a view of one) and spans its whole
     contiguous storage, each window fits one tile and the graph is not retained; otherwise, and
     under ``torch.compile``, the gradient gets its own buffer (the same values either way)."""
-    # Sequences as tuples (hashable, for the cached launch plans); anything else fails the check.
-    grid, window, shift = (tuple(p) if isinstance(p, (tuple, list)) else p for p in (grid, window, shift))
+    grid, window, shift = as_pairs(grid, window, shift)
     _check_args(qkv, grid, window, shift, num_heads, tau, bias, mask_value)
     if not isinstance(overwrite_qkv, bool):
         raise TypeError(f"overwrite_qkv must be a bool, got {type(overwrite_qkv).__name__}")

@@ -20,6 +20,12 @@ from .._dispatch import check_same_device
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def as_pairs(*pairs):
+    """``grid``, ``window`` and ``shift`` as tuples where they are sequences (hashable: the kernel
+    caches launch plans on them); anything else stays as given for the check to refuse."""
+    return tuple(tuple(p) if isinstance(p, (tuple, list)) else p for p in pairs)
+
+
 def check_window_attention_args(qkv, grid, window, shift, num_heads, tau, bias, mask_value) -> tuple[int, int]:
     """Raise ValueError/TypeError on anything the op does not define; return (head_dim, window_area)."""
     if not isinstance(qkv, torch.Tensor):
@@ -139,7 +145,7 @@ def window_attention_reference(
     mask_value: float = -100.0,
 ) -> torch.Tensor:
     """qkv [B, L, 3*C] in token order on ``grid`` -> [B, L, C]; see the module docstring."""
-    grid, window, shift = (tuple(p) if isinstance(p, (tuple, list)) else p for p in (grid, window, shift))
+    grid, window, shift = as_pairs(grid, window, shift)
     _, area = check_window_attention_args(qkv, grid, window, shift, num_heads, tau, bias, mask_value)
     mask_value = float(mask_value)
     B, L, C3 = qkv.shape
