@@ -20,7 +20,11 @@ normalised features, with the same distributions:
 """
 from __future__ import annotations
 
+import numbers
+
 import torch
+
+from .masking import check_probability
 
 
 def _beta_10_10(count: int, device) -> torch.Tensor:
@@ -33,7 +37,11 @@ def scale_magnitudes(waves: torch.Tensor) -> torch.Tensor:
 
 
 def mix_clips(waves: torch.Tensor, lengths: torch.Tensor, targets: torch.Tensor, rate: float):
-    """(waves, targets) with each clip mixed, with probability ``rate``, as the module doc says."""
+    """(waves, targets) with each clip mixed, with probability ``rate``, as the module doc says.
+    ``targets`` [B, ...] are one-hot or multi-hot floats (a class index cannot be mixed)."""
+    check_probability(rate, "rate")
+    if not targets.is_floating_point():
+        raise TypeError(f"targets must be floating-point (one-hot or multi-hot rows) to be mixed, got {targets.dtype}")
     B, N = waves.shape
     if rate <= 0 or B <= 1:  # a clip alone in its batch has no partner
         return waves, targets
@@ -66,6 +74,9 @@ def _band(count: int, size: int, mask_param: int, device) -> torch.Tensor:
 def mask_spectrogram(spec: torch.Tensor, freqm: int, timem: int, fill: float) -> torch.Tensor:
     """``spec`` [B, T, bins] with one frequency band of up to ``freqm`` bins and one time band of
     up to ``timem`` frames set to ``fill`` per clip (0 turns either off)."""
+    for name, value in (("freqm", freqm), ("timem", timem)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+            raise ValueError(f"{name} must be a non-negative integer (0 turns the mask off), got {value!r}")
     B, T, bins = spec.shape
     mask = torch.zeros(B, T, bins, dtype=torch.bool, device=spec.device)
     if freqm > 0:

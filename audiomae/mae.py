@@ -20,7 +20,8 @@ import torch.nn as nn
 
 from .backends import check_backend
 from .layers import Block, PatchEmbed, to_2tuple
-from .masking import draw_noise, draw_noise_2d, num_kept, random_masking_ids, structured_masking_ids
+from .masking import (check_tokens_on_grid, draw_noise, draw_noise_2d, num_kept, random_masking_ids,
+                      structured_masking_ids)
 from .pos_embed import sincos_2d_official
 from .swin import SwinTransformerBlock, run_blocks
 
@@ -232,6 +233,7 @@ class MaskedAutoencoderViT(ModelMixin, nn.Module):
 
     def _structured_ids(self, x, mask_t_prob, mask_f_prob, noise):
         T, F = self.grid
+        check_tokens_on_grid(x, self.grid)
         len_keep_t, len_keep_f = num_kept(T, mask_t_prob, "mask_t_prob"), num_kept(F, mask_f_prob, "mask_f_prob")
         noise_t, noise_f = draw_noise_2d(x.shape[0], self.grid, x.device, noise)
         return structured_masking_ids(noise_t, noise_f, len_keep_t, len_keep_f)

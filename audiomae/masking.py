@@ -12,6 +12,9 @@ is kept; ``ids_keep[b, j]`` is the token index of the ``j``-th kept token.
 """
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 
 
@@ -30,11 +33,25 @@ def inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(perm).scatter_(1, perm, arange)
 
 
+def _check_count(count: int, size: int, name: str) -> None:
+    if isinstance(count, bool) or not isinstance(count, numbers.Integral) or not 0 <= count <= size:
+        raise ValueError(f"{name} must be an integer in [0, {size}], got {count!r}")
+
+
+def check_tokens_on_grid(x: torch.Tensor, grid: tuple[int, int]) -> None:
+    """``x`` must be the patch tokens [B, T*F, D] of the ``grid=(T, F)`` the masks are drawn on."""
+    T, F = grid
+    if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[1] != T * F:
+        got = list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"x must be patch tokens [B, T*F={T * F}, D] of the model's grid ({T}, {F}), got {got}")
+
+
 def random_masking_ids(noise: torch.Tensor, len_keep: int):
     """Per-sample random masking from ``noise`` [B, L]: the ``len_keep`` smallest noise values are kept.
 
     Returns ``ids_keep`` [B, len_keep], ``ids_restore`` [B, L] (int64) and ``mask`` [B, L] (float).
     """
+    _check_count(len_keep, noise.shape[1], "len_keep")
     ids_shuffle = torch.argsort(noise, dim=1)
     ids_restore = inverse_permutation(ids_shuffle)
     mask = (ids_restore >= len_keep).to(torch.get_default_dtype())
@@ -52,13 +69,16 @@ def structured_masking_ids(noise_t: torch.Tensor, noise_f: torch.Tensor, len_kee
     """2-D time x frequency masking of a ``(T, F)`` grid: a token is kept iff its time row and its
     frequency column are both kept. Kept tokens come first in token order, then the masked ones in
     token order, as in the official code. (The official code orders tokens by ``index + 999 * mask``,
-    which puts the kept ones first only on grids of up to 999 tokens, every AudioMAE grid; beyond
-    that its order interleaves, here they still come first: the same mask, another token order.)
+    which puts the kept ones first only on grids of up to 999 tokens, every AudioMAE grid. Beyond
+    that the orders interleave and the official ``ids_keep`` takes some masked tokens, so its
+    encoder's tokens disagree with its own mask; here ``ids_keep`` is always the mask's kept tokens.)
 
     Returns ``ids_keep`` [B, Kt*Kf], ``ids_restore`` [B, T*F] (int64) and ``mask`` [B, T*F] (float).
     """
     B, T = noise_t.shape
     F = noise_f.shape[1]
+    _check_count(len_keep_t, T, "len_keep_t")
+    _check_count(len_keep_f, F, "len_keep_f")
     keep_t, rows = kept_along_axis(noise_t, len_keep_t)  # [B, T], [B, Kt]
     keep_f, cols = kept_along_axis(noise_f, len_keep_f)  # [B, F], [B, Kf]
     kept_rows_before = torch.cumsum(keep_t, 1) - keep_t.long()  # kept time rows above each row
@@ -74,10 +94,17 @@ def structured_masking_ids(noise_t: torch.Tensor, noise_f: torch.Tensor, len_kee
     return ids_keep, ids_restore, mask
 
 
+def check_probability(value: float, name: str) -> None:
+    """``value`` must be a real number in [0, 1] (a bool or a string is a TypeError naming it)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number in [0, 1], got {type(value).__name__}")
+    if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+        raise ValueError(f"{name} must lie in [0, 1], got {value}")
+
+
 def num_kept(length: int, ratio: float, name: str) -> int:
     """``int(length * (1 - ratio))`` as the official code counts kept tokens, for a ratio in [0, 1]."""
-    if not 0.0 <= ratio <= 1.0:
-        raise ValueError(f"{name} must lie in [0, 1], got {ratio}")
+    check_probability(ratio, name)
     return int(length * (1 - ratio))
 
 

@@ -25,9 +25,11 @@ def sincos_2d_official(embed_dim: int, grid: tuple[int, int], cls_token: bool = 
 
     With ``cls_token`` a zero row is prepended for the cls token, as in the official tables.
     """
-    if embed_dim % 4:
-        raise ValueError(f"embed_dim must be a multiple of 4 for a 2-D sin-cos embedding, got {embed_dim}")
+    if embed_dim <= 0 or embed_dim % 4:
+        raise ValueError(f"embed_dim must be a positive multiple of 4 for a 2-D sin-cos embedding, got {embed_dim}")
     num_time, num_freq = grid
+    if num_time < 1 or num_freq < 1:
+        raise ValueError(f"grid must have at least one patch along each axis, got {tuple(grid)}")
     k = torch.arange(num_time * num_freq)
     # The official mesh is F rows of T columns laid over k = row * T + col.
     col, row = k % num_time, k // num_time

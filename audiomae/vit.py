@@ -17,7 +17,7 @@ import torch.nn as nn
 from .backends import check_backend
 from .layers import Block, PatchEmbed
 from .mae import ModelMixin, init_vit_weights
-from .masking import draw_noise, draw_noise_2d, num_kept, random_masking_ids
+from .masking import check_probability, check_tokens_on_grid, draw_noise, draw_noise_2d, num_kept, random_masking_ids
 from .pos_embed import sincos_2d_official
 
 
@@ -135,6 +135,7 @@ class VisionTransformer(ModelMixin, nn.Module):
     def random_masking_2d(self, x, mask_t_prob, mask_f_prob, noise=None):
         """Official ``random_masking_2d``: patch tokens [B, T*F, D] -> ``(x_masked [B, Kt*Kf, D], None, None)``,
         the tokens of the kept time rows and frequency columns."""
+        check_tokens_on_grid(x, self.grid)
         ids_keep_t, ids_keep_f = self.structured_masking_ids(x.shape[0], mask_t_prob, mask_f_prob, x.device, noise)
         if self.backend == "triton":
             from kernels.gather_tokens import gather_tokens_2d
@@ -150,10 +151,16 @@ class VisionTransformer(ModelMixin, nn.Module):
     def forward_features_mask(self, x, mask_t_prob, mask_f_prob, noise=None):
         """Pooled features of the tokens left after dropping random time rows and frequency columns."""
         x, _, _ = self.random_masking_2d(self._embed(x), mask_t_prob, mask_f_prob, noise)
+        if self.global_pool and x.shape[1] == 0:
+            # The mean over no tokens is NaN (the official model's silent result): an error instead.
+            raise ValueError(f"mask_t_prob={mask_t_prob} and mask_f_prob={mask_f_prob} keep no token of the "
+                             f"{self.grid[0]}x{self.grid[1]} grid, and global pooling has nothing to average")
         return self._encode(x)
 
     def forward(self, x, v=None, mask_t_prob=0.0, mask_f_prob=0.0, noise=None):
         """Logits [B, num_classes]; with ``mask_t_prob`` or ``mask_f_prob`` > 0, structured masking first."""
+        check_probability(mask_t_prob, "mask_t_prob")
+        check_probability(mask_f_prob, "mask_f_prob")
         if mask_t_prob > 0.0 or mask_f_prob > 0.0:
             x = self.forward_features_mask(x, mask_t_prob, mask_f_prob, noise)
         else:

@@ -77,3 +77,21 @@ def test_spectrogram_masks_are_one_band_per_axis_per_clip():
     # everything masked lies in the clip's frequency band or its time band
     assert torch.equal(masked, freq_rows.unsqueeze(1) | time_rows.unsqueeze(2))
     assert torch.equal(augment.mask_spectrogram(spec, 0, 0, 0.25), spec)
+
+
+def test_mix_clips_rejects_class_indices_and_bad_rates():
+    waves, lengths = torch.randn(4, 100), torch.full((4,), 100)
+    # Integer labels would take lam cast to 0: every mixed clip silently given its partner's label.
+    with pytest.raises(TypeError, match="targets must be floating-point"):
+        augment.mix_clips(waves, lengths, torch.tensor([0, 1, 2, 3]), 1.0)
+    for rate in (-0.5, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="rate must lie in"):
+            augment.mix_clips(waves, lengths, torch.eye(4), rate)
+    with pytest.raises(TypeError, match="rate must be a number"):
+        augment.mix_clips(waves, lengths, torch.eye(4), "0.5")
+
+
+@pytest.mark.parametrize("freqm,timem", [(-5, 10), (1.5, 10), (10, -1), (True, 0)])
+def test_mask_spectrogram_rejects_bad_widths(freqm, timem):
+    with pytest.raises(ValueError, match="freqm|timem"):
+        augment.mask_spectrogram(torch.zeros(2, 20, 16), freqm, timem, 0.0)

@@ -54,3 +54,14 @@ def test_structured_masking_matches_official(B, T, F, pt, pf):
     assert torch.equal(ids_restore, ref_restore)
     assert torch.equal(mask, ref_mask)
     assert torch.equal(mask.sum(1), torch.full((B,), float(T * F - keep_t * keep_f)))
+
+
+def test_counts_outside_the_rows_are_errors():
+    # A count past the row, or negative, once gave an all-ones mask or an ids_restore that is not
+    # a permutation (indices 14 to 18 on a 15-token grid).
+    with pytest.raises(ValueError, match="len_keep must be an integer in \\[0, 4\\]"):
+        random_masking_ids(torch.rand(2, 4), -1)
+    with pytest.raises(ValueError, match="len_keep_t"):
+        structured_masking_ids(torch.rand(1, 5), torch.rand(1, 3), 7, 2)
+    with pytest.raises(ValueError, match="len_keep_f"):
+        structured_masking_ids(torch.rand(1, 5), torch.rand(1, 3), 2, 4)

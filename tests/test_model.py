@@ -430,3 +430,27 @@ def test_a_float64_default_dtype_builds_a_float64_swin_decoder():
         torch.set_default_dtype(previous)
     assert pred.dtype == torch.float64 and torch.isfinite(loss)
     assert tiny_mae(decoder_mode=1).decoder_blocks[0].attn.relative_coordinates_log.dtype == torch.float32
+
+
+def test_structured_masking_checks_the_token_count_against_the_grid():
+    # The 2-D masks are drawn on the model's grid: other token counts were silently cut (30 tokens
+    # on a 15-token grid) or failed deep in an index.
+    mae, vit = tiny_mae(), tiny_vit()  # grid (8, 4)
+    for model in (mae, vit):
+        for tokens in (30, 8):
+            with pytest.raises(ValueError, match=r"x must be patch tokens \[B, T\*F=32, D\] of the model's grid"):
+                model.random_masking_2d(torch.randn(2, tokens, 64), 0.5, 0.5)
+
+
+def test_vit_masking_probabilities_are_checked_before_use():
+    vit = tiny_vit().eval()
+    x = torch.randn(2, 1, 128, 64)
+    with pytest.raises(ValueError, match="mask_t_prob must lie in"):
+        vit(x, mask_t_prob=-0.5)  # was silently no masking (the > 0 gate came first)
+    with pytest.raises(TypeError, match="mask_f_prob must be a number"):
+        vit(x, mask_f_prob="0.5")
+    with pytest.raises(ValueError, match="keep no token"):
+        vit(x, mask_t_prob=1.0)  # the mean over no tokens: NaN logits in the official model
+    mae = tiny_mae()
+    with pytest.raises(TypeError, match="mask_ratio must be a number"):
+        mae.random_masking(torch.randn(2, 32, 64), None)

@@ -40,3 +40,9 @@ def test_halves_encode_k_mod_T_and_k_div_T():
 def test_bad_embed_dim():
     with pytest.raises(ValueError, match="multiple of 4"):
         sincos_2d_official(10, (4, 4))
+
+
+@pytest.mark.parametrize("embed_dim,grid", [(0, (4, 4)), (-4, (4, 4)), (8, (0, 4)), (8, (4, -1))])
+def test_empty_or_negative_tables_are_errors(embed_dim, grid):
+    with pytest.raises(ValueError, match="embed_dim|grid"):
+        sincos_2d_official(embed_dim, grid)
