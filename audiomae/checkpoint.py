@@ -99,19 +99,31 @@ def read_checkpoint(path) -> tuple[dict, dict]:
     run = blob.get("config") if isinstance(blob, dict) else None
     if isinstance(run, dict) and "model" in run and "model_kwargs" in run and isinstance(blob.get("model"), dict):
         return blob["model"], {"run_config": run}  # written by audiomae pretrain / finetune
-    if isinstance(blob, dict) and "model" in blob and isinstance(blob["model"], dict):
-        args = blob.get("args")
-        return blob["model"], {"args": vars(args) if isinstance(args, argparse.Namespace) else {}}
+    for entry in ("model", "state_dict"):  # the official layout; Lightning's and many scripts' wrapper
+        if isinstance(blob, dict) and isinstance(blob.get(entry), dict):
+            args = blob.get("args")
+            # args as a dict: an official checkpoint re-saved for weights-only loading
+            args = vars(args) if isinstance(args, argparse.Namespace) else dict(args) if isinstance(args, dict) else {}
+            return blob[entry], {"args": args}
     if isinstance(blob, dict) and all(isinstance(v, torch.Tensor) for v in blob.values()):
         return blob, {}
-    raise ValueError(f"{path} holds neither a state dict nor an official checkpoint dict with a 'model' entry")
+    raise ValueError(f"{path} holds neither a state dict nor a checkpoint dict with a 'model' or 'state_dict' entry")
+
+
+# Prefixes every key gets from a wrapper: DistributedDataParallel's ``module.`` and a
+# torch.compile'd model's ``_orig_mod.`` (either around the other).
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
 def _strip_prefix(state: dict) -> dict:
-    """Checkpoints saved from DistributedDataParallel prefix every key with ``module.``."""
-    if state and all(k.startswith("module.") for k in state):
-        return {k[len("module."):]: v for k, v in state.items()}
-    return dict(state)
+    """The state dict with the wrappers' prefixes (``_WRAPPER_PREFIXES``) taken off its keys."""
+    state = dict(state)
+    while state:
+        prefix = next((p for p in _WRAPPER_PREFIXES if all(k.startswith(p) for k in state)), None)
+        if prefix is None:
+            break
+        state = {k[len(prefix):]: v for k, v in state.items()}
+    return state
 
 
 def _count(state: dict, prefix: str) -> int:
@@ -162,7 +174,8 @@ def infer_config(state: dict, args: dict | None = None) -> tuple[type, dict]:
     freq_patches = _MEL_BINS // patch
     if num_patches % freq_patches:
         raise ValueError(f"pos_embed has {num_patches} patch rows, not a multiple of {freq_patches} frequency patches")
-    img_size = (int(args.get("target_length", num_patches // freq_patches * patch)), _MEL_BINS)
+    # The bins the patches tile: all 128 for patches of 16, 126 for the huge model's 14.
+    img_size = (int(args.get("target_length", num_patches // freq_patches * patch)), freq_patches * patch)
     config = dict(
         img_size=img_size, patch_size=patch, in_chans=in_chans, embed_dim=embed_dim,
         depth=_count(state, "blocks"), num_heads=_heads(embed_dim, args),
@@ -226,7 +239,21 @@ def from_pretrained(path, **overrides) -> nn.Module:
     ``overrides`` are constructor keywords that replace what was read from the file
     (``backend="triton"``, ``norm_pix_loss=True``, ``num_heads=...`` for an unusual width...).
     """
-    state, extra = read_checkpoint(path)
+    return model_from_checkpoint(*read_checkpoint(path), **overrides)
+
+
+def checkpoint_features(extra: dict) -> dict:
+    """The front-end settings a checkpoint records (``read_checkpoint``'s ``extra``): an official
+    checkpoint's ``args.dataset`` (AudioSet, ESC-50 and Speech Commands normalise differently);
+    empty when it records none we know."""
+    from .features import DATASETS
+
+    dataset = (extra.get("args") or {}).get("dataset")
+    return {"dataset": dataset} if dataset in DATASETS else {}
+
+
+def model_from_checkpoint(state: dict, extra: dict, **overrides) -> nn.Module:
+    """``from_pretrained`` of a file already read (``read_checkpoint``'s pair)."""
     state = _strip_prefix(state)
     classes = {cls.__name__: cls for cls in (MaskedAutoencoderViT, VisionTransformer, MAEAST, MAEASTClassifier)}
     if "run_config" in extra:  # the run's own record: its preset, sizes, loss settings and heads
@@ -311,8 +338,11 @@ def load_pretrained_encoder(model: VisionTransformer, path) -> VisionTransformer
     state = _strip_prefix(state)
     check_audiomae_keys(state)
     expected = model.state_dict()
-    encoder = {k: v for k, v in state.items() if k in expected
-               and not (k.startswith("head.") and v.shape != expected[k].shape)}
+    # What the official strict=False load leaves out, and only that: the decoder and mask token of a
+    # pretraining checkpoint, a final norm or head the model does not have, a head of another shape.
+    # Any other key the model lacks (a deeper encoder's blocks, layer scales) is a mismatch.
+    encoder = {k: v for k, v in state.items()
+               if not (_left_to_the_model(k) and (k not in expected or v.shape != expected[k].shape))}
     for key in ("head.weight", "head.bias", "fc_norm.weight", "fc_norm.bias", "norm.weight", "norm.bias"):
         if key in expected and key not in encoder:
             encoder[key] = expected[key]
@@ -322,6 +352,13 @@ def load_pretrained_encoder(model: VisionTransformer, path) -> VisionTransformer
     check_state_dict(model, encoder, note)
     model.load_state_dict(encoder, strict=True)
     return model
+
+
+def _left_to_the_model(key: str) -> bool:
+    """Keys ``load_pretrained_encoder`` drops where the model has no such key (or, for ``head.*``,
+    one of another shape): a pretraining checkpoint's decoder and mask token, the final norms and
+    the classifier head."""
+    return key.startswith(("decoder_", "head.", "norm.", "fc_norm.")) or key == "mask_token"
 
 
 def model_config(model: nn.Module) -> dict:
@@ -345,7 +382,11 @@ def model_config(model: nn.Module) -> dict:
             pos_trainable=model.pos_embed.requires_grad,
         )
     else:
-        config.update(num_classes=model.num_classes, global_pool=model.global_pool, mask_2d=model.mask_2d)
+        drop_path = blocks[-1].drop_path  # the last block's rate is drop_path_rate (the first's is 0)
+        config.update(num_classes=model.num_classes, global_pool=model.global_pool, mask_2d=model.mask_2d,
+                      qkv_bias=blocks[0].attn.qkv.bias is not None, drop_rate=model.pos_drop.p,
+                      attn_drop_rate=blocks[0].attn.attn_drop.p,
+                      drop_path_rate=getattr(drop_path, "drop_prob", 0.0))
         scale = blocks[0].attn.scale
         if scale != (model.embed_dim // blocks[0].attn.num_heads) ** -0.5:
             config["qk_scale"] = scale  # not in the weights, yet it changes every output

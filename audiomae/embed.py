@@ -32,24 +32,23 @@ def register(subparsers) -> None:
 
 
 def load_encoder(path: Path, backend: str):
-    """(model, feature settings it was trained with) from any checkpoint the CLI knows."""
+    """(model, feature settings it was trained with) from any checkpoint the CLI knows (read once)."""
+    from .checkpoint import checkpoint_features, model_from_checkpoint, read_checkpoint
     from .train import build_model
-    from .training import load_checkpoint
 
-    from .checkpoint import is_safetensors
-
-    if not is_safetensors(path):  # a .pth, whatever its name
-        blob = load_checkpoint(path)
-        config = blob.get("config")
-        if isinstance(config, dict) and "model" in config:  # written by audiomae pretrain / finetune
-            model = build_model(config["model"], config["model_kwargs"], backend)
-            model.load_state_dict(blob["model"])
-            return model, config["features"]
-    from .checkpoint import from_pretrained
-
-    model = from_pretrained(path, backend=backend)
+    state, extra = read_checkpoint(path)
+    if "run_config" in extra:  # written by audiomae pretrain / finetune
+        run = extra["run_config"]
+        model = build_model(run["model"], run["model_kwargs"], backend)
+        model.load_state_dict(state)
+        return model, run["features"]
+    model = model_from_checkpoint(state, extra, backend=backend)
     # An AudioMAE encoder takes one clip length; MAE-AST takes any (the flags or defaults choose).
-    return model, ({"target_length": model.patch_embed.img_size[0]} if hasattr(model, "patch_embed") else {})
+    # An official checkpoint names its dataset, whose statistics normalise the features.
+    features = checkpoint_features(extra)
+    if hasattr(model, "patch_embed"):
+        features["target_length"] = model.patch_embed.img_size[0]
+    return model, features
 
 
 def encoder_blocks(model):

@@ -173,7 +173,7 @@ def finetune(args) -> int:
     world, precision, checkpoint = setup_run(args)
     backend = resolve_backend(args.backend, world.device)
     name, kwargs, saved_features, backbone_state = pretrained_backbone(args.init)
-    features = feature_settings(args, saved_features)
+    features = feature_settings(args, saved_features, dataset_sets_length=True)
     train_items, val_items = split(load_items(args.data, world), args.val, args.val_fraction, args.seed, world)
     classes, multilabel = label_set(train_items, val_items, args.multilabel,
                                     class_index(args.label_csv) if args.label_csv is not None else None)

@@ -76,22 +76,27 @@ def add_input_args(p: argparse.ArgumentParser) -> None:
                    help="fbank implementation (kernels.fbank); auto = the CUDA kernel for CUDA tensors when built")
 
 
-def add_feature_args(p: argparse.ArgumentParser) -> None:
+def add_feature_args(p: argparse.ArgumentParser, *, dataset_sets_length: bool = False) -> None:
+    """The front end's flags; ``dataset_sets_length`` (fine-tuning): a ``--dataset`` given sets the
+    clip length before the checkpoint's does (``feature_settings``)."""
     p.add_argument("--dataset", default=None, choices=DATASETS,
                    help="fbank normalisation statistics and default clip length of this dataset "
                         "(default: the checkpoint's, else audioset)")
+    lengths = "1024 audioset, 512 esc50, 128 speechcommands"
+    default = (f"the --dataset's when given ({lengths}; a longer checkpoint's position table is cut to it), "
+               "else the checkpoint's, else 1024" if dataset_sets_length
+               else f"the checkpoint's, else the dataset's: {lengths}")
     p.add_argument("--target-length", type=POSITIVE_INT, default=None,
-                   help="frames per clip, 10 ms each (default: the checkpoint's, else the dataset's: "
-                        "1024 audioset, 512 esc50, 128 speechcommands); longer clips are cropped, shorter padded")
+                   help=f"frames per clip, 10 ms each (default: {default}); longer clips are cropped, shorter padded")
     p.add_argument("--pad-mode", default=None, choices=("official", "silence"),
                    help="padding of short clips: official (0 in the log domain, as the released models; the default) "
                         "or silence")
 
 
 def add_training_args(p: argparse.ArgumentParser, *, epochs: int, warmup: float, blr: float, min_lr: float,
-                      weight_decay: float) -> None:
+                      weight_decay: float, dataset_sets_length: bool = False) -> None:
     p.add_argument("--out", type=Path, required=True, help="run folder: checkpoint.pth, log.csv, tensorboard/")
-    add_feature_args(p)
+    add_feature_args(p, dataset_sets_length=dataset_sets_length)
     p.add_argument("--epochs", type=POSITIVE_INT, default=epochs, help=f"epochs (default {epochs}); the schedule spans them")
     p.add_argument("--max-steps", type=POSITIVE_INT, default=None,
                    help="stop (with a checkpoint) after this many optimiser steps; the schedule still spans --epochs")
@@ -168,7 +173,7 @@ def register(subparsers) -> None:
     p.add_argument("--drop-path", type=_bounded(float, 0, 1, high_open=True), default=0.1, help="stochastic depth rate")
     p.add_argument("--layer-decay", type=_bounded(float, 0, 1, low_open=True), default=0.75,
                    help="layer-wise learning-rate decay")
-    add_training_args(p, epochs=60, warmup=4.0, blr=1e-3, min_lr=1e-6, weight_decay=5e-4)
+    add_training_args(p, epochs=60, warmup=4.0, blr=1e-3, min_lr=1e-6, weight_decay=5e-4, dataset_sets_length=True)
     p.set_defaults(func=run_finetune)
 
 
@@ -319,16 +324,22 @@ def setup_run(args):
     return world, precision, checkpoint
 
 
-def feature_settings(args, saved: dict | None = None) -> dict:
-    """The front end's settings: each flag given, else the checkpoint's (``saved``), else the defaults."""
+def feature_settings(args, saved: dict | None = None, *, dataset_sets_length: bool = False) -> dict:
+    """The front end's settings: each flag given, else the checkpoint's (``saved``), else the defaults.
+    ``dataset_sets_length`` (fine-tuning, whose model is built for the clip length): a ``--dataset``
+    given sets the length before the checkpoint does, as the official recipes fine-tune an AudioSet
+    encoder on ESC-50's 512 frames."""
     from .features import DATASETS as FEATURE_DATASETS
 
     saved = saved or {}
     dataset = args.dataset or saved.get("dataset", "audioset")
-    return {"dataset": dataset,
-            "target_length": (args.target_length if args.target_length is not None
-                              else saved.get("target_length") or FEATURE_DATASETS[dataset][2]),
-            "pad_mode": args.pad_mode or saved.get("pad_mode", "official")}
+    if args.target_length is not None:
+        length = args.target_length
+    elif dataset_sets_length and args.dataset is not None:
+        length = FEATURE_DATASETS[dataset][2]
+    else:
+        length = saved.get("target_length") or FEATURE_DATASETS[dataset][2]
+    return {"dataset": dataset, "target_length": length, "pad_mode": args.pad_mode or saved.get("pad_mode", "official")}
 
 
 def training_data(items, front_end, args, world, classes=None):

@@ -151,3 +151,63 @@ def test_mae_ast_save_and_load(tmp_path):
     loaded = audiomae.from_pretrained(classifier.save_pretrained(tmp_path / "cls.safetensors"))
     assert isinstance(loaded, audiomae.MAEASTClassifier) and loaded.num_classes == 4
     assert_same_weights(classifier, loaded)
+
+
+def test_wrappers_and_compiled_prefixes_load(tmp_path):
+    model = small_mae(0)
+    state = model.state_dict()
+    # {"state_dict": ...} (Lightning and many scripts), torch.compile's _orig_mod. under DDP's module.
+    torch.save({"state_dict": {f"module._orig_mod.{k}": v for k, v in state.items()}}, tmp_path / "wrapped.pth")
+    assert_same_weights(model, audiomae.from_pretrained(tmp_path / "wrapped.pth", num_heads=4))
+    torch.save({f"_orig_mod.{k}": v for k, v in state.items()}, tmp_path / "compiled.pth")
+    assert_same_weights(model, audiomae.from_pretrained(tmp_path / "compiled.pth", num_heads=4))
+
+
+def test_official_args_saved_as_a_dict_are_read(tmp_path):
+    # An official checkpoint re-saved for weights-only loading keeps args as a plain dict: its
+    # decoder mode 2 (mode 0's keys) and loss settings were silently dropped.
+    model = small_mae(2, norm_pix_loss=True)
+    torch.save({"model": model.state_dict(), "args": {"decoder_mode": 2, "norm_pix_loss": True}}, tmp_path / "d.pth")
+    loaded = audiomae.from_pretrained(tmp_path / "d.pth", num_heads=4)
+    assert loaded.decoder_mode == 2 and loaded.norm_pix_loss
+
+
+def test_patch14_official_checkpoint_infers_the_bins_its_patches_tile(tmp_path):
+    vit = audiomae.vit_huge_patch14(img_size=(112, 126), embed_dim=32, depth=1, num_heads=2, num_classes=3)
+    torch.save({"model": vit.state_dict(), "args": argparse.Namespace(model="vit_huge_patch14")}, tmp_path / "h.pth")
+    loaded = audiomae.from_pretrained(tmp_path / "h.pth", num_heads=2)
+    assert loaded.patch_embed.img_size == (112, 126)
+    assert_same_weights(vit, loaded)
+
+
+def test_save_pretrained_keeps_qkv_bias_and_dropout_rates(tmp_path):
+    vit = audiomae.vit_small_patch16(img_size=(128, 128), depth=3, qkv_bias=False, drop_rate=0.1,
+                                     attn_drop_rate=0.2, drop_path_rate=0.3, num_classes=4)
+    loaded = audiomae.from_pretrained(vit.save_pretrained(tmp_path / "nobias.safetensors"))
+    assert loaded.blocks[0].attn.qkv.bias is None
+    assert loaded.pos_drop.p == 0.1 and loaded.blocks[0].attn.attn_drop.p == 0.2
+    assert [getattr(b.drop_path, "drop_prob", 0.0) for b in loaded.blocks] == pytest.approx([0.0, 0.15, 0.3])
+
+
+def test_encoder_loading_refuses_keys_the_model_lacks(tmp_path):
+    # Only the decoder, the mask token, final norms and a head are the model's to drop: a deeper
+    # checkpoint's blocks or a layer scale were silently thrown away.
+    model = small_mae(1)
+    path = tmp_path / "pre.pth"
+    torch.save({"model": model.state_dict()}, path)
+    shallow = audiomae.VisionTransformer(img_size=(128, 128), embed_dim=64, depth=1, num_heads=4, num_classes=3)
+    with pytest.raises(CheckpointMismatchError, match=r"unexpected \(\d+\): blocks\.1\."):
+        audiomae.load_pretrained_encoder(shallow, path)
+    state = {**model.state_dict(), "blocks.0.ls1.gamma": torch.ones(64)}
+    torch.save({"model": state}, path)
+    vit = audiomae.VisionTransformer(img_size=(128, 128), embed_dim=64, depth=2, num_heads=4, num_classes=3)
+    with pytest.raises(CheckpointMismatchError, match="blocks.0.ls1.gamma"):
+        audiomae.load_pretrained_encoder(vit, path)
+    # A cls-pooled model keeps the checkpoint's norm; a head-less one drops a fine-tuned head.
+    finetuned = audiomae.VisionTransformer(img_size=(128, 128), embed_dim=64, depth=2, num_heads=4, num_classes=5,
+                                           global_pool=False)
+    torch.save({"model": finetuned.state_dict()}, path)
+    headless = audiomae.VisionTransformer(img_size=(128, 128), embed_dim=64, depth=2, num_heads=4, num_classes=0,
+                                          global_pool=False)
+    audiomae.load_pretrained_encoder(headless, path)
+    assert torch.equal(headless.norm.weight, finetuned.norm.weight)

@@ -134,3 +134,19 @@ def test_official_checkpoint_embeds_and_finetunes(demo, tmp_path):
     assert np.load(tmp_path / "e.npy").shape == (10, 384)
     assert main(["finetune", str(demo), "--init", str(tmp_path / "official.pth"), "--out", str(tmp_path / "ft"),
                  *QUIET_RUN, "--batch-size", "4", "--epochs", "1", "--max-steps", "1"]) == 0
+
+
+def test_official_checkpoint_normalises_with_its_dataset(tmp_path):
+    import argparse
+
+    import audiomae
+
+    # An official fine-tuned checkpoint names its dataset: ESC-50's statistics, not AudioSet's.
+    vit = audiomae.vit_small_patch16(depth=1, img_size=(32, 128), num_classes=5)
+    args = argparse.Namespace(model="vit_small_patch16", dataset="esc50")
+    torch.save({"model": vit.state_dict(), "args": args}, tmp_path / "ft.pth")
+    model, features = load_encoder(tmp_path / "ft.pth", "reference")
+    assert features == {"dataset": "esc50", "target_length": 32}
+    args.dataset = "k400"  # not an audio dataset we normalise for: the defaults decide
+    torch.save({"model": vit.state_dict(), "args": args}, tmp_path / "other.pth")
+    assert load_encoder(tmp_path / "other.pth", "reference")[1] == {"target_length": 32}

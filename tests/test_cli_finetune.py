@@ -212,3 +212,22 @@ def test_unreadable_init_is_one_line(demo, tmp_path, capsys, content):
     assert main(["embed", str(demo), "--ckpt", str(broken), "--out", str(tmp_path / "e.npy")]) == 2
     err = capsys.readouterr().err
     assert "is not a readable checkpoint (SafetensorError" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_given_dataset_sets_the_fine_tuning_clip_length():
+    # The official recipes fine-tune AudioSet's 1024-frame encoder on ESC-50's 512 frames: a
+    # --dataset given outranks the checkpoint's length when fine-tuning (the table is cut), not
+    # when embedding (the model's length is fixed), and --target-length outranks both.
+    from argparse import Namespace
+
+    from audiomae.train import feature_settings
+
+    saved = {"target_length": 1024}
+    flags = Namespace(dataset="esc50", target_length=None, pad_mode=None)
+    assert feature_settings(flags, saved, dataset_sets_length=True)["target_length"] == 512
+    assert feature_settings(flags, saved)["target_length"] == 1024
+    assert feature_settings(Namespace(dataset="esc50", target_length=256, pad_mode=None), saved,
+                            dataset_sets_length=True)["target_length"] == 256
+    assert feature_settings(Namespace(dataset=None, target_length=None, pad_mode=None), saved,
+                            dataset_sets_length=True) == {"dataset": "audioset", "target_length": 1024,
+                                                          "pad_mode": "official"}
