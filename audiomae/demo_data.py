@@ -99,13 +99,15 @@ def write_demo_data(out, num_per_class: int = 8, seconds: float = 2.0, sample_ra
 
 
 def register(subparsers) -> None:
+    from .train import SEED
+
     p = subparsers.add_parser("demo-data", help="write a small synthetic labelled sound dataset",
                               description=__doc__.splitlines()[0])
     p.add_argument("out", metavar="OUT", type=Path, help="folder to write (class sub-folders and labels.csv)")
     p.add_argument("--num-per-class", type=int, default=8, help="clips per class (default 8)")
     p.add_argument("--seconds", type=float, default=2.0, help="clip duration (default 2.0)")
     p.add_argument("--sample-rate", type=int, default=16000, help="sample rate in Hz (default 16000)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=SEED, default=0, help="random seed (default 0)")
     p.set_defaults(func=run)
 
 

@@ -177,6 +177,10 @@ def finetune(args) -> int:
     train_items, val_items = split(load_items(args.data, world), args.val, args.val_fraction, args.seed, world)
     classes, multilabel = label_set(train_items, val_items, args.multilabel,
                                     class_index(args.label_csv) if args.label_csv is not None else None)
+    if multilabel and val_items and not any(item.labels for item in val_items):
+        # mAP needs a positive: refused now, not after the first epoch's training
+        raise UsageError(f"none of the {len(val_items)} validation clip(s) has a label, so mAP is undefined: "
+                         "give --val labelled clips (or --val-fraction of labelled DATA)")
     say(world, f"{len(classes)} classes, {'multi' if multilabel else 'single'}-label; "
                f"{len(train_items)} training and {len(val_items)} validation clips")
 
@@ -249,7 +253,11 @@ def finetune(args) -> int:
             say(world, f"epoch {epoch}: no validation clip could be read")
             return {}
         scores = torch.cat(scores)
-        value = (mean_average_precision if multilabel else accuracy)(scores, targets)
+        try:
+            value = (mean_average_precision if multilabel else accuracy)(scores, targets)
+        except ValueError as exc:  # the clips read hold no positive: no metric, but the run goes on
+            say(world, f"epoch {epoch}: no {metric_name}: {exc}")
+            return {}
         say(world, f"epoch {epoch}: {metric_name} {value:.4f} on {len(targets)} clips")
         return {metric_name: value}
 

@@ -50,6 +50,8 @@ def _bounded(kind, low=None, high=None, *, low_open=False, high_open=False):
 
 POSITIVE_INT = _bounded(int, 1)
 NON_NEGATIVE_INT = _bounded(int, 0)
+SEED_MAX = 2**32 - 1  # numpy's range (seed_everything seeds it too)
+SEED = _bounded(int, 0, SEED_MAX)
 NON_NEGATIVE = _bounded(float, 0)
 FRACTION = _bounded(float, 0, 1, high_open=True)  # [0, 1)
 
@@ -116,7 +118,8 @@ def add_training_args(p: argparse.ArgumentParser, *, epochs: int, warmup: float,
     p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
                    help="auto = bf16 on CUDA, fp32 on the CPU; fp16 uses a GradScaler (CUDA only)")
     p.add_argument("--compile", action="store_true", help="run the model under torch.compile")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=SEED, default=0, help="random seed; process k of a distributed run takes seed + k "
+                                                        "(default 0)")
     p.add_argument("--save-every", type=NON_NEGATIVE_INT, default=1000,
                    help="checkpoint every N optimiser steps (default 1000; 0: only at the end)")
     p.add_argument("--log-every", type=POSITIVE_INT, default=10, help="log the loss every N optimiser steps (default 10)")
@@ -144,7 +147,9 @@ def register(subparsers) -> None:
                    help="AudioMAE decoder: 0 global attention, 1 shifted-window (Swin) attention as the official AudioSet recipe")
     p.add_argument("--norm-pix-loss", action=argparse.BooleanOptionalAction, default=True,
                    help="AudioMAE: reconstruct per-patch normalised targets, as the official recipe")
-    add_training_args(p, epochs=32, warmup=3.0, blr=2e-4, min_lr=0.0, weight_decay=0.05)
+    # The official AudioSet-2M recipe (submit_pretrain_audioset2M.sh): 33 epochs, 3 of warm-up,
+    # blr 2e-4, weight decay 1e-4 (main_pretrain.py's own defaults differ; the script overrides them).
+    add_training_args(p, epochs=33, warmup=3.0, blr=2e-4, min_lr=0.0, weight_decay=1e-4)
     p.set_defaults(func=run_pretrain)
 
     p = subparsers.add_parser("finetune", help="classification from a pretrained checkpoint")
@@ -190,12 +195,21 @@ def family_of(name: str) -> str:
     raise UsageError(f"unknown model {name!r}")
 
 
+# Constructor keywords that are counts or sizes: --model-kwargs must give them as positive integers
+# (the size flags' own argparse type checks theirs), or the constructors fail deep inside, or
+# build an encoder of no blocks.
+SIZE_KEYWORDS = (*SIZE_FLAGS, "patch_size", "encoder_depth", "in_chans")
+
+
 def size_overrides(args, family: str) -> dict:
     kwargs = {}
     for flag in SIZE_FLAGS:
         value = getattr(args, flag)
         if value is not None:
             kwargs[MAE_AST_NAMES.get(flag, flag) if family == "mae_ast" else flag] = value
+    for key, value in args.model_kwargs.items():
+        if key in SIZE_KEYWORDS and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise UsageError(f"--model-kwargs {key} must be a positive integer, got {value!r}")
     return {**kwargs, **args.model_kwargs}
 
 
@@ -213,10 +227,10 @@ def build_model(name: str, kwargs: dict, backend: str):
     constructor = getattr(mae_ast if family == "mae_ast" else audiomae, name)
     try:
         return constructor(**kwargs, backend=backend)
-    except TypeError as exc:  # a keyword the model does not take (--model-kwargs): a usage error
-        if "keyword argument" not in str(exc):
-            raise
-        raise UsageError(f"{name}: {exc}") from exc
+    except (TypeError, ValueError, ArithmeticError, RuntimeError, AttributeError) as exc:
+        # A keyword the model does not take, or a value it cannot use (--model-kwargs, or a
+        # checkpoint's run config): one line naming the keywords, not a traceback from inside it.
+        raise UsageError(f"cannot build {name} with {kwargs}: {type(exc).__name__}: {exc}") from exc
 
 
 def resolve_backend(name: str, device) -> str:
@@ -313,6 +327,9 @@ def setup_run(args):
     precision = args.precision
     if precision == "auto":
         precision = "bf16" if world.device.type == "cuda" else "fp32"
+    problem = unwritable(args.out)
+    if problem:
+        raise UsageError(f"--out {args.out}: cannot write the run there ({problem})")
     checkpoint = None
     if args.resume:
         path = args.out / "checkpoint.pth" if args.resume == "auto" else args.resume
@@ -320,6 +337,9 @@ def setup_run(args):
         if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("config"), dict):
             raise UsageError(f"--resume {path}: not a checkpoint of an audiomae run (it has no run config); "
                              "to start from official weights, use finetune --init")
+    if args.seed + world.rank > SEED_MAX:
+        raise UsageError(f"--seed {args.seed}: process {world.rank} would take seed {args.seed + world.rank}, "
+                         f"past {SEED_MAX}")
     seed_everything(args.seed + world.rank)
     return world, precision, checkpoint
 
@@ -362,6 +382,11 @@ def make_trainer(model, args, world, precision, config, checkpoint, *, num_clips
                      "world_size": world.world_size, "seed": args.seed}
     effective_batch = args.batch_size * args.accum_iter * world.world_size
     lr = args.lr if args.lr is not None else args.blr * effective_batch / 256
+    if args.min_lr > lr:
+        raise UsageError(f"--min-lr {args.min_lr:g} is above the learning rate {lr:g}: the cosine would climb")
+    if args.warmup_epochs > args.epochs:
+        say(world, f"warning: --warmup-epochs {args.warmup_epochs:g} outlasts --epochs {args.epochs}: the learning "
+                   f"rate never reaches {lr:g}")
     trainer = Trainer(
         model, world=world, out_dir=args.out, config=config, precision=precision, lr=lr, min_lr=args.min_lr,
         warmup_epochs=args.warmup_epochs, epochs=args.epochs, weight_decay=args.weight_decay,
@@ -374,13 +399,17 @@ def make_trainer(model, args, world, precision, config, checkpoint, *, num_clips
                             (("classes", "multilabel"), "the classes, in the same order (--label-csv), and the task "
                                                         "of the run it continues"),
                             (("run",), "the same data, batch size, gradient accumulation, seed and number of "
-                                       "processes as the run it continues")):
+                                       "processes as the run it continues"),
+                            (("features",), "the same --dataset, --target-length and --pad-mode as the run it "
+                                            "continues")):
             saved, now = ({k: c.get(k) for k in keys} for c in (checkpoint["config"], config))
             if saved != now:
                 raise UsageError(f"--resume needs {needs}: it had {saved}, this run has {now}")
         trainer.resume(checkpoint)
         position = trainer.position
         say(world, f"resuming at step {position.step} (epoch {position.epoch}, batch {position.batch})")
+        if args.max_steps is not None and position.step >= args.max_steps:
+            say(world, f"nothing to train: the checkpoint is at step {position.step}, --max-steps is {args.max_steps}")
     return trainer, RunLog(args.out, world, resume_step=trainer.position.step if checkpoint is not None else None)
 
 

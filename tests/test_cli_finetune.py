@@ -90,7 +90,7 @@ def test_finetune_from_mae_ast_safetensors(demo, tmp_path, saved):
     model = MAEAST(**sizes) if saved == "MAEAST" else MAEASTClassifier(num_classes=7, **sizes)
     model.save_pretrained(tmp_path / "ast.safetensors")
     assert finetune(demo, tmp_path / "ast.safetensors", tmp_path / "ft", "--epochs", "1", "--target-length", "32",
-                    "--lr", "0") == 0
+                    "--lr", "0", "--min-lr", "0") == 0
     tuned = load_checkpoint(tmp_path / "ft" / "checkpoint.pth")["model"]
     backbone = model if saved == "MAEAST" else model.backbone
     for name, value in backbone.state_dict().items():  # lr 0: the backbone's weights as loaded
@@ -107,7 +107,7 @@ def test_init_from_a_finetuning_run(demo, pretrained, tmp_path, family):
         assert main(["pretrain", str(demo), "--out", str(start.parent), "--model", "mae_ast_frame", *TINY_MODEL,
                      *QUIET_RUN, "--batch-size", "4", "--max-steps", "1"]) == 0
     assert finetune(demo, start, tmp_path / "ft", "--epochs", "1") == 0
-    assert finetune(demo, tmp_path / "ft" / "checkpoint.pth", tmp_path / "ft2", "--epochs", "1", "--lr", "0") == 0
+    assert finetune(demo, tmp_path / "ft" / "checkpoint.pth", tmp_path / "ft2", "--epochs", "1", "--lr", "0", "--min-lr", "0") == 0
     first, second = (load_checkpoint(tmp_path / name / "checkpoint.pth") for name in ("ft", "ft2"))
     assert second["config"]["model"] == first["config"]["model"]
     encoder = [k for k in first["model"] if k.startswith(("blocks.", "patch_embed.", "backbone."))]
@@ -231,3 +231,16 @@ def test_a_given_dataset_sets_the_fine_tuning_clip_length():
     assert feature_settings(Namespace(dataset=None, target_length=None, pad_mode=None), saved,
                             dataset_sets_length=True) == {"dataset": "audioset", "target_length": 1024,
                                                           "pad_mode": "official"}
+
+
+def test_a_validation_split_without_labels_is_refused_before_training(demo, pretrained, tmp_path, capsys):
+    # Its mAP is undefined: this used to end the run with an error after the first epoch's training.
+    import shutil
+
+    val = tmp_path / "val"
+    val.mkdir()
+    for clip in sorted(demo.rglob("*.wav"))[:2]:
+        shutil.copy(clip, val / clip.name)  # top-level files of a folder: no class, no label
+    assert finetune(demo, pretrained, tmp_path / "ft", "--epochs", "1", "--multilabel", "--val", str(val)) == 2
+    assert "none of the 2 validation clip(s) has a label" in capsys.readouterr().err
+    assert not (tmp_path / "ft" / "checkpoint.pth").exists()

@@ -331,3 +331,44 @@ def test_bad_model_keywords_and_checkpoints_are_one_line(demo, tmp_path, capsys)
     assert "is not a readable checkpoint" in err and len(err.strip().splitlines()) == 1
     assert main(["demo-data", str(broken)]) == 2  # a file where a folder should go
     assert "is a file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kwargs", ['{"norm_layer": 1}', '{"patch_size": 0}', '{"mlp_ratio": -1}',
+                                    '{"mlp_ratio": "x"}', '{"depth": 0}', '{"patch_size": 2.5}'])
+def test_model_keywords_the_model_cannot_take_are_one_line(demo, tmp_path, capsys, kwargs):
+    # These gave tracebacks from inside the constructor, or (depth 0) trained an encoder of no blocks.
+    assert pretrain(demo, tmp_path / "out", "--max-steps", "1", "--model-kwargs", kwargs) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert ("--model-kwargs" in err or "cannot build" in err) and next(iter(eval(kwargs))) in err
+
+
+def test_seed_and_out_errors_name_their_flag(demo, tmp_path, capsys):
+    for seed in ("-1", str(2**32)):
+        with pytest.raises(SystemExit) as stop:
+            pretrain(demo, tmp_path / "out", "--seed", seed)
+        assert stop.value.code == 2 and "--seed" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["demo-data", str(tmp_path / "d"), "--seed", "-5"])
+    assert "--seed" in capsys.readouterr().err
+    (tmp_path / "labels.csv").write_text("x")
+    assert pretrain(demo, tmp_path / "labels.csv", "--max-steps", "1") == 2
+    assert "--out" in capsys.readouterr().err
+
+
+def test_resume_refuses_other_features_and_says_when_nothing_is_left(demo, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert pretrain(demo, out, "--max-steps", "2") == 0
+    capsys.readouterr()
+    # Another normalisation mid-run was taken silently.
+    assert pretrain(demo, out, "--max-steps", "3", "--resume", "--dataset", "esc50") == 2
+    assert "--resume needs the same --dataset, --target-length and --pad-mode" in capsys.readouterr().err
+    assert pretrain(demo, out, "--max-steps", "2", "--resume") == 0
+    assert "nothing to train: the checkpoint is at step 2, --max-steps is 2" in capsys.readouterr().err
+
+
+def test_a_cosine_that_would_climb_is_refused(demo, tmp_path, capsys):
+    assert pretrain(demo, tmp_path / "out", "--max-steps", "1", "--lr", "1e-4", "--min-lr", "1e-3") == 2
+    assert "--min-lr 0.001 is above the learning rate 0.0001" in capsys.readouterr().err
+    assert pretrain(demo, tmp_path / "out2", "--max-steps", "1", "--epochs", "2", "--warmup-epochs", "3") == 0
+    assert "--warmup-epochs 3 outlasts --epochs 2" in capsys.readouterr().err
