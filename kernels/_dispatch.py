@@ -41,6 +41,18 @@ def use_triton(*tensors: torch.Tensor) -> bool:
     return device.type == "cuda" or (device.type == "cpu" and interpreting())
 
 
+def require_triton(op: str, t: torch.Tensor) -> None:
+    """The ``torch.library`` op ``audiomae::<op>``, called directly, launches its Triton kernel: a
+    clear error for tensors no kernel can serve (CPU tensors without the interpreter), where the
+    launch would fail inside Triton ("0 active drivers"). The public functions never get here
+    with them: they serve such tensors with the eager reference."""
+    if isinstance(t, torch.Tensor) and not use_triton(t):
+        raise RuntimeError(
+            f"torch.ops.audiomae.{op} launches a Triton kernel, which runs on CUDA tensors, or on CPU tensors when "
+            f"TRITON_INTERPRET=1 is set before `import kernels`; got {t.device.type} tensors (the kernels.* "
+            "functions serve them with the eager reference)")
+
+
 def on_tensors_device(launcher):
     """Runs ``launcher`` with its first tensor argument's GPU current: Triton launches on the
     current CUDA device and its stream, so tensors on ``cuda:1`` while ``cuda:0`` is current would
@@ -132,6 +144,17 @@ def reject_autodiff_transforms(op: str) -> None:
         raise NotImplementedError(
             f"kernels.{op} does not support torch.func's grad/vjp/jacrev/jvp/jacfwd transforms; use "
             "torch.autograd (loss.backward(), torch.autograd.grad) or the eager reference in kernels.reference"
+        )
+
+
+def reject_forward_tangents(op: str, *tensors: torch.Tensor | None) -> None:
+    """A clear error for dual tensors (``torch.autograd.forward_ad``), as for ``torch.func.jvp``:
+    the kernel's gradients are reverse-mode rules, and its op would return no tangent at all
+    (a ``torch.library`` op's autograd kernel is never reached by a tangent alone)."""
+    if has_forward_tangent(*tensors):
+        raise NotImplementedError(
+            f"kernels.{op} has no forward-mode AD rule (dual tensors of torch.autograd.forward_ad); use reverse mode "
+            "(torch.autograd) or the eager reference in kernels.reference"
         )
 
 

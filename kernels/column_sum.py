@@ -48,7 +48,7 @@ import triton
 import triton.language as tl
 
 from kernels._dispatch import (_batched, autodiff_transforms_active, has_forward_tangent, needs_custom_op,
-                              on_tensors_device, use_triton)
+                              on_tensors_device, require_triton, use_triton)
 from kernels.gather_tokens import FLOAT_DTYPES, TL_DTYPES, accumulate_dtype, cdiv, row_tile
 from kernels.reference import column_sum as reference
 
@@ -139,6 +139,7 @@ def _check_rows(x: torch.Tensor) -> None:
 @torch.library.custom_op("audiomae::column_sum", mutates_args=())
 def _column_sum_op(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     _check_rows(x)
+    require_triton("column_sum", x)
     return _column_sum_launch(x, dtype)
 
 

@@ -50,7 +50,7 @@ import triton.language as tl
 
 from kernels.reference import gather_tokens as reference
 from kernels._dispatch import (check_same_device, first_order_only, needs_custom_op, on_tensors_device,
-                              reject_autodiff_transforms, use_triton)
+                              reject_autodiff_transforms, reject_forward_tangents, require_triton, use_triton)
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -492,7 +492,9 @@ def gather_rows_backward(
 def _gather_tokens_op(x: torch.Tensor, ids_keep: torch.Tensor, pos_embed: torch.Tensor | None) -> torch.Tensor:
     # Called directly (torch.ops.audiomae.gather_tokens) the op takes gather_tokens' argument forms
     # and shape checks, not its index range check (one host sync; out-of-range ids read out of bounds).
-    return _gather_forward(x, ids_keep, _checked_gather_args(x, ids_keep, pos_embed))
+    pos = _checked_gather_args(x, ids_keep, pos_embed)
+    require_triton("gather_tokens", x)
+    return _gather_forward(x, ids_keep, pos)
 
 
 @_gather_tokens_op.register_fake
@@ -505,6 +507,7 @@ def _gather_tokens_backward_op(
     grad: torch.Tensor, ids_keep: torch.Tensor, num_rows: int, x_dtype: torch.dtype | None, pos_dtype: torch.dtype | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     check_rows_backward_args(grad, ids_keep, "ids_keep", num_rows)
+    require_triton("gather_tokens_backward", grad)
     # A custom op cannot return None: a gradient nobody asked for comes back empty.
     grad_x, grad_pos = gather_rows_backward(grad, ids_keep, num_rows, x_dtype, pos_dtype)
     return tuple(g if g is not None else grad.new_empty(0) for g in (grad_x, grad_pos))
@@ -564,11 +567,23 @@ class _GatherTokens(torch.autograd.Function):
         return _input_grads(ctx, grad, rows_backward)
 
 
-def _gather(x: torch.Tensor, ids_keep: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor:
-    """The Triton gather on checked inputs, ``pos`` [L, C] or None."""
-    reject_autodiff_transforms("gather_tokens")
-    op = torch.ops.audiomae.gather_tokens if needs_custom_op() else _GatherTokens.apply
-    return op(x, ids_keep, pos)
+class _GatherTokens2d(_GatherTokens):
+    """``_GatherTokens`` for ``gather_tokens_2d``: its refusals name the public op."""
+
+    @staticmethod
+    @first_order_only("gather_tokens_2d")
+    def backward(ctx, grad):
+        rows_backward = torch.ops.audiomae.gather_tokens_backward if needs_custom_op() else gather_rows_backward
+        return _input_grads(ctx, grad, rows_backward)
+
+
+def _gather(x: torch.Tensor, ids_keep: torch.Tensor, pos: torch.Tensor | None, name: str = "gather_tokens") -> torch.Tensor:
+    """The Triton gather on checked inputs, ``pos`` [L, C] or None; ``name``: the public op, for errors."""
+    reject_autodiff_transforms(name)
+    reject_forward_tangents(name, x, pos)
+    if needs_custom_op():
+        return torch.ops.audiomae.gather_tokens(x, ids_keep, pos)
+    return (_GatherTokens if name == "gather_tokens" else _GatherTokens2d).apply(x, ids_keep, pos)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -636,4 +651,4 @@ def gather_tokens_2d(
     # [B, Kt*Kf] index, then the same gather (and the same duplicate-safe backward).
     kept = ids_keep_t.shape[1] * ids_keep_f.shape[1]  # explicit: -1 cannot be inferred for B = 0
     ids_keep = (ids_keep_t[:, :, None] * F + ids_keep_f[:, None, :]).reshape(x.shape[0], kept)
-    return _gather(x, ids_keep, pos)
+    return _gather(x, ids_keep, pos, "gather_tokens_2d")

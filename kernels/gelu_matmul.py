@@ -35,7 +35,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._dispatch import on_tensors_device, use_triton
+from ._dispatch import interpreting, on_tensors_device, use_triton
 from .gelu_grad import _gelu_and_slope, gelu_and_grad_reference
 
 
@@ -172,7 +172,13 @@ def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, app
 
 
 def _runs_kernel(x: torch.Tensor) -> bool:
-    return use_triton(x) and x.dtype in (torch.float16, torch.bfloat16, torch.float32) and x.numel() > 0
+    runs = use_triton(x) and x.dtype in (torch.float16, torch.bfloat16, torch.float32) and x.numel() > 0
+    if runs and x.dtype == torch.bfloat16 and x.device.type == "cpu" and interpreting():
+        # Triton 3.6's interpreter multiplies bfloat16 tl.dot operands wrongly (errors of 1e11
+        # seen): an error rather than silently wrong numbers; the GPU computes it right.
+        raise NotImplementedError("gelu_matmul (gelu_mlp's fused_matmul=True): Triton's interpreter computes "
+                                  "bfloat16 tl.dot wrongly; on the CPU use float32 or float16, or fused_matmul=False")
+    return runs
 
 
 def linear_gelu_reference(x, weight, bias, approximate: str) -> torch.Tensor:

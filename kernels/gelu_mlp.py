@@ -42,7 +42,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from kernels._dispatch import check_same_device, first_order_only, needs_custom_op
+from kernels._dispatch import check_same_device, first_order_only, has_forward_tangent, needs_custom_op
 from kernels.column_sum import column_sum
 from kernels.gelu_grad import gelu_and_grad
 from kernels.gelu_matmul import linear_gelu, linear_gelu_backward
@@ -285,10 +285,12 @@ def gelu_mlp(
             raise ValueError(f"{name} must be [{size}], got {tuple(bias.shape)}")
     check_same_device(**named)
     dtype = compute_dtype(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
-    if torch._C._are_functorch_transforms_active() or x.device.type == "meta":
-        # torch.func transforms compose with plain torch ops, not with this Function's saving
-        # scheme: run the same ops unfused (same values, eager memory). Meta tensors (shape
-        # inference) too: the Function's autocast guards need a device that has autocast.
+    if (torch._C._are_functorch_transforms_active() or x.device.type == "meta"
+            or has_forward_tangent(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias)):
+        # torch.func transforms and forward-mode AD (dual tensors) compose with plain torch ops,
+        # not with this Function's saving scheme: run the same ops unfused (same values, eager
+        # memory). Meta tensors (shape inference) too: the Function's autocast guards need a
+        # device that has autocast.
         return reference(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate=approximate)
     # [..., C] as [rows, C]: for a 3-D or deeper input F.linear returns a view of its 2-D product
     # (the same values as on the rows), and a view made inside an autograd.Function cannot be

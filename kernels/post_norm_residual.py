@@ -41,7 +41,7 @@ import triton
 import triton.language as tl
 
 from kernels._dispatch import (check_same_device, first_order_only, needs_custom_op, on_tensors_device,
-                              reject_autodiff_transforms, use_triton)
+                              reject_autodiff_transforms, reject_forward_tangents, require_triton, use_triton)
 from kernels.gather_tokens import FLOAT_DTYPES, REDUCING_PROGRAMS, cdiv, next_power_of_2
 from kernels.reference import post_norm_residual as reference
 
@@ -298,6 +298,7 @@ def _post_norm_residual_op(
     _check_op_rows(x=x, branch=branch)
     _check_inputs(x, branch, weight, bias)
     _check_dtypes(norm_dtype=norm_dtype, copy_dtype=copy_dtype)
+    require_triton("post_norm_residual", x)
     return _forward(x, branch, weight, bias, eps, norm_dtype, copy_dtype)
 
 
@@ -347,6 +348,7 @@ def _post_norm_residual_backward_op(
                              f"{getattr(t, 'shape', type(t).__name__)} {getattr(t, 'dtype', '')}")
         check_same_device(branch=branch, **{name: t})
     mean, rstd = mean.contiguous(), rstd.contiguous()
+    require_triton("post_norm_residual_backward", branch)
     grads = _backward(grad, grad_copy, branch, weight, mean, rstd, norm_dtype, out_dtype, x_dtype, need_branch,
                       weight_dtype, bias_dtype)
     # A custom op cannot return None, nor an input, and its outputs have the strides its fake
@@ -410,6 +412,10 @@ def _op_backward(ctx, grad, grad_copy, _grad_mean, _grad_rstd):
 def _op_setup_context(ctx, inputs, output):
     _setup_context(ctx, inputs, output)
     ctx.has_copy = inputs[6] is not None
+    # The row statistics are the backward's, not results to differentiate (nor is the empty
+    # placeholder standing for an absent copy): their gradients would be dropped silently.
+    _, copy, mean, rstd = output
+    ctx.mark_non_differentiable(mean, rstd, *([] if ctx.has_copy else [copy]))
     # An unused output's gradient stays None, as in the eager Function: added as zeros it would
     # turn a -0.0 gradient into +0.0 there and not here.
     ctx.set_materialize_grads(False)
@@ -505,6 +511,7 @@ def post_norm_residual(
         out = reference.post_norm_residual(x, branch, weight, bias, eps)
         return out if copy_dtype is None else (out, out.to(copy_dtype, copy=True))
     reject_autodiff_transforms("post_norm_residual")
+    reject_forward_tangents("post_norm_residual", x, branch, weight, bias)
     norm_dtype = norm_output_dtype(branch, weight, bias)
     shape = branch.shape
     # Channel offsets are int32 in the kernels: a view whose channels lie 2**31 elements apart is copied.

@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from kernels._dispatch import (check_same_device, first_order_only, needs_custom_op, on_tensors_device,
-                              reject_autodiff_transforms, use_triton)
+                              reject_autodiff_transforms, reject_forward_tangents, require_triton, use_triton)
 from kernels.gather_tokens import (
     REDUCING_PROGRAMS,
     TL_DTYPES,
@@ -197,7 +197,9 @@ def _unshuffle_tokens_op(
     # Called directly (torch.ops.audiomae.unshuffle_tokens) the op takes unshuffle_tokens' argument
     # forms and shape checks, not its index range check (one host sync; out-of-range ids read out
     # of bounds).
-    return _unshuffle_forward(x, ids_restore, *_checked_forms(x, ids_restore, mask_token, pos_embed))
+    forms = _checked_forms(x, ids_restore, mask_token, pos_embed)
+    require_triton("unshuffle_tokens", x)
+    return _unshuffle_forward(x, ids_restore, *forms)
 
 
 @_unshuffle_tokens_op.register_fake
@@ -216,6 +218,7 @@ def _unshuffle_tokens_backward_op(
     pos_dtype: torch.dtype | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     check_rows_backward_args(grad, ids_restore, "ids_restore", num_kept)
+    require_triton("unshuffle_tokens_backward", grad)
     grads = _unshuffle_backward(grad, ids_restore, num_kept, x_dtype, mask_dtype, pos_dtype)
     # A custom op cannot return None: a gradient nobody asked for comes back empty.
     return tuple(g if g is not None else grad.new_empty(0) for g in grads)
@@ -291,6 +294,7 @@ def unshuffle_tokens(
     if not use_triton(x):
         return reference.unshuffle_tokens(x, ids_restore, mask_token, pos_embed)
     reject_autodiff_transforms("unshuffle_tokens")
+    reject_forward_tangents("unshuffle_tokens", x, mask_token, pos_embed)
     op = torch.ops.audiomae.unshuffle_tokens if needs_custom_op() else _UnshuffleTokens.apply
     return op(x, ids_restore, mask, pos)
 

@@ -22,7 +22,8 @@ Contract
 - head_dim 16 to 128 (padded to a power of two inside), any number of heads; float16, bfloat16,
   float32. Logits, softmax and accumulation are fp32; float32 inputs get IEEE fp32 dots (not
   TF32), 16-bit inputs dots in their dtype and a TF32 sum for the bias gradient. ``tau`` and
-  ``bias`` may have their own float dtype; their gradients come back in it.
+  ``bias`` may have their own float dtype; their gradients come back in it. Under autocast a
+  float32 ``qkv`` is cast to the autocast dtype first, as the reference's matmuls take it.
 - Backward: gradients of ``qkv``, ``tau`` (zero where ``tau < 0.01``, as the official clamp) and
   ``bias``. It recomputes the logits from the saved per-row logsumexp. Where each window fits one
   tile, the softmax correction ``dout . out`` is the row sum of ``p * dp`` over the tile, so the
@@ -58,7 +59,7 @@ import triton
 import triton.language as tl
 
 from ._dispatch import (first_order_only, interpreting, needs_custom_op, on_tensors_device, reject_autodiff_transforms,
-                        use_triton)
+                        reject_forward_tangents, require_triton, use_triton)
 from .gather_tokens import cdiv, next_power_of_2
 from .reference.window_attention import as_pairs, check_window_attention_args, window_attention_reference
 
@@ -716,6 +717,16 @@ def _check_kernel_dtype(qkv: torch.Tensor) -> None:
                                   "CPU use float32 or float16 qkv (or no TRITON_INTERPRET for the eager reference)")
 
 
+def _autocast_input(qkv: torch.Tensor) -> torch.Tensor:
+    """qkv in the autocast dtype where autocast is on for its device and qkv is float32: the
+    reference's matmuls take it so under autocast, and return that dtype (the decoder's qkv comes
+    from a Linear, already in it)."""
+    device_type = qkv.device.type
+    if qkv.dtype == torch.float32 and torch.is_autocast_enabled(device_type):
+        return qkv.to(torch.get_autocast_dtype(device_type))
+    return qkv
+
+
 def _contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
     """The kernels index tau [H] and bias [H, A, A] as contiguous arrays (qkv and dout by strides)."""
     return t.contiguous() if t is not None else None
@@ -732,6 +743,7 @@ def _window_attention_op(qkv: torch.Tensor, tau: Optional[torch.Tensor], bias: O
     grid, window, shift = as_pairs(grid, window, shift)
     _check_args(qkv, grid, window, shift, num_heads, tau, bias, mask_value)
     _check_kernel_dtype(qkv)
+    require_triton("window_attention", qkv)
     return _forward(qkv, _contiguous(tau), _contiguous(bias), grid, window, shift, num_heads, mask_value)
 
 
@@ -767,6 +779,7 @@ def _window_attention_backward_op(
                              f"{list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
         if dtype is not None and t.dtype != dtype:
             raise TypeError(f"{name} must be {dtype} (as the forward makes it), got {t.dtype}")
+    require_triton("window_attention_backward", qkv)
     # The kernel reads out and lse as the forward wrote them (contiguous), dout by its strides.
     return _backward(dout.to(qkv.dtype), qkv, _contiguous(tau), _contiguous(bias),
                      out.contiguous() if out is not None else None, lse.contiguous(), grid, window, shift, num_heads,
@@ -871,8 +884,10 @@ def window_attention(
     if not use_triton(qkv):
         return window_attention_reference(qkv, grid=grid, window=window, shift=shift, num_heads=num_heads,
                                           tau=tau, bias=bias, mask_value=mask_value)
+    qkv = _autocast_input(qkv)
     _check_kernel_dtype(qkv)
     reject_autodiff_transforms("window_attention")
+    reject_forward_tangents("window_attention", qkv, tau, bias)
     tau, bias = _contiguous(tau), _contiguous(bias)
     if needs_custom_op():
         out, _ = _window_attention_op(qkv, tau, bias, grid, window, shift, num_heads, float(mask_value))
