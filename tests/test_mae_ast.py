@@ -493,3 +493,24 @@ def test_models_in_other_dtypes(dtype, mode):
     assert out.loss.dtype == out.loss_recon.dtype == out.loss_nce.dtype == expected
     assert all(p.grad is None or p.grad.isfinite().all() for p in model.parameters())
     assert model.forward_features(spec).dtype == dtype
+
+
+def test_hyperparameters_take_numpy_scalars_and_generators_are_checked():
+    import numpy as np
+
+    model = MAEAST(mask_ratio=np.float32(0.75), recon_weight=torch.tensor(2.0), embed_dim=32, num_heads=2,
+                   encoder_depth=1, decoder_depth=1, masking="chunk")
+    assert type(model.mask_ratio) is float and model.mask_ratio == 0.75 and model.recon_weight == 2.0
+    with pytest.raises(TypeError, match="generator must be a torch.Generator"):
+        model(torch.randn(1, 32, 128), generator=3)
+
+
+def test_chunk_masking_under_a_half_precision_default_dtype():
+    # The drawn noise was fp16, which chunk masking refuses (its size comes from the low bits).
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float16)
+    try:
+        model = MAEAST(masking="chunk", embed_dim=32, num_heads=2, encoder_depth=1, decoder_depth=1).float()
+        assert torch.isfinite(model(torch.randn(1, 32, 128, dtype=torch.float32)).loss)
+    finally:
+        torch.set_default_dtype(default)
