@@ -4,13 +4,18 @@ Clips are decoded on the CPU (soundfile: wav, flac, ogg), averaged to mono and r
 features are computed later, on the training device, for a whole batch at once (``train.py``).
 
 Data sources (``list_audio``):
-- a folder, searched recursively; a clip's label is the name of the folder it sits in (relative to
-  the root), so ``root/dog/1.wav`` is a ``dog``; clips directly in the root have no label;
-- a CSV file with a header: a path column (``path``, ``file``, ``filename`` or ``wav``) and optionally
-  a ``label``/``labels`` column whose value holds one or more labels separated by ``;`` or ``,``;
+- a folder, searched recursively (symlinked folders followed; hidden files and folders, and macOS's
+  ``__MACOSX`` archive folders, skipped); a clip's label is the name of the folder it sits in
+  (relative to the root), so ``root/dog/1.wav`` is a ``dog``; clips directly in the root have no label;
+- a CSV file (UTF-8, a byte-order mark allowed) with a header: a path column (``path``, ``file``,
+  ``filename`` or ``wav``) and optionally a ``label``/``labels`` column whose value holds one or
+  more labels separated by ``;`` or ``,`` (AudioSet's ``/m/..,/m/..``); a label repeated on a clip
+  counts once;
 - a JSON file: a list (or ``{"data": [...]}``, the official AudioMAE layout) of paths or of objects
   with a path key and optional ``labels`` (a string as above, or a list).
-Relative paths in a list are relative to the list's folder.
+Relative paths in a list are relative to the list's folder (the official code takes them relative
+to the working directory). A malformed list is an error naming the file and the line or entry.
+Clips whose samples hold NaN or Inf are skipped and reported like unreadable ones.
 
 Determinism: every random choice here (the shuffle of an epoch, the crop of a clip) is a function of
 ``(seed, epoch, index)``, never of a process-wide RNG, so an epoch reads the same data in any process,
@@ -45,11 +50,12 @@ class AudioItem:
 
 
 def _split_labels(value) -> tuple[str, ...]:
+    """A clip's labels, each once, in their first order (a repeated label would make a single-label
+    task look multi-label)."""
     if value is None:
         return ()
-    if isinstance(value, (list, tuple)):
-        return tuple(str(v).strip() for v in value if str(v).strip())
-    return tuple(part.strip() for part in re.split(r"[;,]", str(value)) if part.strip())
+    parts = value if isinstance(value, (list, tuple)) else re.split(r"[;,]", str(value))
+    return tuple(dict.fromkeys(str(part).strip() for part in parts if str(part).strip()))
 
 
 def _resolve(path: str, base: Path) -> str:
@@ -57,41 +63,78 @@ def _resolve(path: str, base: Path) -> str:
     return str(p if p.is_absolute() else base / p)
 
 
+def _hidden(name: str) -> bool:
+    """Dot files and folders (``.git``, macOS's ``._x.wav``) and unzipped archives' ``__MACOSX``."""
+    return name.startswith(".") or name == "__MACOSX"
+
+
 def _from_folder(root: Path) -> list[AudioItem]:
+    """Audio files under ``root``, symlinked folders followed (each real folder once: a link back
+    up the tree is no loop). A broken link with an audio name is listed, for the scan to report."""
+    paths, seen = [], set()
+    for folder, subfolders, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            subfolders[:] = []
+            continue
+        seen.add(real)
+        subfolders[:] = [name for name in subfolders if not _hidden(name)]
+        paths += [Path(folder, name) for name in files
+                  if not _hidden(name) and Path(name).suffix.lower() in AUDIO_SUFFIXES]
     items = []
-    for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES and p.is_file()):
+    for path in sorted(paths):
         folder = path.parent.relative_to(root).as_posix()
         items.append(AudioItem(str(path), (folder,) if folder != "." else ()))
     return items
 
 
 def _from_csv(path: Path) -> list[AudioItem]:
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        columns = {name.strip().lower(): name for name in reader.fieldnames or ()}
-        path_key = next((columns[c] for c in PATH_COLUMNS if c in columns), None)
-        if path_key is None:
-            raise NoAudioError(f"{path}: the CSV header {reader.fieldnames} has no path column (one of {PATH_COLUMNS})")
-        label_key = next((columns[c] for c in LABEL_COLUMNS if c in columns), None)
-        return [AudioItem(_resolve(row[path_key], path.parent), _split_labels(row.get(label_key) if label_key else None))
-                for row in reader if row[path_key]]
+    # utf-8-sig: a byte-order mark (spreadsheets write one) is not part of the first column's name
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f, skipinitialspace=True, strict=True)
+        try:
+            columns = {name.strip().lower(): name for name in reader.fieldnames or ()}
+            path_key = next((columns[c] for c in PATH_COLUMNS if c in columns), None)
+            if path_key is None:
+                raise NoAudioError(f"{path}: the CSV header {reader.fieldnames} has no path column "
+                                   f"(one of {PATH_COLUMNS})")
+            label_key = next((columns[c] for c in LABEL_COLUMNS if c in columns), None)
+            items = []
+            for row in reader:
+                where = f"{path}:{reader.line_num}"
+                if None in row:  # more fields than the header: a stray comma or an unquoted one
+                    raise NoAudioError(f"{where}: {len(reader.fieldnames) + len(row[None])} fields where the header "
+                                       f"has {len(reader.fieldnames)} (quote values that hold commas)")
+                clip = (row[path_key] or "").strip()
+                if not clip:
+                    raise NoAudioError(f"{where}: no path in the {path_key!r} column")
+                items.append(AudioItem(_resolve(clip, path.parent),
+                                       _split_labels(row.get(label_key) if label_key else None)))
+            return items
+        except (csv.Error, UnicodeDecodeError) as exc:
+            raise NoAudioError(f"{path}:{reader.line_num}: not a readable CSV list ({exc})") from exc
 
 
 def _from_json(path: Path) -> list[AudioItem]:
-    entries = json.loads(path.read_text())
+    try:
+        entries = json.loads(path.read_text(encoding="utf-8-sig"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise NoAudioError(f"{path}: not a readable JSON list ({exc})") from exc
     if isinstance(entries, dict) and "data" in entries:
         entries = entries["data"]
     if not isinstance(entries, list):
         raise NoAudioError(f"{path}: expected a JSON list of clips or {{'data': [...]}}, got {type(entries).__name__}")
     items = []
     for n, entry in enumerate(entries):
-        if isinstance(entry, str):
-            items.append(AudioItem(_resolve(entry, path.parent)))
+        if isinstance(entry, str) and entry.strip():
+            items.append(AudioItem(_resolve(entry.strip(), path.parent)))
             continue
         key = next((k for k in PATH_COLUMNS if isinstance(entry, dict) and k in entry), None)
-        if key is None:
-            raise NoAudioError(f"{path}: entry {n} is neither a path nor an object with one of {PATH_COLUMNS}")
-        items.append(AudioItem(_resolve(entry[key], path.parent), _split_labels(entry.get("labels", entry.get("label")))))
+        if key is None or not isinstance(entry[key], str) or not entry[key].strip():
+            raise NoAudioError(f"{path}: entry {n} is neither a path nor an object with a path string under one "
+                               f"of {PATH_COLUMNS}: {str(entry)[:80]}")
+        items.append(AudioItem(_resolve(entry[key].strip(), path.parent),
+                               _split_labels(entry.get("labels", entry.get("label")))))
     return items
 
 
@@ -142,6 +185,8 @@ def load_clip(path: str) -> torch.Tensor:
     samples, rate = soundfile.read(path, dtype="float32", always_2d=True)
     if samples.shape[0] == 0:
         raise ValueError("empty (no samples)")
+    if not np.isfinite(samples).all():  # a float file: its NaN would turn the whole batch's loss NaN
+        raise ValueError("non-finite samples (NaN or Inf)")
     wave = torch.from_numpy(samples.mean(axis=1))
     if rate != SAMPLE_RATE:
         wave = AF.resample(wave, rate, SAMPLE_RATE)

@@ -1,0 +1,95 @@
+"""audiomae.data: listing clips from folders and lists, and decoding them, on the files real
+datasets hold (links, hidden files, spreadsheets' CSVs, float WAVs with NaN)."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from audiomae.data import ClipDataset, NoAudioError, list_audio, load_clip
+
+soundfile = pytest.importorskip("soundfile")
+
+
+def wav(path, samples=None, subtype="PCM_16"):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    samples = np.random.default_rng(0).standard_normal(1600).astype("float32") * 0.1 if samples is None else samples
+    soundfile.write(str(path), samples, 16000, subtype=subtype)
+    return path
+
+
+def test_non_finite_samples_are_refused_and_the_clip_skipped(tmp_path):
+    # A float WAV with one NaN gave NaN features and stopped the run at its loss, naming no file.
+    for value in (np.nan, np.inf):
+        samples = np.zeros(1600, dtype="float32")
+        samples[100] = value
+        path = wav(tmp_path / "bad.wav", samples, subtype="FLOAT")
+        with pytest.raises(ValueError, match="non-finite samples"):
+            load_clip(str(path))
+        index, wave, reason = ClipDataset(list_audio(tmp_path), 16000, random_crop=False)[(0, 0)]
+        assert wave is None and "bad.wav" in reason and "non-finite" in reason
+
+
+def test_folders_follow_links_and_skip_hidden_entries(tmp_path):
+    root = tmp_path / "root"
+    wav(root / "dog" / "a.wav")
+    wav(tmp_path / "elsewhere" / "b.wav")
+    os.symlink(tmp_path / "elsewhere", root / "cat")  # a class folder that is a link
+    os.symlink(root, root / "dog" / "loop")  # a link back up the tree: no endless walk
+    wav(root / ".git" / "c.wav")
+    wav(root / "dog" / ".hidden.wav")
+    wav(root / "__MACOSX" / "dog" / "._a.wav")
+    os.symlink(tmp_path / "missing.wav", root / "dog" / "broken.wav")  # listed: the scan reports it
+    items = list_audio(root)
+    found = {(os.path.relpath(item.path, root), item.labels) for item in items}
+    assert found == {("cat/b.wav", ("cat",)), ("dog/a.wav", ("dog",)), ("dog/broken.wav", ("dog",))}
+
+
+def test_spreadsheet_csvs_read_and_labels_count_once(tmp_path):
+    wav(tmp_path / "a b.wav")
+    wav(tmp_path / "ü.wav")
+    # A byte-order mark, spaces after the commas, a repeated label, a quoted path with a comma.
+    wav(tmp_path / "x,y.wav")
+    (tmp_path / "list.csv").write_text('\ufeffpath, labels\n a b.wav, dog;dog\nü.wav,cat\n"x,y.wav","/m/01,/m/02"\n',
+                                       encoding="utf-8")
+    items = list_audio(tmp_path / "list.csv")
+    assert [(os.path.basename(i.path), i.labels) for i in items] == [
+        ("a b.wav", ("dog",)), ("ü.wav", ("cat",)), ("x,y.wav", ("/m/01", "/m/02"))]
+
+
+@pytest.mark.parametrize("content,message", [
+    ("path,label\na.wav,dog,extra\n", r"list.csv:2: 3 fields where the header has 2"),
+    ("path,label\n,dog\n", r"list.csv:2: no path"),
+    ('path,label\n"a.wav,dog\n' + "b.wav,cat\n" * 3, r"list.csv:\d+: not a readable CSV list"),
+])
+def test_malformed_csv_lists_name_the_file_and_line(tmp_path, content, message):
+    (tmp_path / "list.csv").write_text(content)
+    with pytest.raises(NoAudioError, match=message):
+        list_audio(tmp_path / "list.csv")
+
+
+def test_undecodable_csv_names_the_file(tmp_path):
+    (tmp_path / "list.csv").write_bytes("path,label\nü.wav,dog\n".encode("latin-1"))
+    with pytest.raises(NoAudioError, match=r"list.csv:\d+: not a readable CSV list"):
+        list_audio(tmp_path / "list.csv")
+
+
+@pytest.mark.parametrize("content,message", [
+    ('{"data": [{"wav": null}]}', "entry 0 is neither a path"),
+    ("[3]", "entry 0 is neither a path"),
+    ('[{"wav": ""}]', "entry 0 is neither a path"),
+    ('{"data": [', r"list.json: not a readable JSON list"),
+])
+def test_malformed_json_lists_name_the_file_and_entry(tmp_path, content, message):
+    (tmp_path / "list.json").write_text(content)
+    with pytest.raises(NoAudioError, match=message):
+        list_audio(tmp_path / "list.json")
+
+
+def test_json_list_with_a_byte_order_mark(tmp_path):
+    wav(tmp_path / "a.wav")
+    (tmp_path / "list.json").write_text("\ufeff" + json.dumps({"data": [{"wav": "a.wav", "labels": "/m/01,/m/01"}]}),
+                                        encoding="utf-8")
+    (item,) = list_audio(tmp_path / "list.json")
+    assert item.labels == ("/m/01",) and torch.isfinite(load_clip(item.path)).all()
