@@ -46,7 +46,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benches.harness import copy_bandwidth_gbps, device_info, graphed, memory_floor_ms, time_fn
+from benches.harness import (INPUT_SETS_BYTES, MAX_INPUT_SETS, Rotation, copy_bandwidth_gbps, device_info,  # noqa: F401
+                             graphed, memory_floor_ms, num_input_sets, time_fn)
 from kernels.gather_tokens import (SCATTER_TILING_CANDIDATES, _gather_forward, _scatter_owned_rows, gather_rows_backward,
                                    gather_tokens, gather_tokens_2d)
 from kernels.reference import gather_tokens as gather_reference
@@ -54,8 +55,7 @@ from kernels.reference import unshuffle_tokens as unshuffle_reference
 from kernels.unshuffle_tokens import _input_grads, _mask_pos_backward, _setup_context, _unshuffle_forward, unshuffle_tokens
 
 SUITE = "tokens"
-INPUT_SETS_BYTES = 256 * 2**20  # on CUDA: at least this many bytes touched over all input sets, in turn
-MAX_INPUT_SETS = 16
+_num_sets = num_input_sets  # input sets per case: enough to stream past the L2 on CUDA
 
 
 def _shapes(device: str, quick: bool) -> dict:
@@ -66,27 +66,6 @@ def _shapes(device: str, quick: bool) -> dict:
 
 def _random_ids(B: int, n: int, keep: int, device: str) -> torch.Tensor:
     return torch.rand(B, n, device=device).argsort(dim=1)[:, :keep]
-
-
-def _num_sets(device: str, touched_bytes: int) -> int:
-    """Input sets for a case whose call touches ``touched_bytes``: enough to stream past the L2."""
-    if not device.startswith("cuda"):
-        return 2  # the rotation still runs; CPU timings mean nothing for the GPU anyway
-    return max(2, min(MAX_INPUT_SETS, -(-INPUT_SETS_BYTES // max(touched_bytes, 1))))
-
-
-class Rotation:
-    """Calls ``fns`` in turn, one per call: each on its own input set."""
-
-    calls_per_replay = 1
-
-    def __init__(self, fns):
-        self.fns, self.calls = list(fns), 0
-
-    def __call__(self):
-        fn = self.fns[self.calls % len(self.fns)]
-        self.calls += 1
-        return fn()
 
 
 class BackToBack:

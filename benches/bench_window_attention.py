@@ -20,7 +20,12 @@ On CUDA every implementation also gets ``(graph)`` rows: the same step captured 
 graph and replayed, which times the kernels without the host time of launching them (eager rows
 are what a caller sees; at this size the launches of a few kernels cost about what they compute).
 The floor is the bytes the core must move (``FLOOR_UNITS``: read q, k, v, write out; backward: read
-q, k, v, dout, write dq, dk, dv) over the copy bandwidth measured in the same run.
+q, k, v, dout, write dq, dk, dv) over the copy bandwidth measured in the same run; every core row
+stores the units it used (``floor_units``: rows before it may have the older 12-unit fwd+bwd floor).
+Every implementation's forward is checked against the float32 reference first
+(``max_abs_err_vs_fp32_reference``): one off by more than its dtype's tolerance (``TOLERANCE``,
+relative to the output's largest magnitude) gets ERROR rows with no timing, so that no verdict or
+speed-up is taken from a wrong result.
 
 Suite ``window_attention_block``: one decoder block's attention path (qkv Linear, attention, proj
 Linear), forward + backward, the official order (roll, partition, Linear on windows, attend,
@@ -52,6 +57,15 @@ MASK_VALUE = -100.0
 # backward reads q, k, v and dout and writes dq, dk, dv. (Not out: where each window fits one tile,
 # as at the target shape, the backward takes the softmax correction from the tile.)
 FLOOR_UNITS = {"fwd": 4, "fwd+bwd": 11}
+
+# Largest error of an implementation's forward against the float32 reference on the same inputs,
+# relative to the reference output's largest magnitude. bf16 keeps 8 significant bits (a rounding
+# is up to 0.4 %) and the attention rounds several intermediates: the committed H100 and H200 runs
+# hold 0.3 % (triton) to 0.6 % (the official math in bf16) at the target shape, where the output
+# peaks at 2.4. fp16 keeps 3 bits more; fp32 runs agree to 1e-7 (CPU runs, 2026-11-27). The bars
+# sit over 3x above those errors (a baseline refused for rounding would take every ratio with it);
+# a wrong kernel is off by the output's own size.
+TOLERANCE = {torch.bfloat16: 2e-2, torch.float16: 4e-3, torch.float32: 1e-5}
 
 
 def _config(device: torch.device) -> dict:
@@ -196,6 +210,7 @@ def _core_rows(device, quick, dtype):
         expected = window_attention_reference(qkv.float(), tau=tau.float(), bias=bias.float(), grid=cfg["grid"],
                                               window=cfg["window"], shift=cfg["shift"],
                                               num_heads=cfg["num_heads"], mask_value=MASK_VALUE)
+    tolerance = TOLERANCE.get(dtype, TOLERANCE[torch.float32]) * expected.abs().max().item()
     unit = B * L * C * dtype.itemsize
     floors = {step: memory_floor_ms(units * unit, str(device)) for step, units in FLOOR_UNITS.items()}
     base = dict(suite="window_attention_core", shape=_shape(cfg), dtype=str(dtype).removeprefix("torch."),
@@ -221,16 +236,29 @@ def _core_rows(device, quick, dtype):
             del steps["fwd"]  # on detached inputs it is the unfrozen twin's forward, timed above
         for step_name, step in steps.items():
             row = dict(base, impl=name, name=f"{name} {step_name}", step=step_name, floor_ms=floors[step_name],
-                       max_abs_err_vs_fp32_reference=err)
+                       floor_units=FLOOR_UNITS[step_name], max_abs_err_vs_fp32_reference=err,
+                       tolerance_vs_fp32_reference=tolerance)
+            graph_row = dict(row, name=f"{row['name']} (graph)", step=f"{step_name} graph")
+            if not err <= tolerance:  # NaN too: a wrong result is timed by no row
+                rows += [_wrong(row)] + ([_wrong(graph_row)] if device.type == "cuda" else [])
+                continue
             rows.append(_measure(row, step, device, quick))
             if device.type == "cuda":
-                graph_steps.append((dict(row, name=f"{row['name']} (graph)", step=f"{step_name} graph"), step))
+                graph_steps.append((graph_row, step))
     # Captured last, so that a capture that fails cannot disturb the eager rows.
     rows += [_measure(row, step, device, quick, capture=True) for row, step in graph_steps]
     _add_peak_holders(rows, {"triton": triton_step} if triton_step else {}, device)
     _add_ratios(rows, {"reference": "speedup_vs_reference", "flex_attention": "speedup_vs_flex_attention",
                        "flex_attention_frozen_bias": "speedup_vs_flex_attention_frozen_bias"})
     return rows
+
+
+def _wrong(row: dict) -> dict:
+    """``row`` as an ERROR row without a timing: its forward is off the float32 reference by more
+    than its dtype's tolerance."""
+    return dict(row, median_ms=None, peak_mem_bytes=None, status="ERROR",
+                note=f"max abs error {row['max_abs_err_vs_fp32_reference']:.3g} vs the float32 reference exceeds "
+                     f"the tolerance {row['tolerance_vs_fp32_reference']:.3g} ({row['dtype']}): not timed")
 
 
 def _reason(error: Exception) -> str:

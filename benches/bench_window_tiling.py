@@ -73,7 +73,8 @@ def run(device, quick: bool) -> list[dict]:
         with forced or contextlib.nullcontext():
             for step_name, step in steps.items():
                 rows.append(_measure(dict(base, impl=impl, name=f"tiling {impl} {step_name}", step=step_name,
-                                          floor_ms=floors[step_name]), step, device, True, capture=True))
+                                          floor_ms=floors[step_name], floor_units=FLOOR_UNITS[step_name]),
+                                     step, device, True, capture=True))
     _add_ratios(rows, {"default": "speedup_vs_default"})
     return rows
 

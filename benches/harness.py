@@ -83,12 +83,43 @@ def time_fn(fn: Callable[[], object], device: torch.device | str, *, warmup: int
     return Timing(statistics.median(times), min(times), reps, peak)
 
 
-def time_against_official(common: dict, steps: dict[str, Callable[[], object]], device: torch.device,
-                          quick: bool, graphed_impls: tuple[str, ...] = ("official", "kernel")) -> list[dict]:
+# Fresh inputs: a call whose working set fits the L2 (50 MB on an H100) would find the previous
+# call's inputs there and read faster than memory. Such a case builds several input sets, at least
+# this many bytes over all of them on CUDA, and every call takes the next (``Rotation``).
+INPUT_SETS_BYTES = 256 * 2**20
+MAX_INPUT_SETS = 16
+
+
+def num_input_sets(device: str, touched_bytes: int) -> int:
+    """Input sets for a case whose call touches ``touched_bytes``: enough to stream past the L2."""
+    if not str(device).startswith("cuda"):
+        return 2  # the rotation still runs; CPU timings mean nothing for the GPU anyway
+    return max(2, min(MAX_INPUT_SETS, -(-INPUT_SETS_BYTES // max(touched_bytes, 1))))
+
+
+class Rotation:
+    """Calls ``fns`` in turn, one per call: each on its own input set."""
+
+    calls_per_replay = 1
+
+    def __init__(self, fns):
+        self.fns, self.calls = list(fns), 0
+
+    def __call__(self):
+        fn = self.fns[self.calls % len(self.fns)]
+        self.calls += 1
+        return fn()
+
+
+def time_against_official(common: dict, steps: dict[str, Callable[[], object] | list[Callable[[], object]]],
+                          device: torch.device, quick: bool,
+                          graphed_impls: tuple[str, ...] = ("official", "kernel")) -> list[dict]:
     """One row per impl of ``steps`` (the first is the baseline), and on CUDA one more per impl
     of ``graphed_impls`` replayed from a CUDA graph (``<impl>_graph``): median and min ms, the
     extra memory of an eager call, the fraction of copy bandwidth (``common["floor_ms"]`` over
-    the median) and the speed-up over the first impl timed the same way (eager or replayed)."""
+    the median) and the speed-up over the first impl timed the same way (eager or replayed).
+    A step given as a list holds one call per input set: calls take them in turn (a graph per
+    set for the replayed rows), and the rows say how many (``input_sets``)."""
     timed = list(steps.items())
     if device.type == "cuda":
         timed += [(f"{impl}_graph", steps[impl]) for impl in graphed_impls]
@@ -96,12 +127,21 @@ def time_against_official(common: dict, steps: dict[str, Callable[[], object]], 
     rows, baseline_ms = [], {}
     for impl, step in timed:
         graph = impl.endswith("_graph")
-        t = time_fn(graphed(step) if graph else step, device, warmup=warmup, reps=reps, measure_memory=not graph)
+        t = time_fn(_rotated(step, graph), device, warmup=warmup, reps=reps, measure_memory=not graph)
         baseline_ms.setdefault(graph, t.median_ms)
+        sets = {"input_sets": len(step)} if isinstance(step, list) else {}
         rows.append({**common, "impl": impl, "median_ms": t.median_ms, "min_ms": t.min_ms,
                      "peak_mem_bytes": t.peak_mem_bytes, "fraction_of_copy_bandwidth": common["floor_ms"] / t.median_ms,
-                     "speedup_vs_official": baseline_ms[graph] / t.median_ms})
+                     "speedup_vs_official": baseline_ms[graph] / t.median_ms, **sets})
     return rows
+
+
+def _rotated(step, graph: bool) -> Callable[[], object]:
+    """``step`` (one callable, or one per input set taken in turn), each replayed from its own
+    CUDA graph when ``graph``."""
+    fns = step if isinstance(step, list) else [step]
+    fns = [graphed(fn) for fn in fns] if graph else fns
+    return Rotation(fns) if len(fns) > 1 else fns[0]
 
 
 def live_at_peak(trace: list[dict]) -> tuple[int, list[dict]]:
@@ -216,9 +256,10 @@ def graphed(fn: Callable[[], object]) -> Callable[[], None]:
 
     Every replay reads the same input buffers (as every eager repetition of ``time_fn`` does): a
     working set smaller than the GPU's L2 (50 MB on an H100) may be served partly from L2, so a
-    fraction of the copy bandwidth (whose floor streams 2 GiB through memory) would read high. The
-    token ops' forward (21 to 41 MB at the issue's shape) is the one suite that small: it captures
-    a graph per input set and replays them in turn (``bench_tokens.Rotation``)."""
+    fraction of the copy bandwidth (whose floor streams 2 GiB through memory) would read high.
+    Suites that small (the token ops' forward, 21 to 41 MB at the issue's shape; the column sum's
+    32 MiB gradient) capture a graph per input set and replay them in turn (``Rotation``, as
+    ``time_against_official`` does for a step given one call per input set)."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):

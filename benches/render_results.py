@@ -4,7 +4,9 @@ Each file is one measured run: ``{"device": benches.harness.device_info(...), ..
 under ``benchmarks`` (``audiomae bench``, ``benches/gpu_check.py``) or ``rows`` (a bench module's
 own ``--out``), and optionally a ``parity`` table. First, per GPU, the issues' targets judged on
 every row measured on that GPU (``benches.targets``); then one section per file: device, date and
-versions, the benchmark table (``audiomae.report``'s columns) and the parity verdicts.
+versions, the benchmark table (``audiomae.report``'s columns) and the parity verdicts. Files sort
+oldest first by date, then part (``-part2`` after the run's first file); a target takes its newest row
+in that order, and never one of a ``"quick": true`` file.
 
 ``python benches/render_results.py [FILES...] [--out PATH]`` (default: every file, to stdout).
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -23,11 +26,6 @@ from audiomae import report  # noqa: E402
 from benches import targets  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def _load(path: Path) -> tuple[list[dict], dict]:
-    """(benchmark rows, device info) of one results file."""
-    return _rows_and_device(json.loads(path.read_text()))
 
 
 def _rows_and_device(data) -> tuple[list[dict], dict]:
@@ -50,20 +48,48 @@ def is_gpu(device: dict) -> bool:
     return bool(name) and "cpu" not in name.lower() and name.lower() not in CPU_ARCHITECTURES
 
 
+def _run_order(path: Path, device: dict) -> tuple[str, int]:
+    """Oldest first: by date, then a run's parts in order (``-part2`` after the run's first file)."""
+    part = re.search(r"-part(\d+)$", path.stem)
+    return str(device.get("date", "")), int(part.group(1)) if part else 1
+
+
+def gpu_runs(paths: list[Path]) -> dict[str, list[dict]]:
+    """Per GPU, the rows of every run measured on it, oldest run first, each stamped with its
+    results file and whether the run was quick (``benches.targets.stamp_run``: the targets take a
+    target's newest row, and no quick run's)."""
+    runs = []
+    for path in paths:
+        data = json.loads(path.read_text())
+        rows, device = _rows_and_device(data)
+        if is_gpu(device):  # CPU runs and counts on fake tensors are no GPU figures
+            quick = isinstance(data, dict) and bool(data.get("quick"))
+            runs.append((_run_order(path, device), device["device"], targets.stamp_run(rows, path.stem, quick)))
+    by_device: dict[str, list[dict]] = {}
+    for _, name, rows in sorted(runs, key=lambda run: run[0]):
+        by_device.setdefault(name, []).extend(rows)
+    return by_device
+
+
 def render_targets(paths: list[Path]) -> str:
     """One verdict table per GPU, over the rows of every file measured on it."""
-    by_device: dict[str, list[dict]] = {}
-    # Oldest run first: where two runs measured the same row, the targets take the newer one.
-    for rows, device in sorted((_load(path) for path in paths), key=lambda loaded: loaded[1].get("date", "")):
-        if is_gpu(device):  # CPU runs and counts on fake tensors are no GPU figures
-            by_device.setdefault(device["device"], []).extend(rows)
     sections = []
-    for name, rows in by_device.items():
+    for name, rows in gpu_runs(paths).items():
         sections += [f"### Targets on the {name}", "",
                      "Each issue's GPU target (stated for an H100) against the rows measured on this GPU; "
                      "`benches/targets.py` reads them.", "",
                      report.markdown_table(targets.target_rows(rows), targets.COLUMNS), ""]
     return "\n".join(sections)
+
+
+def _floor_units_note(rows: list[dict]) -> list[str]:
+    """A note where window-attention rows do not record the floor units they were divided by: rows
+    measured before ``floor_units`` was stored may have the older 12-unit fwd+bwd floor."""
+    if not any(str(r.get("suite", "")).startswith("window_attention") and r.get("floor_ms") and "floor_units" not in r
+               for r in rows):
+        return []
+    return ["> Window-attention rows here do not record their `floor_units`: their floor may be the older "
+            "12-unit fwd+bwd one, not `benches/bench_window_attention.py`'s current `FLOOR_UNITS`.", ""]
 
 
 def render_file(path: Path) -> str:
@@ -77,6 +103,7 @@ def render_file(path: Path) -> str:
         if note:
             lines += [f"> {note}", ""]
     if rows:
+        lines += _floor_units_note(rows)
         lines += [report.markdown_table(report.table_rows(rows), report.BENCH_COLUMNS), ""]
     parity = data.get("parity") if isinstance(data, dict) else None
     if parity:

@@ -1,8 +1,10 @@
 """benches.harness: the allocator-trace reading behind ``peak_holders`` (the GPU call itself is
-exercised by the window-attention benchmark on a GPU)."""
+exercised by the window-attention benchmark on a GPU), and the input rotation of
+``time_against_official`` (fresh inputs every call)."""
 import pytest
 import torch
 
+from benches import harness
 from benches.harness import _allocation_site, live_at_peak, peak_holders
 
 
@@ -74,3 +76,34 @@ def test_gpu_peak_holders_names_the_allocations_of_one_call():
     lines = peak_holders(step, "cuda", top=2)
     assert lines[0].startswith("peak ") and float(lines[0].split()[1]) >= 8.0
     assert all("MiB at test_harness.py" in line for line in lines[1:3]), lines
+
+
+def test_time_against_official_takes_the_input_sets_in_turn():
+    calls = []
+    steps = {"official": [lambda i=i: calls.append(("official", i)) for i in range(3)],
+             "kernel": lambda: calls.append(("kernel", 0))}  # one callable: the same inputs every call
+    rows = harness.time_against_official({"floor_ms": 1.0}, steps, torch.device("cpu"), quick=True)
+    official = [i for impl, i in calls if impl == "official"]
+    assert official == [i % 3 for i in range(len(official))] and len(official) >= 6
+    assert rows[0]["input_sets"] == 3 and "input_sets" not in rows[1]
+
+
+def test_replayed_rows_capture_a_graph_per_input_set(monkeypatch):
+    captured = []
+    monkeypatch.setattr(harness, "graphed", lambda fn: captured.append(fn) or fn)
+    fns = [lambda: "a", lambda: "b"]
+    replay = harness._rotated(fns, graph=True)
+    assert captured == fns and [replay() for _ in range(4)] == ["a", "b", "a", "b"]
+    single = lambda: "c"  # noqa: E731
+    assert harness._rotated(single, graph=False) is single
+
+
+def test_enough_input_sets_to_stream_past_the_l2():
+    mib = 2**20
+    assert harness.num_input_sets("cuda", 32 * mib) * 32 * mib >= harness.INPUT_SETS_BYTES
+    assert harness.num_input_sets("cuda", 1) == harness.MAX_INPUT_SETS
+    assert harness.num_input_sets("cpu", 32 * mib) == 2
+
+
+def test_graphed_docstring_names_every_suite_that_fits_the_l2():
+    assert "column sum" in harness.graphed.__doc__ and "the one suite" not in harness.graphed.__doc__

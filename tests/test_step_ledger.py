@@ -3,6 +3,8 @@
 These check the counting (fake tensors: nothing runs), not a speed target: the ledger's figures at
 the issue's size are the benchmark's rows.
 """
+import json
+
 import pytest
 import torch
 
@@ -122,3 +124,37 @@ def test_fused_matmul_does_the_same_products_and_moves_less(triton_rows):
     moved = lambda rows: sum(r[2] for r in rows)  # noqa: E731
     assert moved(fused) < moved(triton_rows)
     assert not any("gelu_and_grad" in r[0] or r[0].endswith("(gelu)") for r in fused)
+
+
+def _results_file(path, device, date, rows):
+    path.write_text(json.dumps({"device": {"device": device, "device_type": "cuda", "date": date}, "benchmarks": rows}))
+
+
+def test_rates_come_from_the_newest_committed_run_on_the_device(tmp_path):
+    model_row = {"suite": "model_pretrain", "flops": 8e12, "flop_floor_ms": 10.0}  # 800 TFLOP/s
+    _results_file(tmp_path / "old.json", "NVIDIA H100 80GB HBM3", "2026-11-26T00:00:00Z",
+                  [{"copy_gbps": 2900.0}, {"matmul_tflops": 700.0}])
+    _results_file(tmp_path / "new.json", "NVIDIA H100 80GB HBM3", "2026-11-27T00:00:00Z",
+                  [{"copy_bandwidth_gbps": 3007.0}, model_row])
+    _results_file(tmp_path / "h200.json", "NVIDIA H200", "2026-11-28T00:00:00Z", [{"matmul_tflops": 990.0}])
+    rates = step_ledger.measured_rates("H100", tmp_path)
+    assert rates["matmul_tflops"] == pytest.approx(800.0) and rates["bandwidth_gbps"] == 3007.0
+    assert rates["matmul_tflops_source"] == "measured on the NVIDIA H100 80GB HBM3, new.json"
+    assert "measured" in step_ledger.rates_note(rates) and "assumption" not in step_ledger.rates_note(rates)
+
+
+def test_rates_without_a_measurement_are_called_assumptions(tmp_path):
+    _results_file(tmp_path / "h200.json", "NVIDIA H200", "2026-11-28T00:00:00Z", [{"matmul_tflops": 990.0}])
+    rates = step_ledger.measured_rates("H100", tmp_path)
+    assert rates["matmul_tflops"] == step_ledger.ASSUMED_RATES["matmul_tflops"]
+    assert "an assumption" in rates["matmul_tflops_source"] and "an assumption" in step_ledger.rates_note(rates)
+
+
+def test_command_line_rates_override_the_measured_ones_and_say_so(triton_rows):
+    rates = step_ledger.rates_with(matmul_tflops=500.0)
+    assert rates["matmul_tflops"] == 500.0 and rates["matmul_tflops_source"] == "given on the command line"
+    assert rates["bandwidth_gbps"] == step_ledger.measured_rates()["bandwidth_gbps"]
+    summary = step_ledger.summarize(triton_rows, matmul_tflops=500.0)
+    text = step_ledger.render(summary, "small")
+    assert "500 TFLOP/s bf16 matmul (given on the command line)" in text
+    assert step_ledger.measured_rates()["bandwidth_gbps_source"] in text
