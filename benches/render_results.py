@@ -54,17 +54,21 @@ def _run_order(path: Path, device: dict) -> tuple[str, int]:
     return str(device.get("date", "")), int(part.group(1)) if part else 1
 
 
-def gpu_runs(paths: list[Path]) -> dict[str, list[dict]]:
+def gpu_runs(paths: list[Path], cpu: bool = False) -> dict[str, list[dict]]:
     """Per GPU, the rows of every run measured on it, oldest run first, each stamped with its
     results file and whether the run was quick (``benches.targets.stamp_run``: the targets take a
-    target's newest row, and no quick run's)."""
+    target's newest row, and no quick run's). ``cpu``: the CPU runs instead, all under "CPU"."""
     runs = []
     for path in paths:
         data = json.loads(path.read_text())
         rows, device = _rows_and_device(data)
-        if is_gpu(device):  # CPU runs and counts on fake tensors are no GPU figures
+        # counts on fake tensors are no measurement of any device
+        measured_here = not is_gpu(device) and device.get("device_type") == "cpu" and "fake" not in str(
+            device.get("device", ""))
+        if (measured_here if cpu else is_gpu(device)):
             quick = isinstance(data, dict) and bool(data.get("quick"))
-            runs.append((_run_order(path, device), device["device"], targets.stamp_run(rows, path.stem, quick)))
+            name = "CPU" if cpu else device["device"]
+            runs.append((_run_order(path, device), name, targets.stamp_run(rows, path.stem, quick)))
     by_device: dict[str, list[dict]] = {}
     for _, name, rows in sorted(runs, key=lambda run: run[0]):
         by_device.setdefault(name, []).extend(rows)
@@ -79,6 +83,11 @@ def render_targets(paths: list[Path]) -> str:
                      "Each issue's GPU target (stated for an H100) against the rows measured on this GPU; "
                      "`benches/targets.py` reads them.", "",
                      report.markdown_table(targets.target_rows(rows), targets.COLUMNS), ""]
+    cpu_lines = targets.cpu_target_rows(gpu_runs(paths, cpu=True).get("CPU", []))
+    if cpu_lines:
+        sections += ["### Targets on the CPU", "", "The targets the issues set on the CPU, from the newest full CPU "
+                     "run that measured them (this machine's two shared cores: timings drift by tens of percent "
+                     "between runs).", "", report.markdown_table(cpu_lines, targets.COLUMNS), ""]
     return "\n".join(sections)
 
 

@@ -235,6 +235,27 @@ def _mae_ast_targets(rows):
         yield _line(7, "MAE-AST pretraining step: >= 3x SSAST's speed and >= 2x less memory", None, lambda v: False, "")
 
 
+CPU_FBANK_SHAPE = "B=16 N=160000 bins=128"  # issue 5's CPU target: bench_fbank's full CPU workload
+
+
+def cpu_target_rows(rows: Iterable[dict]) -> list[dict]:
+    """Issue 5's CPU target (the batched torch path at least 2x torchaudio's per-clip loop on the
+    same threads) from the newest full CPU run's rows: the paired ratio where the row has it (the
+    median of back-to-back pairs, which a shared CPU's drift does not bias), else the one ratio of
+    two separate timings, said so."""
+    rows = [r for r in rows if isinstance(r, dict)]
+    path = _find(rows, CPU_FBANK_SHAPE, suite="fbank", impl="torch_path")
+    paired = _field(path, "speedup_vs_torchaudio_loop_paired")
+    ratio = paired if paired is not None else _field(path, "speedup_vs_torchaudio_loop")
+    if paired is not None:
+        shown = (f"{paired:.2f}x (median of {path.get('pairs')} paired calls, quartiles "
+                 f"{path['paired_ratio_q1']:.2f}x to {path['paired_ratio_q3']:.2f}x)")
+    else:
+        shown = f"{ratio:.2f}x (two separate timings, not paired)" if ratio is not None else ""
+    return [_line(5, "torch path on the CPU: >= 2x torchaudio's per-clip loop on the same threads", ratio,
+                  lambda v: v >= 2, shown, path)] if path is not None else []
+
+
 def target_rows(rows: Iterable[dict]) -> list[dict]:
     """Verdicts on the issues' GPU targets from ``rows`` (see the module doc)."""
     rows = [r for r in rows if isinstance(r, dict)]

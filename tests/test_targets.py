@@ -264,3 +264,17 @@ def test_render_results_tells_a_gpu_from_a_cpu_architecture():
     assert is_gpu({"device": "NVIDIA H100 80GB HBM3"}) and is_gpu({"device": "x", "device_type": "cuda"})
     assert not any(is_gpu(d) for d in ({"device": "x86_64"}, {"device": "cpu"}, {"device": "aarch64"},
                                         {"device": "Intel Xeon", "device_type": "cpu"}, {}))
+
+
+def test_cpu_fbank_target_prefers_the_paired_ratio_of_the_newest_full_run():
+    shape = "B=16 N=160000 F=998 bins=128"
+    base = {"suite": "fbank", "impl": "torch_path", "shape": shape, "median_ms": 20.0}
+    paired = dict(base, speedup_vs_torchaudio_loop=1.9, speedup_vs_torchaudio_loop_paired=2.1, paired_ratio_q1=2.0,
+                  paired_ratio_q3=2.2, pairs=15)
+    (line,) = targets.cpu_target_rows([paired])
+    assert (line["verdict"], line["measured"]) == ("met", "2.10x (median of 15 paired calls, quartiles 2.00x to 2.20x)")
+    unpaired = dict(base, speedup_vs_torchaudio_loop=1.5)
+    (line,) = targets.cpu_target_rows([paired, unpaired])  # the newest row wins, said to be unpaired
+    assert (line["verdict"], line["measured"]) == ("missed", "1.50x (two separate timings, not paired)")
+    quick = dict(paired, shape="B=4 N=16000 F=98 bins=128")  # a quick run's shape is no target's
+    assert targets.cpu_target_rows([quick]) == []
