@@ -253,7 +253,24 @@ def load_items(data, world, what: str = "DATA"):
         say(world, f"skipping {len(skipped)} of {len(items)} file(s) in {what}:\n{shown}{more}")
     if not readable:
         raise NoAudioError(f"none of the {len(items)} audio file(s) in {data} could be read")
+    _check_ranks_agree(readable, world, what)
     return readable
+
+
+def _check_ranks_agree(items, world, what: str) -> None:
+    """Every process lists and scans the clips itself; a file one of them could not read (a network
+    file system's hiccup) would shift its shard against the others' silently: an error instead."""
+    import hashlib
+
+    from .data import NoAudioError
+    from .training import gather_objects
+
+    digest = hashlib.sha1("\n".join(f"{item.path}\t{','.join(item.labels)}" for item in items).encode()).hexdigest()
+    seen = gather_objects((len(items), digest), world)
+    if len(set(seen)) > 1:
+        counts = ", ".join(f"rank {rank}: {count}" for rank, (count, _) in enumerate(seen))
+        raise NoAudioError(f"the processes found different readable clips in {what} ({counts}): every rank must "
+                           "read the same files")
 
 
 def make_loader(dataset, sampler, collate, num_workers: int, device):

@@ -2,6 +2,7 @@
 datasets hold (links, hidden files, spreadsheets' CSVs, float WAVs with NaN)."""
 import json
 import os
+import types
 
 import numpy as np
 import pytest
@@ -93,3 +94,16 @@ def test_json_list_with_a_byte_order_mark(tmp_path):
                                         encoding="utf-8")
     (item,) = list_audio(tmp_path / "list.json")
     assert item.labels == ("/m/01",) and torch.isfinite(load_clip(item.path)).all()
+
+
+def test_ranks_that_read_different_clips_stop(tmp_path, monkeypatch):
+    # Each rank scans the files itself: one that missed a file would shift its shard silently.
+    from audiomae import train, training
+
+    wav(tmp_path / "dog" / "a.wav")
+    wav(tmp_path / "dog" / "b.wav")
+    single = types.SimpleNamespace(enabled=False)
+    assert len(train.load_items(tmp_path, single)) == 2  # one process: nothing to compare
+    monkeypatch.setattr(training, "gather_objects", lambda obj, world: [obj, (obj[0] - 1, "another list")])
+    with pytest.raises(NoAudioError, match=r"different readable clips in DATA \(rank 0: 2, rank 1: 1\)"):
+        train.load_items(tmp_path, single)
