@@ -139,10 +139,10 @@ def test_unreadable_and_empty_files_are_skipped_and_counted(demo, tmp_path, caps
 def test_clip_failing_mid_epoch_is_skipped_not_fatal(demo, tmp_path, capsys, monkeypatch):
     real_load = audiomae.data.load_clip
 
-    def flaky(path):
+    def flaky(path, *args):
         if path.endswith("chirp_000.wav"):
             raise OSError("disk went away")
-        return real_load(path)
+        return real_load(path, *args)
 
     monkeypatch.setattr(audiomae.data, "load_clip", flaky)
     # batch size 1: the failing clip's batch is empty, and a zero-weight stand-in keeps the step.

@@ -107,3 +107,27 @@ def test_ranks_that_read_different_clips_stop(tmp_path, monkeypatch):
     monkeypatch.setattr(training, "gather_objects", lambda obj, world: [obj, (obj[0] - 1, "another list")])
     with pytest.raises(NoAudioError, match=r"different readable clips in DATA \(rank 0: 2, rank 1: 1\)"):
         train.load_items(tmp_path, single)
+
+
+@pytest.mark.parametrize("rate", [16000, 8000, 22050, 44100, 48000, 11025])
+@pytest.mark.parametrize("subtype,channels", [("PCM_16", 1), ("FLOAT", 2)])
+def test_a_window_decodes_as_the_whole_clip_resampled_and_cut(tmp_path, rate, subtype, channels):
+    # Only the window is decoded and resampled (a long recording is not read whole for ten
+    # seconds of it): its samples must equal the whole clip's, resampled, then cut.
+    rng = np.random.default_rng(rate)
+    samples = (rng.standard_normal((3 * rate + 17, channels)) * 0.1).astype("float32")
+    path = tmp_path / "long.wav"
+    soundfile.write(str(path), samples, rate, subtype=subtype)
+    whole = load_clip(str(path))
+    num_samples = 4000
+    for start in (0, 1, 157, 20000, whole.shape[0] - num_samples - 1, whole.shape[0] - num_samples):
+        window = load_clip(str(path), num_samples, lambda excess, start=start: start)
+        torch.testing.assert_close(window, whole[start:start + num_samples], rtol=0, atol=2e-6)
+    assert torch.equal(load_clip(str(path), 10**7), whole)  # longer than the clip: all of it
+
+
+def test_clips_without_an_exact_length_are_decoded_whole_then_cut(tmp_path):
+    samples = (np.random.default_rng(1).standard_normal(22050 * 2) * 0.1).astype("float32")
+    soundfile.write(str(tmp_path / "c.ogg"), samples, 22050, format="OGG", subtype="VORBIS")
+    whole = load_clip(str(tmp_path / "c.ogg"))
+    assert torch.equal(load_clip(str(tmp_path / "c.ogg"), 1000, lambda excess: 33), whole[33:1033])
