@@ -17,7 +17,8 @@ Data sources (``list_audio``):
   with a path key and optional ``labels`` (a string as above, or a list).
 Relative paths in a list are relative to the list's folder (the official code takes them relative
 to the working directory). A malformed list is an error naming the file and the line or entry.
-Clips whose samples hold NaN or Inf are skipped and reported like unreadable ones.
+A crop whose samples hold NaN or Inf is skipped and reported like an unreadable clip (of a long
+clip only the window a crop reads is decoded, so only that window is checked).
 
 Determinism: every random choice here (the shuffle of an epoch, the crop of a clip) is a function of
 ``(seed, epoch, index)``, never of a process-wide RNG, so an epoch reads the same data in any process,
@@ -72,8 +73,10 @@ def _hidden(name: str) -> bool:
 
 
 def _from_folder(root: Path) -> list[AudioItem]:
-    """Audio files under ``root``, symlinked folders followed (each real folder once: a link back
-    up the tree is no loop). A broken link with an audio name is listed, for the scan to report."""
+    """Audio files under ``root``, symlinked folders followed. A folder reached twice (a link to a
+    folder also reached directly, or back up the tree: no loop) is listed once, under its first
+    path in sorted order, the same on every machine. A broken link with an audio name is listed,
+    for the scan to report."""
     paths, seen = [], set()
     for folder, subfolders, files in os.walk(root, followlinks=True):
         real = os.path.realpath(folder)
@@ -81,7 +84,7 @@ def _from_folder(root: Path) -> list[AudioItem]:
             subfolders[:] = []
             continue
         seen.add(real)
-        subfolders[:] = [name for name in subfolders if not _hidden(name)]
+        subfolders[:] = sorted(name for name in subfolders if not _hidden(name))
         paths += [Path(folder, name) for name in files
                   if not _hidden(name) and Path(name).suffix.lower() in AUDIO_SUFFIXES]
     items = []
@@ -95,6 +98,7 @@ def _from_csv(path: Path) -> list[AudioItem]:
     # utf-8-sig: a byte-order mark (spreadsheets write one) is not part of the first column's name
     with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f, skipinitialspace=True, strict=True)
+        first_line = 1  # where the record being read starts: a malformed one is reported there
         try:
             columns = {name.strip().lower(): name for name in reader.fieldnames or ()}
             path_key = next((columns[c] for c in PATH_COLUMNS if c in columns), None)
@@ -102,9 +106,13 @@ def _from_csv(path: Path) -> list[AudioItem]:
                 raise NoAudioError(f"{path}: the CSV header {reader.fieldnames} has no path column "
                                    f"(one of {PATH_COLUMNS})")
             label_key = next((columns[c] for c in LABEL_COLUMNS if c in columns), None)
-            items = []
-            for row in reader:
-                where = f"{path}:{reader.line_num}"
+            items, rows = [], iter(reader)
+            while True:
+                first_line = reader.line_num + 1  # line_num counts the lines read so far
+                row = next(rows, None)
+                if row is None:
+                    break
+                where = f"{path}:{reader.line_num}"  # the row's (last) line
                 if None in row:  # more fields than the header: a stray comma or an unquoted one
                     raise NoAudioError(f"{where}: {len(reader.fieldnames) + len(row[None])} fields where the header "
                                        f"has {len(reader.fieldnames)} (quote values that hold commas)")
@@ -114,8 +122,10 @@ def _from_csv(path: Path) -> list[AudioItem]:
                 items.append(AudioItem(_resolve(clip, path.parent),
                                        _split_labels(row.get(label_key) if label_key else None)))
             return items
-        except (csv.Error, UnicodeDecodeError) as exc:
-            raise NoAudioError(f"{path}:{reader.line_num}: not a readable CSV list ({exc})") from exc
+        except csv.Error as exc:
+            raise NoAudioError(f"{path}:{first_line}: not a readable CSV list ({exc})") from exc
+        except UnicodeDecodeError as exc:
+            raise NoAudioError(f"{path}: not a readable CSV list (not UTF-8: {exc})") from exc
 
 
 def _from_json(path: Path) -> list[AudioItem]:

@@ -62,6 +62,10 @@ def final_embedding(model, spec: torch.Tensor) -> torch.Tensor:
     from .mae import MaskedAutoencoderViT
     from .mae_ast import MAEAST, MAEASTClassifier
 
+    if hasattr(model, "patch_embed"):
+        # The bins the patches tile: 126 of the 128 for patches of 14, as a strided convolution
+        # over all 128 would drop the last two.
+        spec = spec[..., : model.patch_embed.img_size[1]]
     if isinstance(model, MaskedAutoencoderViT):  # the encoder with nothing masked, cls token left out
         x = spec.unsqueeze(1)
         x = model.patch_embed(x) + model.pos_embed[:, 1:, :]

@@ -186,8 +186,11 @@ def finetune(args) -> int:
 
     vit = name == "VisionTransformer"
     kwargs = {**kwargs, "num_classes": len(classes)}
+    bins = 128
     if vit:
-        kwargs.update(img_size=[features["target_length"], 128], drop_path_rate=args.drop_path, global_pool=True,
+        patch = kwargs.get("patch_size", 16)
+        bins = 128 // patch * patch  # the bins the patches tile (126 for patches of 14; the rest dropped)
+        kwargs.update(img_size=[features["target_length"], bins], drop_path_rate=args.drop_path, global_pool=True,
                       mask_2d=True)
     model = build_model(name, kwargs, backend)
     if checkpoint is None and vit:
@@ -217,6 +220,7 @@ def finetune(args) -> int:
             waves = augment.scale_magnitudes(waves)
         waves, targets = augment.mix_clips(waves, batch.lengths, targets, args.mixup)
         spec = augment.mask_spectrogram(front_end(waves, batch.lengths), args.freqm, args.timem, masked_value)
+        spec = spec[..., :bins]
         with autocast():
             if vit:
                 logits = model(spec.unsqueeze(1), mask_t_prob=args.mask_t_prob, mask_f_prob=args.mask_f_prob)
@@ -241,7 +245,7 @@ def finetune(args) -> int:
         for batch in val_loader:
             if len(batch) == 0:
                 continue
-            spec = front_end(batch.waves.to(world.device), batch.lengths)
+            spec = front_end(batch.waves.to(world.device), batch.lengths)[..., :bins]
             with trainer.precision.autocast():
                 logits = trainer.module(spec.unsqueeze(1) if vit else spec).float()
             scores.append(logits.cpu())  # monotone in sigmoid and softmax: mAP and accuracy rank logits

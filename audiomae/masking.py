@@ -95,7 +95,10 @@ def structured_masking_ids(noise_t: torch.Tensor, noise_f: torch.Tensor, len_kee
 
 
 def check_probability(value: float, name: str) -> None:
-    """``value`` must be a real number in [0, 1] (a bool or a string is a TypeError naming it)."""
+    """``value`` must be a real number in [0, 1] (a bool or a string is a TypeError naming it); a
+    0-d floating tensor counts as its value."""
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and value.is_floating_point():
+        value = value.item()
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number in [0, 1], got {type(value).__name__}")
     if not (math.isfinite(value) and 0.0 <= value <= 1.0):

@@ -106,8 +106,11 @@ def add_training_args(p: argparse.ArgumentParser, *, epochs: int, warmup: float,
     p.add_argument("--blr", type=NON_NEGATIVE, default=blr,
                    help=f"base learning rate: lr = blr * effective batch / 256 (default {blr})")
     p.add_argument("--lr", type=NON_NEGATIVE, default=None, help="absolute learning rate (overrides --blr)")
-    p.add_argument("--min-lr", type=NON_NEGATIVE, default=min_lr,
-                   help=f"learning rate at the end of the cosine (default {min_lr})")
+    # None: the default, lowered to the learning rate where that is smaller (--lr 0 keeps weights).
+    p.add_argument("--min-lr", type=NON_NEGATIVE, default=None,
+                   help=f"learning rate at the end of the cosine (default {min_lr}, or the learning rate where "
+                        "that is smaller)")
+    p.set_defaults(default_min_lr=min_lr)
     p.add_argument("--weight-decay", type=NON_NEGATIVE, default=weight_decay, help=f"AdamW weight decay (default {weight_decay})")
     p.add_argument("--accum-iter", type=POSITIVE_INT, default=1, help="micro-batches per optimiser step (default 1)")
     p.add_argument("--roll-mag-aug", action=argparse.BooleanOptionalAction, default=True,
@@ -208,8 +211,9 @@ def size_overrides(args, family: str) -> dict:
         if value is not None:
             kwargs[MAE_AST_NAMES.get(flag, flag) if family == "mae_ast" else flag] = value
     for key, value in args.model_kwargs.items():
-        if key in SIZE_KEYWORDS and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise UsageError(f"--model-kwargs {key} must be a positive integer, got {value!r}")
+        least = 0 if key == "decoder_depth" else 1  # MAE-AST's SSAST mode has no decoder
+        if key in SIZE_KEYWORDS and (isinstance(value, bool) or not isinstance(value, int) or value < least):
+            raise UsageError(f"--model-kwargs {key} must be an integer >= {least}, got {value!r}")
     return {**kwargs, **args.model_kwargs}
 
 
@@ -370,12 +374,15 @@ def feature_settings(args, saved: dict | None = None, *, dataset_sets_length: bo
 
     saved = saved or {}
     dataset = args.dataset or saved.get("dataset", "audioset")
+    saved_length = saved.get("target_length")
     if args.target_length is not None:
         length = args.target_length
-    elif dataset_sets_length and args.dataset is not None:
-        length = FEATURE_DATASETS[dataset][2]
+    elif dataset_sets_length and args.dataset not in (None, saved.get("dataset", "audioset")):
+        # Another dataset than the checkpoint's: its clip length, where the checkpoint's position
+        # table can be cut to it (it is never extended).
+        length = min(FEATURE_DATASETS[dataset][2], saved_length or FEATURE_DATASETS[dataset][2])
     else:
-        length = saved.get("target_length") or FEATURE_DATASETS[dataset][2]
+        length = saved_length or FEATURE_DATASETS[dataset][2]
     return {"dataset": dataset, "target_length": length, "pad_mode": args.pad_mode or saved.get("pad_mode", "official")}
 
 
@@ -399,13 +406,14 @@ def make_trainer(model, args, world, precision, config, checkpoint, *, num_clips
                      "world_size": world.world_size, "seed": args.seed}
     effective_batch = args.batch_size * args.accum_iter * world.world_size
     lr = args.lr if args.lr is not None else args.blr * effective_batch / 256
-    if args.min_lr > lr:
-        raise UsageError(f"--min-lr {args.min_lr:g} is above the learning rate {lr:g}: the cosine would climb")
+    min_lr = min(args.default_min_lr, lr) if args.min_lr is None else args.min_lr
+    if min_lr > lr:
+        raise UsageError(f"--min-lr {min_lr:g} is above the learning rate {lr:g}: the cosine would climb")
     if args.warmup_epochs > args.epochs:
         say(world, f"warning: --warmup-epochs {args.warmup_epochs:g} outlasts --epochs {args.epochs}: the learning "
                    f"rate never reaches {lr:g}")
     trainer = Trainer(
-        model, world=world, out_dir=args.out, config=config, precision=precision, lr=lr, min_lr=args.min_lr,
+        model, world=world, out_dir=args.out, config=config, precision=precision, lr=lr, min_lr=min_lr,
         warmup_epochs=args.warmup_epochs, epochs=args.epochs, weight_decay=args.weight_decay,
         accum_iter=args.accum_iter, clip_grad=args.clip_grad, save_every=args.save_every,
         max_steps=args.max_steps, log_every=args.log_every, find_unused_parameters=find_unused,

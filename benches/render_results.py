@@ -62,9 +62,11 @@ def gpu_runs(paths: list[Path], cpu: bool = False) -> dict[str, list[dict]]:
     for path in paths:
         data = json.loads(path.read_text())
         rows, device = _rows_and_device(data)
-        # counts on fake tensors are no measurement of any device
-        measured_here = not is_gpu(device) and device.get("device_type") == "cpu" and "fake" not in str(
-            device.get("device", ""))
+        # counts (on fake or real tensors) are no measurement of any device; older CPU files
+        # recorded only the device's name
+        name = str(device.get("device", "")).lower()
+        measured_here = (not is_gpu(device) and device.get("device_type", "cpu" if "cpu" in name else None) == "cpu"
+                         and "fake" not in name and "counted" not in name)
         if (measured_here if cpu else is_gpu(device)):
             quick = isinstance(data, dict) and bool(data.get("quick"))
             name = "CPU" if cpu else device["device"]

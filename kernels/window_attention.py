@@ -714,7 +714,9 @@ def _check_kernel_dtype(qkv: torch.Tensor) -> None:
         # Triton 3.6's interpreter multiplies bfloat16 tl.dot operands wrongly (errors of 1e8 seen):
         # an error rather than silently wrong numbers; the GPU computes it right.
         raise NotImplementedError("window_attention: Triton's interpreter computes bfloat16 tl.dot wrongly; on the "
-                                  "CPU use float32 or float16 qkv (or no TRITON_INTERPRET for the eager reference)")
+                                  "CPU use float32 or float16 qkv (under CPU autocast, whose dtype is bfloat16 unless "
+                                  "given, a float32 qkv is cast to it: autocast with dtype=torch.float16), or no "
+                                  "TRITON_INTERPRET for the eager reference")
 
 
 def _autocast_input(qkv: torch.Tensor) -> torch.Tensor:

@@ -150,3 +150,18 @@ def test_official_checkpoint_normalises_with_its_dataset(tmp_path):
     args.dataset = "k400"  # not an audio dataset we normalise for: the defaults decide
     torch.save({"model": vit.state_dict(), "args": args}, tmp_path / "other.pth")
     assert load_encoder(tmp_path / "other.pth", "reference")[1] == {"target_length": 32}
+
+
+def test_patch14_checkpoints_embed_the_bins_their_patches_tile(tmp_path):
+    import argparse
+
+    import audiomae
+
+    vit = audiomae.vit_huge_patch14(img_size=(28, 126), embed_dim=32, depth=1, num_heads=2, num_classes=3)
+    torch.save({"model": vit.state_dict(), "args": argparse.Namespace(model="vit_huge_patch14")}, tmp_path / "h.pth")
+    model, features = load_encoder(tmp_path / "h.pth", "reference")  # heads from the name: 16
+    assert model.patch_embed.img_size == (28, 126) and features == {"target_length": 28}
+    model.eval()
+    spec = torch.randn(2, 28, 128)  # the front end's 128 bins: the last two dropped, as a strided conv would
+    with torch.no_grad():
+        torch.testing.assert_close(embed_batch(model, spec, None), model.forward_features(spec[..., :126].unsqueeze(1)))

@@ -231,6 +231,18 @@ def test_a_given_dataset_sets_the_fine_tuning_clip_length():
     assert feature_settings(Namespace(dataset=None, target_length=None, pad_mode=None), saved,
                             dataset_sets_length=True) == {"dataset": "audioset", "target_length": 1024,
                                                           "pad_mode": "official"}
+    # The checkpoint's own dataset keeps its (custom) length; a table is never extended.
+    own = {"dataset": "esc50", "target_length": 300}
+    assert feature_settings(flags, own, dataset_sets_length=True)["target_length"] == 300
+    short = {"target_length": 128}
+    assert feature_settings(flags, short, dataset_sets_length=True)["target_length"] == 128
+
+
+def test_lr_zero_keeps_the_weights_without_a_min_lr(demo, pretrained, tmp_path, capsys):
+    # The default --min-lr is lowered to the learning rate; only one given above it is refused.
+    assert finetune(demo, pretrained, tmp_path / "ft", "--epochs", "1", "--lr", "0", "--max-steps", "1") == 0
+    assert finetune(demo, pretrained, tmp_path / "ft2", "--epochs", "1", "--lr", "0", "--min-lr", "1e-6") == 2
+    assert "--min-lr 1e-06 is above the learning rate 0" in capsys.readouterr().err
 
 
 def test_a_validation_split_without_labels_is_refused_before_training(demo, pretrained, tmp_path, capsys):

@@ -61,8 +61,9 @@ def test_spreadsheet_csvs_read_and_labels_count_once(tmp_path):
 
 @pytest.mark.parametrize("content,message", [
     ("path,label\na.wav,dog,extra\n", r"list.csv:2: 3 fields where the header has 2"),
+    ("path,label\na.wav,dog\n\nb.wav,cat,x\n", r"list.csv:4: 3 fields where the header has 2"),
     ("path,label\n,dog\n", r"list.csv:2: no path"),
-    ('path,label\n"a.wav,dog\n' + "b.wav,cat\n" * 3, r"list.csv:\d+: not a readable CSV list"),
+    ('path,label\na.wav,dog\nb.wav,cat\nc.wav,"dog\n' + "d.wav,cat\n" * 3, r"list.csv:4: not a readable CSV list"),
 ])
 def test_malformed_csv_lists_name_the_file_and_line(tmp_path, content, message):
     (tmp_path / "list.csv").write_text(content)
@@ -72,7 +73,7 @@ def test_malformed_csv_lists_name_the_file_and_line(tmp_path, content, message):
 
 def test_undecodable_csv_names_the_file(tmp_path):
     (tmp_path / "list.csv").write_bytes("path,label\nü.wav,dog\n".encode("latin-1"))
-    with pytest.raises(NoAudioError, match=r"list.csv:\d+: not a readable CSV list"):
+    with pytest.raises(NoAudioError, match=r"list.csv: not a readable CSV list \(not UTF-8"):
         list_audio(tmp_path / "list.csv")
 
 
@@ -131,3 +132,14 @@ def test_clips_without_an_exact_length_are_decoded_whole_then_cut(tmp_path):
     soundfile.write(str(tmp_path / "c.ogg"), samples, 22050, format="OGG", subtype="VORBIS")
     whole = load_clip(str(tmp_path / "c.ogg"))
     assert torch.equal(load_clip(str(tmp_path / "c.ogg"), 1000, lambda excess: 33), whole[33:1033])
+
+
+def test_a_folder_reached_twice_is_listed_once_under_its_first_sorted_path(tmp_path):
+    # The filesystem's listing order decided which name a linked folder got; now sorted order does.
+    root = tmp_path / "root"
+    wav(root / "zreal" / "a.wav")
+    wav(root / "real" / "b.wav")
+    os.symlink(root / "zreal", root / "alias")  # sorts before zreal: its name wins
+    os.symlink(root / "real", root / "zalias")  # sorts after real: real wins
+    labels = sorted(item.labels for item in list_audio(root))
+    assert labels == [("alias",), ("real",)]

@@ -454,3 +454,6 @@ def test_vit_masking_probabilities_are_checked_before_use():
     mae = tiny_mae()
     with pytest.raises(TypeError, match="mask_ratio must be a number"):
         mae.random_masking(torch.randn(2, 32, 64), None)
+    # 0-d tensors count as their value, as before the checks
+    assert mae.random_masking(torch.randn(2, 32, 64), torch.tensor(0.75))[0].shape == (2, 8, 64)
+    assert vit(x, mask_t_prob=torch.tensor(0.25)).shape == (2, 5)
