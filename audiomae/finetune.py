@@ -17,8 +17,8 @@ from . import augment
 from .data import AudioItem, ClipDataset, Collate, EpochBatchSampler, FrontEnd, NoAudioError
 from .train import (UsageError, build_model, family_of, feature_settings, load_items, make_loader, make_trainer,
                     resolve_backend, setup_run, training_data)
-from .features import DATASETS as FEATURE_DATASETS
-from .training import Dist, gather_objects, load_checkpoint, say
+from .features import DATASETS as FEATURE_DATASETS, NUM_MEL_BINS
+from .training import Dist, gather_objects, say
 
 
 def mean_average_precision(scores: torch.Tensor, targets: torch.Tensor) -> float:
@@ -54,30 +54,28 @@ def pretrained_backbone(path):
     Our AudioMAE checkpoints and official ones become a ``VisionTransformer`` of the same encoder
     (loaded with ``load_pretrained_encoder``); our MAE-AST ones an ``MAEASTClassifier`` over the
     same backbone (whose state is returned here)."""
-    from .checkpoint import infer_config, is_safetensors, read_checkpoint
+    from .checkpoint import infer_config, read_checkpoint
 
-    if not is_safetensors(path):  # a .pth, whatever its name
-        blob = load_checkpoint(path)
-        config = blob.get("config")
-        if isinstance(config, dict) and "model" in config:  # written by audiomae pretrain or finetune
-            family = family_of(config["model"])
-            if family == "mae_ast":
-                kwargs = {"backbone": config["model"], "backbone_kwargs": config["model_kwargs"]}
-                return "MAEASTClassifier", kwargs, config["features"], blob["model"]
-            if family == "mae_ast_classifier":  # a fine-tuning run: its backbone, a new head
-                kwargs = {k: config["model_kwargs"][k] for k in ("backbone", "backbone_kwargs")}
-                state = {k[len("backbone."):]: v for k, v in blob["model"].items() if k.startswith("backbone.")}
-                return "MAEASTClassifier", kwargs, config["features"], state
-            with torch.device("meta"):  # the sizes, without allocating the weights
-                preset = build_model(config["model"], config["model_kwargs"], "reference")
-            # A pretraining run's MaskedAutoencoderViT or a fine-tuning run's VisionTransformer
-            # (load_pretrained_encoder takes the encoder of either).
-            block = preset.blocks[0]
-            width = block.norm1.normalized_shape[0]
-            sizes = {"embed_dim": width, "depth": len(preset.blocks), "num_heads": block.attn.num_heads,
-                     "mlp_ratio": block.mlp.fc1.out_features / width, "patch_size": preset.patch_embed.patch_size[0]}
-            return "VisionTransformer", sizes, config["features"], None
-    state, extra = read_checkpoint(path)
+    state, extra = read_checkpoint(path)  # once: a large official .pth is slow to read
+    config = extra.get("run_config")
+    if config is not None:  # written by audiomae pretrain or finetune
+        family = family_of(config["model"])
+        if family == "mae_ast":
+            kwargs = {"backbone": config["model"], "backbone_kwargs": config["model_kwargs"]}
+            return "MAEASTClassifier", kwargs, config["features"], state
+        if family == "mae_ast_classifier":  # a fine-tuning run: its backbone, a new head
+            kwargs = {k: config["model_kwargs"][k] for k in ("backbone", "backbone_kwargs")}
+            state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+            return "MAEASTClassifier", kwargs, config["features"], state
+        with torch.device("meta"):  # the sizes, without allocating the weights
+            preset = build_model(config["model"], config["model_kwargs"], "reference")
+        # A pretraining run's MaskedAutoencoderViT or a fine-tuning run's VisionTransformer
+        # (load_pretrained_encoder takes the encoder of either).
+        block = preset.blocks[0]
+        width = block.norm1.normalized_shape[0]
+        sizes = {"embed_dim": width, "depth": len(preset.blocks), "num_heads": block.attn.num_heads,
+                 "mlp_ratio": block.mlp.fc1.out_features / width, "patch_size": preset.patch_embed.patch_size[0]}
+        return "VisionTransformer", sizes, config["features"], None
     if extra.get("class") in ("MAEAST", "MAEASTClassifier") and extra.get("config"):
         return _mae_ast_backbone(path, state, extra)
     if extra.get("class") in ("MaskedAutoencoderViT", "VisionTransformer") and extra.get("config"):
@@ -186,10 +184,10 @@ def finetune(args) -> int:
 
     vit = name == "VisionTransformer"
     kwargs = {**kwargs, "num_classes": len(classes)}
-    bins = 128
+    bins = NUM_MEL_BINS
     if vit:
         patch = kwargs.get("patch_size", 16)
-        bins = 128 // patch * patch  # the bins the patches tile (126 for patches of 14; the rest dropped)
+        bins = NUM_MEL_BINS // patch * patch  # the bins the patches tile (126 for patches of 14; the rest dropped)
         kwargs.update(img_size=[features["target_length"], bins], drop_path_rate=args.drop_path, global_pool=True,
                       mask_2d=True)
     model = build_model(name, kwargs, backend)

@@ -73,7 +73,6 @@ from __future__ import annotations
 
 import functools
 import math
-import numbers
 from typing import NamedTuple
 
 import torch
@@ -83,7 +82,7 @@ import torch.nn.functional as F
 from .backends import check_backend
 from .layers import Block
 from .mae import ModelMixin, init_vit_weights
-from .masking import draw_noise, inverse_permutation, random_masking_ids
+from .masking import as_real, draw_noise, inverse_permutation, random_masking_ids
 from .pos_embed import sincos_1d
 
 NUM_MEL_BINS = 128
@@ -170,11 +169,10 @@ def _check_positive_int(name: str, value, minimum: int = 1) -> None:
 def _real(name: str, value) -> float:
     """``value`` as a Python float (a numpy scalar or a 0-d tensor too: the config is saved as JSON),
     or a ValueError naming it."""
-    if isinstance(value, torch.Tensor) and value.dim() == 0 and value.is_floating_point():
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+    real = as_real(value)
+    if real is None or not math.isfinite(real):
         raise ValueError(f"{name} must be a finite number, got {value!r}")
-    return float(value)
+    return real
 
 
 def info_nce(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -94,15 +94,24 @@ def structured_masking_ids(noise_t: torch.Tensor, noise_f: torch.Tensor, len_kee
     return ids_keep, ids_restore, mask
 
 
-def check_probability(value: float, name: str) -> None:
-    """``value`` must be a real number in [0, 1] (a bool or a string is a TypeError naming it); a
-    0-d floating tensor counts as its value."""
+def as_real(value) -> float | None:
+    """``value`` as a Python float (a numpy scalar and a 0-d floating tensor count as their value),
+    or None where it is no real number (a bool, a string, None)."""
     if isinstance(value, torch.Tensor) and value.dim() == 0 and value.is_floating_point():
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    return float(value)
+
+
+def check_probability(value: float, name: str) -> None:
+    """``value`` must be a real number in [0, 1] (a bool or a string is a TypeError naming it); a
+    0-d floating tensor counts as its value."""
+    real = as_real(value)
+    if real is None:
         raise TypeError(f"{name} must be a number in [0, 1], got {type(value).__name__}")
-    if not (math.isfinite(value) and 0.0 <= value <= 1.0):
-        raise ValueError(f"{name} must lie in [0, 1], got {value}")
+    if not (math.isfinite(real) and 0.0 <= real <= 1.0):
+        raise ValueError(f"{name} must lie in [0, 1], got {real}")
 
 
 def num_kept(length: int, ratio: float, name: str) -> int:

@@ -28,7 +28,8 @@ from benches import targets  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def _rows_and_device(data) -> tuple[list[dict], dict]:
+def rows_and_device(data) -> tuple[list[dict], dict]:
+    """A results file's (rows, device info): rows under ``benchmarks`` or ``rows``."""
     rows = data if isinstance(data, list) else data.get("benchmarks") or data.get("rows") or []
     device = data.get("device", {}) if isinstance(data, dict) else {}
     if not device and rows:
@@ -61,7 +62,7 @@ def gpu_runs(paths: list[Path], cpu: bool = False) -> dict[str, list[dict]]:
     runs = []
     for path in paths:
         data = json.loads(path.read_text())
-        rows, device = _rows_and_device(data)
+        rows, device = rows_and_device(data)
         # counts (on fake or real tensors) are no measurement of any device; older CPU files
         # recorded only the device's name
         name = str(device.get("device", "")).lower()
@@ -105,7 +106,7 @@ def _floor_units_note(rows: list[dict]) -> list[str]:
 
 def render_file(path: Path) -> str:
     data = json.loads(path.read_text())
-    rows, device = _rows_and_device(data)
+    rows, device = rows_and_device(data)
     versions = ", ".join(f"{key} {device[key]}" for key in ("torch", "triton", "cuda", "torchaudio", "python")
                          if device.get(key))
     lines = [f"### {path.stem}", "", f"{device.get('device', 'unknown device')}, {device.get('date', 'undated')}; "

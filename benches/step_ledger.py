@@ -303,12 +303,13 @@ def _row_rates(row: dict) -> dict:
 def _runs_on(device: str, results: Path) -> list[tuple[dict, str, list[dict]]]:
     """(device info, file name, rows) of every results file measured on a GPU whose name holds
     ``device``, newest first."""
+    from benches.render_results import is_gpu, rows_and_device
+
     runs = []
     for path in results.glob("*.json"):
-        data = json.loads(path.read_text())
-        info = data.get("device", {}) if isinstance(data, dict) else {}
-        if device.lower() in str(info.get("device", "")).lower() and info.get("device_type", "cuda") == "cuda":
-            runs.append((info, path.name, data.get("benchmarks") or data.get("rows") or []))
+        rows, info = rows_and_device(json.loads(path.read_text()))
+        if device.lower() in str(info.get("device", "")).lower() and is_gpu(info):
+            runs.append((info, path.name, rows))
     return sorted(runs, key=lambda run: (str(run[0].get("date", "")), run[1]), reverse=True)
 
 

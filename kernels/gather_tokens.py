@@ -549,6 +549,12 @@ def _backward(ctx, grad):
 _gather_tokens_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _eager_backward(ctx, grad):
+    # Compiled autograd traces the Function's backward: there it takes the op too.
+    rows_backward = torch.ops.audiomae.gather_tokens_backward if needs_custom_op() else gather_rows_backward
+    return _input_grads(ctx, grad, rows_backward)
+
+
 class _GatherTokens(torch.autograd.Function):
     """``audiomae::gather_tokens`` for eager calls: the same launchers, context and gradients."""
 
@@ -559,22 +565,14 @@ class _GatherTokens(torch.autograd.Function):
         _setup_context(ctx, (x, ids_keep, pos_embed), None)
         return _gather_forward(x, ids_keep, pos_embed)
 
-    @staticmethod
-    @first_order_only("gather_tokens")  # double backward is an error, as for the op
-    def backward(ctx, grad):
-        # Compiled autograd traces this backward: there it takes the op too.
-        rows_backward = torch.ops.audiomae.gather_tokens_backward if needs_custom_op() else gather_rows_backward
-        return _input_grads(ctx, grad, rows_backward)
+    # double backward is an error, as for the op
+    backward = staticmethod(first_order_only("gather_tokens")(_eager_backward))
 
 
 class _GatherTokens2d(_GatherTokens):
     """``_GatherTokens`` for ``gather_tokens_2d``: its refusals name the public op."""
 
-    @staticmethod
-    @first_order_only("gather_tokens_2d")
-    def backward(ctx, grad):
-        rows_backward = torch.ops.audiomae.gather_tokens_backward if needs_custom_op() else gather_rows_backward
-        return _input_grads(ctx, grad, rows_backward)
+    backward = staticmethod(first_order_only("gather_tokens_2d")(_eager_backward))
 
 
 def _gather(x: torch.Tensor, ids_keep: torch.Tensor, pos: torch.Tensor | None, name: str = "gather_tokens") -> torch.Tensor:

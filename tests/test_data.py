@@ -106,8 +106,9 @@ def test_ranks_that_read_different_clips_stop(tmp_path, monkeypatch):
     single = types.SimpleNamespace(enabled=False)
     assert len(train.load_items(tmp_path, single)) == 2  # one process: nothing to compare
     monkeypatch.setattr(training, "gather_objects", lambda obj, world: [obj, (obj[0] - 1, "another list")])
+    two = types.SimpleNamespace(enabled=True)
     with pytest.raises(NoAudioError, match=r"different readable clips in DATA \(rank 0: 2, rank 1: 1\)"):
-        train.load_items(tmp_path, single)
+        train.load_items(tmp_path, two)
 
 
 @pytest.mark.parametrize("rate", [16000, 8000, 22050, 44100, 48000, 11025])
