@@ -309,10 +309,28 @@ def write_plots(out: Path, rows: list[dict]) -> list[Path]:
 
 def run_info(device, notes: list[str], quick: bool) -> dict:
     from benches.harness import device_info
+    from benches.source_digest import source_info
 
     info = device_info(device)
     versions = {key: info[key] for key in ("torch", "triton", "cuda", "python", "torchaudio") if key in info}
-    return {"device": info, "date": info["date"], "versions": versions, "quick": quick, "notes": notes}
+    # Which code ran: the GPU machine's copy has no .git, so a digest of the sources stands in for
+    # the commit (python -m benches.source_digest --find DIGEST names it back here).
+    return {"device": info, "date": info["date"], "versions": versions, "source": source_info(), "quick": quick,
+            "notes": notes}
+
+
+def source_phrase(info) -> str:
+    """``; source <digest>`` (and the commit, marked when the tree had uncommitted changes) for a
+    run that recorded ``run_info``'s source; empty for older results files."""
+    source = info.get("source") if isinstance(info, dict) else None
+    if not source or not source.get("digest"):
+        return ""
+    commit = source.get("commit")
+    if commit is None:
+        where = " (no git there: `python -m benches.source_digest --find` names the commit)"
+    else:
+        where = f" (commit {commit[:12]}{' with uncommitted changes' if source.get('dirty') else ''})"
+    return f"; source {source['digest'][:16]}{where}"
 
 
 def _finite_or_null(value):
@@ -366,7 +384,8 @@ def write_results(path: Path, info: dict, parity_rows: list[dict], bench_rows: l
 def report_markdown(info: dict, parity_rows: list[dict], bench_rows: list[dict], plots: list[Path]) -> str:
     device = info["device"]
     versions = ", ".join(f"{k} {v}" for k, v in info["versions"].items())
-    parts = [f"# AudioMAE kernels: parity and benchmarks\n\n{device['device']}, {info['date']}; {versions}.\n"]
+    parts = [f"# AudioMAE kernels: parity and benchmarks\n\n{device['device']}, {info['date']}; {versions}"
+             f"{source_phrase(info)}.\n"]
     parts += [f"> {note}\n" for note in info["notes"]]
     parts.append("## Parity against the float64 references\n\n" + markdown_table(parity_rows, PARITY_COLUMNS) + "\n")
     if bench_rows:

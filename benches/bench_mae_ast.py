@@ -49,6 +49,7 @@ import torch
 
 from audiomae.mae_ast import MAEAST
 from benches.harness import count_flops, cpu_peak_rss_bytes, device_info, matmul_tflops, release_memory, time_fn
+from benches.source_digest import source_info
 
 SUITE = "mae_ast_pretrain_step"
 FULL = dict(batch=32, frames=1024, depths=(6, 12), tokens=("patch", "frame"), embed_dim=768, num_heads=12)
@@ -315,7 +316,8 @@ def main():
         args.out.parent.mkdir(parents=True, exist_ok=True)
         note = ("CPU figures: fp32, no autocast; they say nothing about GPU speed; peak memory is the "
                 "peak resident memory beyond what was resident before the step" if torch.device(args.device).type == "cpu" else "GPU figures, bf16 autocast")
-        args.out.write_text(json.dumps({"device": device_info(args.device), "note": note, "rows": rows}, indent=2))
+        args.out.write_text(json.dumps({"device": device_info(args.device), "source": source_info(), "note": note,
+                                         "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":

@@ -129,11 +129,12 @@ def main(argv=None) -> int:
         print(f"{r['name']:34s} {r['counted_peak_bytes'] / 2**20:8.1f} MiB  {r['peak_vs_official']:.3f}x official")
     if args.out:
         from benches.harness import device_info
+        from benches.source_digest import source_info
 
         label = "real CPU tensors, Triton launches skipped (cpu): counted, not measured"
         device = {**device_info("cpu"), "device": label}
         with open(args.out, "w") as f:
-            json.dump({"device": device, "rows": rows}, f, indent=1)
+            json.dump({"device": device, "source": source_info(), "rows": rows}, f, indent=1)
     return 0
 
 

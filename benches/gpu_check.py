@@ -50,8 +50,9 @@ join every part's ``PYTHONPATH``. The
 end of the output is one table per kind (parity, benchmarks, the issues' targets judged on these
 rows by ``benches/targets.py``, parts), the parts last. Everything
 goes to ``$OUT`` when set (else ``bench-out/gpu-check``), flat, at most 8 files: ``gpu_check.json``
-(device, date, versions, shapes, parts, test counts, parity and benchmark rows), ``report.md``,
-``log.txt`` (every part's output), ``profile.txt`` and the PNG plots. The exit status is non-zero
+(device, date, versions, the digest of the sources that ran (``benches/source_digest.py``), shapes,
+parts, test counts, parity and benchmark rows), ``report.md``, ``log.txt`` (every part's output),
+``profile.txt`` and the PNG plots. The exit status is non-zero
 when a part failed, crashed or timed out (a failing test, a parity FAIL/ERROR, a broken build),
 after everything is written.
 """

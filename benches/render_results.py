@@ -110,7 +110,7 @@ def render_file(path: Path) -> str:
     versions = ", ".join(f"{key} {device[key]}" for key in ("torch", "triton", "cuda", "torchaudio", "python")
                          if device.get(key))
     lines = [f"### {path.stem}", "", f"{device.get('device', 'unknown device')}, {device.get('date', 'undated')}; "
-             f"{versions or 'versions not recorded'}.", ""]
+             f"{versions or 'versions not recorded'}{report.source_phrase(data)}.", ""]
     for note in (data.get("notes") or [data.get("note")]) if isinstance(data, dict) else []:
         if note:
             lines += [f"> {note}", ""]

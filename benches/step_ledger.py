@@ -421,13 +421,14 @@ def run(device="cuda", quick: bool = False) -> list[dict]:
 def write_results(path) -> None:
     """``run()``'s rows as a results file (``benches/results/step-ledger-<date>.json``)."""
     from benches.harness import device_info
+    from benches.source_digest import source_info
 
     device = {**device_info("cpu"), "device": "fake CUDA tensors on the CPU (cpu): counted, not measured"}
     note = ("Bytes and matmul FLOPs of every op of one bf16-autocast pretraining step of mae_vit_base_patch16 "
             "(batch 64, decoder mode 1, mask 0.8; forward, backward, AdamW), each op at its floor "
             f"({rates_note(measured_rates())}): benches/step_ledger.py")
     with open(path, "w") as f:
-        json.dump({"device": device, "note": note, "rows": run()}, f, indent=1)
+        json.dump({"device": device, "source": source_info(), "note": note, "rows": run()}, f, indent=1)
 
 
 def main(argv=None) -> int:
