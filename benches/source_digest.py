@@ -28,9 +28,7 @@ def is_source(path: str) -> bool:
     """Whether ``path`` (relative, with forward slashes) is one of the digested files."""
     if path in TOP_LEVEL_FILES:
         return True
-    if path.startswith("benches/results/") or "/__pycache__/" in path:
-        return False
-    return path.startswith(SOURCE_DIRS) and path.endswith(SOURCE_SUFFIXES)
+    return path.startswith(SOURCE_DIRS) and path.endswith(SOURCE_SUFFIXES) and not path.startswith("benches/results/")
 
 
 def digest(files: dict[str, bytes]) -> str:
@@ -42,16 +40,9 @@ def digest(files: dict[str, bytes]) -> str:
 
 
 def working_tree_files(root: Path = ROOT) -> dict[str, bytes]:
-    files = {}
-    for top in SOURCE_DIRS:
-        for path in sorted((root / top).rglob("*")):
-            relative = path.relative_to(root).as_posix()
-            if path.is_file() and is_source(relative):
-                files[relative] = path.read_bytes()
-    for name in TOP_LEVEL_FILES:
-        if (root / name).is_file():
-            files[name] = (root / name).read_bytes()
-    return files
+    candidates = [root / name for name in TOP_LEVEL_FILES] + [p for top in SOURCE_DIRS for p in (root / top).rglob("*")]
+    return {path.relative_to(root).as_posix(): path.read_bytes() for path in candidates
+            if is_source(path.relative_to(root).as_posix()) and path.is_file()}
 
 
 def _git(root: Path, *args: str, data: bytes | None = None) -> bytes:
@@ -77,9 +68,10 @@ def source_info(root: Path = ROOT) -> dict:
     """``{"digest", "commit", "dirty"}``: commit and dirty are None where git cannot say (no ``.git``)."""
     info = {"digest": digest(working_tree_files(root)), "commit": None, "dirty": None}
     try:
-        if Path(_git(root, "rev-parse", "--show-toplevel").decode().strip()).resolve() != Path(root).resolve():
+        toplevel, commit = _git(root, "rev-parse", "--show-toplevel", "HEAD").decode().splitlines()
+        if Path(toplevel).resolve() != Path(root).resolve():
             return info  # a copy inside some other repository (an installed package in a venv): not ours
-        info["commit"] = _git(root, "rev-parse", "HEAD").decode().strip()
+        info["commit"] = commit
         info["dirty"] = info["digest"] != digest(commit_files("HEAD", root))
     except (OSError, subprocess.CalledProcessError):
         pass
