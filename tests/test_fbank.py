@@ -485,6 +485,28 @@ def test_gradient_through_cpu_blocks_equals_torchaudio(monkeypatch):
     torch.testing.assert_close(ours.grad, theirs.grad, rtol=1e-6, atol=1e-8 * scale)
 
 
+@pytest.mark.parametrize("block_frames", [10**9, 8])
+@pytest.mark.parametrize("padded", [False, True])
+def test_cpu_features_are_ordinary_tensors(monkeypatch, block_frames, padded):
+    """The CPU path computes its blocks in inference mode; the features it returns must not be
+    inference tensors, or a model that saves them for backward (a Linear learning its weight)
+    would fail: in one block and in many, with and without lengths, and the same values inside a
+    caller's own inference mode."""
+    monkeypatch.setattr(sys.modules["kernels.fbank"], "CPU_BLOCK_FRAMES", block_frames)
+    clips = clips_for({}, num_samples=3000)
+    kwargs = dict(lengths=[3000, 2000, 3000, 1500, 2500][: clips.shape[0]]) if padded else {}
+    features = fbank(clips, backend="torch", num_mel_bins=20, **kwargs)
+    features = features[0] if padded else features
+    assert not features.is_inference() and not features.requires_grad
+    weight = torch.randn(20, 3, requires_grad=True)
+    (features @ weight).square().sum().backward()  # saves features for weight's gradient
+    assert weight.grad is not None
+    features.add_(1.0)  # an in-place update outside inference mode is allowed on it too
+    with torch.inference_mode():
+        inside = fbank(clips, backend="torch", num_mel_bins=20, **kwargs)
+    torch.testing.assert_close(inside[0] if padded else inside, features - 1.0, rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("options", [dict(use_power=False), dict(use_power=False, use_log_fbank=False), {}])
 def test_gradient_through_silent_frames_is_finite_as_torchaudio_s(options):
     """A magnitude spectrum (use_power=False) of a silent frame: torchaudio's |X| has gradient 0
