@@ -17,7 +17,8 @@ Contract
   ``use_log_fbank``, ``use_power``, ``vtln_high``, ``vtln_low``, ``vtln_warp``, ``window_type``.
   ``channel`` and ``min_duration`` do not exist here (rows are clips, and every clip gives features).
   Extra keywords: ``check_finite=True`` rejects NaN/Inf samples (one device sync); ``generator`` seeds
-  the dither noise. Unknown keywords are a TypeError.
+  the dither noise (drawn block by block on the CPU, so a seed's noise depends on the device and on
+  ``CPU_BLOCK_FRAMES``). Unknown keywords are a TypeError.
 * Precision: each clip is framed, DC-corrected, pre-emphasised, windowed and transformed in float64
   whatever the input dtype, because the log of a bin 1e11 below the frame's peak (tones, sweeps)
   is only right to 1e-3 when the FFT's rounding error is that far down: float32 arithmetic, like
@@ -517,10 +518,12 @@ def fbank_torch(
     storage = None if differentiable else waveforms.new_empty(B * min(step, num_frames) * P, dtype=compute_dtype)
     zeroed_count = None
     # The CPU without autograd runs its blocks in inference mode: some 40 small ops a block skip
-    # autograd's bookkeeping (8-10% of the path on 16 ten-second clips). The result is allocated
-    # outside it, an ordinary tensor a caller may hand to autograd. Not under forward AD, whose
-    # tangents inference mode would drop where the out= ops refuse them.
-    quiet = not differentiable and not waveforms.is_cuda and fwAD.unpack_dual(waveforms).tangent is None
+    # autograd's bookkeeping (5-10% of the path on 16 ten-second clips). The result is allocated
+    # outside it, an ordinary tensor a caller may hand to autograd. Not under forward AD or a
+    # torch.func transform, whose tangents or batching inference mode would drop or garble where
+    # the out= ops refuse them with a clear error.
+    quiet = (not differentiable and not waveforms.is_cuda and fwAD.unpack_dual(waveforms).tangent is None
+             and not torch._C._functorch.is_functorch_wrapped_tensor(waveforms))
     features = None if 0 < num_frames <= step and not quiet else \
         torch.empty(B, num_frames, opts.num_features, dtype=feature_dtype, device=waveforms.device)
     with torch.inference_mode() if quiet else contextlib.nullcontext():

@@ -507,6 +507,36 @@ def test_cpu_features_are_ordinary_tensors(monkeypatch, block_frames, padded):
     torch.testing.assert_close(inside[0] if padded else inside, features - 1.0, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("nested", [False, True])
+def test_cpu_path_never_drops_a_forward_mode_tangent(nested):
+    """Forward-mode AD through the CPU path: the no-autograd path's out= ops refuse dual tensors,
+    and the inference mode that path runs in must not get there first and return features with
+    no tangent. ``nested``: the clip's tangent belongs to an outer torch.func.jvp, unseen by the
+    inner level's unpack_dual."""
+    import torch.autograd.forward_ad as fwAD
+
+    clip = clips_for({}, num_samples=2000)[0].double()
+    tangent = torch.ones_like(clip)
+    if nested:
+        one = torch.ones(1, dtype=torch.float64)
+
+        def inner(x):
+            return torch.func.jvp(lambda y: fbank(x, backend="torch").sum() + y.sum(), (one,), (one,))[0]
+
+        call = lambda: torch.func.jvp(inner, (clip,), (tangent,))  # noqa: E731
+    else:
+        def call():
+            with fwAD.dual_level():
+                features = fbank(fwAD.make_dual(clip, tangent), backend="torch")
+                return fwAD.unpack_dual(features).tangent
+    try:
+        result = call()
+    except (NotImplementedError, RuntimeError) as error:
+        assert "out=" in str(error)  # refused, and saying why
+    else:
+        assert result is not None and (result[1] if nested else result).abs().sum() > 0
+
+
 @pytest.mark.parametrize("options", [dict(use_power=False), dict(use_power=False, use_log_fbank=False), {}])
 def test_gradient_through_silent_frames_is_finite_as_torchaudio_s(options):
     """A magnitude spectrum (use_power=False) of a silent frame: torchaudio's |X| has gradient 0
