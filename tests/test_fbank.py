@@ -742,6 +742,23 @@ def test_cuda_op_registration():
     torch.testing.assert_close(compiled(clips), fbank(clips, backend="cuda", num_mel_bins=40, use_energy=True))
 
 
+def test_cpu_blocks_are_even_and_near_the_target(monkeypatch):
+    """Blocks of about CPU_BLOCK_FRAMES frames (all clips, a few frames each), equal but the last:
+    one ten-second clip stays one block under 768, and huge batches go one frame per clip."""
+    fbank_module = sys.modules["kernels.fbank"]
+    monkeypatch.setattr(fbank_module, "CPU_BLOCK_FRAMES", 768)
+    per_block = fbank_module._cpu_frames_per_block
+    assert per_block(1, 998) == 998 and per_block(1, 1100) == 1100 and per_block(1, 1300) == 650
+    assert per_block(16, 998) == 48 and per_block(4, 998) == 200
+    assert per_block(5000, 10) == 1 and per_block(1, 1) == 1 and per_block(0, 7) == 7
+    for batch in (1, 3, 16, 100):
+        for frames in (1, 97, 998, 5001):
+            step = per_block(batch, frames)
+            blocks = -(-frames // step)
+            assert 1 <= step <= frames and blocks * step >= frames > (blocks - 1) * step
+            assert batch * step <= 1.5 * 768 or step == 1 or blocks == 1
+
+
 @pytest.mark.parametrize("name", ["defaults", "audiomae", "no_snip_edges", "energy", "energy_htk_windowed",
                                   "full_preemphasis", "no_preemphasis_no_dc", "subtract_mean"])
 def test_cpu_blocks_equal_one_pass(monkeypatch, name):
@@ -753,7 +770,7 @@ def test_cpu_blocks_equal_one_pass(monkeypatch, name):
     lengths = torch.tensor([5000, 3000, 4100, 401, 5000])[: len(clips)]
     monkeypatch.setattr(fbank_module, "CPU_BLOCK_FRAMES", 10**9)
     whole, frames = fbank(clips, lengths=lengths, backend="torch", **options)
-    monkeypatch.setattr(fbank_module, "CPU_BLOCK_FRAMES", 7)  # a block of one frame per clip
+    monkeypatch.setattr(fbank_module, "CPU_BLOCK_FRAMES", 1)  # blocks of one frame per clip
     blocked, frames_blocked = fbank(clips, lengths=lengths, backend="torch", **options)
     assert torch.equal(frames, frames_blocked)
     torch.testing.assert_close(blocked, whole, rtol=1e-12, atol=1e-12)
