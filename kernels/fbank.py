@@ -423,12 +423,14 @@ def _cpu_frames_per_block(batch: int, num_frames: int) -> int:
     return max(1, -(-num_frames // blocks))
 
 
-def _frame_features(frames, window, banks, opts: FbankOptions, generator, padded, emphasized=None) -> torch.Tensor:
+def _frame_features(frames, window, banks, opts: FbankOptions, generator, padded, emphasized=None,
+                    out=None) -> torch.Tensor:
     """``[..., window_size]`` frames -> ``[..., num_features]`` in ``banks``' dtype, Kaldi's
     per-frame pipeline. ``padded`` ``[..., padded_window_size]`` is the FFT input, zero past
     ``window_size`` (the caller reuses it block after block; only the body is written here).
     ``emphasized``, when given, holds the same frames of the pre-emphasised sequence
     (``_emphasized``; no dither, no autograd): the body is then two passes instead of four.
+    ``out`` (no autograd), a view of the caller's result: the log is written there, no copy after.
 
     Precision: everything up to the FFT runs in ``frames``' dtype (float64 by default): the FFT
     of a frame whose spectrum spans many decades (a tone) cancels, and float32 there misses the
@@ -480,6 +482,15 @@ def _frame_features(frames, window, banks, opts: FbankOptions, generator, padded
             spectrum.sqrt_()
     banded = spectrum.device.type == "cpu" and not (spectrum.requires_grad and torch.is_grad_enabled())
     features = _apply_banks(spectrum, banks, banded)
+    if out is not None:
+        bins = out[..., 1:] if opts.use_energy and not opts.htk_compat else out[..., : banks.shape[0]]
+        if opts.use_log_fbank:
+            torch.log(features.clamp_min_(LOG_FLOOR), out=bins)
+        else:
+            bins.copy_(features)
+        if opts.use_energy:
+            out[..., -1 if opts.htk_compat else 0] = log_energy
+        return out
     if opts.use_log_fbank:
         features = features.clamp_min_(LOG_FLOOR).log_()
     if opts.use_energy:
@@ -552,6 +563,10 @@ def fbank_torch(
                 if count != zeroed_count:
                     buffer[..., W:].zero_()
                     zeroed_count = count
+            if features is not None and not differentiable:
+                _frame_features(frames, window, banks, opts, generator, buffer, emphasized,
+                                out=features[:, start : start + count])
+                continue
             block = _frame_features(frames, window, banks, opts, generator, buffer, emphasized)
             if features is None:
                 features = block
