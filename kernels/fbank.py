@@ -345,14 +345,14 @@ def _mel_bands(banks: torch.Tensor) -> tuple[tuple[int, int, int, int, torch.Ten
     return tuple(bands)
 
 
-def _apply_banks(spectrum: torch.Tensor, banks: torch.Tensor, banded: bool) -> torch.Tensor:
+def _apply_banks(spectrum: torch.Tensor, banks: torch.Tensor, banded: bool, out: torch.Tensor | None = None) -> torch.Tensor:
     """``spectrum @ banks.T`` over the last axis. ``banded`` (the CPU without autograd) multiplies
     each band of Mel bins by its nonzero FFT bins only; the same products and sums, so the same
-    values, in about half the time."""
+    values, in about half the time, into ``out`` ``[rows, bins]`` (any row stride) when given."""
     if not banded:
         return spectrum @ banks.T
     rows = spectrum.reshape(-1, spectrum.shape[-1])
-    out = rows.new_empty(rows.shape[0], banks.shape[0])
+    out = rows.new_empty(rows.shape[0], banks.shape[0]) if out is None else out
     for m0, m1, k0, k1, weights in _mel_bands(banks):
         if k1 == k0:
             out[:, m0:m1].zero_()
@@ -409,18 +409,27 @@ def _log_energy(frames: torch.Tensor, energy_floor: float) -> torch.Tensor:
 
 # Frames per block on the CPU: a block's buffers stay near the cores, where one pass over the whole
 # batch's [B, frames, padded] float64 intermediates would stream them from memory. On a 2-core EPYC
-# (32 MiB of L3 shared with other tenants), batches of 4 to 256 clips of one or ten seconds: 768
-# frames ran 4-12% faster than 1024 and 10-25% faster than 2048 (whose float64 FFT input and output
-# alone are 16 MiB); 512 was slower again (more blocks, each paying every op's dispatch).
+# (32 MiB of L3 shared with other tenants): blocks of 2048 frames (whose float64 FFT input and
+# output alone are 16 MiB) ran 10-25% slower than 1024 on ten-second clips; on one-second clips 768
+# did best (the path 4.1x to 4.5x torchaudio's loop on 64 clips, 2.7x to 3.7x at 1024, 3.9x at 384).
 CPU_BLOCK_FRAMES = 768
 
 
-def _cpu_frames_per_block(batch: int, num_frames: int) -> int:
-    """Each clip's frames per CPU block: the batch's frames in equal blocks of about
-    ``CPU_BLOCK_FRAMES`` (the nearest count of blocks, so one ten-second clip, 998 frames, stays
-    one block: split in two it ran 14% slower), all clips at a time."""
-    blocks = max(1, round(batch * num_frames / CPU_BLOCK_FRAMES))
-    return max(1, -(-num_frames // blocks))
+def _cpu_blocks(batch: int, num_frames: int) -> list[tuple[int, int, int, int]]:
+    """The CPU's blocks ``(b0, b1, f0, f1)``, clips ``b0:b1`` and frames ``f0:f1``, of about
+    ``CPU_BLOCK_FRAMES`` frames each: whole clips together where a clip is shorter than that, else
+    each clip's frames in equal runs (the nearest count, so a ten-second clip's 998 frames stay one
+    block: split in two they ran 14% slower). Either way a block's features are one contiguous
+    piece of the result, which the Mel matmul and the log then write in place."""
+    if batch == 0 or num_frames == 0:
+        return []
+    runs = max(1, round(num_frames / CPU_BLOCK_FRAMES))
+    if runs > 1:
+        step = -(-num_frames // runs)
+        return [(b, b + 1, f0, min(f0 + step, num_frames)) for b in range(batch) for f0 in range(0, num_frames, step)]
+    groups = max(1, round(batch * num_frames / CPU_BLOCK_FRAMES))
+    clips = -(-batch // groups)
+    return [(b0, min(b0 + clips, batch), 0, num_frames) for b0 in range(0, batch, clips)]
 
 
 def _frame_features(frames, window, banks, opts: FbankOptions, generator, padded, emphasized=None,
@@ -430,7 +439,8 @@ def _frame_features(frames, window, banks, opts: FbankOptions, generator, padded
     ``window_size`` (the caller reuses it block after block; only the body is written here).
     ``emphasized``, when given, holds the same frames of the pre-emphasised sequence
     (``_emphasized``; no dither, no autograd): the body is then two passes instead of four.
-    ``out`` (no autograd), a view of the caller's result: the log is written there, no copy after.
+    ``out`` (no autograd): a view of the caller's result the features go to, written in place by
+    the banded matmul and the log where it is one contiguous piece.
 
     Precision: everything up to the FFT runs in ``frames``' dtype (float64 by default): the FFT
     of a frame whose spectrum spans many decades (a tone) cancels, and float32 there misses the
@@ -481,22 +491,23 @@ def _frame_features(frames, window, banks, opts: FbankOptions, generator, padded
         if not opts.use_power:
             spectrum.sqrt_()
     banded = spectrum.device.type == "cpu" and not (spectrum.requires_grad and torch.is_grad_enabled())
-    features = _apply_banks(spectrum, banks, banded)
-    if out is not None:
-        bins = out[..., 1:] if opts.use_energy and not opts.htk_compat else out[..., : banks.shape[0]]
+    if out is not None and out.is_contiguous() and banded:
+        # The result's own rows: the banded matmul writes the Mel sums there, the log follows in place.
+        rows = out.view(-1, out.shape[-1])
+        first = 1 if opts.use_energy and not opts.htk_compat else 0
+        bins = _apply_banks(spectrum, banks, banded, out=rows[:, first : first + banks.shape[0]])
         if opts.use_log_fbank:
-            torch.log(features.clamp_min_(LOG_FLOOR), out=bins)
-        else:
-            bins.copy_(features)
+            bins.clamp_min_(LOG_FLOOR).log_()
         if opts.use_energy:
-            out[..., -1 if opts.htk_compat else 0] = log_energy
+            rows[:, -1 if opts.htk_compat else 0] = log_energy.reshape(-1)
         return out
+    features = _apply_banks(spectrum, banks, banded)
     if opts.use_log_fbank:
         features = features.clamp_min_(LOG_FLOOR).log_()
     if opts.use_energy:
         energy = log_energy.to(features.dtype).unsqueeze(-1)
         features = torch.cat([features, energy] if opts.htk_compat else [energy, features], dim=-1)
-    return features
+    return features if out is None else out.copy_(features)
 
 
 def fbank_torch(
@@ -514,7 +525,7 @@ def fbank_torch(
     ``compute_dtype``, after it in the waveform's dtype (``_frame_features`` says why);
     ``compute_dtype=float32`` is the plain float32 pipeline (as fast as it gets, not within 1e-3
     on tones): benchmarks compare against it. On the CPU the frames go through in blocks of about
-    ``CPU_BLOCK_FRAMES`` (all clips at a time, a few frames each), on the GPU in one piece.
+    ``CPU_BLOCK_FRAMES`` (whole clips together, or runs of one clip's frames), on the GPU in one piece.
     """
     feature_dtype = waveforms.dtype if compute_dtype == torch.float64 else compute_dtype
     # Autograd keeps each block's FFT input for the backward: a differentiable call cannot reuse it.
@@ -528,14 +539,15 @@ def fbank_torch(
     # alone) puts a noise floor under a tone's spectrum that moves quiet Mel bins by more than 1e-3.
     window, banks = _torch_tables(opts, waveforms.device, compute_dtype, feature_dtype, torch.get_default_dtype())
     B = waveforms.shape[0]
-    step = num_frames if waveforms.is_cuda else _cpu_frames_per_block(B, num_frames)
-    # The FFT input of every block, [B, count, padded] contiguous in one storage: a slice of a
-    # [B, step, padded] buffer would make a shorter last block non-contiguous, and the FFT would
-    # copy it first. Only the zeros past window_size outlive a block, so they are written when the
-    # view changes, not every block.
+    blocks = [(0, B, 0, num_frames)] if waveforms.is_cuda else _cpu_blocks(B, num_frames)
+    # The FFT input of every block, [clips, frames, padded] contiguous in one storage: a slice of a
+    # larger buffer would make a smaller block non-contiguous, and the FFT would copy it first.
+    # Only the zeros past window_size outlive a block, so they are written when the view changes,
+    # not every block.
     P, W = opts.padded_window_size, opts.window_size
-    storage = None if differentiable else waveforms.new_empty(B * min(step, num_frames) * P, dtype=compute_dtype)
-    zeroed_count = None
+    largest = max(((b1 - b0) * (f1 - f0) for b0, b1, f0, f1 in blocks), default=0)
+    storage = None if differentiable else waveforms.new_empty(largest * P, dtype=compute_dtype)
+    zeroed_shape = None
     # The CPU without autograd runs its blocks in inference mode: some 40 small ops a block skip
     # autograd's bookkeeping (5-10% of the path on 16 ten-second clips). The result is allocated
     # outside it, an ordinary tensor a caller may hand to autograd. Not under forward AD or a
@@ -543,35 +555,35 @@ def fbank_torch(
     # the out= ops refuse them with a clear error.
     quiet = (not differentiable and not waveforms.is_cuda and fwAD.unpack_dual(waveforms).tangent is None
              and not torch._C._functorch.is_functorch_wrapped_tensor(waveforms))
-    features = None if 0 < num_frames <= step and not quiet else \
+    features = None if len(blocks) == 1 and not quiet else \
         torch.empty(B, num_frames, opts.num_features, dtype=feature_dtype, device=waveforms.device)
     with torch.inference_mode() if quiet else contextlib.nullcontext():
-        for start in range(0, num_frames, step):
-            count = min(step, num_frames - start)
+        for b0, b1, f0, f1 in blocks:
+            clips, count = b1 - b0, f1 - f0
             # Each block frames its own samples, converted to compute_dtype there (a few MB that stay
             # near the cores on the CPU): converting and pre-emphasising the whole batch first streamed
             # two float64 copies of it through memory.
-            sequence = _framed_sequence(waveforms, lengths, start, count, opts).to(compute_dtype)
+            clip_lengths = None if lengths is None else lengths[b0:b1]
+            sequence = _framed_sequence(waveforms[b0:b1], clip_lengths, f0, count, opts).to(compute_dtype)
             frames = _frames(sequence, count, opts)
             emphasized = None
             if opts.dither == 0.0 and not differentiable:
                 emphasized = _frames(_emphasized(sequence, opts.preemphasis_coefficient), count, opts)
             if differentiable:
-                buffer = waveforms.new_zeros(B, count, P, dtype=compute_dtype)
+                buffer = waveforms.new_zeros(clips, count, P, dtype=compute_dtype)
             else:
-                buffer = storage[: B * count * P].view(B, count, P)
-                if count != zeroed_count:
+                buffer = storage[: clips * count * P].view(clips, count, P)
+                if (clips, count) != zeroed_shape:
                     buffer[..., W:].zero_()
-                    zeroed_count = count
+                    zeroed_shape = (clips, count)
             if features is not None and not differentiable:
-                _frame_features(frames, window, banks, opts, generator, buffer, emphasized,
-                                out=features[:, start : start + count])
+                _frame_features(frames, window, banks, opts, generator, buffer, emphasized, out=features[b0:b1, f0:f1])
                 continue
             block = _frame_features(frames, window, banks, opts, generator, buffer, emphasized)
             if features is None:
                 features = block
             else:
-                features[:, start : start + count] = block
+                features[b0:b1, f0:f1] = block
     if lengths is not None:
         valid = torch.arange(num_frames, device=features.device) < opts.num_frames(lengths).unsqueeze(1)
         features = features.masked_fill(~valid.unsqueeze(-1), 0.0)

@@ -742,21 +742,27 @@ def test_cuda_op_registration():
     torch.testing.assert_close(compiled(clips), fbank(clips, backend="cuda", num_mel_bins=40, use_energy=True))
 
 
-def test_cpu_blocks_are_even_and_near_the_target(monkeypatch):
-    """Blocks of about CPU_BLOCK_FRAMES frames (all clips, a few frames each), equal but the last:
-    one ten-second clip stays one block under 768, and huge batches go one frame per clip."""
+def test_cpu_blocks_tile_the_result_in_contiguous_pieces(monkeypatch):
+    """CPU blocks of about CPU_BLOCK_FRAMES frames: whole clips together, or equal runs of one
+    clip's frames; they cover every (clip, frame) once, and each is one contiguous piece of the
+    [B, frames, bins] result. One ten-second clip (998 frames) stays one block under 768."""
     fbank_module = sys.modules["kernels.fbank"]
     monkeypatch.setattr(fbank_module, "CPU_BLOCK_FRAMES", 768)
-    per_block = fbank_module._cpu_frames_per_block
-    assert per_block(1, 998) == 998 and per_block(1, 1100) == 1100 and per_block(1, 1300) == 650
-    assert per_block(16, 998) == 48 and per_block(4, 998) == 200
-    assert per_block(5000, 10) == 1 and per_block(1, 1) == 1 and per_block(0, 7) == 7
+    blocks = fbank_module._cpu_blocks
+    assert blocks(1, 998) == [(0, 1, 0, 998)] and blocks(1, 1100) == [(0, 1, 0, 1100)]
+    assert blocks(1, 1300) == [(0, 1, 0, 650), (0, 1, 650, 1300)]
+    assert blocks(16, 998) == [(b, b + 1, 0, 998) for b in range(16)]
+    assert blocks(32, 98) == [(0, 8, 0, 98), (8, 16, 0, 98), (16, 24, 0, 98), (24, 32, 0, 98)]
+    assert blocks(0, 98) == [] and blocks(3, 0) == []
     for batch in (1, 3, 16, 100):
         for frames in (1, 97, 998, 5001):
-            step = per_block(batch, frames)
-            blocks = -(-frames // step)
-            assert 1 <= step <= frames and blocks * step >= frames > (blocks - 1) * step
-            assert batch * step <= 1.5 * 768 or step == 1 or blocks == 1
+            covered = torch.zeros(batch, frames, dtype=torch.int64)
+            result = torch.empty(batch, frames, 2)
+            for b0, b1, f0, f1 in blocks(batch, frames):
+                covered[b0:b1, f0:f1] += 1
+                assert result[b0:b1, f0:f1].is_contiguous()
+                assert (b1 - b0) * (f1 - f0) <= 1.5 * 768 or b1 - b0 == 1 or f1 - f0 < 768 // 2
+            assert (covered == 1).all()
 
 
 @pytest.mark.parametrize("name", ["defaults", "audiomae", "no_snip_edges", "energy", "energy_htk_windowed",
