@@ -423,11 +423,16 @@ def _cpu_blocks(batch: int, num_frames: int) -> list[tuple[int, int, int, int]]:
     piece of the result, which the Mel matmul and the log then write in place."""
     if batch == 0 or num_frames == 0:
         return []
-    runs = max(1, round(num_frames / CPU_BLOCK_FRAMES))
+    target = max(1, CPU_BLOCK_FRAMES)
+    runs = max(1, round(num_frames / target))
     if runs > 1:
+        # Each clip's full runs first, the shorter last runs after: the FFT input's padding is
+        # zeroed again whenever the block's shape changes.
         step = -(-num_frames // runs)
-        return [(b, b + 1, f0, min(f0 + step, num_frames)) for b in range(batch) for f0 in range(0, num_frames, step)]
-    groups = max(1, round(batch * num_frames / CPU_BLOCK_FRAMES))
+        full = [(b, b + 1, f0, f0 + step) for b in range(batch) for f0 in range(0, num_frames - step + 1, step)]
+        rest = num_frames % step
+        return full + [(b, b + 1, num_frames - rest, num_frames) for b in range(batch) if rest]
+    groups = max(1, round(batch * num_frames / target))
     clips = -(-batch // groups)
     return [(b0, min(b0 + clips, batch), 0, num_frames) for b0 in range(0, batch, clips)]
 
@@ -439,8 +444,8 @@ def _frame_features(frames, window, banks, opts: FbankOptions, generator, padded
     ``window_size`` (the caller reuses it block after block; only the body is written here).
     ``emphasized``, when given, holds the same frames of the pre-emphasised sequence
     (``_emphasized``; no dither, no autograd): the body is then two passes instead of four.
-    ``out`` (no autograd): a view of the caller's result the features go to, written in place by
-    the banded matmul and the log where it is one contiguous piece.
+    ``out`` (the CPU without autograd): a contiguous block of the caller's result, written in
+    place by the banded matmul and the log.
 
     Precision: everything up to the FFT runs in ``frames``' dtype (float64 by default): the FFT
     of a frame whose spectrum spans many decades (a tone) cancels, and float32 there misses the
@@ -491,11 +496,12 @@ def _frame_features(frames, window, banks, opts: FbankOptions, generator, padded
         if not opts.use_power:
             spectrum.sqrt_()
     banded = spectrum.device.type == "cpu" and not (spectrum.requires_grad and torch.is_grad_enabled())
-    if out is not None and out.is_contiguous() and banded:
-        # The result's own rows: the banded matmul writes the Mel sums there, the log follows in place.
+    if out is not None:
+        # The result's own rows (a contiguous block, the CPU without autograd): the banded matmul
+        # writes the Mel sums there, the log follows in place.
         rows = out.view(-1, out.shape[-1])
         first = 1 if opts.use_energy and not opts.htk_compat else 0
-        bins = _apply_banks(spectrum, banks, banded, out=rows[:, first : first + banks.shape[0]])
+        bins = _apply_banks(spectrum, banks, banded=True, out=rows[:, first : first + banks.shape[0]])
         if opts.use_log_fbank:
             bins.clamp_min_(LOG_FLOOR).log_()
         if opts.use_energy:
@@ -507,7 +513,7 @@ def _frame_features(frames, window, banks, opts: FbankOptions, generator, padded
     if opts.use_energy:
         energy = log_energy.to(features.dtype).unsqueeze(-1)
         features = torch.cat([features, energy] if opts.htk_compat else [energy, features], dim=-1)
-    return features if out is None else out.copy_(features)
+    return features
 
 
 def fbank_torch(

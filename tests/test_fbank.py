@@ -754,6 +754,11 @@ def test_cpu_blocks_tile_the_result_in_contiguous_pieces(monkeypatch):
     assert blocks(16, 998) == [(b, b + 1, 0, 998) for b in range(16)]
     assert blocks(32, 98) == [(0, 8, 0, 98), (8, 16, 0, 98), (16, 24, 0, 98), (24, 32, 0, 98)]
     assert blocks(0, 98) == [] and blocks(3, 0) == []
+    assert blocks(2, 2000) == [(0, 1, 0, 667), (0, 1, 667, 1334), (1, 2, 0, 667), (1, 2, 667, 1334),
+                               (0, 1, 1334, 2000), (1, 2, 1334, 2000)]  # equal shapes in a row
+    monkeypatch.setattr(fbank_module, "CPU_BLOCK_FRAMES", 0)  # no block size: a frame at a time, no error
+    assert blocks(2, 2) == [(0, 1, 0, 1), (0, 1, 1, 2), (1, 2, 0, 1), (1, 2, 1, 2)]
+    monkeypatch.setattr(fbank_module, "CPU_BLOCK_FRAMES", 768)
     for batch in (1, 3, 16, 100):
         for frames in (1, 97, 998, 5001):
             covered = torch.zeros(batch, frames, dtype=torch.int64)
