@@ -495,7 +495,6 @@ def _frame_features(frames, window, banks, opts: FbankOptions, generator, padded
         spectrum = squares[..., 0] + squares[..., 1]
         if not opts.use_power:
             spectrum.sqrt_()
-    banded = spectrum.device.type == "cpu" and not (spectrum.requires_grad and torch.is_grad_enabled())
     if out is not None:
         # The result's own rows (a contiguous block, the CPU without autograd): the banded matmul
         # writes the Mel sums there, the log follows in place.
@@ -507,6 +506,7 @@ def _frame_features(frames, window, banks, opts: FbankOptions, generator, padded
         if opts.use_energy:
             rows[:, -1 if opts.htk_compat else 0] = log_energy.reshape(-1)
         return out
+    banded = spectrum.device.type == "cpu" and not (spectrum.requires_grad and torch.is_grad_enabled())
     features = _apply_banks(spectrum, banks, banded)
     if opts.use_log_fbank:
         features = features.clamp_min_(LOG_FLOOR).log_()
@@ -582,13 +582,12 @@ def fbank_torch(
                 if (clips, count) != zeroed_shape:
                     buffer[..., W:].zero_()
                     zeroed_shape = (clips, count)
-            if features is not None and not differentiable:
-                _frame_features(frames, window, banks, opts, generator, buffer, emphasized, out=features[b0:b1, f0:f1])
-                continue
-            block = _frame_features(frames, window, banks, opts, generator, buffer, emphasized)
+            # Without autograd the block writes into the result itself; otherwise it is copied there.
+            into = features[b0:b1, f0:f1] if features is not None and not differentiable else None
+            block = _frame_features(frames, window, banks, opts, generator, buffer, emphasized, out=into)
             if features is None:
                 features = block
-            else:
+            elif into is None:
                 features[b0:b1, f0:f1] = block
     if lengths is not None:
         valid = torch.arange(num_frames, device=features.device) < opts.num_frames(lengths).unsqueeze(1)
