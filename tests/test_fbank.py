@@ -787,6 +787,29 @@ def test_cpu_blocks_equal_one_pass(monkeypatch, name):
     torch.testing.assert_close(blocked, whole, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("name", OPTION_SETS)
+def test_cpu_pipeline_equals_the_general_path(monkeypatch, name):
+    """The CPU without autograd or dither runs its own pipeline (reused buffers, frame sums from
+    runs of samples, banded Mel sums); a differentiable call runs the general one. Both give the
+    same features for every option set (rate_22k's window and shift share no run of 8 samples,
+    short_frames' share 40), across block shapes, and NaN samples spoil only the frames that read
+    them, in both."""
+    fbank_module = sys.modules["kernels.fbank"]
+    monkeypatch.setattr(fbank_module, "CPU_BLOCK_FRAMES", 7)  # several blocks and two block shapes
+    options = {**OPTION_SETS[name], "dither": 0.0}
+    clips = clips_for(options, num_samples=int(options.get("sample_frequency", 16000.0) * 0.3)).double()
+    shift = fbank_module.FbankOptions(**options).window_shift
+    clips[2, clips.shape[1] // 2 : clips.shape[1] // 2 + shift] = float("nan")  # read by a frame even where frames leave gaps
+    lengths = torch.tensor([clips.shape[1], clips.shape[1] // 2, clips.shape[1] - 3, 900, clips.shape[1]])[: len(clips)]
+    lengths = lengths.clamp_min(fbank_module.FbankOptions(**options).window_size)
+    pipeline, frames = fbank(clips, lengths=lengths, backend="torch", **options)
+    general, general_frames = fbank(clips.clone().requires_grad_(), lengths=lengths, backend="torch", **options)
+    assert torch.equal(frames, general_frames)
+    assert torch.equal(pipeline.isnan(), general.isnan()) and pipeline.isnan().any()
+    assert pipeline[0].isfinite().all()
+    torch.testing.assert_close(pipeline, general.detach(), rtol=0, atol=1e-9, equal_nan=True)
+
+
 @pytest.mark.parametrize("name", ["defaults", "audiomae", "freq_band", "vtln", "rate_8k", "rate_44k", "short_frames",
                                   "magnitude"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
