@@ -789,11 +789,10 @@ def test_cpu_blocks_equal_one_pass(monkeypatch, name):
 
 @pytest.mark.parametrize("name", OPTION_SETS)
 def test_cpu_pipeline_equals_the_general_path(monkeypatch, name):
-    """The CPU without autograd or dither runs its own pipeline (reused buffers, frame sums from
-    runs of samples, banded Mel sums); a differentiable call runs the general one. Both give the
-    same features for every option set (rate_22k's window and shift share no run of 8 samples,
-    short_frames' share 40), across block shapes, and NaN samples spoil only the frames that read
-    them, in both."""
+    """The CPU without autograd or dither runs its own pipeline (buffers and views made once a
+    call, banded Mel sums); a differentiable call runs the general one. Both give the same
+    features for every option set, across block shapes, and NaN samples spoil only the frames
+    that read them, in both."""
     fbank_module = sys.modules["kernels.fbank"]
     monkeypatch.setattr(fbank_module, "CPU_BLOCK_FRAMES", 7)  # several blocks and two block shapes
     options = {**OPTION_SETS[name], "dither": 0.0}
@@ -838,6 +837,38 @@ def test_features_are_contiguous_like_torchaudio(num_samples):
     features = fbank(torch.randn(2, num_samples), backend="torch", num_mel_bins=40)
     assert features.is_contiguous()
     assert fbank(torch.randn(num_samples), backend="torch").is_contiguous()
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_a_default_device_changes_nothing(cached):
+    """torch.set_default_device (or a device context) moves factory calls without a device: the
+    tables and the CPU path's buffers must still be made beside the waveforms, whether the tables
+    were cached before or are built under the context. "meta" stands in for "cuda" here."""
+    options = dict(num_mel_bins=21, frame_length=19.0 + cached)  # tables no other test has cached
+    clips = clips_for({}, num_samples=3000)
+    expected = fbank(clips, backend="torch", **options) if cached else None
+    with torch.device("meta"):
+        got = fbank(clips, backend="torch", **options)
+    assert got.device.type == "cpu"
+    torch.testing.assert_close(got, expected if cached else fbank(clips, backend="torch", **options), rtol=0, atol=0)
+
+
+def test_compile_uses_the_cached_tables(monkeypatch):
+    """torch.compile must not trace through the table cache: Inductor would recompute the Mel
+    weights with other float32 rounding (9e-3 on a tone's log features was seen)."""
+    fbank_module = sys.modules["kernels.fbank"]
+    build = fbank_module.mel_banks
+
+    def eager_only(opts):
+        assert not torch.compiler.is_compiling(), "mel_banks traced by torch.compile"
+        return build(opts)
+
+    monkeypatch.setattr(fbank_module, "mel_banks", eager_only)
+    options = dict(num_mel_bins=17, frame_length=23.0)  # tables no other test has cached
+    clips = clips_for({}, num_samples=3000).double()
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x: fbank(x, backend="torch", **options), backend="eager")
+    torch.testing.assert_close(compiled(clips), fbank(clips, backend="torch", **options), rtol=0, atol=0)
 
 
 def test_first_call_in_inference_mode_leaves_later_gradients_working():
