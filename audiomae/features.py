@@ -61,12 +61,14 @@ def audio_to_features(
     target_length: int | None = None,
     pad_mode: str = "official",
     backend: str = "auto",
+    check_finite: bool = False,
 ) -> torch.Tensor:
     """Normalised fbank images ``[B, 1, target_length, 128]`` of clips ``[B, N]`` (or one clip ``[N]``).
 
     ``lengths`` ``[B]``: valid samples per clip of a zero-padded batch (each clip is then treated as
     if it were only that long). ``target_length`` defaults to the dataset's (1024 AudioSet, 512
-    ESC-50, 128 Speech Commands).
+    ESC-50, 128 Speech Commands). ``check_finite=True`` rejects NaN or Inf samples (``fbank``'s
+    check, one device sync) where they would otherwise give NaN frames.
     """
     _check_settings(dataset, pad_mode, target_length)
     mean, std, default_length = DATASETS[dataset]
@@ -78,7 +80,7 @@ def audio_to_features(
 
     # Step 1 (each clip's mean) is the frames' own DC removal inside fbank: see the module doc.
     result = fbank(
-        waveforms, lengths=lengths, backend=backend, htk_compat=True, sample_frequency=sample_rate,
+        waveforms, lengths=lengths, backend=backend, check_finite=check_finite, htk_compat=True, sample_frequency=sample_rate,
         use_energy=False, window_type="hanning", num_mel_bins=NUM_MEL_BINS, dither=0.0, frame_shift=10.0,
     )  # fmt: skip
     # Without lengths every clip has all the frames; with them, frames past a clip's end are 0.0,
@@ -101,9 +103,10 @@ class AudioMAEFeatures(nn.Module):
     """``audio_to_features`` with its settings fixed; ``forward(waveforms, lengths=None)``."""
 
     def __init__(self, sample_rate: float = 16000.0, dataset: str = "audioset", target_length: int | None = None,
-                 pad_mode: str = "official", backend: str = "auto"):
+                 pad_mode: str = "official", backend: str = "auto", check_finite: bool = False):
         super().__init__()
         _check_settings(dataset, pad_mode, target_length)
+        self.check_finite = check_finite
         self.sample_rate = sample_rate
         self.dataset = dataset
         self.target_length = DATASETS[dataset][2] if target_length is None else target_length
@@ -113,7 +116,7 @@ class AudioMAEFeatures(nn.Module):
     def forward(self, waveforms: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         return audio_to_features(
             waveforms, self.sample_rate, lengths=lengths, dataset=self.dataset, target_length=self.target_length,
-            pad_mode=self.pad_mode, backend=self.backend,
+            pad_mode=self.pad_mode, backend=self.backend, check_finite=self.check_finite,
         )  # fmt: skip
 
     def extra_repr(self) -> str:

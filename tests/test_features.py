@@ -98,3 +98,15 @@ def test_bad_settings(kwargs, error):
 def test_integer_waveforms_rejected():
     with pytest.raises(TypeError, match="float32 or float64"):
         audio_to_features(torch.zeros(2, 1000, dtype=torch.int16), 16000)
+
+
+def test_check_finite_rejects_bad_samples_before_anything_runs():
+    clips = torch.randn(2, 4000)
+    clips[1, 123] = float("nan")
+    assert audio_to_features(clips, 16000).isnan().any()  # unchecked: NaN frames, as torchaudio gives
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        audio_to_features(clips, 16000, check_finite=True)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        AudioMAEFeatures(check_finite=True)(clips)
+    clips[1, 123] = 0.0
+    torch.testing.assert_close(AudioMAEFeatures(check_finite=True)(clips), audio_to_features(clips, 16000))
