@@ -38,7 +38,10 @@ Tiling: a tile is ``BLOCK`` rows (``default_tiling``: per dtype and head dim, fr
 of ``benches/bench_window_tiling.py`` for 16-bit inputs and the sm_90 register use that
 ``benches/sm90_compile.py`` reports for float32). Windows of at most ``BLOCK`` tokens
 are packed several to a tile and kept apart by a block-diagonal mask (this also serves windows under
-the 16 rows ``tl.dot`` needs). Larger windows are split into ``BLOCK``-row chunks: the forward runs
+the 16 rows ``tl.dot`` needs). One consequence: a NaN or Inf in ``v`` (or in the incoming gradient)
+reaches the windows that share its tile, since their zero probabilities still multiply it
+(0 * NaN), where the reference keeps it in its own window; the step is NaN either way, and a NaN
+or Inf in ``q`` or ``k`` stays in its window. Larger windows are split into ``BLOCK``-row chunks: the forward runs
 an online softmax over key chunks, and the backward program for chunk ``c`` owns ``dq`` of query
 chunk ``c`` (one pass over the key chunks) and then ``dk, dv`` of key chunk ``c`` (a second pass
 over the query chunks).
@@ -61,7 +64,7 @@ import triton.language as tl
 from ._dispatch import (first_order_only, interpreting, needs_custom_op, on_tensors_device, reject_autodiff_transforms,
                         reject_forward_tangents, require_triton, use_triton)
 from .gather_tokens import cdiv, next_power_of_2
-from .reference.window_attention import as_pairs, check_window_attention_args, window_attention_reference
+from .reference.window_attention import as_pairs, check_window_attention_args, plain_int, window_attention_reference
 
 # Logit of a pair that shares no window; finite so that padded rows never make NaNs.
 _NO_PAIR = tl.constexpr(-1.0e30)
@@ -880,6 +883,7 @@ def window_attention(
     contiguous storage, each window fits one tile and the graph is not retained; otherwise, and
     under ``torch.compile``, the gradient gets its own buffer (the same values either way)."""
     grid, window, shift = as_pairs(grid, window, shift)
+    num_heads = plain_int(num_heads)
     _check_args(qkv, grid, window, shift, num_heads, tau, bias, mask_value)
     if not isinstance(overwrite_qkv, bool):
         raise TypeError(f"overwrite_qkv must be a bool, got {type(overwrite_qkv).__name__}")

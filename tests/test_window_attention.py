@@ -288,6 +288,19 @@ def test_numpy_mask_value_is_a_real_number():
     assert torch.equal(window_attention(qkv, **args, mask_value=np.float32(-7.0)), expected)
 
 
+def test_numpy_integers_for_the_geometry():
+    """grid, window, shift and num_heads as NumPy integers (a config read with NumPy, say), as the
+    token ops take them: the same result as Python ints, through the reference too."""
+    np = pytest.importorskip("numpy")
+    qkv = torch.randn(1, 16, 3 * 2 * 16, device=DEVICE)
+    args = dict(grid=(4, 4), window=(2, 2), shift=(1, 0), num_heads=2)
+    numpy_args = dict(grid=(np.int64(4), np.int64(4)), window=[np.int32(2), np.int32(2)],
+                      shift=(np.int64(1), np.int16(0)), num_heads=np.int64(2))
+    expected = window_attention(qkv, **args)
+    assert torch.equal(window_attention(qkv, **numpy_args), expected)
+    torch.testing.assert_close(window_attention_reference(qkv, **numpy_args), expected)
+
+
 def test_bool_num_heads_does_not_reach_a_cached_plan():
     """True == 1 and hashes alike: refused before it could share num_heads=1's cached launch plan."""
     qkv = torch.randn(1, 16, 3 * 16, device=DEVICE)

@@ -20,10 +20,18 @@ from .._dispatch import check_same_device
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def plain_int(value):
+    """A NumPy integer (or any other ``numbers.Integral`` but bool) as a Python int, as the other
+    token ops take them; anything else stays as given for the check to refuse."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, (bool, int)):
+        return int(value)
+    return value
+
+
 def as_pairs(*pairs):
-    """``grid``, ``window`` and ``shift`` as tuples where they are sequences (hashable: the kernel
-    caches launch plans on them); anything else stays as given for the check to refuse."""
-    return tuple(tuple(p) if isinstance(p, (tuple, list)) else p for p in pairs)
+    """``grid``, ``window`` and ``shift`` as tuples of ints where they are sequences (hashable: the
+    kernel caches launch plans on them); anything else stays as given for the check to refuse."""
+    return tuple(tuple(plain_int(v) for v in p) if isinstance(p, (tuple, list)) else p for p in pairs)
 
 
 def check_window_attention_args(qkv, grid, window, shift, num_heads, tau, bias, mask_value) -> tuple[int, int]:
@@ -146,6 +154,7 @@ def window_attention_reference(
 ) -> torch.Tensor:
     """qkv [B, L, 3*C] in token order on ``grid`` -> [B, L, C]; see the module docstring."""
     grid, window, shift = as_pairs(grid, window, shift)
+    num_heads = plain_int(num_heads)
     _, area = check_window_attention_args(qkv, grid, window, shift, num_heads, tau, bias, mask_value)
     mask_value = float(mask_value)
     B, L, C3 = qkv.shape
