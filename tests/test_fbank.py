@@ -839,6 +839,34 @@ def test_features_are_contiguous_like_torchaudio(num_samples):
     assert fbank(torch.randn(num_samples), backend="torch").is_contiguous()
 
 
+@pytest.mark.parametrize("name", ["defaults", "audiomae", "no_snip_edges", "energy_htk_windowed", "no_round_pow2",
+                                  "rate_22k"])
+@pytest.mark.parametrize("path", ["pipeline", "autograd", "dither"])
+def test_no_buffer_is_read_before_it_is_written(monkeypatch, name, path):
+    """With uninitialised memory filled with NaN (torch's deterministic mode), every path gives
+    the same features: the CPU pipeline's reused buffers and the general path's FFT input, whose
+    padding alone is zeroed, are written before they are read."""
+    monkeypatch.setattr(sys.modules["kernels.fbank"], "CPU_BLOCK_FRAMES", 7)  # blocks of two shapes
+    options = dict(OPTION_SETS[name], dither=0.5 if path == "dither" else 0.0)
+    clips = clips_for(options, num_samples=int(options.get("sample_frequency", 16000.0) * 0.2)).double()
+    clips.requires_grad_(path == "autograd")
+
+    def features():
+        return fbank(clips, backend="torch", generator=torch.Generator().manual_seed(0), **options)
+
+    expected = features()
+    deterministic, fill = torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory
+    try:
+        torch.use_deterministic_algorithms(True)
+        torch.utils.deterministic.fill_uninitialized_memory = True
+        poisoned = features()
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+        torch.utils.deterministic.fill_uninitialized_memory = fill
+    assert poisoned.isfinite().all()
+    torch.testing.assert_close(poisoned, expected, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("cached", [False, True])
 def test_a_default_device_changes_nothing(cached):
     """torch.set_default_device (or a device context) moves factory calls without a device: the
