@@ -431,14 +431,13 @@ def _cpu_blocks(batch: int, num_frames: int) -> list[tuple[int, int, int, int]]:
     ``CPU_BLOCK_FRAMES`` frames each: whole clips together where a clip is shorter than that, else
     each clip's frames in equal runs (the nearest count, so a ten-second clip's 998 frames stay one
     block: split in two they ran 14% slower). Either way a block's features are one contiguous
-    piece of the result, which the Mel matmul and the log then write in place."""
+    piece of the result, which the log then writes in place."""
     if batch == 0 or num_frames == 0:
         return []
     target = max(1, CPU_BLOCK_FRAMES)
     runs = max(1, round(num_frames / target))
     if runs > 1:
-        # Each clip's full runs first, the shorter last runs after: the FFT input's padding is
-        # zeroed again whenever the block's shape changes.
+        # Each clip's full runs first, the shorter last runs after: blocks of one shape in a row.
         step = -(-num_frames // runs)
         full = [(b, b + 1, f0, f0 + step) for b in range(batch) for f0 in range(0, num_frames - step + 1, step)]
         rest = num_frames % step
@@ -552,9 +551,12 @@ class _CpuBlockPipeline:
         self.power = banks.new_empty(clips, count, half)
         self.mel = banks.new_empty(clips * count, banks.shape[0])
         power_rows = self.power.view(clips * count, half)
-        self.bands = [(power_rows[:, k0:k1], weights.T, self.mel[:, m0:m1])
-                      for m0, m1, k0, k1, weights in _mel_bands(banks) if k1 > k0]
-        self.empty_bands = [self.mel[:, m0:m1] for m0, m1, k0, k1, _ in _mel_bands(banks) if k1 == k0]
+        self.bands, self.empty_bands = [], []  # (power columns, weights, Mel columns); weightless Mel columns
+        for m0, m1, k0, k1, weights in _mel_bands(banks):
+            if k1 > k0:
+                self.bands.append((power_rows[:, k0:k1], weights.T, self.mel[:, m0:m1]))
+            else:
+                self.empty_bands.append(self.mel[:, m0:m1])
         self.first_bin = 1 if opts.use_energy and not opts.htk_compat else 0
 
     def __call__(self, sequence: torch.Tensor, out: torch.Tensor) -> None:
