@@ -5,8 +5,10 @@ The decoder's attention Linears on the triton backend take their bias gradients 
 - ``official``: ``g.sum(0)``, the reduction autograd's ``_sum_to`` runs for ``nn.Linear``'s bias
   (on the H200, 2026-11-27, it allocated 128 MiB of staging beside a 32 MiB [32768, 512] input);
 - ``kernel``: ``kernels.column_sum.column_sum`` (two launches, float32 partials).
-On CUDA also ``official_graph`` and ``kernel_graph``, replayed from a CUDA graph. The peak column
-is each call's memory beyond its input: the point of the kernel.
+On CUDA also ``official_graph`` and ``kernel_graph``, replayed from a CUDA graph, and
+``kernel_stages<N>`` and ``kernel_stages<N>_graph``: the kernel with its partials loop pipelined
+N deep instead of ``STAGES`` (1: no prefetch, as the while loop before 2026-11-28), so that a GPU
+run can pick the depth. The peak column is each call's memory beyond its input: the point of the kernel.
 
 Shapes (CUDA): the output gradients of the decoder's qkv (C = 1536) and proj (C = 512) Linears at
 batch 64 (R = 64 x 512 tokens), bfloat16. On the CPU (smoke test) a small float32 shape; its
@@ -26,7 +28,7 @@ import torch
 
 from benches.harness import (Rotation, copy_bandwidth_gbps, device_info, memory_floor_ms, num_input_sets,
                              time_against_official)
-from kernels.column_sum import column_sum
+from kernels.column_sum import STAGES, _as_rows, _column_sum_launch, column_sum
 
 SUITE = "column_sum"
 
@@ -38,6 +40,11 @@ def _shapes(device: torch.device) -> list[tuple[int, int, torch.dtype]]:
 
 
 IMPLS = {"official": lambda g: g.sum(0), "kernel": column_sum}
+STAGE_CANDIDATES = tuple(n for n in (1, 2, 3, 4) if n != STAGES)
+
+
+def _staged(stages: int):
+    return lambda g: _column_sum_launch(_as_rows(g), g.dtype, stages)
 
 
 def gradients(R: int, C: int, dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
@@ -59,8 +66,12 @@ def run(device="cuda", quick: bool = False) -> list[dict]:
                   "dtype": str(dtype).removeprefix("torch."), "bytes": nbytes, "floor_ms": floor,
                   "copy_gbps": bandwidth, **device_info(device)}
         # one call per gradient, taken in turn
-        steps = {impl: [lambda fn=fn, g=g: fn(g) for g in grads] for impl, fn in IMPLS.items()}
-        rows += time_against_official(common, steps, device, quick)
+        impls = dict(IMPLS)
+        if device.type == "cuda":
+            impls.update({f"kernel_stages{n}": _staged(n) for n in STAGE_CANDIDATES})
+        steps = {impl: [lambda fn=fn, g=g: fn(g) for g in grads] for impl, fn in impls.items()}
+        rows += time_against_official(common, steps, device, quick,
+                                      graphed_impls=("official", "kernel", *(i for i in impls if i.startswith("kernel_"))))
     return rows
 
 

@@ -56,26 +56,31 @@ from kernels.reference import column_sum as reference
 # streams rows; each writes one partial row, so more programs cost more partials to add.
 PROGRAMS = 512
 MAX_COLUMN_BLOCKS = 65535  # the launch grid's second axis
+# The partials loop's pipeline depth (see _column_partials_kernel): at 3 two tiles' loads are in
+# flight while one is added; a bf16 tile of 16 x 256 is 8 KiB, so 16 KiB of shared memory and 56
+# registers a thread on sm_90 (benches/sm90_compile.py). Untimed against 2 and 4 as of 2026-11-28.
+STAGES = 3
 
 
 @triton.jit
-def _column_partials_kernel(x_ptr, partial_ptr, R, C, rows_per_split, stride_r, stride_c,
-                            ACC_DTYPE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+def _column_partials_kernel(x_ptr, partial_ptr, R, C, rows_per_split, tiles_per_split, stride_r, stride_c,
+                            ACC_DTYPE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+                            STAGES: tl.constexpr):
     # One program per (run of rows_per_split rows, BLOCK_C columns): its rows added in order.
+    # A counted loop (tl.range), not a while loop: Triton pipelines only counted loops, so each
+    # tile's load is issued STAGES - 1 tiles ahead (cp.async into shared memory on sm_90); a while
+    # loop waited out the memory latency once a tile, which left the H200's bandwidth at 25 to 42 %
+    # (bench_column_sum, 2026-11-28). The trip count is an argument: Triton 3.6's interpreter cannot
+    # take a bound computed from program_id with numpy >= 2.4.
     split = tl.program_id(0)
     cols = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_ok = cols < C
     acc = tl.zeros([BLOCK_R, BLOCK_C], ACC_DTYPE)
     start = split.to(tl.int64) * rows_per_split
-    end = tl.minimum(start + rows_per_split, R)
-    r0 = start
-    # A while loop, not range(start, end, ...): Triton 3.6's interpreter cannot take a runtime
-    # bound with numpy >= 2.4.
-    while r0 < end:
-        r = r0 + tl.arange(0, BLOCK_R)
-        mask = (r < end)[:, None] & col_ok[None, :]
+    for tile in tl.range(0, tiles_per_split, num_stages=STAGES):
+        r = start + tile * BLOCK_R + tl.arange(0, BLOCK_R)  # within this run: rows_per_split is whole tiles
+        mask = (r < R)[:, None] & col_ok[None, :]
         acc += tl.load(x_ptr + r[:, None] * stride_r + cols[None, :] * stride_c, mask=mask, other=0.0).to(ACC_DTYPE)
-        r0 += BLOCK_R
     tl.store(partial_ptr + split.to(tl.int64) * C + cols, tl.sum(acc, axis=0), mask=col_ok)
 
 
@@ -86,12 +91,10 @@ def _column_finish_kernel(partial_ptr, out_ptr, splits, C, ACC_DTYPE: tl.constex
     cols = tl.program_id(0).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_ok = cols < C
     acc = tl.zeros([BLOCK_S, BLOCK_C], ACC_DTYPE)
-    s0 = 0
-    while s0 < splits:
+    for s0 in range(0, splits, BLOCK_S):
         s = s0 + tl.arange(0, BLOCK_S)
         acc += tl.load(partial_ptr + s.to(tl.int64)[:, None] * C + cols[None, :],
                        mask=(s < splits)[:, None] & col_ok[None, :], other=0.0)
-        s0 += BLOCK_S
     tl.store(out_ptr + cols, tl.sum(acc, axis=0).to(out_ptr.dtype.element_ty), mask=col_ok)
 
 
@@ -107,14 +110,15 @@ def launch_plan(rows: int, channels: int) -> tuple[int, int, int, int]:
 
 
 @on_tensors_device
-def _column_sum_launch(x2: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``column_sum`` of a [R, C] view, by the two Triton launches."""
+def _column_sum_launch(x2: torch.Tensor, dtype: torch.dtype, stages: int = STAGES) -> torch.Tensor:
+    """``column_sum`` of a [R, C] view, by the two Triton launches; ``stages``: the partials loop's
+    pipeline depth (``STAGES``; the benchmark times others). Every depth gives the same bits."""
     R, C = x2.shape
     acc = accumulate_dtype(torch.promote_types(x2.dtype, dtype))  # float64 when either is
     if acc == torch.float64 and dtype.itemsize == 2:
         # Float64 sums rounded to 16 bits by torch: Triton's interpreter cannot convert float64 to
         # 16 bits (it returned garbage); rare (float64 rows, a 16-bit sum), so one more tiny op.
-        return _column_sum_launch(x2, torch.float64).to(dtype)
+        return _column_sum_launch(x2, torch.float64, stages).to(dtype)
     out = torch.empty(C, dtype=dtype, device=x2.device)
     if C == 0:
         return out
@@ -123,8 +127,8 @@ def _column_sum_launch(x2: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     block_r, block_c, splits, per_split = launch_plan(R, C)
     partials = torch.empty((splits, C), dtype=acc, device=x2.device)
     _column_partials_kernel[(splits, cdiv(C, block_c))](
-        x2, partials, R, C, per_split, *x2.stride(),
-        ACC_DTYPE=TL_DTYPES[acc], BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4)
+        x2, partials, R, C, per_split, per_split // block_r, *x2.stride(),
+        ACC_DTYPE=TL_DTYPES[acc], BLOCK_R=block_r, BLOCK_C=block_c, STAGES=stages, num_warps=4)
     finish_c = min(128, block_c)
     _column_finish_kernel[(cdiv(C, finish_c),)](
         partials, out, splits, C, ACC_DTYPE=TL_DTYPES[acc], BLOCK_S=32, BLOCK_C=finish_c, num_warps=4)

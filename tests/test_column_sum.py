@@ -48,6 +48,18 @@ def test_many_splits_and_partials_past_one_finish_block(seed, monkeypatch):
     check(torch.randn(R, C, device=DEVICE))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_pipeline_depth_gives_the_same_bits(seed, monkeypatch, dtype):
+    # Runs of several tiles (so a deeper pipeline has loads to issue ahead), the last run short
+    # and ending mid-tile, two column blocks; the benchmark times the depths against each other.
+    monkeypatch.setattr(module(), "PROGRAMS", 8)
+    x = torch.randn(16 * 13 + 7, 300, device=DEVICE).to(dtype)
+    rows = module()._as_rows(x)
+    depths = [module()._column_sum_launch(rows, dtype, stages) for stages in (1, 2, 3, 4)]
+    assert all(torch.equal(d, depths[0]) for d in depths[1:])
+    assert torch.equal(check(x), depths[0])
+
+
 def test_launch_plan_covers_every_row():
     for R in (1, 15, 16, 17, 1000, 32768, 32768 + 3):
         for C in (1, 5, 256, 300, 512, 2048):
