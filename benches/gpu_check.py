@@ -9,7 +9,8 @@ check ends inside 8 minutes), most valuable first:
    fails, ``build-jit``: the just-in-time loader of ``kernels/_cuda_extension.py``, so the rest
    can still use the kernel (both outcomes are rows);
 2. ``tests``: ``pytest -m gpu -q`` (every GPU-marked test);
-3. ``bench-window_attention``, ``bench-tokens``, ``bench-fbank``: the kernels' targets;
+3. ``bench-window_attention``, ``bench-tokens``, ``bench-fbank``: the kernels' targets, and
+   ``bench-column_sum`` (the Linears' bias gradients: short, and its kernel changed last);
 4. ``models-pretrain``: the training step's target, batch 64, eager and CUDA-graph variants
    (its rows are saved as they land);
 5. ``profile``: where the ``triton`` pretraining step spends its time (``torch.profiler``);
@@ -18,8 +19,8 @@ check ends inside 8 minutes), most valuable first:
    that never fails the run), appended to ``profile.txt``;
 7. ``bench-mae_ast`` (issue 7's ratios), ``bench-window_tiling`` (the sweep that should set the
    window-attention default), ``bench-gelu_grad`` (the MLP backward's fused GELU pass),
-   ``bench-gelu_matmul`` (the MLP with GELU in its own matmuls' epilogues, against cuBLAS),
-   ``bench-column_sum`` (the Linears' bias gradients) and ``bench-launch_overhead`` (the host's
+   ``bench-gelu_matmul`` (the MLP with GELU in its own matmuls' epilogues, against cuBLAS)
+   and ``bench-launch_overhead`` (the host's
    time per launch, which bounds every eager row), ``models-pretrain-compiled`` (the compiled
    variants, with their own reference row), every other ``benches/bench_*.py`` at its target
    shapes (memory estimate, post-norm kernel, training CLI), then ``models-finetune``,
@@ -86,11 +87,12 @@ QUICK_VARIANTS = ("reference", "triton", "triton+graph", "sdpa", "reference+grap
 COMPILED_VARIANTS = ("reference", "triton+compile+graph", "triton+compile", "reference+compile",
                      "triton+fusedmlp+compile+graph")
 MODEL_TIMEOUTS = {"pretrain": 220, "pretrain-compiled": 260, "finetune": 150, "finetune-compiled": 260, "embed": 70}
-FIRST_BENCHES = ("window_attention", "tokens", "fbank")  # issues 4, 3 and 5
+# issues 4, 3 and 5, and (13 s on the H200) the Linears' bias gradients, whose kernel changed last
+FIRST_BENCHES = ("window_attention", "tokens", "fbank", "column_sum")
 # issue 7's ratios, the tiling that sets issue 4's default, the MLP backward's GELU pass and the
 # MLP with GELU in its matmuls (issue 6: fused_matmul stays off until this row says it pays)
 # and (short, new on 2026-11-27) the Linears' bias gradients and the host's time per launch
-SECOND_BENCHES = ("mae_ast", "window_tiling", "gelu_grad", "gelu_matmul", "column_sum", "launch_overhead")
+SECOND_BENCHES = ("mae_ast", "window_tiling", "gelu_grad", "gelu_matmul", "launch_overhead")
 BENCH_TIMEOUTS = {"window_attention": 180, "tokens": 90, "window_tiling": 90, "post_norm": 90, "mae_ast": 180}
 # About how long each part took on the H100 and the H200 (2026-11-27), with some margin: a part is
 # started only when the budget left covers most of it (a part cut by its timeout loses all its
