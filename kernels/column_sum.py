@@ -35,8 +35,9 @@ take ``torch.sum`` (the reference), which serves them; ``vmap`` runs the op.
     no view) so that the bias gets its gradient from it; the result is that output viewed as
     ``[..., C_out]``, which in-place ops may modify as they may ``F.linear``'s. Plain
     ``F.linear`` where nothing is gained or nothing may run eagerly: no bias or none that needs a
-    gradient, dtypes other than float16, bfloat16, float32 and float64, CPU tensors without the
-    interpreter, forward-mode AD, and under tracers (``torch.compile`` makes its own reductions).
+    gradient or a bias other than [C_out], dtypes other than float16, bfloat16, float32 and float64,
+    CPU tensors without the interpreter, forward-mode AD, and under tracers (``torch.compile``
+    makes its own reductions); arguments that are not tensors get F.linear's own errors.
 """
 from __future__ import annotations
 
@@ -219,7 +220,10 @@ class _BiasGradient(torch.autograd.Function):
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` with the bias gradient by ``column_sum`` (see the module docstring)."""
-    if (bias is None or not (bias.requires_grad and torch.is_grad_enabled()) or not use_triton(x)
+    # Anything but tensors, a 0-dim x or a bias other than [C_out] (F.linear also takes [1, C_out]
+    # and 0-dim biases) goes to F.linear, which gives those their gradients or its own errors.
+    if (not all(isinstance(t, torch.Tensor) for t in (x, weight, bias)) or x.dim() == 0 or bias.dim() != 1
+            or not (bias.requires_grad and torch.is_grad_enabled()) or not use_triton(x)
             or needs_custom_op() or x.dtype not in FLOAT_DTYPES or bias.dtype not in FLOAT_DTYPES
             or has_forward_tangent(x, weight, bias)):  # forward-mode AD: F.linear's own rule
         return F.linear(x, weight, bias)

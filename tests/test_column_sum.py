@@ -196,6 +196,24 @@ def test_linear_takes_f_linear_where_nothing_is_gained(seed):
     assert out.grad_fn is None
 
 
+def test_linear_takes_the_biases_and_errors_of_f_linear(seed):
+    # F.linear also takes a [1, C_out] or 0-dim bias: their gradients keep the bias's shape.
+    x = torch.randn(4, 3, device=DEVICE, dtype=torch.float64)
+    weight = torch.randn(5, 3, device=DEVICE, dtype=torch.float64)
+    for shape in ((1, 5), ()):
+        bias = torch.randn(shape, device=DEVICE, dtype=torch.float64, requires_grad=True)
+        linear(x, weight, bias).sum().backward()
+        assert bias.grad.shape == shape and torch.all(bias.grad == 4 * 5 / bias.numel())
+    bias = torch.randn(5, device=DEVICE, requires_grad=True)
+    for args in ((torch.tensor(1.0, device=DEVICE), weight.float(), bias), (x.tolist(), weight.float(), bias),
+                 (x.float(), weight.float(), 1.0)):
+        with pytest.raises((TypeError, RuntimeError)) as ours:
+            linear(*args)
+        with pytest.raises((TypeError, RuntimeError)) as torchs:
+            F.linear(*args)
+        assert type(ours.value) is type(torchs.value)
+
+
 def test_linear_output_may_be_modified_in_place(seed):
     x = torch.randn(3, 4, 8, device=DEVICE, requires_grad=True)
     lin = torch.nn.Linear(8, 5).to(DEVICE)
