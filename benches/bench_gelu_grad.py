@@ -8,7 +8,10 @@ bias gradient (the column sums). Implementations:
 - ``kernel``: ``kernels.gelu_grad.gelu_and_grad`` (one pass, the gradient over ``grad_act``; here
   over a copy made once, as the MLP's backward gives it a buffer it may overwrite).
 On CUDA also ``official_graph`` and ``kernel_graph``, replayed from a CUDA graph (the kernels
-without the host's launch time), each against the official replay.
+without the host's launch time), each against the official replay, and ``kernel_loop<N>`` (eager
+and replayed): the candidate loop kernel with N row tiles a program, pipelined (see
+``kernels.gelu_grad._gelu_grad_loop_kernel``), so that a GPU run can say whether it should be the
+default.
 
 Shape (CUDA): the decoder's MLP at batch 64, M = 64 x 512 tokens, H = 2048, bfloat16, 16 of these
 per pretraining step. On the CPU (smoke test) a small float32 shape; its figures say nothing about
@@ -24,6 +27,9 @@ from benches.harness import copy_bandwidth_gbps, device_info, memory_floor_ms, t
 from kernels.gelu_grad import gelu_and_grad, gelu_and_grad_reference
 
 SUITE = "gelu_grad"
+# Row tiles a program of the pipelined loop kernel (``gelu_and_grad(..., tiles_per_program)``),
+# timed beside the default of one tile a program (2026-11-28: untimed yet).
+LOOP_CANDIDATES = (4, 8, 16)
 
 
 def _config(device: torch.device) -> tuple[int, int, torch.dtype]:
@@ -36,7 +42,7 @@ def _impls(device: torch.device) -> dict:
 
     scratch: dict[int, torch.Tensor] = {}
 
-    def kernel(hidden, grad_act):
+    def kernel(hidden, grad_act, tiles_per_program=1):
         # The kernel writes the gradient over grad_act, as the MLP's backward lets it. Here it
         # writes over a copy made on the first call (the values it overwrites do not change its
         # work), so that the other rows keep their input and the timing is the kernel's alone.
@@ -44,11 +50,13 @@ def _impls(device: torch.device) -> dict:
         buffer = scratch.get(key)
         if buffer is None:
             buffer = scratch[key] = grad_act.clone()
-        return gelu_and_grad(hidden, buffer, "none", True)
+        return gelu_and_grad(hidden, buffer, "none", True, tiles_per_program)
 
     impls = {"official": official, "kernel": kernel}
     if device.type == "cuda":
         impls["official_compiled"] = torch.compile(official)
+        for tiles in LOOP_CANDIDATES:
+            impls[f"kernel_loop{tiles}"] = lambda h, g, t=tiles: kernel(h, g, t)
     return impls
 
 
@@ -64,7 +72,8 @@ def run(device="cuda", quick: bool = False) -> list[dict]:
               "dtype": str(dtype).removeprefix("torch."), "bytes": nbytes, "floor_ms": floor,
               "copy_gbps": copy_bandwidth_gbps(str(device)), **device_info(device)}
     steps = {impl: (lambda fn=fn: fn(hidden, grad_act)) for impl, fn in _impls(device).items()}
-    return time_against_official(common, steps, device, quick)
+    graphed = ("official", "kernel", *(impl for impl in steps if impl.startswith("kernel_loop")))
+    return time_against_official(common, steps, device, quick, graphed_impls=graphed)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

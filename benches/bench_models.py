@@ -298,7 +298,8 @@ PROJECT_KERNELS = frozenset({"_gather_kernel", "_gather_backward_kernel", "_scat
                              "_unshuffle_kernel", "_mask_pos_backward_kernel",
                              "_window_attention_fwd", "_window_attention_bwd", "_window_attention_bwd_finish",
                              "_forward_kernel", "_backward_kernel",
-                             "_gelu_grad_kernel", "_linear_gelu_kernel", "_linear_gelu_backward_kernel",
+                             "_gelu_grad_kernel", "_gelu_grad_loop_kernel", "_linear_gelu_kernel",
+                             "_linear_gelu_backward_kernel",
                              "_column_partials_kernel", "_column_finish_kernel"})
 KERNEL_KINDS = (  # (kind, substrings of the GPU kernel's name), first match wins, after PROJECT_KERNELS
     ("matmul", ("gemm", "cutlass", "xmma", "nvjet", "sm90_", "cublas")),

@@ -160,12 +160,12 @@ def _post_norm_case(x_dtype, branch_dtype, M, C, params=True, copy_dtype=None):
     torch.autograd.backward((out, copy), (torch.randn_like(out), torch.randn_like(copy)))
 
 
-def _gelu_case(dtype, rows, cols, approximate):
+def _gelu_case(dtype, rows, cols, approximate, tiles_per_program=1):
     import torch
 
     from kernels.gelu_grad import gelu_and_grad
     hidden = torch.randn(rows, cols, dtype=dtype)
-    gelu_and_grad(hidden, torch.randn_like(hidden), approximate, True)
+    gelu_and_grad(hidden, torch.randn_like(hidden), approximate, True, tiles_per_program)
 
 
 def _gelu_matmul_case(dtype, M, K, N, J, approximate):
@@ -224,7 +224,8 @@ def cases() -> dict:
                                                                   128, frozen=True)
     # The MLP backward's fused GELU pass at the decoder's hidden width, exact and tanh.
     for name, dtype in dtypes.items():
-        table[f"gelu-target-{name}"] = lambda d=dtype: (_gelu_case(d, 128, 2048, "none"), _gelu_case(d, 70, 33, "tanh"))
+        table[f"gelu-target-{name}"] = lambda d=dtype: (_gelu_case(d, 128, 2048, "none"), _gelu_case(d, 70, 33, "tanh"),
+                                                  _gelu_case(d, 256, 2048, "none", 8))  # the loop candidate
         # The MLP's matmuls with GELU in their epilogues (kernels/gelu_matmul.py), decoder widths.
         table[f"gelumatmul-target-{name}"] = lambda d=dtype: (_gelu_matmul_case(d, 256, 512, 2048, 512, "none"),
                                                         _gelu_matmul_case(d, 70, 40, 72, 24, "tanh"))

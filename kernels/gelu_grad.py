@@ -70,6 +70,35 @@ def _gelu_grad_kernel(hidden_ptr, grad_ptr, act_ptr, partial_ptr, rows, cols,
         tl.store(partial_ptr + pid_m.to(tl.int64) * cols + c, tl.sum(dx.to(tl.float32), axis=0), mask=c < cols)
 
 
+@triton.jit
+def _gelu_grad_loop_kernel(hidden_ptr, grad_ptr, act_ptr, partial_ptr, rows, cols, tiles_per_program,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TANH: tl.constexpr, BIAS: tl.constexpr,
+                           STAGES: tl.constexpr):
+    # _gelu_grad_kernel over a run of tiles_per_program row tiles a program: a counted loop that
+    # Triton pipelines (the next tiles' loads in flight while one is computed and stored) and one
+    # partial row a program, the run's rows added elementwise in fp32, then across the tile.
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    c = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = c < cols
+    bias = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    first = pid_m * tiles_per_program
+    for i in tl.range(0, tiles_per_program, num_stages=STAGES):
+        r = (first + i) * BLOCK_M + tl.arange(0, BLOCK_M)
+        mask = (r < rows)[:, None] & col_ok[None, :]
+        at = r.to(tl.int64)[:, None] * cols + c[None, :]
+        x = tl.load(hidden_ptr + at, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(grad_ptr + at, mask=mask, other=0.0).to(tl.float32)
+        act, slope = _gelu_and_slope(x, TANH)
+        dx = (dy * slope).to(grad_ptr.dtype.element_ty)
+        tl.store(act_ptr + at, act.to(act_ptr.dtype.element_ty), mask=mask)
+        tl.store(grad_ptr + at, dx, mask=mask)  # each element read above by this program only
+        if BIAS:
+            bias += dx.to(tl.float32)
+    if BIAS:
+        tl.store(partial_ptr + pid_m.to(tl.int64) * cols + c, tl.sum(bias, axis=0), mask=col_ok)
+
+
 def gelu_and_grad_reference(hidden: torch.Tensor, grad_act: torch.Tensor, approximate: str, bias_grad: bool):
     """(GELU(hidden), the gradient of hidden, its column sums or None) by PyTorch's own ops."""
     act = F.gelu(hidden, approximate=approximate)
@@ -78,10 +107,14 @@ def gelu_and_grad_reference(hidden: torch.Tensor, grad_act: torch.Tensor, approx
 
 
 @on_tensors_device
-def gelu_and_grad(hidden: torch.Tensor, grad_act: torch.Tensor, approximate: str, bias_grad: bool):
+def gelu_and_grad(hidden: torch.Tensor, grad_act: torch.Tensor, approximate: str, bias_grad: bool,
+                  tiles_per_program: int = 1):
     """``hidden`` and ``grad_act`` [M, H] of one floating dtype and device -> (GELU(hidden) [M, H],
     the gradient of ``hidden`` [M, H] written over ``grad_act`` on the kernel path, its column sums
-    [H] or None). Internal to ``gelu_mlp``'s backward: ``grad_act`` must be the caller's own."""
+    [H] or None). Internal to ``gelu_mlp``'s backward: ``grad_act`` must be the caller's own.
+    ``tiles_per_program`` > 1 takes ``_gelu_grad_loop_kernel`` with that many row tiles a program
+    (the same act and gradient bits; the column sums in another order): a candidate that
+    ``benches/bench_gelu_grad.py`` times against the default of one tile a program."""
     if hidden.shape != grad_act.shape or hidden.dim() != 2:
         raise ValueError(f"hidden and grad_act must be [M, H] of one shape, got {tuple(hidden.shape)} and "
                          f"{tuple(grad_act.shape)}")
@@ -99,7 +132,14 @@ def gelu_and_grad(hidden: torch.Tensor, grad_act: torch.Tensor, approximate: str
     # sm_90 and spilled with tanh); a 32-row fp32 partial is 1/16 of a 16-bit tensor's bytes
     block_m, block_n = 32, min(128, triton.next_power_of_2(cols))
     grid = (triton.cdiv(rows, block_m), triton.cdiv(cols, block_n))
+    if tiles_per_program > 1:
+        grid = (triton.cdiv(grid[0], tiles_per_program), grid[1])
     partial = torch.empty(grid[0], cols, device=hidden.device, dtype=torch.float32) if bias_grad else None
-    _gelu_grad_kernel[grid](hidden, grad, act, partial, rows, cols, BLOCK_M=block_m, BLOCK_N=block_n,
-                            TANH=approximate == "tanh", BIAS=bias_grad, num_warps=8)
+    if tiles_per_program > 1:
+        _gelu_grad_loop_kernel[grid](hidden, grad, act, partial, rows, cols, tiles_per_program, BLOCK_M=block_m,
+                                     BLOCK_N=block_n, TANH=approximate == "tanh", BIAS=bias_grad, STAGES=3,
+                                     num_warps=8)
+    else:
+        _gelu_grad_kernel[grid](hidden, grad, act, partial, rows, cols, BLOCK_M=block_m, BLOCK_N=block_n,
+                                TANH=approximate == "tanh", BIAS=bias_grad, num_warps=8)
     return act, grad, partial.sum(0).to(hidden.dtype) if bias_grad else None

@@ -11,7 +11,7 @@ pytestmark = pytest.mark.usefixtures("poisoned_empty")  # see conftest: unwritte
 TOLERANCE = {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
-def check(rows, cols, dtype, approximate, bias_grad=True, device=DEVICE):
+def check(rows, cols, dtype, approximate, bias_grad=True, device=DEVICE, tiles_per_program=1):
     hidden64 = torch.randn(rows, cols, dtype=torch.float64, device=device) * 3
     grad64 = torch.randn(rows, cols, dtype=torch.float64, device=device)
     hidden, grad = hidden64.to(dtype), grad64.to(dtype)
@@ -19,7 +19,7 @@ def check(rows, cols, dtype, approximate, bias_grad=True, device=DEVICE):
     want_act, want_grad, want_bias = gelu_and_grad_reference(hidden.double(), grad.double(), approximate, True)
     grad_buffer = torch.full_like(grad, float("nan"))  # poisoned except where the input sits
     grad_buffer.copy_(grad)
-    act, got_grad, got_bias = gelu_and_grad(hidden, grad_buffer, approximate, bias_grad)
+    act, got_grad, got_bias = gelu_and_grad(hidden, grad_buffer, approximate, bias_grad, tiles_per_program)
     assert act.dtype == got_grad.dtype == dtype and act.shape == (rows, cols)
     tol = TOLERANCE[dtype]
     for got, want in ((act, want_act), (got_grad, want_grad)):
@@ -40,6 +40,21 @@ def check(rows, cols, dtype, approximate, bias_grad=True, device=DEVICE):
 @pytest.mark.parametrize("rows,cols", [(1, 1), (65, 130), (3, 2048), (130, 33)])
 def test_matches_pytorch_float64(rows, cols, dtype, approximate):
     check(rows, cols, dtype, approximate)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tiles_per_program", [2, 3, 7])
+def test_loop_kernel_gives_the_default_bits(dtype, tiles_per_program):
+    # 150 rows: 5 row tiles of 32, the last short, so some programs run past the last row; two
+    # column blocks, the second short. Act and gradient bits equal the one-tile kernel's; the
+    # column sums (added in another order) are checked against float64 in check().
+    torch.manual_seed(tiles_per_program)
+    check(150, 200, dtype, "none", tiles_per_program=tiles_per_program)
+    hidden = torch.randn(150, 200, device=DEVICE).to(dtype) * 3
+    grad = torch.randn(150, 200, device=DEVICE).to(dtype)
+    act, dx, _ = gelu_and_grad(hidden, grad.clone(), "tanh", True)
+    loop_act, loop_dx, _ = gelu_and_grad(hidden, grad.clone(), "tanh", True, tiles_per_program)
+    assert torch.equal(act, loop_act) and torch.equal(dx, loop_dx)
 
 
 def test_without_bias_gradient():

@@ -22,7 +22,7 @@ KERNELS = {
     "tokens": {"_gather_kernel", "_gather_backward_kernel", "_unshuffle_kernel", "_mask_pos_backward_kernel"},
     "window": {"_window_attention_fwd", "_window_attention_bwd", "_window_attention_bwd_finish"},
     "postnorm": {"_forward_kernel", "_backward_kernel"},
-    "gelu": {"_gelu_grad_kernel"},
+    "gelu": {"_gelu_grad_kernel", "_gelu_grad_loop_kernel"},
     "gelumatmul": {"_linear_gelu_kernel", "_linear_gelu_backward_kernel"},
     "colsum": {"_column_partials_kernel", "_column_finish_kernel"},
     "scatter": {"_scatter_owned_rows_kernel"},
