@@ -21,7 +21,8 @@ this shape (``kernels.gather_tokens.scatters_owned_rows``): the scan of every ta
 zero fill by torch before the scatter; ``kernel_scatter_<R>x<Z>x<C>x<warps>_graph`` the default
 strategy at each candidate tiling (``SCATTER_TILING_CANDIDATES``); all side by side in one run.
 ``kernel_scatter_bwd_graph`` (CUDA, unshuffle fwd+bwd) replays the unshuffle with x's gradient
-by that scatter instead of its default scan.
+by that scatter instead of its default scan. ``kernel_fwd_<R>x<C>x<warps>_graph`` (CUDA, gather
+fwd) replays the gather's forward at each candidate tile (``GATHER_TILING_CANDIDATES``).
 ``official_graph_back_to_back`` and ``kernel_graph_back_to_back`` capture every input set's call
 in one graph and report the time per call (``BackToBack``): the op as it runs inside a training
 step's graph, without the gap between two graph launches.
@@ -48,7 +49,7 @@ import torch
 
 from benches.harness import (INPUT_SETS_BYTES, MAX_INPUT_SETS, Rotation, copy_bandwidth_gbps, device_info,  # noqa: F401
                              graphed, memory_floor_ms, num_input_sets, time_fn)
-from kernels.gather_tokens import (SCATTER_TILING_CANDIDATES, _gather_forward, _scatter_owned_rows, gather_rows_backward,
+from kernels.gather_tokens import (GATHER_TILING_CANDIDATES, SCATTER_TILING_CANDIDATES, _gather_forward, _scatter_owned_rows, gather_rows_backward,
                                    gather_tokens, gather_tokens_2d)
 from kernels.reference import gather_tokens as gather_reference
 from kernels.reference import unshuffle_tokens as unshuffle_reference
@@ -124,6 +125,8 @@ def _case_makers(device: str, quick: bool):
             impls["kernel_custom_op"] = (lambda: torch.ops.audiomae.gather_tokens(x, ids_keep, pos[0]), (x,))
             for impl, strategy in FORCED_BACKWARDS.items():
                 impls[impl] = (lambda s=strategy: _ForcedBackwardGather.apply(x, ids_keep, pos[0], s), (x,))
+            for impl, tiling in FORWARD_TILINGS.items():
+                impls[impl] = (lambda t=tiling: _gather_forward(x, ids_keep, pos[0], t), (x,))
         return impls
 
     pos_rows = _random_ids(B, L, K, device).unique().numel()
@@ -247,6 +250,8 @@ def _forward_backward(forward, inputs):
 
 
 REPLAYED_BACKWARDS = {*FORCED_BACKWARDS, UNSHUFFLE_SCATTER}  # fwd+bwd rows, graph-replayed only
+# The gather's forward at each candidate tile (``GATHER_TILING_CANDIDATES``): fwd rows, replayed only.
+FORWARD_TILINGS = {"kernel_fwd_" + "x".join(map(str, t)): t for t in GATHER_TILING_CANDIDATES}
 
 
 def _timed_impls(impls: dict, pass_name: str, device: str):
@@ -255,8 +260,10 @@ def _timed_impls(impls: dict, pass_name: str, device: str):
     for impl, per_set in impls.items():
         if impl in REPLAYED_BACKWARDS and pass_name == "fwd":
             continue  # the same forward as kernel's
+        if impl in FORWARD_TILINGS and pass_name != "fwd":
+            continue  # a forward candidate: the backward's candidates are the scatter tilings
         fns = [forward if pass_name == "fwd" else _forward_backward(forward, inputs) for forward, inputs in per_set]
-        if impl in REPLAYED_BACKWARDS:  # replayed only: eagerly the host's launch time hides the kernels
+        if impl in REPLAYED_BACKWARDS or impl in FORWARD_TILINGS:  # replayed only: eagerly the host's launch time hides the kernels
             yield impl + "_graph", lambda fns=fns: Rotation([graphed(fn) for fn in fns])
             continue
         yield impl, lambda fns=fns: Rotation(fns)

@@ -188,6 +188,15 @@ def _scatter_case(dtype, tiling):
     _scatter_owned_rows(torch.randn(2, 102, 768, dtype=dtype), ids, 512, dtype, tiling=tiling)
 
 
+def _gather_forward_case(dtype, tiling):
+    """The gather's forward at the encoder's shape and a candidate tile."""
+    import torch
+
+    from kernels.gather_tokens import _gather_forward
+    ids = torch.stack([torch.randperm(512)[:102] for _ in range(2)])
+    _gather_forward(torch.randn(2, 512, 768, dtype=dtype), ids, torch.randn(512, 768, dtype=dtype), tiling)
+
+
 def _column_sum_case(dtype, rows, cols, out_dtype=None):
     import torch
 
@@ -240,6 +249,11 @@ def cases() -> dict:
     from kernels.gather_tokens import SCATTER_TILING_CANDIDATES
     for tiling in SCATTER_TILING_CANDIDATES:
         table["scatter-target-bf16-" + "x".join(map(str, tiling))] = lambda t=tiling: _scatter_case(torch.bfloat16, t)
+    # The gather forward's tiles that benches/bench_tokens.py times on the GPU.
+    from kernels.gather_tokens import GATHER_TILING_CANDIDATES
+    for tiling in GATHER_TILING_CANDIDATES:
+        table["gatherfwd-target-bf16-" + "x".join(map(str, tiling))] = (
+            lambda t=tiling: _gather_forward_case(torch.bfloat16, t))
     # float64 accumulates in float64: the widest tiles' registers.
     table["tokens-target-fp64-fixed-pos"] = lambda: _tokens_case(torch.float64, 2, 512, 102, 768, pos_grad=False)
     # The decoder's post-norm residual (fp32 stream, bf16 branch), and the edges: float64, odd and

@@ -362,8 +362,17 @@ def _scatter_owned_rows_kernel(
 # ----------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------
+# The forward's tile candidates (rows, channels, warps a program) that benches/bench_tokens.py times
+# (replayed) beside the default, ``row_tile`` with 4 warps ((16, 256, 4) at the issue's C = 768):
+# its forward read 8.3 us back to back on the H200 (2026-11-28), 59 % of copy bandwidth.
+GATHER_TILING_CANDIDATES = ((16, 256, 4), (32, 256, 4), (8, 256, 4), (32, 256, 8), (64, 256, 8), (16, 128, 4))
+
+
 @on_tensors_device
-def _gather_forward(x: torch.Tensor, ids_keep: torch.Tensor, pos_embed: torch.Tensor | None) -> torch.Tensor:
+def _gather_forward(x: torch.Tensor, ids_keep: torch.Tensor, pos_embed: torch.Tensor | None,
+                    tiling: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """The gather's launch; ``tiling``: (rows, channels, warps) a program, the benchmark's
+    candidates (channels capped at C's power of two); every tiling gives the same bits."""
     B, L, C = x.shape
     K = ids_keep.shape[1]
     out_dtype = check_floats(x=x, pos_embed=pos_embed)
@@ -371,6 +380,9 @@ def _gather_forward(x: torch.Tensor, ids_keep: torch.Tensor, pos_embed: torch.Te
     if out.numel() == 0:
         return out
     block_r, block_c = row_tile(C)
+    num_warps = 4
+    if tiling is not None:
+        block_r, block_c, num_warps = tiling[0], min(tiling[1], next_power_of_2(C)), tiling[2]
     pos = pos_embed if pos_embed is not None else x
     pos_strides = pos_embed.stride() if pos_embed is not None else (0, 0)
     grid = (cdiv(B * K, block_r), cdiv(C, block_c))
@@ -379,7 +391,7 @@ def _gather_forward(x: torch.Tensor, ids_keep: torch.Tensor, pos_embed: torch.Te
         B * K, K, L, C,
         *x.stride(), *ids_keep.stride(), *pos_strides,
         HAS_POS=pos_embed is not None, ACC_DTYPE=TL_DTYPES[accumulate_dtype(out_dtype)],
-        BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4,
+        BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps,
     )
     return out
 

@@ -120,6 +120,25 @@ def test_rows_backward_scatter_and_scan_give_the_same_bits(seed, B, L, N, C):
     torch.testing.assert_close(results[True].double(), want, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_forward_tiling_gives_the_same_bits(seed, dtype):
+    # The benchmark's candidate tiles: rows that end mid-tile (B * K = 3 * 13), channels past one
+    # block and short of the next (C = 300), a strided index row and positions; every one equals
+    # the default launch and the reference.
+    from kernels.gather_tokens import _gather_forward
+
+    B, L, K, C = 3, 40, 13, 300
+    x = torch.randn(B, L, C, device=DEVICE).to(dtype)
+    pos = torch.randn(L, C, device=DEVICE).to(dtype)
+    ids = torch.stack([torch.randperm(L, device=DEVICE)[:2 * K] for _ in range(B)])[:, ::2]
+    assert not ids.is_contiguous()
+    default = _gather_forward(x, ids, pos)
+    torch.testing.assert_close(default.double(), (x.double() + pos.double()).gather(
+        1, ids[:, :, None].expand(B, K, C)), rtol=1e-2 if dtype == torch.bfloat16 else 1e-6, atol=1e-6)
+    for tiling in sys.modules["kernels.gather_tokens"].GATHER_TILING_CANDIDATES:
+        assert torch.equal(_gather_forward(x, ids, pos, tiling), default), tiling
+
+
 @pytest.mark.parametrize("scatter", [True, False])
 def test_rows_backward_sums_repeats_in_list_order(seed, scatter):
     # Three readers of one row with magnitudes that make float32 addition order visible: in list

@@ -26,6 +26,7 @@ KERNELS = {
     "gelumatmul": {"_linear_gelu_kernel", "_linear_gelu_backward_kernel"},
     "colsum": {"_column_partials_kernel", "_column_finish_kernel"},
     "scatter": {"_scatter_owned_rows_kernel"},
+    "gatherfwd": {"_gather_kernel"},
 }
 
 
