@@ -89,9 +89,9 @@ COMPILED_VARIANTS = ("reference", "triton+compile+graph", "triton+compile", "ref
 MODEL_TIMEOUTS = {"pretrain": 220, "pretrain-compiled": 260, "finetune": 150, "finetune-compiled": 260, "embed": 70}
 # issues 4, 3 and 5, and (13 s on the H200) the Linears' bias gradients, whose kernel changed last
 FIRST_BENCHES = ("window_attention", "tokens", "fbank", "column_sum")
-# issue 7's ratios, the tiling that sets issue 4's default, the MLP backward's GELU pass and the
-# MLP with GELU in its matmuls (issue 6: fused_matmul stays off until this row says it pays)
-# and (short, new on 2026-11-27) the Linears' bias gradients and the host's time per launch
+# issue 7's ratios, the tiling that sets issue 4's default, the MLP backward's GELU pass (and its
+# loop candidates), the MLP with GELU in its matmuls (issue 6: fused_matmul stays off until this
+# row says it pays) and (short, new on 2026-11-27) the host's time per launch
 SECOND_BENCHES = ("mae_ast", "window_tiling", "gelu_grad", "gelu_matmul", "launch_overhead")
 BENCH_TIMEOUTS = {"window_attention": 180, "tokens": 90, "window_tiling": 90, "post_norm": 90, "mae_ast": 180}
 # About how long each part took on the H100 and the H200 (2026-11-27), with some margin: a part is

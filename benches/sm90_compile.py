@@ -234,7 +234,8 @@ def cases() -> dict:
     # The MLP backward's fused GELU pass at the decoder's hidden width, exact and tanh.
     for name, dtype in dtypes.items():
         table[f"gelu-target-{name}"] = lambda d=dtype: (_gelu_case(d, 128, 2048, "none"), _gelu_case(d, 70, 33, "tanh"),
-                                                  _gelu_case(d, 256, 2048, "none", 8))  # the loop candidate
+                                                  _gelu_case(d, 256, 2048, "none", 8),  # the loop candidate
+                                                  _gelu_case(d, 256, 2048, "tanh", 8))
         # The MLP's matmuls with GELU in their epilogues (kernels/gelu_matmul.py), decoder widths.
         table[f"gelumatmul-target-{name}"] = lambda d=dtype: (_gelu_matmul_case(d, 256, 512, 2048, 512, "none"),
                                                         _gelu_matmul_case(d, 70, 40, 72, 24, "tanh"))

@@ -35,7 +35,7 @@ take ``torch.sum`` (the reference), which serves them; ``vmap`` runs the op.
     no view) so that the bias gets its gradient from it; the result is that output viewed as
     ``[..., C_out]``, which in-place ops may modify as they may ``F.linear``'s. Plain
     ``F.linear`` where nothing is gained or nothing may run eagerly: no bias or none that needs a
-    gradient or a bias other than [C_out], dtypes other than float16, bfloat16, float32 and float64,
+    gradient or a bias that is not 1-D, dtypes other than float16, bfloat16, float32 and float64,
     CPU tensors without the interpreter, forward-mode AD, and under tracers (``torch.compile``
     makes its own reductions); arguments that are not tensors get F.linear's own errors.
 """
@@ -71,8 +71,8 @@ def _column_partials_kernel(x_ptr, partial_ptr, R, C, rows_per_split, tiles_per_
     # A counted loop (tl.range), not a while loop: Triton pipelines only counted loops, so each
     # tile's load is issued STAGES - 1 tiles ahead (cp.async into shared memory on sm_90); a while
     # loop waited out the memory latency once a tile, which left the H200's bandwidth at 25 to 42 %
-    # (bench_column_sum, 2026-11-28). The trip count is an argument: Triton 3.6's interpreter cannot
-    # take a bound computed from program_id with numpy >= 2.4.
+    # (bench_column_sum, 2026-11-28). A run-time trip count needs numpy < 2.4 under Triton 3.6's
+    # interpreter (the CPU test path), which setup.py pins (gelu_matmul's loop needs it too).
     split = tl.program_id(0)
     cols = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_ok = cols < C
@@ -220,8 +220,8 @@ class _BiasGradient(torch.autograd.Function):
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` with the bias gradient by ``column_sum`` (see the module docstring)."""
-    # Anything but tensors, a 0-dim x or a bias other than [C_out] (F.linear also takes [1, C_out]
-    # and 0-dim biases) goes to F.linear, which gives those their gradients or its own errors.
+    # Anything but tensors, a 0-dim x or a bias that is not 1-D (F.linear also takes [1, C_out] and
+    # 0-dim biases) goes to F.linear, which gives those their gradients or its own errors.
     if (not all(isinstance(t, torch.Tensor) for t in (x, weight, bias)) or x.dim() == 0 or bias.dim() != 1
             or not (bias.requires_grad and torch.is_grad_enabled()) or not use_triton(x)
             or needs_custom_op() or x.dtype not in FLOAT_DTYPES or bias.dtype not in FLOAT_DTYPES

@@ -123,6 +123,8 @@ def gelu_and_grad(hidden: torch.Tensor, grad_act: torch.Tensor, approximate: str
                         f"and {grad_act.dtype} on {grad_act.device}")
     if approximate not in ("none", "tanh"):
         raise ValueError(f"approximate must be 'none' or 'tanh', got {approximate!r}")
+    if isinstance(tiles_per_program, bool) or not isinstance(tiles_per_program, int) or tiles_per_program < 1:
+        raise ValueError(f"tiles_per_program must be an int >= 1, got {tiles_per_program!r}")
     if not use_triton(hidden) or hidden.dtype == torch.float64 or hidden.numel() == 0:
         return gelu_and_grad_reference(hidden, grad_act, approximate, bias_grad)
     hidden, grad = hidden.contiguous(), grad_act.contiguous()
