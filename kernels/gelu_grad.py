@@ -52,22 +52,30 @@ def _gelu_and_slope(x, TANH: tl.constexpr):
 
 
 @triton.jit
-def _gelu_grad_kernel(hidden_ptr, grad_ptr, act_ptr, partial_ptr, rows, cols,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TANH: tl.constexpr, BIAS: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    c = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask = (r < rows)[:, None] & (c < cols)[None, :]
+def _gelu_grad_tile(hidden_ptr, grad_ptr, act_ptr, r, c, col_ok, rows, cols, TANH: tl.constexpr):
+    """One tile of rows ``r`` and columns ``c``: GELU(hidden) stored to act, the gradient of hidden
+    stored over grad (each element read here by this program only); returns that gradient."""
+    mask = (r < rows)[:, None] & col_ok[None, :]
     at = r.to(tl.int64)[:, None] * cols + c[None, :]
     x = tl.load(hidden_ptr + at, mask=mask, other=0.0).to(tl.float32)
     dy = tl.load(grad_ptr + at, mask=mask, other=0.0).to(tl.float32)
     act, slope = _gelu_and_slope(x, TANH)
     dx = (dy * slope).to(grad_ptr.dtype.element_ty)
     tl.store(act_ptr + at, act.to(act_ptr.dtype.element_ty), mask=mask)
-    tl.store(grad_ptr + at, dx, mask=mask)  # each element read above by this program only
+    tl.store(grad_ptr + at, dx, mask=mask)
+    return dx
+
+
+@triton.jit
+def _gelu_grad_kernel(hidden_ptr, grad_ptr, act_ptr, partial_ptr, rows, cols,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TANH: tl.constexpr, BIAS: tl.constexpr):
+    pid_m = tl.program_id(0)
+    c = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = c < cols
+    dx = _gelu_grad_tile(hidden_ptr, grad_ptr, act_ptr, pid_m * BLOCK_M + tl.arange(0, BLOCK_M), c, col_ok, rows,
+                         cols, TANH)
     if BIAS:
-        tl.store(partial_ptr + pid_m.to(tl.int64) * cols + c, tl.sum(dx.to(tl.float32), axis=0), mask=c < cols)
+        tl.store(partial_ptr + pid_m.to(tl.int64) * cols + c, tl.sum(dx.to(tl.float32), axis=0), mask=col_ok)
 
 
 @triton.jit
@@ -78,21 +86,13 @@ def _gelu_grad_loop_kernel(hidden_ptr, grad_ptr, act_ptr, partial_ptr, rows, col
     # Triton pipelines (the next tiles' loads in flight while one is computed and stored) and one
     # partial row a program, the run's rows added elementwise in fp32, then across the tile.
     pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    c = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    c = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = c < cols
     bias = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     first = pid_m * tiles_per_program
     for i in tl.range(0, tiles_per_program, num_stages=STAGES):
-        r = (first + i) * BLOCK_M + tl.arange(0, BLOCK_M)
-        mask = (r < rows)[:, None] & col_ok[None, :]
-        at = r.to(tl.int64)[:, None] * cols + c[None, :]
-        x = tl.load(hidden_ptr + at, mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(grad_ptr + at, mask=mask, other=0.0).to(tl.float32)
-        act, slope = _gelu_and_slope(x, TANH)
-        dx = (dy * slope).to(grad_ptr.dtype.element_ty)
-        tl.store(act_ptr + at, act.to(act_ptr.dtype.element_ty), mask=mask)
-        tl.store(grad_ptr + at, dx, mask=mask)  # each element read above by this program only
+        dx = _gelu_grad_tile(hidden_ptr, grad_ptr, act_ptr, (first + i) * BLOCK_M + tl.arange(0, BLOCK_M), c,
+                             col_ok, rows, cols, TANH)
         if BIAS:
             bias += dx.to(tl.float32)
     if BIAS:
@@ -133,9 +133,7 @@ def gelu_and_grad(hidden: torch.Tensor, grad_act: torch.Tensor, approximate: str
     # 32 x 128 tiles, 16 elements a thread over 8 warps (64-row tiles took 183 to 255 registers on
     # sm_90 and spilled with tanh); a 32-row fp32 partial is 1/16 of a 16-bit tensor's bytes
     block_m, block_n = 32, min(128, triton.next_power_of_2(cols))
-    grid = (triton.cdiv(rows, block_m), triton.cdiv(cols, block_n))
-    if tiles_per_program > 1:
-        grid = (triton.cdiv(grid[0], tiles_per_program), grid[1])
+    grid = (triton.cdiv(triton.cdiv(rows, block_m), tiles_per_program), triton.cdiv(cols, block_n))
     partial = torch.empty(grid[0], cols, device=hidden.device, dtype=torch.float32) if bias_grad else None
     if tiles_per_program > 1:
         _gelu_grad_loop_kernel[grid](hidden, grad, act, partial, rows, cols, tiles_per_program, BLOCK_M=block_m,
