@@ -42,6 +42,29 @@ def poisoned_empty(monkeypatch):
     monkeypatch.setattr(torch, "empty", nan_empty)
 
 
+@pytest.fixture
+def record_launches(monkeypatch):
+    """``record_launches(module, name)``: a list to which every launch of the Triton kernel
+    ``module.name`` appends ``(grid, args, kwargs)`` before it runs (what the launch was given:
+    the interpreter ignores some of it, and a tile choice may not change the bits)."""
+
+    def record(module, name):
+        kernel, launches = getattr(module, name), []
+
+        class Recorder:
+            def __getitem__(self, grid):
+                def launch(*args, **kwargs):
+                    launches.append((grid, args, kwargs))
+                    return kernel[grid](*args, **kwargs)
+
+                return launch
+
+        monkeypatch.setattr(module, name, Recorder())
+        return launches
+
+    return record
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny models: on a busy 2-core machine extra OpenMP threads only spin (40x slower)."""

@@ -49,25 +49,17 @@ def test_many_splits_and_partials_past_one_finish_block(seed, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_every_pipeline_depth_gives_the_same_bits(seed, monkeypatch, dtype):
+def test_every_pipeline_depth_gives_the_same_bits(seed, monkeypatch, record_launches, dtype):
     # Runs of several tiles (so a deeper pipeline has loads to issue ahead), the last run short
     # and ending mid-tile, two column blocks; the benchmark times the depths against each other.
     monkeypatch.setattr(module(), "PROGRAMS", 8)
     x = torch.randn(16 * 13 + 7, 300, device=DEVICE).to(dtype)
     rows = module()._as_rows(x)
-    kernel, stages_seen = module()._column_partials_kernel, []
-
-    class Recorder:  # the interpreter ignores num_stages: check that each depth reaches the launch
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                stages_seen.append(kwargs["STAGES"])
-                return kernel[grid](*args, **kwargs)
-            return launch
-
-    monkeypatch.setattr(module(), "_column_partials_kernel", Recorder())
+    # the interpreter ignores num_stages: check that each depth reaches the launch
+    launches = record_launches(module(), "_column_partials_kernel")
     depths = [module()._column_sum_launch(rows, dtype, stages) for stages in (1, 2, 3, 4)]
     assert all(torch.equal(d, depths[0]) for d in depths[1:])
-    assert stages_seen == [1, 2, 3, 4]
+    assert [kwargs["STAGES"] for _, _, kwargs in launches] == [1, 2, 3, 4]
     assert torch.equal(check(x), depths[0])
 
 

@@ -120,22 +120,8 @@ def test_rows_backward_scatter_and_scan_give_the_same_bits(seed, B, L, N, C):
     torch.testing.assert_close(results[True].double(), want, rtol=1e-6, atol=1e-6)
 
 
-class _LaunchRecorder:
-    """Stands in for a Triton kernel object: records each launch's grid and keywords, then runs it."""
-
-    def __init__(self, kernel):
-        self.kernel, self.launches = kernel, []
-
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            self.launches.append((grid, kwargs))
-            return self.kernel[grid](*args, **kwargs)
-
-        return launch
-
-
 @pytest.mark.parametrize("dtype,C", [(torch.float32, 300), (torch.bfloat16, 300), (torch.float32, 40)])
-def test_every_forward_tiling_gives_the_same_bits(seed, monkeypatch, dtype, C):
+def test_every_forward_tiling_gives_the_same_bits(seed, record_launches, dtype, C):
     # The benchmark's candidate tiles: rows that end mid-tile (B * K = 3 * 13), channels past one
     # block and short of the next (C = 300) or short of every candidate's block (C = 40: capped
     # at 64), a strided index row and positions; every one equals the default launch and the
@@ -143,8 +129,7 @@ def test_every_forward_tiling_gives_the_same_bits(seed, monkeypatch, dtype, C):
     module = sys.modules["kernels.gather_tokens"]
     from kernels.gather_tokens import _gather_forward
 
-    recorder = _LaunchRecorder(module._gather_kernel)
-    monkeypatch.setattr(module, "_gather_kernel", recorder)
+    launches = record_launches(module, "_gather_kernel")
     B, L, K = 3, 40, 13
     x = torch.randn(B, L, C, device=DEVICE).to(dtype)
     pos = torch.randn(L, C, device=DEVICE).to(dtype)
@@ -155,7 +140,7 @@ def test_every_forward_tiling_gives_the_same_bits(seed, monkeypatch, dtype, C):
         1, ids[:, :, None].expand(B, K, C)), rtol=1e-2 if dtype == torch.bfloat16 else 1e-6, atol=1e-6)
     for rows, channels, warps in module.GATHER_TILING_CANDIDATES:
         assert torch.equal(_gather_forward(x, ids, pos, (rows, channels, warps)), default)
-        grid, kwargs = recorder.launches[-1]
+        grid, _, kwargs = launches[-1]
         block_c = min(channels, 64 if C == 40 else 512)
         assert (kwargs["BLOCK_R"], kwargs["BLOCK_C"], kwargs["num_warps"]) == (rows, block_c, warps)
         assert grid == (-(-B * K // rows), -(-C // block_c))

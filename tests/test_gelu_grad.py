@@ -57,28 +57,19 @@ def test_loop_kernel_gives_the_default_bits(dtype, tiles_per_program):
     assert torch.equal(act, loop_act) and torch.equal(dx, loop_dx)
 
 
-def test_loop_kernel_takes_its_runs_of_tiles(monkeypatch):
+def test_loop_kernel_takes_its_runs_of_tiles(record_launches):
     import sys
 
     module = sys.modules["kernels.gelu_grad"]
     if not module.use_triton(torch.zeros(1, device=DEVICE)):
         pytest.skip("the Triton kernel runs on CUDA or under TRITON_INTERPRET=1")
-    launches = []
-
-    class Recorder:
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                launches.append((grid, args[6]))  # tiles_per_program
-                return kernel[grid](*args, **kwargs)
-            return launch
-
-    kernel = module._gelu_grad_loop_kernel
-    monkeypatch.setattr(module, "_gelu_grad_loop_kernel", Recorder())
+    launches = record_launches(module, "_gelu_grad_loop_kernel")
     hidden = torch.randn(150, 200, device=DEVICE)
     for tiles in (2, 3, 7):
         gelu_and_grad(hidden, torch.randn_like(hidden), "none", True, tiles)
         # 5 row tiles of 32 in runs of `tiles`; 2 column blocks of 128
-        assert launches[-1] == ((-(-5 // tiles), 2), tiles)
+        grid, args, _ = launches[-1]
+        assert (grid, args[6]) == ((-(-5 // tiles), 2), tiles)  # args[6]: tiles_per_program
     for bad in (0, -1, 1.5, True):
         with pytest.raises(ValueError, match="tiles_per_program"):
             gelu_and_grad(hidden, torch.randn_like(hidden), "none", True, bad)
