@@ -8,16 +8,15 @@ see ``window_attention_core``.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .autocast_weights import AUTOCAST_DEVICES, linear_weights_cast
 from .backends import BackendUnavailableError, check_backend
 from .layers import Mlp, to_2tuple, without_hooks
-
-
-# Device types with an autocast (torch.amp.is_autocast_available's list for the devices in use).
-AUTOCAST_DEVICES = ("cuda", "cpu", "xpu", "mps", "hpu")
 
 
 def fit_window(grid, window, shift) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -168,6 +167,9 @@ class WindowMultiHeadAttention(nn.Module):
 class SwinTransformerBlock(nn.Module):
     """Post-norm Swin-V2 block on a ``feat_size=(T, F)`` token grid: ``x + norm1(attn(x))``, ``x + norm2(mlp(x))``."""
 
+    # On the "triton" backend under autocast: the Linears' weights cast in one copy (see _weights_cast).
+    cast_weights_together = True
+
     def __init__(self, dim, num_heads, feat_size, window_size=(4, 4), shift_size=(0, 0), mlp_ratio=4.0,
                  drop=0.0, norm_layer=nn.LayerNorm, backend="reference"):
         super().__init__()
@@ -194,8 +196,17 @@ class SwinTransformerBlock(nn.Module):
                 and without_hooks(norm))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self._add_norm(x, self.attn(x, self.feat_size, self.shift_size), self.norm1)
-        return self._add_norm(x, self.mlp(x), self.norm2)
+        with self._weights_cast(x):
+            x = self._add_norm(x, self.attn(x, self.feat_size, self.shift_size), self.norm1)
+            return self._add_norm(x, self.mlp(x), self.norm2)
+
+    def _weights_cast(self, x: torch.Tensor):
+        """On the ``"triton"`` backend under autocast, the block's Linear weights cast in one copy
+        (``audiomae.autocast_weights``; ``cast_weights_together = False`` opts out); otherwise
+        autocast casts each as it runs."""
+        if self.cast_weights_together and getattr(self.attn, "backend", None) == "triton":
+            return linear_weights_cast(self, x)
+        return contextlib.nullcontext()
 
     def stream_copy_dtype(self, x: torch.Tensor) -> torch.dtype | None:
         """The dtype autocast casts this block's input to for its Linears, when the ``"triton"``
@@ -227,14 +238,15 @@ class SwinTransformerBlock(nn.Module):
             return self(x), None
         from kernels.post_norm_residual import post_norm_residual
 
-        attn = self.attn(x_copy if x_copy is not None else x, self.feat_size, self.shift_size)
-        x, x_copy = post_norm_residual(x, attn, self.norm1.weight, self.norm1.bias, eps=self.norm1.eps,
-                                       copy_dtype=copy_dtype)
-        mlp = self.mlp(x_copy)
-        if not keep_copy:
-            return post_norm_residual(x, mlp, self.norm2.weight, self.norm2.bias, eps=self.norm2.eps), None
-        return post_norm_residual(x, mlp, self.norm2.weight, self.norm2.bias, eps=self.norm2.eps,
-                                  copy_dtype=copy_dtype)
+        with self._weights_cast(x):
+            attn = self.attn(x_copy if x_copy is not None else x, self.feat_size, self.shift_size)
+            x, x_copy = post_norm_residual(x, attn, self.norm1.weight, self.norm1.bias, eps=self.norm1.eps,
+                                           copy_dtype=copy_dtype)
+            mlp = self.mlp(x_copy)
+            if not keep_copy:
+                return post_norm_residual(x, mlp, self.norm2.weight, self.norm2.bias, eps=self.norm2.eps), None
+            return post_norm_residual(x, mlp, self.norm2.weight, self.norm2.bias, eps=self.norm2.eps,
+                                      copy_dtype=copy_dtype)
 
 
 def _stock(module: nn.Module, cls: type) -> bool:

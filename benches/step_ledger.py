@@ -46,7 +46,7 @@ RATE_NAMES = {"bandwidth_gbps": "GB/s copy", "matmul_tflops": "TFLOP/s bf16 matm
 
 MATMULS = {"mm", "addmm", "bmm", "baddbmm", "addmv", "mv", "convolution", "convolution_backward"}
 ATTENTION_PREFIXES = ("_scaled_dot_product", "_efficient_attention", "_flash_attention")
-CASTS = {"_to_copy", "copy_", "clone", "contiguous"}
+CASTS = {"_to_copy", "copy_", "clone", "contiguous", "_foreach_copy_"}  # the last: audiomae.autocast_weights
 REDUCTIONS = {"sum", "mean", "var", "var_mean", "amax", "amin", "aminmax", "max", "min", "norm", "linalg_vector_norm",
               "native_layer_norm", "native_layer_norm_backward", "_log_softmax", "_softmax", "_softmax_backward_data"}
 FREE = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "zeros", "zeros_like", "ones_like",
@@ -88,14 +88,14 @@ def _attention_flops(args) -> int:
 def kind_of(name: str, namespace: str) -> str:
     if namespace == "audiomae":
         return "this project's kernels"
+    if name in CASTS:
+        return "casts and copies"
     if name.startswith("_fused_adam") or name.startswith("_foreach"):
         return "optimizer"
     if name in MATMULS:
         return "matmul"
     if name.startswith(ATTENTION_PREFIXES):
         return "attention (SDPA)"
-    if name in CASTS:
-        return "casts and copies"
     if name in REDUCTIONS:
         return "reductions and norms"
     return "other elementwise"

@@ -18,8 +18,10 @@ def test_counts_the_kernels_and_the_recomputation():
     # Keeping fc1's output costs a [tokens, 4 x width] tensor per block, bfloat16 under autocast.
     decoder_tokens, encoder_tokens = 2 * 8 * 4, 2 * (1 + round(8 * 4 * 0.2))
     fc1_outputs = 2 * (decoder_tokens * 4 * 512 * 16 + encoder_tokens * 4 * 768 * 12)
-    fc1_biases = 2 * (4 * 512 * 16 + 4 * 768 * 12)  # bfloat16 copies only a recomputation needs
-    assert hidden["saved_bytes"] - triton["saved_bytes"] == fc1_outputs - fc1_biases
+    # fc1's bfloat16 bias, which only the recomputation needs, costs nothing more: it is cast with
+    # the block's other Linear tensors into one buffer (audiomae.autocast_weights), which the saved
+    # weights keep whole.
+    assert hidden["saved_bytes"] - triton["saved_bytes"] == fc1_outputs
     assert triton["saved_bytes"] < reference["saved_bytes"]
 
 
