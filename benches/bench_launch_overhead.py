@@ -20,7 +20,13 @@ never the bottleneck) and reported per call:
   backward's launcher called directly), ``gather_backward_launcher_thread`` (the same, timed in a
   second Python thread, as the engine runs a CUDA backward off the main thread),
   ``gather_tokens_fwd_bwd`` and ``official_gather_fwd_bwd`` (the whole step each way). The
-  difference between the whole step and its parts is what no row explains.
+  difference between the whole step and its parts is what no row explains: on the H200
+  (2026-11-28) 389 us against 66 + 100 + 43, about 180 us. Rows that bisect it:
+  ``new_tensor_fwd_bwd`` (a Function allocating its output and its input's gradient),
+  ``first_order_fwd_bwd`` (the same with the kernels' ``first_order_only`` backward),
+  ``triton_backward_fwd_bwd`` (the same launching a Triton kernel in its backward, on the
+  engine's device thread) and ``gather_forward_then_backward_launcher`` (the gather's two
+  launchers in turn, no engine).
 
 No floor: these are host costs. On the CPU (smoke test) the Triton rows run through the
 interpreter, whose figures say nothing about a GPU's launch path.
@@ -35,6 +41,7 @@ import triton
 import triton.language as tl
 
 from benches.harness import device_info
+from kernels._dispatch import first_order_only
 
 SUITE = "launch_overhead"
 
@@ -62,6 +69,35 @@ class _Identity(torch.autograd.Function):
         return grad
 
 
+class _NewTensor(torch.autograd.Function):
+    """A new tensor forward and backward (``empty_like``): the engine with allocations."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return torch.empty_like(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return torch.empty_like(grad)
+
+
+class _NewTensorFirstOrder(_NewTensor):
+    """``_NewTensor`` with the kernels' backward decorator (``first_order_only``)."""
+
+    backward = staticmethod(first_order_only("launch_overhead")(_NewTensor.backward))
+
+
+class _TritonBackward(_NewTensor):
+    """``_NewTensor`` whose backward also launches a Triton kernel, from the engine's device thread
+    on CUDA (the gather's backward launches its scatter there)."""
+
+    @staticmethod
+    def backward(ctx, grad):
+        out = torch.empty_like(grad)
+        _touch_kernel[(1,)](out)
+        return out
+
+
 def _impls(device: torch.device) -> dict:
     from kernels.gather_tokens import _gather_forward, gather_rows_backward, gather_tokens
 
@@ -86,6 +122,13 @@ def _impls(device: torch.device) -> dict:
         "autograd_identity_fwd_bwd": lambda: torch.autograd.grad(_Identity.apply(x), (x,), x),
         "gather_backward_launcher": backward_launcher,
         "gather_backward_launcher_thread": _InThread(backward_launcher),
+        # Bisecting what fwd+bwd adds to its parts: the engine with new tensors, with the
+        # kernels' backward decorator, with a Triton launch in the backward; the gather's forward
+        # and its backward launcher called in turn, without the engine.
+        "new_tensor_fwd_bwd": lambda: torch.autograd.grad(_NewTensor.apply(x), (x,), x),
+        "first_order_fwd_bwd": lambda: torch.autograd.grad(_NewTensorFirstOrder.apply(x), (x,), x),
+        "triton_backward_fwd_bwd": lambda: torch.autograd.grad(_TritonBackward.apply(x), (x,), x),
+        "gather_forward_then_backward_launcher": lambda: (_gather_forward(x.detach(), ids, pos[0]), backward_launcher()),
         "gather_tokens_fwd_bwd": lambda: torch.autograd.grad(gather_tokens(x, ids, pos, check_indices=False), (x,), grad),
         "official_gather_fwd_bwd": lambda: torch.autograd.grad(
             torch.gather(x + pos, 1, ids[..., None].repeat(1, 1, C)), (x,), grad),

@@ -16,7 +16,9 @@ without the host time of launching them; training steps only), ``reference+graph
 math replayed the same way: what graphs alone buy), ``triton+compile+graph`` (the compiled step,
 captured after its warm-up compiled it: fused elementwise work without launch time), ``triton+fusedmlp+graph``
 and ``triton+fusedmlp+compile+graph`` (the same with every MLP's GELU in its own matmuls,
-``Mlp.fused_matmul``: off by default until these rows say it pays) and ``xformers`` (a SKIP row with the backend's reason
+``Mlp.fused_matmul``: off by default until these rows say it pays), ``triton+percast`` and ``triton+percast+graph``
+(autocast's cast of each Linear weight as it runs instead of one copy a block: what
+``audiomae/autocast_weights.py`` buys, eager and replayed) and ``xformers`` (a SKIP row with the backend's reason
 when its operators do not load, as with torch 2.11 and xformers 0.0.35). Each row reports ``median_ms`` (CUDA events, median
 after warm-up, the input batch alternating between two random draws), ``samples_per_s``,
 ``peak_mem_bytes`` (the absolute peak allocated while stepping: weights, gradients and AdamW
@@ -49,22 +51,26 @@ from benches.targets import STEP_VARIANTS, step_target_met
 STEPS = ("pretrain", "finetune", "embed")
 # Most wanted first: a time limit that cuts the run short keeps the reference and triton rows.
 VARIANTS = ("reference", "triton", "triton+graph", "triton+compile", "triton+compile+graph", "sdpa", "reference+graph",
-            "reference+compile", "xformers", "triton+fusedmlp+graph", "triton+fusedmlp+compile+graph")
+            "reference+compile", "xformers", "triton+fusedmlp+graph", "triton+fusedmlp+compile+graph",
+            "triton+percast", "triton+percast+graph")
 GPU_BATCH = 64
 CPU_BATCH = 2
 TARGET = "pretrain triton: >= 3x reference samples/s at <= 0.5x its peak memory (issue 6)"
 
 
 def build_variant(step: str, device: torch.device, variant: str) -> nn.Module:
-    """``build_model`` for a variant: its backend, and with ``+fusedmlp`` every MLP's GELU in its
-    matmuls (``Mlp.fused_matmul``, kernels/gelu_matmul.py)."""
+    """``build_model`` for a variant: its backend, with ``+fusedmlp`` every MLP's GELU in its
+    matmuls (``Mlp.fused_matmul``, kernels/gelu_matmul.py), with ``+percast`` autocast's cast of
+    each Linear weight as it runs instead of one copy a block (``cast_weights_together``,
+    audiomae/autocast_weights.py)."""
     from audiomae.layers import Mlp
 
     model = build_model(step, device, variant.split("+")[0])
-    if "+fusedmlp" in variant:
-        for module in model.modules():
-            if isinstance(module, Mlp):
-                module.fused_matmul = True
+    for module in model.modules():
+        if "+fusedmlp" in variant and isinstance(module, Mlp):
+            module.fused_matmul = True
+        if "+percast" in variant and hasattr(module, "cast_weights_together"):
+            module.cast_weights_together = False
     return model
 
 
@@ -285,10 +291,14 @@ def profile_step(step: str = "pretrain", variant: str = "triton", batch: int = G
         summary = kernel_time_summary(prof.events(), start.elapsed_time(end) / steps, steps)
     except Exception as error:  # noqa: BLE001 - the table below still says where the time goes
         summary = f"(no kernel summary: {type(error).__name__}: {error})"
+    try:
+        kernels = kernel_table(prof.events(), steps, top=2 * row_limit)
+    except Exception as error:  # noqa: BLE001 - the tables below still say where the time goes
+        kernels = f"(no kernel table: {type(error).__name__}: {error})"
     averages = prof.key_averages()
-    # The second table says where the host's time goes (the eager step is bound by it): Python
+    # The last table says where the host's time goes (the eager step is bound by it): Python
     # wrappers, autograd Functions and launches, costliest first by their own CPU time.
-    return "\n".join([title, summary, averages.table(sort_by="cuda_time_total", row_limit=row_limit),
+    return "\n".join([title, summary, kernels, averages.table(sort_by="cuda_time_total", row_limit=row_limit),
                       "Host time, by self CPU time:", averages.table(sort_by="self_cpu_time_total", row_limit=row_limit)])
 
 
@@ -311,18 +321,41 @@ KERNEL_KINDS = (  # (kind, substrings of the GPU kernel's name), first match win
 )
 
 
+def _kernel_kind(name: str) -> str:
+    lower = name.lower()
+    return "this project's Triton kernels" if name in PROJECT_KERNELS else next(
+        (k for k, keys in KERNEL_KINDS if any(key in lower for key in keys)), "other")
+
+
+def _gpu_kernels(events):
+    """The profiler's GPU kernel events (not the GPU spans of record_function ranges, which hold
+    kernels counted on their own, as Optimizer.step#AdamW.step does)."""
+    return [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA
+            and not getattr(e, "is_user_annotation", False)]
+
+
+def kernel_table(events, steps: int, top: int = 60) -> str:
+    """Every GPU kernel by name, costliest first: launches and ms per step, mean us a launch, kind.
+    The per-kind summary says how much is elementwise; this says which kernels those are."""
+    per_name: dict[str, list[float]] = {}
+    for event in _gpu_kernels(events):
+        per_name.setdefault(event.name, []).append(event.device_time_total)
+    rows = sorted(per_name.items(), key=lambda kv: -sum(kv[1]))
+    lines = [f"GPU kernels, costliest first (of {len(rows)} names; ms and launches per step):"]
+    for name, times in rows[:top]:
+        shown = name if len(name) <= 90 else name[:87] + "..."
+        lines.append(f"  {sum(times) / 1e3 / steps:8.3f} ms {len(times) / steps:7.1f} x {sum(times) / len(times):8.1f} us"
+                     f"  {_kernel_kind(name):29s}  {shown}")
+    return "\n".join(lines)
+
+
 def kernel_time_summary(events, step_ms: float, steps: int) -> str:
     """GPU time per kind of kernel, per step, and how much of the step the GPU was busy: an idle
     GPU means the step is bound by the host (launches, Python), not by kernels."""
     per_kind, launches = {}, 0
-    for event in events:
-        # GPU spans of record_function ranges (Optimizer.step#AdamW.step...) hold kernels counted on their own.
-        if event.device_type != torch.autograd.DeviceType.CUDA or getattr(event, "is_user_annotation", False):
-            continue
+    for event in _gpu_kernels(events):
         launches += 1
-        name = event.name.lower()
-        kind = "this project's Triton kernels" if event.name in PROJECT_KERNELS else next(
-            (k for k, keys in KERNEL_KINDS if any(key in name for key in keys)), "other")
+        kind = _kernel_kind(event.name)
         per_kind[kind] = per_kind.get(kind, 0.0) + event.device_time_total / 1e3 / steps  # us -> ms per step
     busy = sum(per_kind.values())
     lines = [f"step {step_ms:.2f} ms (CUDA events), GPU busy {busy:.2f} ms ({busy / step_ms:.0%}), "

@@ -83,7 +83,8 @@ RESERVE_S = 15  # kept back for writing the report
 MIN_PART_S = 20  # a part given less than this would only time out
 # The model steps in two parts each: the eager and graphed variants (quick), then the compiled
 # ones (each compiles for a minute or so), each with its own reference row for the ratios.
-QUICK_VARIANTS = ("reference", "triton", "triton+graph", "sdpa", "reference+graph", "xformers", "triton+fusedmlp+graph")
+QUICK_VARIANTS = ("reference", "triton", "triton+graph", "sdpa", "reference+graph", "xformers", "triton+fusedmlp+graph",
+                  "triton+percast", "triton+percast+graph")
 COMPILED_VARIANTS = ("reference", "triton+compile+graph", "triton+compile", "reference+compile",
                      "triton+fusedmlp+compile+graph")
 MODEL_TIMEOUTS = {"pretrain": 220, "pretrain-compiled": 260, "finetune": 150, "finetune-compiled": 260, "embed": 70}

@@ -10,7 +10,9 @@ def test_every_row_measures_on_the_cpu():
     rows = bench_launch_overhead.run("cpu", quick=True)
     impls = {r["impl"] for r in rows}
     assert {"torch_add", "gather_tokens", "autograd_identity_fwd_bwd", "gather_backward_launcher",
-            "gather_backward_launcher_thread", "gather_tokens_fwd_bwd", "official_gather_fwd_bwd"} <= impls
+            "gather_backward_launcher_thread", "gather_tokens_fwd_bwd", "official_gather_fwd_bwd",
+            "new_tensor_fwd_bwd", "first_order_fwd_bwd", "triton_backward_fwd_bwd",
+            "gather_forward_then_backward_launcher"} <= impls
     for r in rows:
         assert "unavailable" not in r, r
         assert r["host_us_per_call"] > 0 and r["vs_torch_add"] > 0

@@ -53,6 +53,30 @@ def test_profile_summary_sorts_kernels_by_kind():
     assert "addmm" not in text
 
 
+def test_profile_kernel_table_names_each_kernel():
+    # Which kernels the elementwise time is: every GPU kernel by name, costliest first, per step.
+    import torch
+
+    from benches.bench_models import kernel_table
+
+    class Event:
+        def __init__(self, name, us, device_type=torch.autograd.DeviceType.CUDA, annotation=False):
+            self.name, self.device_time_total, self.device_type = name, us, device_type
+            self.is_user_annotation = annotation
+
+    events = [Event("void at::native::unrolled_elementwise_kernel<copy>", 4.0) for _ in range(6)]
+    events += [Event("_gelu_grad_kernel", 300.0), Event("_gelu_grad_kernel", 100.0),
+               Event("aten::copy_", 999.0, torch.autograd.DeviceType.CPU),
+               Event("Optimizer.step#AdamW.step", 5000.0, annotation=True)]
+    lines = kernel_table(events, steps=2, top=5).splitlines()
+    assert lines[0] == "GPU kernels, costliest first (of 2 names; ms and launches per step):"
+    assert lines[1].split() == ["0.200", "ms", "1.0", "x", "200.0", "us", "this", "project's", "Triton", "kernels",
+                                "_gelu_grad_kernel"]
+    assert lines[2].split()[:6] == ["0.012", "ms", "3.0", "x", "4.0", "us"]
+    assert "elementwise and reductions" in lines[2] and lines[2].endswith("unrolled_elementwise_kernel<copy>")
+    assert len(lines) == 3
+
+
 def test_unknown_parts_are_refused_with_the_list():
     done = subprocess.run([sys.executable, "benches/gpu_check.py", "--parts", "bench-gelu-grad"], cwd=ROOT,
                           env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=120)
