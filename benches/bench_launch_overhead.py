@@ -25,8 +25,9 @@ never the bottleneck) and reported per call:
   ``new_tensor_fwd_bwd`` (a Function allocating its output and its input's gradient),
   ``first_order_fwd_bwd`` (the same with the kernels' ``first_order_only`` backward),
   ``triton_backward_fwd_bwd`` (the same launching a Triton kernel in its backward, on the
-  engine's device thread) and ``gather_forward_then_backward_launcher`` (the gather's two
-  launchers in turn, no engine).
+  engine's device thread), ``gather_forward_then_backward_launcher`` (the gather's two
+  launchers in turn, no engine) and ``gather_tokens_fwd_bwd_inside_backward`` (not the whole
+  call: the time inside the gather's Python backward, as the engine runs it).
 
 No floor: these are host costs. On the CPU (smoke test) the Triton rows run through the
 interpreter, whose figures say nothing about a GPU's launch path.
@@ -99,7 +100,7 @@ class _TritonBackward(_NewTensor):
 
 
 def _impls(device: torch.device) -> dict:
-    from kernels.gather_tokens import _gather_forward, gather_rows_backward, gather_tokens
+    from kernels.gather_tokens import _gather_forward, _GatherTokens, gather_rows_backward, gather_tokens
 
     B, L, K, C = 2, 16, 4, 32
     x = torch.randn(B, L, C, device=device, requires_grad=True)
@@ -130,9 +131,20 @@ def _impls(device: torch.device) -> dict:
         "triton_backward_fwd_bwd": lambda: torch.autograd.grad(_TritonBackward.apply(x), (x,), x),
         "gather_forward_then_backward_launcher": lambda: (_gather_forward(x.detach(), ids, pos[0]), backward_launcher()),
         "gather_tokens_fwd_bwd": lambda: torch.autograd.grad(gather_tokens(x, ids, pos, check_indices=False), (x,), grad),
+        "gather_tokens_fwd_bwd_inside_backward": _InsideBackward(
+            lambda: torch.autograd.grad(gather_tokens(x, ids, pos, check_indices=False), (x,), grad), _GatherTokens),
         "official_gather_fwd_bwd": lambda: torch.autograd.grad(
             torch.gather(x + pos, 1, ids[..., None].repeat(1, 1, C)), (x,), grad),
     }
+
+
+class _InsideBackward:
+    """A fwd+bwd row that reports the time spent inside ``function``'s Python backward per call
+    (wall time from its entry to its return, on whichever thread the engine runs it), not the
+    whole call: with the whole call beside it, what the engine adds around that backward."""
+
+    def __init__(self, fn, function):
+        self.fn, self.function = fn, function
 
 
 class _InThread:
@@ -144,6 +156,23 @@ class _InThread:
 
 def _host_us(fn, device: torch.device, calls: int, rounds: int = 5) -> float:
     """Median over rounds of the mean host time per call of ``calls`` back-to-back calls."""
+    if isinstance(fn, _InsideBackward):
+        function, original = fn.function, fn.function.__dict__["backward"]
+        inside = []
+
+        def timed(ctx, *grads):
+            start = time.perf_counter()
+            try:
+                return original.__func__(ctx, *grads)
+            finally:
+                inside.append(time.perf_counter() - start)
+
+        function.backward = staticmethod(timed)
+        try:
+            fn.whole_us = _host_us(fn.fn, device, calls, rounds)  # the same calls, whole
+        finally:
+            function.backward = original
+        return sum(inside) / len(inside) * 1e6
     if isinstance(fn, _InThread):
         result = {}
 
@@ -188,6 +217,8 @@ def run(device="cuda", quick: bool = False) -> list[dict]:
             continue
         rows.append({"suite": SUITE, "name": "host time per call", "impl": impl, "shape": "tiny", "dtype": "float32",
                      "median_ms": us / 1e3, "host_us_per_call": us, **info})
+        if isinstance(fn, _InsideBackward):
+            rows[-1]["whole_call_us"] = fn.whole_us
     base = next((r["median_ms"] for r in rows if r["impl"] == "torch_add" and r.get("median_ms")), None)
     for r in rows:
         if base and r.get("median_ms"):
