@@ -4,49 +4,75 @@ Under autocast every Linear casts its float32 weight and bias to the autocast dt
 the backward casts each gradient back to float32: two small kernels and an autograd node per
 tensor. In the AudioMAE pretraining step that is about 560 casts (``benches/step_ledger.py``
 counts them), most of them on vectors of a few hundred values: their launches, not their bytes,
-are what they cost, on the host in eager mode and in the gaps between kernels of a replayed graph.
+are what they cost, in the gaps between the kernels of a replayed graph above all.
 
-``linear_weights_cast(block, x)`` casts the weights and biases of a block's stock ``nn.Linear``
-modules in one ``torch._foreach_copy_`` (one flat buffer, a kernel or a few for the whole block),
-hands the block those copies while it runs (the modules' parameter slots hold them for the
-duration of the ``with``) and, in the backward, widens their gradients in one more. The values
-are autocast's: the same roundings of the same tensors forward, and each gradient computed in the
-autocast dtype and widened, as autocast's cast node widens it; only the number of launches
-changes. The parameters themselves are untouched: they get their float32 gradients as before,
-block by block, so gradient hooks and DistributedDataParallel still see them as the backward goes.
+``linear_weights_cast(block, x)`` casts the weights and biases of a stock block's Linears in one
+``torch._foreach_copy_`` into one buffer (a kernel or a few for the whole block), and while the
+``with`` runs this project's modules take those copies in place of their parameters (``linear``,
+``cast_of``: looked up in a context variable, so nothing else sees them: not another thread, not
+``state_dict()``, not a hook). The backward widens their gradients in one more copy. The values
+are autocast's: the same roundings of the same tensors forward, each gradient computed in the
+autocast dtype and widened as autocast's cast node widens it (tested to the bit, forward and
+every gradient). One difference: a block run twice inside one autocast region before a single
+backward (or two blocks sharing a Linear) is cast once per call here, where autocast's cache casts
+each weight once per region; its gradient is then summed in float32 rather than in the autocast
+dtype. The parameters keep their float32 gradients, block by block as the backward goes (hooks and
+DistributedDataParallel see them as before); a block's Linear gradients are views of one buffer.
 
-It steps aside (a plain ``with`` that does nothing) wherever autocast's own per-op casts are what
-should run: no autocast for ``x``'s device, no grad mode (inference keeps autocast's cast cache),
-torch.compile and export (the compiler fuses those casts itself), torch.func transforms, forward-mode AD, hooks on any of the block's modules (a hook
-reading ``module.weight`` would see the copy), and any Linear that is not a stock ``nn.Linear``
-with float32 ``nn.Parameter`` weights on ``x``'s device (a subclass, a parametrization, weights
-already in the autocast dtype).
+It steps aside (autocast casts each tensor, as without it) wherever that is what should run: no
+autocast for ``x``'s device, no grad mode (inference keeps autocast's cast cache), torch.compile,
+export and ``torch.jit.trace`` (the compiler fuses those casts itself), torch.func transforms,
+forward-mode AD, a block that is not entirely this project's stock modules (a subclass, a replaced
+or patched ``forward``, another activation; they may use the weights otherwise), hooks on any of
+its modules, and Linear parameters that are not contiguous float32 ``nn.Parameter``\\ s on ``x``'s
+device (parametrizations, weights already in the autocast dtype, tensor subclasses).
 """
 from __future__ import annotations
 
 import contextlib
+import contextvars
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.autograd import forward_ad
-
-from .layers import without_hooks
 
 # Device types with an autocast (torch.amp.is_autocast_available's list for the devices in use).
 AUTOCAST_DEVICES = ("cuda", "cpu", "xpu", "mps", "hpu")
 
+# {id(parameter): its cast} while a block's forward runs in this thread (or task), else None.
+_CASTS: contextvars.ContextVar[dict | None] = contextvars.ContextVar("audiomae_weight_casts", default=None)
+
+
+def cast_of(p: torch.Tensor | None) -> torch.Tensor | None:
+    """``p``'s cast while ``linear_weights_cast`` runs for its block, else ``p`` itself."""
+    if torch.compiler.is_compiling():  # never cast there, and dynamo cannot trace ContextVar.get
+        return p
+    casts = _CASTS.get()
+    return p if casts is None or p is None else casts.get(id(p), p)
+
+
+def linear(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """``module(x)``, with the block's casts of its weight and bias where they are cast (a stock
+    Linear without hooks then: ``F.linear`` is what calling it runs)."""
+    if torch.compiler.is_compiling():  # never cast there, and dynamo cannot trace ContextVar.get
+        return module(x)
+    casts = _CASTS.get()
+    if casts is None or id(module.weight) not in casts:
+        return module(x)
+    return F.linear(x, casts[id(module.weight)], cast_of(module.bias))
+
 
 class _CastParameters(torch.autograd.Function):
     """``(dtype, *params) -> params`` cast to ``dtype``, views of one new buffer; the backward
-    widens the gradients that arrive to each parameter's dtype in one multi-tensor copy."""
+    widens the gradients that arrive to float32 in one multi-tensor copy."""
 
     @staticmethod
     def forward(ctx, dtype, *params):
         ctx.set_materialize_grads(False)  # a copy nobody used gets no gradient, not a zero tensor
-        ctx.param_dtypes = [p.dtype for p in params]
-        flat = torch.empty(sum(p.numel() for p in params), dtype=dtype, device=params[0].device)
-        casts = torch._utils._unflatten_dense_tensors(flat, params)
+        ctx.param_dtype = params[0].dtype
+        casts = _segments(torch.empty(_buffer_size(params), dtype=dtype, device=params[0].device), params)
         torch._foreach_copy_(casts, params)
         return tuple(casts)
 
@@ -54,16 +80,37 @@ class _CastParameters(torch.autograd.Function):
     def backward(ctx, *grads):
         wanted = [i for i, g in enumerate(grads) if g is not None and ctx.needs_input_grad[i + 1]]
         out = [None] * len(grads)
-        if wanted:
-            # One buffer per dtype would do for mixed ones; the callers pass float32 parameters.
-            dtype = ctx.param_dtypes[wanted[0]]
+        if torch.is_grad_enabled():  # create_graph=True: differentiable casts (a foreach copy has no derivative)
+            for i in wanted:
+                out[i] = grads[i].to(ctx.param_dtype)
+        elif wanted:
             sources = [grads[i] for i in wanted]
-            flat = torch.empty(sum(g.numel() for g in sources), dtype=dtype, device=sources[0].device)
-            widened = torch._utils._unflatten_dense_tensors(flat, sources)
+            widened = _segments(torch.empty(_buffer_size(sources), dtype=ctx.param_dtype, device=sources[0].device),
+                                sources)
             torch._foreach_copy_(widened, sources)
             for i, g in zip(wanted, widened):
                 out[i] = g
         return (None, *out)
+
+
+# Each tensor's segment starts 16 bytes into the buffer or a multiple of them, as an allocation
+# would (vectorized and Triton-specialized paths look at alignment): 8 elements of 2 bytes.
+_ALIGN = 8
+
+
+def _buffer_size(tensors) -> int:
+    return sum(-(-t.numel() // _ALIGN) * _ALIGN for t in tensors)
+
+
+def _segments(flat: torch.Tensor, like) -> list[torch.Tensor]:
+    """Contiguous views of ``flat`` shaped like ``like``, each at an aligned offset."""
+    if all(t.numel() % _ALIGN == 0 for t in like):  # the usual case: one call
+        return list(torch._utils._unflatten_dense_tensors(flat, like))
+    views, offset = [], 0
+    for t in like:
+        views.append(flat[offset:offset + t.numel()].view(t.shape))
+        offset += -(-t.numel() // _ALIGN) * _ALIGN
+    return views
 
 
 def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
@@ -74,60 +121,84 @@ def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
     return dtype if dtype != torch.float32 else None
 
 
+def _stock_types() -> frozenset:
+    """The modules a block may hold for its Linears to be used only as ``linear``/``cast_of`` use them."""
+    global _STOCK
+    if _STOCK is None:
+        from .layers import Attention, Block, DropPath, Mlp
+        from .swin import SwinTransformerBlock, WindowMultiHeadAttention
+
+        _STOCK = frozenset({Block, Attention, Mlp, DropPath, SwinTransformerBlock, WindowMultiHeadAttention,
+                            nn.Linear, nn.LayerNorm, nn.Dropout, nn.Identity, nn.GELU, nn.ReLU})
+    return _STOCK
+
+
+_STOCK = None
+
+
 def _plain_parameter(p) -> bool:
     """A Parameter of a plain tensor, or of a fake one (shape inference and the step ledger run this
     like any torch ops); not a tensor subclass's (DTensor...), whose copies this could not make."""
     return isinstance(p, nn.Parameter) and (type(p) is nn.Parameter or isinstance(p, FakeTensor))
 
 
-def _linear_slots(block: nn.Module, device: torch.device) -> list[tuple[nn.Module, str]] | None:
-    """The (module, name) slots to cast: every weight and bias of the block's Linears, or None
-    where one of them is not a stock Linear's float32 Parameter on ``device``."""
-    slots = []
-    for module in block.modules():
-        if not isinstance(module, nn.Linear):
-            continue
-        if type(module) is not nn.Linear or "forward" in vars(module):
-            return None  # a subclass or a patched forward may use its weights otherwise
-        for name in ("weight", "bias"):
-            if name not in module._parameters:
-                return None  # a parametrization (weight norm...) computes it
-            p = module._parameters[name]
-            if p is None:
-                continue
-            if not _plain_parameter(p) or p.dtype != torch.float32 or p.device != device:
-                return None
-            slots.append((module, name))
-    return slots
+def _linear_parameters(block: nn.Module, device: torch.device) -> list[torch.Tensor] | None:
+    """The weights and biases of the block's Linears, or None where the block is not all stock
+    modules without hooks (one walk over it) or a parameter is not one this can cast."""
+    from torch.nn.modules import module as hooks
+
+    if (hooks._global_forward_hooks or hooks._global_forward_pre_hooks or hooks._global_backward_hooks
+            or hooks._global_backward_pre_hooks):
+        return None
+    stock, params = _stock_types(), []
+    for m in block.modules():
+        if (type(m) not in stock or "forward" in m.__dict__ or m._forward_hooks or m._forward_pre_hooks
+                or m._backward_hooks or m._backward_pre_hooks):
+            return None
+        if type(m) is nn.Linear:
+            for name in ("weight", "bias"):
+                if name not in m._parameters:
+                    return None  # a parametrization (weight norm...) computes it
+                p = m._parameters[name]
+                if p is None:
+                    continue
+                if (not _plain_parameter(p) or p.dtype != torch.float32 or p.device != device
+                        or not p.is_contiguous()):
+                    return None
+                params.append(p)
+    return params
+
+
+def _steps_aside(x: torch.Tensor) -> bool:
+    return (not torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.jit.is_tracing()
+            or torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0)
 
 
 def casts_linear_weights(block: nn.Module, x: torch.Tensor) -> torch.dtype | None:
-    """The dtype ``linear_weights_cast`` would cast ``block``'s Linears to for input ``x``, or None
+    """The dtype ``linear_weights_cast`` casts ``block``'s Linears to for input ``x``, or None
     where it steps aside (see the module docstring)."""
     dtype = _autocast_dtype(x)
-    # Dispatch modes (fake tensors, the step ledger's counting mode) run it like any torch ops.
-    if (dtype is None or not torch.is_grad_enabled() or torch.compiler.is_compiling()
-            or torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0
-            or not without_hooks(*block.modules())):
+    if dtype is None or _steps_aside(x) or not _linear_parameters(block, x.device):
         return None
     return dtype
 
 
 @contextlib.contextmanager
 def linear_weights_cast(block: nn.Module, x: torch.Tensor):
-    """While the ``with`` runs, ``block``'s Linears hold their weights cast for autocast, all cast
-    in one copy (see the module docstring); a no-op where that does not apply."""
-    dtype = casts_linear_weights(block, x)
-    slots = _linear_slots(block, x.device) if dtype is not None else None
-    if not slots:
+    """While the ``with`` runs, this project's modules in ``block`` take its Linear weights cast
+    for autocast, all cast in one copy (see the module docstring); a no-op where that does not
+    apply, or inside another block's."""
+    params = None
+    if not _steps_aside(x):  # first: it keeps torch.compile off the context variable
+        dtype = _autocast_dtype(x)
+        if dtype is not None and _CASTS.get() is None:
+            params = _linear_parameters(block, x.device)
+    if not params:
         yield
         return
-    params = [module._parameters[name] for module, name in slots]
     casts = _CastParameters.apply(dtype, *params)
-    for (module, name), cast in zip(slots, casts):
-        module._parameters[name] = cast
+    token = _CASTS.set({id(p): c for p, c in zip(params, casts)})
     try:
         yield
     finally:
-        for (module, name), param in zip(slots, params):
-            module._parameters[name] = param
+        _CASTS.reset(token)

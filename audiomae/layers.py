@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .autocast_weights import cast_of, linear, linear_weights_cast
 from .backends import BackendUnavailableError, check_backend
 
 
@@ -130,10 +131,12 @@ class Mlp(nn.Module):
         if self._fusable():
             from kernels.gelu_mlp import gelu_mlp
 
-            out = gelu_mlp(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,
-                           approximate=self.act.approximate, save=self.save, fused_matmul=self.fused_matmul)
+            out = gelu_mlp(x, cast_of(self.fc1.weight), cast_of(self.fc1.bias), cast_of(self.fc2.weight),
+                           cast_of(self.fc2.bias), approximate=self.act.approximate, save=self.save,
+                           fused_matmul=self.fused_matmul)
             return self.drop2(out)
-        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
+        # ``linear``: the Linear, with its block's one-copy casts under autocast (autocast_weights)
+        return self.drop2(linear(self.fc2, self.drop1(self.act(linear(self.fc1, x)))))
 
 
 def global_attention(q, k, v, *, backend: str, dropout_p: float = 0.0, scale: float | None = None):
@@ -174,10 +177,11 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, C = x.shape
-        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
+        qkv = linear(self.qkv, x)  # the Linear, with its block's one-copy casts under autocast (autocast_weights)
+        q, k, v = qkv.reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
         dropout_p = self.attn_drop.p if self.training else 0.0
         x = global_attention(q, k, v, backend=self.backend, dropout_p=dropout_p, scale=self.scale)
-        return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N, C)))
+        return self.proj_drop(linear(self.proj, x.transpose(1, 2).reshape(B, N, C)))
 
 
 class Block(nn.Module):
@@ -219,7 +223,5 @@ class Block(nn.Module):
         (``audiomae.autocast_weights``; ``cast_weights_together = False`` opts out); otherwise
         autocast casts each as it runs."""
         if self.cast_weights_together and getattr(self.attn, "backend", None) == "triton":
-            from .autocast_weights import linear_weights_cast  # it imports this module
-
             return linear_weights_cast(self, x)
         return contextlib.nullcontext()

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .autocast_weights import AUTOCAST_DEVICES, linear_weights_cast
+from .autocast_weights import AUTOCAST_DEVICES, cast_of, linear, linear_weights_cast
 from .backends import BackendUnavailableError, check_backend
 from .layers import Mlp, to_2tuple, without_hooks
 
@@ -148,10 +148,11 @@ class WindowMultiHeadAttention(nn.Module):
         gradient from ``kernels.column_sum`` (the same values, without the staging buffer that
         PyTorch's column sum allocates: 128 MiB beside a [32768, 512] bf16 gradient)."""
         if self.backend == "triton" and _stock(layer, nn.Linear) and without_hooks(layer):
-            from kernels.column_sum import linear
+            from kernels.column_sum import linear as column_sum_linear
 
-            return linear(x, layer.weight, layer.bias)
-        return layer(x)
+            # (under autocast, the block's one-copy casts of the weights: audiomae.autocast_weights)
+            return column_sum_linear(x, cast_of(layer.weight), cast_of(layer.bias))
+        return linear(layer, x)
 
     def forward(self, x: torch.Tensor, grid: tuple[int, int], shift: tuple[int, int]) -> torch.Tensor:
         qkv = self._linear(self.qkv, x)

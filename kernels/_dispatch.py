@@ -111,6 +111,8 @@ def _batched(t) -> bool:
     backward.)"""
     if not isinstance(t, torch.Tensor):
         return False
+    if torch.compiler.is_compiling():  # compiled autograd: dynamo traces this one, not the legacy check
+        return torch._C._functorch.is_batchedtensor(t)
     return torch._C._functorch.is_batchedtensor(t) or torch._C._functorch.is_legacy_batchedtensor(t)
 
 

@@ -1,6 +1,7 @@
 """One cast for a block's Linear weights under autocast (``audiomae.autocast_weights``): the same
 numbers as autocast's per-op casts, fewer cast nodes, the parameters untouched, and no effect
 wherever autocast's own casts should run."""
+import threading
 from collections import Counter
 from functools import partial
 
@@ -10,7 +11,7 @@ import torch.nn as nn
 
 import audiomae
 import audiomae.autocast_weights as autocast_weights
-from audiomae.layers import Block
+from audiomae.layers import Attention, Block, Mlp
 from audiomae.swin import SwinTransformerBlock, run_blocks
 from kernels import _dispatch
 
@@ -91,34 +92,46 @@ def test_one_cast_per_block_changes_no_number(which):
 
 
 @interpreter_only
-def test_parameters_are_restored_and_get_float32_gradients():
+def test_parameters_stay_in_place_and_get_float32_gradients():
+    """The casts reach this project's modules through a context variable: the block's parameters,
+    its state dict and another thread see the float32 Parameters throughout."""
     torch.manual_seed(0)
     block = _encoder_block()
-    params = dict(block.named_parameters())
     x = torch.randn(2, 6, 32, requires_grad=True)
+    weight = block.attn.qkv.weight
+    seen = {}
+    with torch.autocast("cpu", dtype=torch.float16), autocast_weights.linear_weights_cast(block, x):
+        seen["cast"] = autocast_weights.cast_of(weight)
+        seen["slot"] = block.attn.qkv.weight
+        seen["state"] = block.state_dict()["attn.qkv.weight"]
+        thread = threading.Thread(target=lambda: seen.setdefault("thread", autocast_weights.cast_of(weight)))
+        thread.start()
+        thread.join()
+    assert seen["cast"].dtype == torch.float16 and torch.equal(seen["cast"], weight.detach().half())
+    assert seen["slot"] is weight and seen["thread"] is weight and seen["state"].dtype == torch.float32
+    assert autocast_weights.cast_of(weight) is weight  # gone with the ``with``
     with torch.autocast("cpu", dtype=torch.float16):
         out = block(x)
     assert _nodes(out)["_CastParametersBackward"] == 1
-    assert dict(block.named_parameters()) == params  # the very Parameter objects, back in their slots
-    assert all(type(p) is nn.Parameter and p.dtype == torch.float32 for p in block.parameters())
     out.float().sum().backward()
+    assert all(type(p) is nn.Parameter and p.dtype == torch.float32 for p in block.parameters())
     assert all(p.grad is not None and p.grad.dtype == torch.float32 and p.grad.shape == p.shape
                for p in block.parameters())
 
 
 @interpreter_only
-def test_parameters_are_restored_when_the_block_raises(monkeypatch):
+def test_the_casts_end_when_the_block_raises(monkeypatch):
     block = _encoder_block()
-    qkv = block.attn.qkv.weight
+    weight = block.mlp.fc1.weight
 
-    def fail(*args, **kwargs):
-        assert block.attn.qkv.weight.dtype == torch.float16  # the cast is in the slot meanwhile
+    def fail(self, x):
+        assert autocast_weights.cast_of(weight).dtype == torch.float16  # the casts serve the block meanwhile
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(block.attn, "forward", fail)
+    monkeypatch.setattr(Mlp, "forward", fail)
     with torch.autocast("cpu", dtype=torch.float16), pytest.raises(RuntimeError, match="boom"):
         block(torch.randn(2, 6, 32))
-    assert block.attn.qkv.weight is qkv
+    assert autocast_weights._CASTS.get() is None and autocast_weights.cast_of(weight) is weight
 
 
 @interpreter_only
@@ -160,7 +173,29 @@ def count_casts(monkeypatch):
             block(x)
         return len(calls)
 
+    count(_encoder_block(), torch.randn(2, 6, 32), dtype=torch.float16)
+    assert len(calls) == 1, "the counter does not see the casts"
+
     return count
+
+
+def _non_stock_blocks():
+    """Blocks whose Linears something other than this project's stock modules may use."""
+
+    class MyLinear(nn.Linear):
+        pass
+
+    class MyAttention(Attention):
+        pass
+
+    subclassed_linear, subclassed_attention, patched, silu, hooked = (_encoder_block() for _ in range(5))
+    subclassed_linear.attn.proj = MyLinear(32, 32)
+    subclassed_attention.attn = MyAttention(32, 2, backend="triton")
+    patched.attn.forward = patched.attn.forward  # an instance-level forward, as a patch leaves it
+    silu.mlp = Mlp(32, 64, act_layer=nn.SiLU, backend="triton")
+    hooked.attn.qkv.register_forward_hook(lambda module, args, out: None)
+    return dict(subclassed_linear=subclassed_linear, subclassed_attention=subclassed_attention, patched=patched,
+                silu=silu, hooked=hooked)
 
 
 @interpreter_only
@@ -175,38 +210,62 @@ def test_steps_aside_where_autocast_should_cast(count_casts):
     opted_out = _encoder_block()
     opted_out.cast_weights_together = False
     assert count_casts(opted_out, x, dtype=torch.float16) == 0
-    assert autocast_weights.casts_linear_weights(block, x.double()) is None  # no autocast on for it yet
-
-    hooked = _encoder_block()
-    hooked.attn.qkv.register_forward_hook(lambda module, args, out: None)  # a hook may read module.weight
-    assert count_casts(hooked, x, dtype=torch.float16) == 0
-
-    class MyLinear(nn.Linear):
-        pass
-
-    custom = _encoder_block()
-    custom.attn.proj = MyLinear(32, 32)
-    assert count_casts(custom, x, dtype=torch.float16) == 0
-
+    for name, other in _non_stock_blocks().items():
+        assert count_casts(other, x, dtype=torch.float16) == 0, name
     halved = _encoder_block().half()  # already in the autocast dtype: autocast casts nothing either
     assert count_casts(halved, x.half(), dtype=torch.float16) == 0
-
+    transposed = _encoder_block()
+    transposed.attn.proj.weight = nn.Parameter(transposed.attn.proj.weight.detach().t().contiguous().t())
+    assert count_casts(transposed, x, dtype=torch.float16) == 0  # autocast's copy keeps its strides
     parametrized = _encoder_block()
     nn.utils.parametrizations.weight_norm(parametrized.mlp.fc1)
-    with torch.autocast("cpu", dtype=torch.float16):
-        assert autocast_weights._linear_slots(parametrized, x.device) is None
+    assert count_casts(parametrized, x, dtype=torch.float16) == 0
 
 
 @interpreter_only
-def test_compiled_block_leaves_the_casts_to_the_compiler():
-    """Traced, the block runs autocast's own casts (the compiler fuses them): one graph, same values."""
+def test_steps_aside_under_tracing_and_transforms(count_casts):
+    """torch.compile, torch.jit.trace, torch.func's vmap and forward-mode AD run autocast's own
+    casts (the compiler fuses them; the Function has no vmap or forward rule)."""
     torch.manual_seed(0)
     block = _encoder_block()
     x = torch.randn(2, 6, 32)
     with torch.autocast("cpu", dtype=torch.float16):
         eager = block(x)
+    assert count_casts(torch.compile(block, fullgraph=True, backend="aot_eager"), x, dtype=torch.float16) == 0
+    with torch.autocast("cpu", dtype=torch.float16):
         compiled = torch.compile(block, fullgraph=True, backend="aot_eager")(x)
-    torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+        torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+        assert count_casts(torch.jit.trace(block, x, check_trace=False), x, dtype=torch.float16) == 0
+        # (vmap runs the MLP and attention through their unfused references: float16 rounding apart)
+        batched = torch.func.vmap(block)(x[None])
+        torch.testing.assert_close(batched[0], eager, rtol=1e-2, atol=2e-3)
+    assert count_casts(lambda v: torch.func.vmap(block)(v[None]), x, dtype=torch.float16) == 0
+    with torch.autocast("cpu", dtype=torch.float16):
+        assert autocast_weights.casts_linear_weights(block, x) == torch.float16
+        with torch.autograd.forward_ad.dual_level():  # (SDPA has no forward AD: the block itself cannot run)
+            dual = torch.autograd.forward_ad.make_dual(x, torch.ones_like(x))
+            assert autocast_weights.casts_linear_weights(block, dual) is None
+
+
+def test_the_cast_function_aligns_and_takes_a_double_backward():
+    """``_CastParameters`` alone: odd sizes start at aligned offsets of the one buffer, and with
+    ``create_graph=True`` its backward is differentiable (per-tensor casts), as autocast's is."""
+    torch.manual_seed(0)
+    params = [torch.randn(n, requires_grad=True) for n in (20, 3, 16)]
+    casts = autocast_weights._CastParameters.apply(torch.float16, *params)
+    base = casts[0].untyped_storage().data_ptr()
+    assert [c.data_ptr() - base for c in casts] == [0, 48, 64]
+    for c, p in zip(casts, params):
+        assert c.dtype == torch.float16 and torch.equal(c, p.detach().half())
+    loss = sum((c.float() ** 3).sum() for c in casts)
+    grads = torch.autograd.grad(loss, params, create_graph=True)
+    second = torch.autograd.grad(sum(g.sum() for g in grads), params)
+    plain = [p.half() for p in params]
+    loss_p = sum((c.float() ** 3).sum() for c in plain)
+    grads_p = torch.autograd.grad(loss_p, params, create_graph=True)
+    second_p = torch.autograd.grad(sum(g.sum() for g in grads_p), params)
+    for a, b in zip((*grads, *second), (*grads_p, *second_p), strict=True):
+        assert a.dtype == torch.float32 and torch.equal(a, b)
 
 
 @pytest.mark.gpu
