@@ -72,7 +72,7 @@ class _CastParameters(torch.autograd.Function):
     def forward(ctx, dtype, *params):
         ctx.set_materialize_grads(False)  # a copy nobody used gets no gradient, not a zero tensor
         ctx.param_dtype = params[0].dtype
-        casts = _segments(torch.empty(_buffer_size(params), dtype=dtype, device=params[0].device), params)
+        casts = _segments(torch.empty(_buffer_size(params, dtype), dtype=dtype, device=params[0].device), params)
         torch._foreach_copy_(casts, params)
         return tuple(casts)
 
@@ -85,31 +85,39 @@ class _CastParameters(torch.autograd.Function):
                 out[i] = grads[i].to(ctx.param_dtype)
         elif wanted:
             sources = [grads[i] for i in wanted]
-            widened = _segments(torch.empty(_buffer_size(sources), dtype=ctx.param_dtype, device=sources[0].device),
-                                sources)
+            flat = torch.empty(_buffer_size(sources, ctx.param_dtype), dtype=ctx.param_dtype, device=sources[0].device)
+            widened = _segments(flat, sources)
             torch._foreach_copy_(widened, sources)
             for i, g in zip(wanted, widened):
                 out[i] = g
         return (None, *out)
 
 
-# Each tensor's segment starts 16 bytes into the buffer or a multiple of them, as an allocation
-# would (vectorized and Triton-specialized paths look at alignment): 8 elements of 2 bytes.
-_ALIGN = 8
+# Each tensor's segment starts at a multiple of 256 bytes into the buffer (which the allocator
+# aligns further), as its own allocation would: cuBLASLt's algorithm choice looks at the
+# operands' alignment up to 256 bytes (PyTorch passes it as a preference), so a less aligned
+# copy could take another kernel and round differently.
+_ALIGN_BYTES = 256
 
 
-def _buffer_size(tensors) -> int:
-    return sum(-(-t.numel() // _ALIGN) * _ALIGN for t in tensors)
+def _aligned(numel: int, itemsize: int) -> int:
+    step = _ALIGN_BYTES // itemsize
+    return -(-numel // step) * step
+
+
+def _buffer_size(tensors, dtype: torch.dtype) -> int:
+    return sum(_aligned(t.numel(), dtype.itemsize) for t in tensors)
 
 
 def _segments(flat: torch.Tensor, like) -> list[torch.Tensor]:
     """Contiguous views of ``flat`` shaped like ``like``, each at an aligned offset."""
-    if all(t.numel() % _ALIGN == 0 for t in like):  # the usual case: one call
+    step = _ALIGN_BYTES // flat.dtype.itemsize
+    if all(t.numel() % step == 0 for t in like):  # no padding: one call
         return list(torch._utils._unflatten_dense_tensors(flat, like))
     views, offset = [], 0
     for t in like:
         views.append(flat[offset:offset + t.numel()].view(t.shape))
-        offset += -(-t.numel() // _ALIGN) * _ALIGN
+        offset += _aligned(t.numel(), flat.dtype.itemsize)
     return views
 
 

@@ -248,13 +248,15 @@ def test_steps_aside_under_tracing_and_transforms(count_casts):
 
 
 def test_the_cast_function_aligns_and_takes_a_double_backward():
-    """``_CastParameters`` alone: odd sizes start at aligned offsets of the one buffer, and with
+    """``_CastParameters`` alone: odd sizes start at 256-byte offsets of the one buffer, and with
     ``create_graph=True`` its backward is differentiable (per-tensor casts), as autocast's is."""
     torch.manual_seed(0)
     params = [torch.randn(n, requires_grad=True) for n in (20, 3, 16)]
     casts = autocast_weights._CastParameters.apply(torch.float16, *params)
     base = casts[0].untyped_storage().data_ptr()
-    assert [c.data_ptr() - base for c in casts] == [0, 48, 64]
+    assert [c.data_ptr() - base for c in casts] == [0, 256, 512]  # each at 256 bytes, as cuBLASLt looks
+    grads = torch.autograd.grad(sum(c.float().sum() for c in casts), params)
+    assert [g.data_ptr() - grads[0].untyped_storage().data_ptr() for g in grads] == [0, 256, 512]
     for c, p in zip(casts, params):
         assert c.dtype == torch.float16 and torch.equal(c, p.detach().half())
     loss = sum((c.float() ** 3).sum() for c in casts)
