@@ -61,7 +61,8 @@ def linear(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     casts = _CASTS.get()
     if casts is None or id(module.weight) not in casts:
         return module(x)
-    return F.linear(x, casts[id(module.weight)], cast_of(module.bias))
+    bias = module.bias
+    return F.linear(x, casts[id(module.weight)], casts.get(id(bias), bias) if bias is not None else None)
 
 
 class _CastParameters(torch.autograd.Function):
@@ -182,13 +183,20 @@ def _steps_aside(x: torch.Tensor) -> bool:
             or torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0)
 
 
+def _plan(block: nn.Module, x: torch.Tensor) -> tuple[torch.dtype, list[torch.Tensor]] | None:
+    """(autocast dtype, the Linear parameters to cast), or None where it steps aside."""
+    if _steps_aside(x):  # first: it keeps torch.compile off the context variable
+        return None
+    dtype = _autocast_dtype(x)
+    params = _linear_parameters(block, x.device) if dtype is not None else None
+    return (dtype, params) if params else None
+
+
 def casts_linear_weights(block: nn.Module, x: torch.Tensor) -> torch.dtype | None:
     """The dtype ``linear_weights_cast`` casts ``block``'s Linears to for input ``x``, or None
     where it steps aside (see the module docstring)."""
-    dtype = _autocast_dtype(x)
-    if dtype is None or _steps_aside(x) or not _linear_parameters(block, x.device):
-        return None
-    return dtype
+    plan = _plan(block, x)
+    return plan[0] if plan is not None else None
 
 
 @contextlib.contextmanager
@@ -196,17 +204,23 @@ def linear_weights_cast(block: nn.Module, x: torch.Tensor):
     """While the ``with`` runs, this project's modules in ``block`` take its Linear weights cast
     for autocast, all cast in one copy (see the module docstring); a no-op where that does not
     apply, or inside another block's."""
-    params = None
-    if not _steps_aside(x):  # first: it keeps torch.compile off the context variable
-        dtype = _autocast_dtype(x)
-        if dtype is not None and _CASTS.get() is None:
-            params = _linear_parameters(block, x.device)
-    if not params:
+    plan = _plan(block, x)
+    if plan is None or _CASTS.get() is not None:
         yield
         return
+    dtype, params = plan
     casts = _CastParameters.apply(dtype, *params)
     token = _CASTS.set({id(p): c for p, c in zip(params, casts)})
     try:
         yield
     finally:
         _CASTS.reset(token)
+
+
+def block_weights_cast(block: nn.Module, x: torch.Tensor):
+    """A transformer block's ``with``: ``linear_weights_cast`` on the ``"triton"`` backend unless
+    the block opts out (``cast_weights_together = False``); otherwise nothing (autocast casts each
+    weight as it runs)."""
+    if block.cast_weights_together and getattr(block.attn, "backend", None) == "triton":
+        return linear_weights_cast(block, x)
+    return contextlib.nullcontext()

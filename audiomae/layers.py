@@ -6,13 +6,11 @@ spelled exactly so for their state dicts to load unchanged.
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .autocast_weights import cast_of, linear, linear_weights_cast
+from .autocast_weights import block_weights_cast, cast_of, linear
 from .backends import BackendUnavailableError, check_backend
 
 
@@ -187,7 +185,8 @@ class Attention(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block (timm's ``Block``): ``x + attn(norm1(x))``, ``x + mlp(norm2(x))``."""
 
-    # On the "triton" backend under autocast: the Linears' weights cast in one copy (see _weights_cast).
+    # On the "triton" backend under autocast: the Linears' weights cast in one copy; False opts out
+    # (audiomae.autocast_weights.block_weights_cast).
     cast_weights_together = True
 
     def __init__(
@@ -214,14 +213,7 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=drop, backend=backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with self._weights_cast(x):
+        with block_weights_cast(self, x):  # one cast of its Linear weights (autocast_weights)
             x = x + self.drop_path(self.attn(self.norm1(x)))
             return x + self.drop_path(self.mlp(self.norm2(x)))
 
-    def _weights_cast(self, x: torch.Tensor):
-        """On the ``"triton"`` backend under autocast, the block's Linear weights cast in one copy
-        (``audiomae.autocast_weights``; ``cast_weights_together = False`` opts out); otherwise
-        autocast casts each as it runs."""
-        if self.cast_weights_together and getattr(self.attn, "backend", None) == "triton":
-            return linear_weights_cast(self, x)
-        return contextlib.nullcontext()

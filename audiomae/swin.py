@@ -8,13 +8,11 @@ see ``window_attention_core``.
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .autocast_weights import AUTOCAST_DEVICES, cast_of, linear, linear_weights_cast
+from .autocast_weights import AUTOCAST_DEVICES, block_weights_cast, cast_of, linear
 from .backends import BackendUnavailableError, check_backend
 from .layers import Mlp, to_2tuple, without_hooks
 
@@ -168,7 +166,8 @@ class WindowMultiHeadAttention(nn.Module):
 class SwinTransformerBlock(nn.Module):
     """Post-norm Swin-V2 block on a ``feat_size=(T, F)`` token grid: ``x + norm1(attn(x))``, ``x + norm2(mlp(x))``."""
 
-    # On the "triton" backend under autocast: the Linears' weights cast in one copy (see _weights_cast).
+    # On the "triton" backend under autocast: the Linears' weights cast in one copy; False opts out
+    # (audiomae.autocast_weights.block_weights_cast).
     cast_weights_together = True
 
     def __init__(self, dim, num_heads, feat_size, window_size=(4, 4), shift_size=(0, 0), mlp_ratio=4.0,
@@ -197,17 +196,10 @@ class SwinTransformerBlock(nn.Module):
                 and without_hooks(norm))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with self._weights_cast(x):
+        with block_weights_cast(self, x):  # one cast of its Linear weights (autocast_weights)
             x = self._add_norm(x, self.attn(x, self.feat_size, self.shift_size), self.norm1)
             return self._add_norm(x, self.mlp(x), self.norm2)
 
-    def _weights_cast(self, x: torch.Tensor):
-        """On the ``"triton"`` backend under autocast, the block's Linear weights cast in one copy
-        (``audiomae.autocast_weights``; ``cast_weights_together = False`` opts out); otherwise
-        autocast casts each as it runs."""
-        if self.cast_weights_together and getattr(self.attn, "backend", None) == "triton":
-            return linear_weights_cast(self, x)
-        return contextlib.nullcontext()
 
     def stream_copy_dtype(self, x: torch.Tensor) -> torch.dtype | None:
         """The dtype autocast casts this block's input to for its Linears, when the ``"triton"``
@@ -239,7 +231,7 @@ class SwinTransformerBlock(nn.Module):
             return self(x), None
         from kernels.post_norm_residual import post_norm_residual
 
-        with self._weights_cast(x):
+        with block_weights_cast(self, x):  # one cast of its Linear weights (autocast_weights)
             attn = self.attn(x_copy if x_copy is not None else x, self.feat_size, self.shift_size)
             x, x_copy = post_norm_residual(x, attn, self.norm1.weight, self.norm1.bias, eps=self.norm1.eps,
                                            copy_dtype=copy_dtype)

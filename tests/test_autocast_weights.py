@@ -2,7 +2,6 @@
 numbers as autocast's per-op casts, fewer cast nodes, the parameters untouched, and no effect
 wherever autocast's own casts should run."""
 import threading
-from collections import Counter
 from functools import partial
 
 import pytest
@@ -15,21 +14,11 @@ from audiomae.layers import Attention, Block, Mlp
 from audiomae.swin import SwinTransformerBlock, run_blocks
 from kernels import _dispatch
 
+from autograd_support import autograd_node_counts
+
 
 interpreter_only = pytest.mark.skipif(
     not _dispatch.interpreting(), reason="CPU tensors take the kernels only through the interpreter")
-
-
-def _nodes(t: torch.Tensor) -> Counter:
-    seen, counts, stack = set(), Counter(), [t.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        counts[type(node).__name__] += 1
-        stack.extend(next_node for next_node, _ in node.next_functions)
-    return counts
 
 
 def _run(module, x, grad, fused, device="cpu", dtype=torch.float16, call=None):
@@ -40,7 +29,7 @@ def _run(module, x, grad, fused, device="cpu", dtype=torch.float16, call=None):
     torch.manual_seed(1)  # the meta-MLPs' dropout draws the same either way
     with torch.autocast(device, dtype=dtype):
         out = (call or module)(x)
-    counts = _nodes(out)
+    counts = autograd_node_counts(out)
     grads = torch.autograd.grad(out, [x, *module.parameters()], grad, allow_unused=True)
     return out, grads, counts
 
@@ -112,7 +101,7 @@ def test_parameters_stay_in_place_and_get_float32_gradients():
     assert autocast_weights.cast_of(weight) is weight  # gone with the ``with``
     with torch.autocast("cpu", dtype=torch.float16):
         out = block(x)
-    assert _nodes(out)["_CastParametersBackward"] == 1
+    assert autograd_node_counts(out)["_CastParametersBackward"] == 1
     out.float().sum().backward()
     assert all(type(p) is nn.Parameter and p.dtype == torch.float32 for p in block.parameters())
     assert all(p.grad is not None and p.grad.dtype == torch.float32 and p.grad.shape == p.shape
@@ -286,7 +275,7 @@ def test_gpu_model_one_cast_per_block_changes_no_number(dtype):
         torch.manual_seed(1)
         with torch.autocast("cuda", dtype=dtype):
             loss = model(imgs, noise=noise)[0]
-        counts = _nodes(loss)
+        counts = autograd_node_counts(loss)
         loss.backward()
         results[fused] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
                                           if p.grad is not None}, counts)

@@ -1,7 +1,6 @@
 """The AudioMAE models against independent oracles (timm's blocks, explicit float64 math) and
 across backends."""
 import math
-from collections import Counter
 from functools import partial
 
 import pytest
@@ -13,6 +12,8 @@ from audiomae.backends import BackendUnavailableError
 from audiomae.layers import Block
 from audiomae.swin import SwinTransformerBlock, relative_coordinates_log
 from kernels import _dispatch
+
+from autograd_support import autograd_node_counts
 
 timm_vit = pytest.importorskip("timm.models.vision_transformer")
 timm_swin = pytest.importorskip("timm.models.swin_transformer_v2_cr")
@@ -190,19 +191,6 @@ def test_backends_agree_forward_and_backward(decoder_mode, mask_2d):
             torch.testing.assert_close(grads[name], g, rtol=1e-3, atol=1e-4, msg=f"{backend} {name}")
 
 
-def _autograd_node_counts(t: torch.Tensor) -> Counter:
-    """How many nodes of each type the autograd graph behind ``t`` holds."""
-    seen, counts, stack = set(), Counter(), [t.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        counts[type(node).__name__] += 1
-        stack.extend(next_node for next_node, _ in node.next_functions)
-    return counts
-
-
 def test_triton_decoder_takes_the_fused_kernels():
     # The "triton" backend must not run eager math where a kernel exists: one gather, one
     # unshuffle, per decoder block one window attention, two post-norm residuals and two Linears
@@ -219,7 +207,7 @@ def test_triton_decoder_takes_the_fused_kernels():
     spy = lambda blocks, x: calls.append(len(blocks)) or run_blocks(blocks, x)  # noqa: E731
     audiomae.mae.run_blocks = spy  # the decoder runs its blocks through run_blocks (the stream copy's loop)
     try:
-        counts = _autograd_node_counts(model(imgs, noise=noise)[0])
+        counts = autograd_node_counts(model(imgs, noise=noise)[0])
     finally:
         audiomae.mae.run_blocks = run_blocks
     assert calls == [len(model.decoder_blocks)]
@@ -306,7 +294,7 @@ def test_swin_blocks_stream_copy_changes_no_number(monkeypatch):
         torch.manual_seed(1)  # the meta-MLPs' dropout draws the same on every run
         with torch.autocast("cpu", dtype=torch.float16):
             out = run(blocks, x)
-        counts = _autograd_node_counts(out)
+        counts = autograd_node_counts(out)
         result = torch.autograd.grad(out, [x, *blocks.parameters()], g)
         monkeypatch.undo()
         return out, result, counts
@@ -344,7 +332,7 @@ def test_gpu_decoder_stream_copy_changes_no_number(monkeypatch, dtype):
         torch.manual_seed(1)
         with torch.autocast("cuda", dtype=dtype):
             loss = model(imgs, noise=noise)[0]
-        casts = _autograd_node_counts(loss)["ToCopyBackward0"]
+        casts = autograd_node_counts(loss)["ToCopyBackward0"]
         loss.backward()
         results[path] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
                                          if p.grad is not None}, casts)
