@@ -7,7 +7,10 @@ CPU target) 16 ten-second clips, quick: 4 one-second clips; CPU figures say noth
 Implementations:
 - ``cuda_kernel``: ``kernels.fbank(backend="cuda")``, one launch, float64 arithmetic inside;
   ``cuda_kernel_shape0``, ``cuda_kernel_shape2`` ... : the same kernel under its other launch shapes
-  (``LAUNCH_SHAPES`` in ``kernels/fbank.py``: frames per block, blocks per SM), candidates for the default.
+  (``LAUNCH_SHAPES`` in ``kernels/fbank.py``: frames per block, blocks per SM), candidates for the default;
+  ``cuda_kernel_general``: the default shape with every frame on the general pipeline
+  (``forced_general_path``), none on the 512-point specialisation that the other kernel rows take
+  for frames inside their clip (``frame_path`` on each row says which).
 - ``torch_path``: ``kernels.fbank(backend="torch")``, batched torch, float64 up to the FFT (the public torch path).
 - ``torch_path_fp32`` / ``torch_path_fp32_compiled``: the same pipeline in float32 (not within 1e-3 on
   tones, see kernels/fbank.py), eager and under ``torch.compile``: the plain vectorised baseline.
@@ -33,7 +36,9 @@ import pytest
 import torch
 
 from benches.harness import copy_bandwidth_gbps, device_info, memory_floor_ms, time_fn
-from kernels.fbank import DEFAULT_LAUNCH_SHAPE, LAUNCH_SHAPES, FbankOptions, fbank, fbank_torch, forced_launch_shape
+from kernels.fbank import (
+    DEFAULT_LAUNCH_SHAPE, LAUNCH_SHAPES, FbankOptions, fbank, fbank_torch, forced_general_path, forced_launch_shape,
+)
 
 SUITE = "fbank"
 SAMPLE_RATE = 16000
@@ -82,7 +87,13 @@ def _impls(waveforms: torch.Tensor, device: str, quick: bool) -> dict:
         # The kernel's other launch shapes (LAUNCH_SHAPES in kernels/fbank.py), candidates for the default.
         for shape in (shape for shape in range(len(LAUNCH_SHAPES)) if shape != DEFAULT_LAUNCH_SHAPE):
             impls[f"cuda_kernel_shape{shape}"] = lambda shape=shape: _forced_shape(shape, waveforms)
+        impls["cuda_kernel_general"] = lambda: _general_path(waveforms)
     return impls
+
+
+def _general_path(waveforms: torch.Tensor) -> torch.Tensor:
+    with forced_general_path():
+        return fbank(waveforms, backend="cuda", sample_frequency=SAMPLE_RATE, **AUDIOMAE_OPTIONS)
 
 
 def _forced_shape(shape: int, waveforms: torch.Tensor) -> torch.Tensor:
@@ -121,13 +132,18 @@ def run(device: str = "cuda", quick: bool = False) -> list[dict]:
     if "cuda_kernel" in by_impl and "torch_path_fp32_compiled" in by_impl:
         by_impl["cuda_kernel"]["speedup_vs_torch_path_fp32_compiled"] = (
             by_impl["torch_path_fp32_compiled"]["median_ms"] / by_impl["cuda_kernel"]["median_ms"])
-    if "cuda_kernel" in by_impl:
-        by_impl["cuda_kernel"].update(_traffic_rate(by_impl["cuda_kernel"]["median_ms"], num_clips * num_frames))
+    if "cuda_kernel_general" in by_impl:  # the traffic model replays the general pipeline
+        by_impl["cuda_kernel_general"].update(_traffic_rate(by_impl["cuda_kernel_general"]["median_ms"],
+                                                            num_clips * num_frames))
     for row in rows:  # which of kernels/fbank.py's LAUNCH_SHAPES each kernel row ran (the default moves)
-        if row["impl"] == "cuda_kernel":
+        if row["impl"] in ("cuda_kernel", "cuda_kernel_general"):
             row["launch_shape"] = DEFAULT_LAUNCH_SHAPE
         elif row["impl"].startswith("cuda_kernel_shape"):
             row["launch_shape"] = int(row["impl"].removeprefix("cuda_kernel_shape"))
+        if row["impl"].startswith("cuda_kernel"):
+            row["frame_path"] = "general" if row["impl"] == "cuda_kernel_general" else "fast"
+        if row["impl"] == "cuda_kernel_general" and "cuda_kernel" in by_impl:
+            row["fast_path_speedup"] = row["median_ms"] / by_impl["cuda_kernel"]["median_ms"]
     if device == "cuda":
         rows.append(_cpu_thread_row(waveforms[: 2 if quick else 8].cpu(), common))
     elif "torch_path" in by_impl:

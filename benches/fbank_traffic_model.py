@@ -12,8 +12,12 @@ accesses of one warp computing one frame, instruction by instruction, and counts
 ``--layout measured`` replays the kernel as it was when the H100 timed it (1.34 ms for 256
 ten-second clips, 2026-11-27): samples staged in shared memory, an unpadded FFT buffer (the first
 radix-8 pass stores at a 128-byte stride: 32-way conflicts), float64 Mel weights bin after bin,
-one twiddle table. ``--layout current`` replays fbank_frame.cuh as it is now (without ``--layout``,
-both). The ratio of the two counts is what the change should buy where the pipe is the bound; it is a model, not a timing:
+one twiddle table. ``--layout current`` replays fbank_frame.cuh's general pipeline
+(``compute_frame``; without ``--layout``, both), which the kernel now runs only for the frames that
+its 512-point specialisation (``compute_frame_512``: each sample read once, float Mel sums) does
+not serve; the benchmark times it as ``cuda_kernel_general`` and attaches the model's rate there.
+The ratio of the two counts is what the change should buy where the pipe is the bound; it is a
+model, not a timing:
 the GPU benchmark (benches/bench_fbank.py) is the measurement. A check of the model: the measured
 layout's count over the H100's time (1177 wavefronts x 256 x 998 frames / 132 SMs / 1.336 ms) is
 1.71 G wavefronts a second per SM, about the H100's clock under load, so that kernel ran at the

@@ -709,35 +709,45 @@ def _fbank_cuda_op(
     use_log_fbank: bool,
     use_power: bool,
     launch_shape: int,
+    fast_path: bool,
 ) -> torch.Tensor:
     from kernels._cuda_extension import load_extension
 
     return load_extension("fbank").fbank_cuda(
         waveforms, lengths, num_frames, window, fft_twiddles, real_twiddles, mel_start, mel_len, mel_weights,
         window_shift, reflect_pad, snip_edges, remove_dc_offset, preemphasis_coefficient, raw_energy,
-        energy_floor, use_energy, htk_compat, use_log_fbank, use_power, launch_shape,
+        energy_floor, use_energy, htk_compat, use_log_fbank, use_power, launch_shape, fast_path,
     )  # fmt: skip
 
 
 @_fbank_cuda_op.register_fake
 def _(waveforms, lengths, num_frames, window, fft_twiddles, real_twiddles, mel_start, mel_len, mel_weights,
       window_shift, reflect_pad, snip_edges, remove_dc_offset, preemphasis_coefficient, raw_energy, energy_floor,
-      use_energy, htk_compat, use_log_fbank, use_power, launch_shape):
+      use_energy, htk_compat, use_log_fbank, use_power, launch_shape, fast_path):
     num_features = mel_start.shape[0] + (1 if use_energy else 0)
     return waveforms.new_empty(waveforms.shape[0], num_frames, num_features)
 
 
 # The kernel's launch shapes (csrc/fbank/fbank.cu, kLaunchShapes): (frames per block, blocks per
-# SM asked of the register allocator). ptxas (sm_90) gives them 128, 96, 80, 72 and 72 registers a
-# thread; the last three spill 16 to 40 bytes. A 512-point frame takes 9 KiB of shared memory, so
-# an SM holds at most 24 warps whatever the registers allow: 16, 20, 24, 24 and 24 warps an SM.
-# Float32 clips take DEFAULT_LAUNCH_SHAPE, the fastest on the GPU: on an H200 (2026-11-27, batch
-# 256 ten-second clips, benches/results/gpu_check-h200-2026-11-27.json) the five read 1.152,
-# 0.9995, 1.016, 1.061 and 1.066 ms. Float64 clips take shape 0 (no spills at 128 registers).
-# ``forced_launch_shape`` picks another for float32, which the benchmark uses to time each.
+# SM asked of the register allocator). ptxas (sm_90, CUDA 13.0, 2026-11-28) gives them 126, 94, 80,
+# 72 and 72 registers a thread; the last three spill (36 to 96 bytes stored, 112 to 228 loaded).
+# A 512-point frame takes 9 KiB of shared memory, so an SM holds at most 24 warps whatever the
+# registers allow: 16, 20, 24, 24 and 24 warps an SM. Float32 clips take DEFAULT_LAUNCH_SHAPE, the
+# fastest on the GPU for the general pipeline: on an H200 (2026-11-27, batch 256 ten-second clips,
+# benches/results/gpu_check-h200-2026-11-27.json) the five read 1.152, 0.9995, 1.016, 1.061 and
+# 1.066 ms (before the 512-point specialisation below, which no GPU has timed yet). Float64 clips
+# take shape 0 (no spills at 128 registers). ``forced_launch_shape`` picks another for float32,
+# which the benchmark uses to time each.
 LAUNCH_SHAPES = ((8, 2), (4, 5), (8, 3), (4, 7), (2, 14))
 DEFAULT_LAUNCH_SHAPE = 1
 _LAUNCH_SHAPE = DEFAULT_LAUNCH_SHAPE
+
+# Frames of a 512-point padded window (25 ms at 16 kHz: every AudioMAE, SSAST and MAE-AST front
+# end) that lie inside their clip take the kernel's specialisation of the frame pipeline
+# (compute_frame_512 in csrc/fbank/fbank_frame.cuh: every size a constant, each sample read and
+# converted once, float Mel sums for float features); the others, and every frame when
+# ``forced_general_path`` is on, take the general pipeline. Same features within rounding.
+_FAST_PATH = True
 
 
 @contextlib.contextmanager
@@ -754,6 +764,19 @@ def forced_launch_shape(shape: int):
         _LAUNCH_SHAPE = previous
 
 
+@contextlib.contextmanager
+def forced_general_path():
+    """Run every frame through the kernel's general pipeline, none through its 512-point
+    specialisation (for measuring the one against the other; a process-wide setting, not for
+    concurrent use)."""
+    global _FAST_PATH
+    previous, _FAST_PATH = _FAST_PATH, False
+    try:
+        yield
+    finally:
+        _FAST_PATH = previous
+
+
 def fbank_cuda(waveforms: torch.Tensor, lengths: torch.Tensor, num_frames: int, opts: FbankOptions) -> torch.Tensor:
     """The kernel on ``waveforms`` ``[B, N]`` (contiguous CUDA) and ``lengths`` ``[B]`` int64."""
     t = kernel_tables(opts, waveforms.device, torch.get_default_dtype())
@@ -762,7 +785,7 @@ def fbank_cuda(waveforms: torch.Tensor, lengths: torch.Tensor, num_frames: int, 
         waveforms, lengths, num_frames, t.window, t.fft_twiddles, t.real_twiddles, t.mel_start, t.mel_len,
         t.mel_weights, opts.window_shift, opts.reflect_pad(), opts.snip_edges, opts.remove_dc_offset,
         opts.preemphasis_coefficient, opts.raw_energy, opts.energy_floor, opts.use_energy, opts.htk_compat,
-        opts.use_log_fbank, opts.use_power, shape,
+        opts.use_log_fbank, opts.use_power, shape, _FAST_PATH,
     )  # fmt: skip
 
 

@@ -4,6 +4,7 @@ The torch backend runs here; the CUDA kernel's arithmetic (csrc/fbank/fbank_fram
 through csrc/fbank/fbank_host_test.cpp, compiled with g++ and called through ctypes; the kernel
 itself runs in the ``gpu`` tests.
 """
+import contextlib
 import ctypes
 import math
 import re
@@ -19,7 +20,8 @@ import torch
 from torchaudio.compliance import kaldi
 
 from kernels.fbank import (
-    LAUNCH_SHAPES, FbankOptions, _fbank_cuda_op, _warn_once, fft_pass_twiddles, fbank, forced_launch_shape, kernel_tables,
+    LAUNCH_SHAPES, FbankOptions, _fbank_cuda_op, _warn_once, fft_pass_twiddles, fbank, forced_general_path,
+    forced_launch_shape, kernel_tables,
 )
 
 ATOL = 1e-3
@@ -278,18 +280,22 @@ def _ptr(t):
     return ctypes.c_void_p(t.data_ptr())
 
 
-def host_fbank(lib, waveforms, lengths, opts: FbankOptions, lanes: int | None = None):
+def host_fbank(lib, waveforms, lengths, opts: FbankOptions, lanes: int | None = None, fast_path: bool = True,
+               counted: list | None = None):
     """The kernel's per-frame pipeline over a batch, on the CPU, with the kernel's own tables: one
-    lane at a time, or ``lanes`` threads standing in for the warp's lanes."""
+    lane at a time, or ``lanes`` threads standing in for the warp's lanes. ``fast_path=False``
+    keeps every frame on the general pipeline (with 32 lanes, the frames that allow it otherwise
+    take the 512-point specialisation); ``counted`` (lanes only) gets the number that took it."""
     t = kernel_tables(opts, torch.device("cpu"), torch.get_default_dtype())
     num_frames = opts.num_frames(int(lengths.max()))
     out = torch.full((len(waveforms), num_frames, opts.num_features), float("nan"), dtype=waveforms.dtype)
     suffix = "float" if waveforms.dtype == torch.float32 else "double"
     i64, i32, f64 = ctypes.c_int64, ctypes.c_int, ctypes.c_double
+    fast_frames = ctypes.c_int64(0)
     if lanes is None:
         function, team = getattr(lib, f"fbank_host_{suffix}"), ()
     else:
-        function, team = getattr(lib, f"fbank_host_lanes_{suffix}"), (i32(lanes),)
+        function, team = getattr(lib, f"fbank_host_lanes_{suffix}"), (i32(lanes), ctypes.byref(fast_frames))
     function(
         _ptr(waveforms), _ptr(out), *team, i64(len(waveforms)), i64(waveforms.shape[1]), _ptr(lengths), i64(num_frames),
         i32(opts.window_size), i32(opts.padded_window_size), i64(opts.window_shift), i64(opts.reflect_pad()),
@@ -297,7 +303,10 @@ def host_fbank(lib, waveforms, lengths, opts: FbankOptions, lanes: int | None = 
         f64(opts.energy_floor), i32(opts.use_energy), i32(opts.htk_compat), i32(opts.use_log_fbank),
         i32(opts.use_power), i32(opts.num_mel_bins), i32(t.mel_weights.shape[0]), _ptr(t.window),
         _ptr(t.fft_twiddles), _ptr(t.real_twiddles), _ptr(t.mel_start), _ptr(t.mel_len), _ptr(t.mel_weights),
+        i32(fast_path),
     )  # fmt: skip
+    if counted is not None:
+        counted.append(fast_frames.value)
     return out
 
 
@@ -323,14 +332,15 @@ def test_kernel_arithmetic_padded_batch_float64(host_lib):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_kernel_arithmetic_keeps_nan_samples_nan(host_lib, dtype):
+@pytest.mark.parametrize("lanes", [None, 32], ids=["serial", "warp"])  # a warp of 32 takes compute_frame_512
+def test_kernel_arithmetic_keeps_nan_samples_nan(host_lib, lanes, dtype):
     """A NaN or Inf sample gives NaN in the frames that read it, as torchaudio and the torch path
     give; a max() that drops NaN (fmax) would turn them into the log floor and hide bad audio."""
     options = dict(use_energy=True, energy_floor=1.0)
     clips = clips_for({}, num_samples=3000).to(dtype)
     clips[1, 1000], clips[3, 2000] = float("nan"), float("inf")
     lengths = torch.full((len(clips),), 3000)
-    features = host_fbank(host_lib, clips, lengths, FbankOptions(**options))
+    features = host_fbank(host_lib, clips, lengths, FbankOptions(**options), lanes=lanes)
     expected = fbank(clips, lengths=lengths, backend="torch", **options)[0]
     torch.testing.assert_close(features.isnan(), expected.isnan())
     assert features[1].isnan().any(dim=1).sum() == 3 and features[0].isfinite().all()  # frames 4-6 read sample 1000
@@ -339,31 +349,34 @@ def test_kernel_arithmetic_keeps_nan_samples_nan(host_lib, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("snip_edges", [True, False])
-def test_kernel_arithmetic_pairs_and_single_samples(host_lib, dtype, snip_edges):
+@pytest.mark.parametrize("lanes", [None, 32], ids=["serial", "warp"])  # a warp of 32 takes compute_frame_512
+def test_kernel_arithmetic_pairs_and_single_samples(host_lib, lanes, dtype, snip_edges):
     """Frames inside their clip that start on a pair's alignment read two samples a load, the others
     one: an odd clip length (every other clip starts off the alignment), an odd frame shift (every
     other frame does) and reflected edges take both paths, with identical arithmetic."""
     options = dict(frame_shift=161 / 16.0, snip_edges=snip_edges, use_energy=True, raw_energy=False, dither=0.0)
     clips = clips_for({}, num_samples=2401).to(dtype)
     lengths = torch.tensor([2401, 2400, 1999, 2401, 1234])
-    features = host_fbank(host_lib, clips, lengths, FbankOptions(**options))
+    features = host_fbank(host_lib, clips, lengths, FbankOptions(**options), lanes=lanes)
     expected, _ = fbank(clips, lengths=lengths, backend="torch", **options)
     torch.testing.assert_close(features, expected, atol=1e-4 if dtype == torch.float32 else 1e-9, rtol=0)
     assert_matches_reference(features, clips, options, lengths)
 
 
 @pytest.mark.parametrize("amplitude", [1e-157, 1e-160, 6e151])
-def test_kernel_arithmetic_float64_clips_of_extreme_size(host_lib, amplitude):
+@pytest.mark.parametrize("lanes", [None, 32], ids=["serial", "warp"])  # a warp of 32 takes compute_frame_512
+def test_kernel_arithmetic_float64_clips_of_extreme_size(host_lib, lanes, amplitude):
     """float64 clips keep their power spectrum in double as it is: no scale to overflow or vanish
     (a frame energy near 1e-310 or 1e300), features as torchaudio's in float64."""
     clips = amplitude * torch.randn(2, 4000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     for options in (dict(), dict(use_power=False)):
-        features = host_fbank(host_lib, clips, torch.tensor([4000, 4000]), FbankOptions(**options))
+        features = host_fbank(host_lib, clips, torch.tensor([4000, 4000]), FbankOptions(**options), lanes=lanes)
         assert features.isfinite().all(), options
         assert_matches_reference(features, clips, options)
 
 
-def test_kernel_arithmetic_float_spectrum_of_wide_range(host_lib):
+@pytest.mark.parametrize("lanes", [None, 32], ids=["serial", "warp"])  # a warp of 32 takes compute_frame_512
+def test_kernel_arithmetic_float_spectrum_of_wide_range(host_lib, lanes):
     """float32 clips keep their power spectrum in float32, scaled so that the largest possible bin
     sits at 2^100: bins 50 decades below a loud frame's largest (here an exactly transformed loud
     pattern over unit noise) stay normal floats and keep their log."""
@@ -373,28 +386,30 @@ def test_kernel_arithmetic_float_spectrum_of_wide_range(host_lib):
     options = dict(window_type="rectangular", frame_length=32.0, preemphasis_coefficient=0.0, remove_dc_offset=False,
                    num_mel_bins=23)
     clips = x.float().unsqueeze(0)
-    features = host_fbank(host_lib, clips, torch.tensor([1024]), FbankOptions(**options))
+    features = host_fbank(host_lib, clips, torch.tensor([1024]), FbankOptions(**options), lanes=lanes)
     torch.testing.assert_close(features[0].double(), kaldi.fbank(clips.double(), **options), atol=1e-3, rtol=0)
 
 
-def test_kernel_arithmetic_inf_sample_without_preemphasis_keeps_infinite_energy(host_lib):
+@pytest.mark.parametrize("lanes", [None, 32], ids=["serial", "warp"])  # a warp of 32 takes compute_frame_512
+def test_kernel_arithmetic_inf_sample_without_preemphasis_keeps_infinite_energy(host_lib, lanes):
     """Without pre-emphasis (or DC removal) an Inf sample's frames have infinite energy, as
     torchaudio's and the torch path's: no 0 * Inf from the previous sample turns it into NaN."""
     options = dict(preemphasis_coefficient=0.0, use_energy=True, raw_energy=False, remove_dc_offset=False)
     clips = clips_for({}, num_samples=3000).double()
     clips[1, 1000] = float("inf")
-    features = host_fbank(host_lib, clips, torch.full((len(clips),), 3000), FbankOptions(**options))
+    features = host_fbank(host_lib, clips, torch.full((len(clips),), 3000), FbankOptions(**options), lanes=lanes)
     want = kaldi.fbank(clips[1:2], **options)
     torch.testing.assert_close(features[1, :, 0], want[:, 0], atol=1e-3, rtol=0)  # energy: inf in frames 4-6
     assert features[1, :, 0].isinf().sum() == 3
 
 
-def test_kernel_arithmetic_float_features_past_float_range(host_lib):
+@pytest.mark.parametrize("lanes", [None, 32], ids=["serial", "warp"])  # a warp of 32 takes compute_frame_512
+def test_kernel_arithmetic_float_features_past_float_range(host_lib, lanes):
     """float32 samples near 1e18 have Mel energies past float32's range: the kernel takes the log in
     double, so the features stay finite and match torchaudio in float64."""
     t = torch.arange(8000, dtype=torch.float64) / 16000
     clips = (1e18 * torch.sin(2 * math.pi * 1000 * t)).float().unsqueeze(0)
-    features = host_fbank(host_lib, clips, torch.tensor([8000]), FbankOptions())
+    features = host_fbank(host_lib, clips, torch.tensor([8000]), FbankOptions(), lanes=lanes)
     assert features.isfinite().all()
     want = kaldi.fbank(clips.double())
     torch.testing.assert_close(features[0].double(), want, atol=1e-3, rtol=0)
@@ -417,6 +432,57 @@ def test_kernel_arithmetic_with_concurrent_lanes(host_lib, name, lanes):
     torch.testing.assert_close(threaded, serial, atol=1e-9, rtol=0)  # sums in another order
     expected, _ = fbank(clips, lengths=lengths, backend="torch", **options)
     torch.testing.assert_close(threaded, expected, atol=1e-6, rtol=0)
+
+
+FAST_OPTION_SETS = [name for name in KERNEL_OPTION_SETS if FbankOptions(**OPTION_SETS[name]).padded_window_size == 512]
+
+
+def fast_frame_count(opts: FbankOptions, num_samples: int, lengths) -> int:
+    """Frames that compute_frame_512 serves: inside their clip, starting on a pair's alignment (clip b
+    of a contiguous batch starts b * num_samples samples after a base that is aligned), an even
+    window of a 512-point padded frame."""
+    if opts.padded_window_size != 512 or opts.window_size % 2:
+        return 0
+    count = 0
+    for b, length in enumerate(int(n) for n in lengths):
+        for frame in range(opts.num_frames(length)):
+            first = frame * opts.window_shift - opts.reflect_pad()
+            count += first >= 0 and first + opts.window_size <= length and (b * num_samples + first) % 2 == 0
+    return count
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("name", FAST_OPTION_SETS)
+def test_fast_frames_match_torchaudio_and_the_general_pipeline(host_lib, name, dtype):
+    """compute_frame_512, the specialisation that the kernel's warps take for 512-point frames inside
+    their clip, against torchaudio in float64 and against the general pipeline on the same frames.
+    An odd clip length puts every other clip off the pair alignment and a padded batch puts frames
+    past its clips' ends: those take the general pipeline, in the same call."""
+    options = OPTION_SETS[name]
+    opts = FbankOptions(**options)
+    clips = clips_for(options, num_samples=2401).to(dtype)
+    lengths = torch.tensor([2401, 2400, 1999, 2401, 1234])[: len(clips)]
+    counted = []
+    fast = host_fbank(host_lib, clips, lengths, opts, lanes=32, counted=counted)
+    general = host_fbank(host_lib, clips, lengths, opts, lanes=32, fast_path=False)
+    assert counted == [fast_frame_count(opts, clips.shape[1], lengths)] and counted[0] > 0
+    assert fast.isfinite().all() if options.get("use_log_fbank", True) else not fast.isnan().any()
+    # float32: the power spectrum is rounded to float in both; the sums of the mean and the
+    # energies run in another order (a last bit of a power, 1e-7 on a log)
+    torch.testing.assert_close(fast, general, atol=1e-5 if dtype == torch.float32 else 1e-9, rtol=0)
+    assert_matches_reference(fast, clips, options, lengths)
+
+
+def test_fast_frames_need_an_even_window(host_lib):
+    """A 401-sample window (25.0625 ms at 16 kHz) pads to 512 points but ends inside a pair: the
+    general pipeline serves every frame."""
+    options = dict(frame_length=25.0625, window_type="hanning", num_mel_bins=40)
+    clips = clips_for(options, num_samples=2400)
+    lengths = torch.full((len(clips),), 2400)
+    counted = []
+    features = host_fbank(host_lib, clips, lengths, FbankOptions(**options), lanes=32, counted=counted)
+    assert counted == [0]
+    assert_matches_reference(features, clips, options)
 
 
 @pytest.mark.parametrize("padded", [2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096])
@@ -580,7 +646,7 @@ def test_cuda_op_fake_shape(use_energy, energy_floor):
     t = kernel_tables(opts, torch.device("cpu"), torch.get_default_dtype())
     args = (torch.zeros(2, 16000), torch.full((2,), 16000), opts.num_frames(16000), t.window, t.fft_twiddles,
             t.real_twiddles, t.mel_start, t.mel_len, t.mel_weights, opts.window_shift, opts.reflect_pad(), True, True,
-            0.97, True, energy_floor, use_energy, False, True, True, 0)
+            0.97, True, energy_floor, use_energy, False, True, True, 0, True)
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:
         fake = tuple(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args)
         out = _fbank_cuda_op(*fake)
@@ -627,12 +693,15 @@ def test_cuda_kernel_padded_batch_equals_torch_backend(dtype):
 
 
 @gpu
+@pytest.mark.parametrize("path", ["fast", "general"])
 @pytest.mark.parametrize("shape", range(len(LAUNCH_SHAPES)))
-def test_cuda_every_launch_shape_matches_torchaudio_float64(shape):
+def test_cuda_every_launch_shape_matches_torchaudio_float64(shape, path):
     """Each launch shape the benchmark times (fewer frames a block, capped registers) is the same
     arithmetic: checked against torchaudio on every option set, with a padded batch and the
-    largest FFT (one frame a block), before any can become the default."""
-    with forced_launch_shape(shape):
+    largest FFT (one frame a block), before any can become the default; each with the 512-point
+    frames on their specialisation and on the general pipeline (the benchmark times both)."""
+    general = forced_general_path() if path == "general" else contextlib.nullcontext()
+    with forced_launch_shape(shape), general:
         for name in KERNEL_OPTION_SETS:
             options = OPTION_SETS[name]
             clips = clips_for(options)
@@ -736,7 +805,8 @@ def test_cuda_op_registration():
     lengths = torch.full((len(clips),), 2000, device="cuda")
     t = kernel_tables(opts, clips.device, torch.get_default_dtype())
     args = (clips, lengths, opts.num_frames(2000), t.window, t.fft_twiddles, t.real_twiddles, t.mel_start, t.mel_len,
-            t.mel_weights, opts.window_shift, opts.reflect_pad(), True, True, 0.97, True, 1.0, True, False, True, True, 0)  # fmt: skip
+            t.mel_weights, opts.window_shift, opts.reflect_pad(), True, True, 0.97, True, 1.0, True, False, True, True, 0,
+            True)  # fmt: skip
     torch.library.opcheck(_fbank_cuda_op, args)
     compiled = torch.compile(lambda x: _fbank_cuda_op(x, *args[1:]), fullgraph=True)
     torch.testing.assert_close(compiled(clips), fbank(clips, backend="cuda", num_mel_bins=40, use_energy=True))

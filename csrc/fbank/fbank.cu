@@ -17,6 +17,12 @@
 // builds them in); the twiddles are stored pass by pass (consecutive per lane); the window, and the
 // samples of a frame inside its clip, are read in pairs; the power spectrum is taken two bins per
 // load and kept in the features' type (float32 for float32 clips), scaled to fit.
+//
+// Frames of a 512-point padded window that lie inside their clip (nearly all of them at 25 ms and
+// 16 kHz) take fbank_frame.cuh's compute_frame_512 instead of the general compute_frame: the
+// same arithmetic with every size a constant, each sample read and converted once, pre-emphasis
+// neighbours by shuffle (see there). FrameConfig::fast_path = false sends every frame to the
+// general pipeline (kernels.fbank.forced_general_path, for the benchmark's comparison).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
@@ -58,6 +64,7 @@ struct WarpTeam {
     for (int offset = kWarp / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
     return v;
   }
+  __device__ double shuffle(double v, int source_lane) const { return __shfl_sync(0xffffffffu, v, source_lane); }
 };
 
 template <class scalar_t, int kShape>
@@ -117,7 +124,7 @@ at::Tensor fbank_cuda(const at::Tensor& waveforms, const at::Tensor& lengths, in
                       const at::Tensor& mel_start, const at::Tensor& mel_len, const at::Tensor& mel_weights,
                       int64_t window_shift, int64_t reflect_pad, bool snip_edges, bool remove_dc_offset,
                       double preemphasis_coefficient, bool raw_energy, double energy_floor, bool use_energy,
-                      bool htk_compat, bool use_log_fbank, bool use_power, int64_t launch_shape) {
+                      bool htk_compat, bool use_log_fbank, bool use_power, int64_t launch_shape, bool fast_path) {
   using namespace fbank;
   TORCH_CHECK(launch_shape >= 0 && launch_shape < kNumLaunchShapes, "fbank_cuda: launch_shape must be in [0, ",
               kNumLaunchShapes, "), got ", launch_shape);
@@ -156,7 +163,7 @@ at::Tensor fbank_cuda(const at::Tensor& waveforms, const at::Tensor& lengths, in
       remove_dc_offset, preemphasis_coefficient, raw_energy, energy_floor, use_energy, htk_compat, use_log_fbank,
       use_power, num_mel_bins, static_cast<int>(mel_weights.size(0)), window.data_ptr<double>(),
       fft_twiddles.data_ptr<double>(), real_twiddles.data_ptr<double>(), mel_start.data_ptr<int>(),
-      mel_len.data_ptr<int>(), mel_weights.data_ptr<float>());
+      mel_len.data_ptr<int>(), mel_weights.data_ptr<float>(), fast_path);
 
   const int frame_bytes = 2 * scratch_doubles(config.padded_size) * static_cast<int>(sizeof(double));
   int shared_limit = 0;

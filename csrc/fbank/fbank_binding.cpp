@@ -6,7 +6,8 @@ at::Tensor fbank_cuda(const at::Tensor& waveforms, const at::Tensor& lengths, in
                       const at::Tensor& mel_start, const at::Tensor& mel_len, const at::Tensor& mel_weights,
                       int64_t window_shift, int64_t reflect_pad, bool snip_edges, bool remove_dc_offset,
                       double preemphasis_coefficient, bool raw_energy, double energy_floor, bool use_energy,
-                      bool htk_compat, bool use_log_fbank, bool use_power, int64_t launch_shape);
+                      bool htk_compat, bool use_log_fbank, bool use_power, int64_t launch_shape,
+                      bool fast_path);
 std::string fbank_cuda_unavailable(int64_t device_index);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

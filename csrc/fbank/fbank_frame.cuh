@@ -6,8 +6,12 @@
 // arithmetic therefore runs in fbank.cu and in fbank_host_test.cpp, which is how the kernel's
 // numbers, and its lane decomposition, are checked against torchaudio without a GPU.
 //
-// Precision: samples are converted to double and stay double through the FFT and the Mel sums, so
-// bins far below a frame's peak (tones, sweeps) keep their log to 1e-3 (see kernels/fbank.py).
+// The Team interface: rank(), size(), sync(), sum(double) and shuffle(double, source_lane). A team
+// of 32 (the warp, or 32 host threads) takes compute_frame_512 for the frames it serves.
+//
+// Precision: samples are converted to double and stay double through the FFT, so bins far below
+// a frame's peak (tones, sweeps) keep their log to 1e-3 (see kernels/fbank.py); the Mel sums of
+// positive terms run in the features' type (MelSum).
 #pragma once
 
 #include <cmath>
@@ -151,17 +155,19 @@ FBANK_HD Complex* fft_passes(const Team& team, Complex* a, Complex* b, int n, in
   return a;
 }
 
-// |X[k]|^2 and |X[n - k]|^2 of the real sequence y[0..2n) whose halves were packed as
+// 4 |X[k]|^2 and 4 |X[n - k]|^2 of the real sequence y[0..2n) whose halves were packed as
 // z = y[even] + i y[odd] and transformed to Z (padded layout); real_twiddle = exp(-2 pi i k / (2n)).
 // X[k] = E + t O with E = (Z[k] + conj Z[n-k]) / 2, O = -i (Z[k] - conj Z[n-k]) / 2, t the twiddle;
-// X[n - k] reads the same two values: it is conj(E - t O). One load of each serves both bins.
+// X[n - k] reads the same two values: it is conj(E - t O). One load of each serves both bins. The
+// halves are left out (2X is computed): callers fold the exact 1/4 (1/2 for magnitudes) into the
+// power of two they scale by anyway (stored_power).
 struct PowerPair {
-  double low, high;  // |X[k]|^2, |X[n - k]|^2
+  double low, high;  // 4 |X[k]|^2, 4 |X[n - k]|^2
 };
 FBANK_HD PowerPair real_spectrum_powers(const Complex* Z, int n, int k, Complex real_twiddle) {
   const Complex zk = Z[padded_index(k)], zc = conj(Z[padded_index((n - k) & (n - 1))]);
-  const Complex even = scale(zk + zc, 0.5);
-  const Complex odd = real_twiddle * scale(times_minus_i(zk - zc), 0.5);
+  const Complex even = zk + zc;
+  const Complex odd = real_twiddle * times_minus_i(zk - zc);
   const Complex low = even + odd, high = even - odd;
   return {low.re * low.re + low.im * low.im, high.re * high.re + high.im * high.im};
 }
@@ -185,6 +191,7 @@ struct FrameConfig {
   int64_t window_shift;
   int64_t reflect_pad;  // samples mirrored before the clip when !snip_edges (negative: skipped)
   bool snip_edges, remove_dc_offset, raw_energy, use_energy, htk_compat, use_log_fbank, use_power;
+  bool fast_path;  // frames that allow it take compute_frame_512 (false: the general pipeline only, for timing it)
   double preemphasis_coefficient;
   double energy_floor;
   int num_mel_bins;
@@ -204,7 +211,8 @@ inline FrameConfig make_frame_config(int window_size, int padded_size, int64_t w
                                int raw_energy, double energy_floor, int use_energy, int htk_compat,
                                int use_log_fbank, int use_power, int num_mel_bins, int mel_width,
                                const double* window, const double* fft_twiddles, const double* real_twiddles,
-                               const int* mel_start, const int* mel_len, const float* mel_weights) {
+                               const int* mel_start, const int* mel_len, const float* mel_weights,
+                               bool fast_path) {
   FrameConfig c;
   c.window_size = window_size;
   c.padded_size = padded_size;
@@ -217,6 +225,7 @@ inline FrameConfig make_frame_config(int window_size, int padded_size, int64_t w
   c.htk_compat = htk_compat;
   c.use_log_fbank = use_log_fbank;
   c.use_power = use_power;
+  c.fast_path = fast_path;
   c.preemphasis_coefficient = preemphasis_coefficient;
   c.energy_floor = energy_floor;
   c.num_mel_bins = num_mel_bins;
@@ -255,6 +264,13 @@ FBANK_HD PowerScale power_scale(double bound, bool use_power) {
   int exponent;
   frexp(use_power ? bound : sqrt(bound), &exponent);  // the largest stored value < 2^exponent
   return {ldexp(1.0, 100 - exponent), ldexp(1.0, exponent - 100)};
+}
+
+// The value stored for a bin whose real_spectrum_powers value is `four_power` (4 |X|^2): the power
+// or the magnitude, times the scale. `factor`: stored_factor's.
+FBANK_HD double stored_factor(PowerScale scale, bool use_power) { return scale.to_stored * (use_power ? 0.25 : 0.5); }
+FBANK_HD double stored_power(double four_power, bool use_power, double factor) {
+  return (use_power ? four_power : sqrt(four_power)) * factor;
 }
 
 // Sample j of a frame whose first sample is clip sample `first`, reflected at the clip's ends
@@ -334,6 +350,197 @@ FBANK_HD void first_pass_from_clip(const Team& team, const FrameConfig& c, const
   }
 }
 
+// What the Mel sums accumulate in: float features in float, double ones in double. The terms are
+// positive (weights times powers), so a float sum of a bin's at most a few dozen terms is within
+// 1e-6 of the exact sum (1e-6 on the log), where converting each term to double cost two of the
+// slowest conversions a term; the cancellation that needs double happens before, in the FFT.
+template <class scalar_t>
+struct MelSum {
+  using type = double;
+};
+template <>
+struct MelSum<float> {
+  using type = float;
+};
+
+// The Mel features (and the energy) of one frame from its stored power spectrum `power`, into
+// out[0..num_mel_bins + use_energy): one Mel bin a lane at a time.
+FBANK_HD_TEMPLATE
+template <class Team, class scalar_t>
+FBANK_HD void write_features(const Team& team, const FrameConfig& c, const scalar_t* power, PowerScale scale,
+                             double energy, scalar_t* out) {
+  using sum_t = typename MelSum<scalar_t>::type;
+  const int mel_column = c.use_energy && !c.htk_compat ? 1 : 0;
+  for (int m = team.rank(); m < c.num_mel_bins; m += team.size()) {
+    const scalar_t* bins = power + c.mel_start[m];
+    sum_t e = 0;
+    for (int i = 0; i < c.mel_len[m]; ++i) {
+      e += static_cast<sum_t>(c.mel_weights[static_cast<int64_t>(i) * c.num_mel_bins + m]) * static_cast<sum_t>(bins[i]);
+    }
+    const double energy_m = static_cast<double>(e) * scale.from_stored;
+    out[mel_column + m] = c.use_log_fbank ? log_floored(energy_m, scalar_t()) : static_cast<scalar_t>(energy_m);
+  }
+  if (c.use_energy && team.rank() == 0) {
+    double log_energy = log(at_least(energy, kLogFloor));
+    if (c.energy_floor > 0.0) log_energy = at_least(log_energy, log(c.energy_floor));
+    out[c.htk_compat ? c.num_mel_bins : 0] = static_cast<scalar_t>(log_energy);
+  }
+}
+
+// ---- The common frame, specialised: 512-point FFT, whole frame inside the clip, 32 lanes -----------
+//
+// compute_frame serves every option and frame; for the frames most calls are made of (a 25 ms
+// window at 16 kHz: 400 samples padded to 512, inside its clip) it spends most of its instructions
+// on what it cannot know at compile time: lane-strided loops of runtime length, reflected and
+// 64-bit sample indices, per-sample branches, the samples read and converted to double three times
+// (the mean's pass, the sample, its pre-emphasis neighbour). On the H200 it issued about 2,400
+// warp instructions a frame (Nsight Compute, 2026-11-27: 0.58 issued a cycle at 4.9 warps a
+// scheduler). Here every size is a constant: each lane reads its 16 samples once (as 8 pairs, the
+// pairs the FFT's first radix-8 pass takes from it), converts them once, sums them for the mean,
+// takes each pair's pre-emphasis neighbour from the next lane down by a shuffle, and runs the
+// three Stockham passes (8, 8, 4) unrolled. Same arithmetic as compute_frame, term for term, up to
+// the order of the mean's and the energies' sums.
+constexpr int kFastLanes = 32;
+constexpr int kFastPoints = 256;  // complex FFT points: a 512-sample padded frame
+
+// Whether frame samples [first, first + W) take compute_frame_512: the whole padded frame is 512
+// samples, the window an even number of them (whole pairs), the frame inside its clip and on a
+// pair's alignment, and the team a warp of 32.
+template <class Team, class scalar_t>
+FBANK_HD bool fast_frame_applies(const Team& team, const FrameConfig& c, const scalar_t* clip, int64_t length,
+                                 int64_t first) {
+  return c.fast_path && team.size() == kFastLanes && c.padded_size == 2 * kFastPoints && c.window_size % 2 == 0 &&
+         reads_sample_pairs(c, clip, length, first);
+}
+
+// compute_frame_512's FFT input v[r] = y[2m] + i y[2m + 1] of lane l's pairs m = l + 32 r, from
+// its samples x0[r], x1[r] (zero past the window): y = window * (x - coefficient * x_prev), x less
+// the mean. x_prev of sample 2m + 1 is 2m, in the lane; of 2m it is 2m - 1, the odd sample of lane
+// l - 1, which a shuffle brings (lane 31 sends its previous r's instead, lane 0's neighbour; pair 0
+// is its own neighbour, as Kaldi's first sample). kEmphasis: the coefficient is not zero (without
+// it no neighbour is read: 0 * Inf would be NaN). Adds y^2 to windowed_energy and, when `raw`,
+// (x - mean)^2 to raw_energy. Every branch is uniform across the warp; pairs past the window get
+// a zero window and no neighbour, so they add nothing.
+FBANK_HD_TEMPLATE
+template <bool kEmphasis, class Team>
+FBANK_HD void windowed_pairs_512(const Team& team, const FrameConfig& c, double mean, const double* x0,
+                                 const double* x1, Complex* v, bool raw, double& raw_energy,
+                                 double& windowed_energy) {
+  constexpr int R = 8, L = kFastLanes;
+  const int lane = team.rank(), below_lane = (lane + L - 1) % L;
+  const auto* window = reinterpret_cast<const Complex*>(c.window);
+  const double coefficient = c.preemphasis_coefficient;
+  double last_odd = 0.0;  // this lane's odd sample (less the mean) of the previous r
+#pragma unroll
+  for (int r = 0; r < R; ++r) v[r] = Complex{0.0, 0.0};
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    if (2 * L * r >= c.window_size) break;  // no lane has a sample here, nor at any later r
+    const int m = lane + L * r;
+    const bool inside = 2 * m < c.window_size;
+    const double d0 = x0[r] - mean, d1 = x1[r] - mean;
+    const Complex w = inside ? window[m] : Complex{0.0, 0.0};
+    double e0 = d0, e1 = d1;
+    if (kEmphasis) {
+      const double below = team.shuffle(lane == L - 1 ? last_odd : d1, below_lane);
+      const double previous = !inside ? 0.0 : lane == 0 && r == 0 ? d0 : below;
+      last_odd = d1;
+      e0 = d0 - coefficient * previous;
+      e1 = d1 - coefficient * d0;
+    }
+    const double y0 = w.re * e0, y1 = w.im * e1;
+    windowed_energy += y0 * y0 + y1 * y1;
+    if (raw && inside) raw_energy += d0 * d0 + d1 * d1;
+    v[r] = Complex{y0, y1};
+  }
+}
+
+FBANK_HD_TEMPLATE
+template <class Team, class scalar_t>
+FBANK_HD void compute_frame_512(const Team& team, const FrameConfig& c, const scalar_t* clip, int64_t first,
+                                double* a, double* b, scalar_t* out) {
+  constexpr int R = 8, L = kFastLanes;
+  const int lane = team.rank(), W = c.window_size;
+  const auto* pairs = reinterpret_cast<const SamplePair<scalar_t>*>(clip + first);
+
+  // Lane l holds sample pairs m = l + 32 r (r < 8): samples 2m and 2m + 1, zero past the window.
+  double x0[R], x1[R], sum = 0.0;
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    const int m = lane + L * r;
+    x0[r] = x1[r] = 0.0;
+    if (2 * m < W) {
+      const SamplePair<scalar_t> pair = pairs[m];
+      x0[r] = static_cast<double>(pair.even);
+      x1[r] = static_cast<double>(pair.odd);
+      sum += x0[r] + x1[r];
+    }
+  }
+  const double mean = c.remove_dc_offset ? team.sum(sum) / W : 0.0;
+
+  const bool raw = c.use_energy && c.raw_energy;
+  double raw_energy = 0.0, windowed_energy = 0.0;
+  Complex v[R];
+  if (c.preemphasis_coefficient != 0.0) {
+    windowed_pairs_512<true>(team, c, mean, x0, x1, v, raw, raw_energy, windowed_energy);
+  } else {
+    windowed_pairs_512<false>(team, c, mean, x0, x1, v, raw, raw_energy, windowed_energy);
+  }
+  const double windowed_total = team.sum(windowed_energy);
+  const double energy = raw ? team.sum(raw_energy) : windowed_total;
+
+  // The three Stockham passes of fft_passes for n = 256 (radix 8 at span 1, 8 at 8, 4 at 64).
+  Complex* A = reinterpret_cast<Complex*>(a);
+  Complex* B = reinterpret_cast<Complex*>(b);
+  dft8(v);
+#pragma unroll
+  for (int r = 0; r < R; ++r) A[padded_index(R * lane + r)] = v[r];
+  team.sync();
+  {
+    const int k = lane & 7;
+#pragma unroll
+    for (int r = 0; r < R; ++r) v[r] = A[padded_index(lane + L * r)];
+#pragma unroll
+    for (int r = 1; r < R; ++r) v[r] = v[r] * c.fft_twiddles[8 * r + k];
+    dft8(v);
+#pragma unroll
+    for (int r = 0; r < R; ++r) B[padded_index(8 * (lane - k) + k + 8 * r)] = v[r];
+  }
+  team.sync();
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int j = lane + L * h;  // position in the sub-transform of 64: its own base
+    Complex u[4];
+#pragma unroll
+    for (int r = 0; r < 4; ++r) u[r] = B[padded_index(j + 64 * r)];
+#pragma unroll
+    for (int r = 1; r < 4; ++r) u[r] = u[r] * c.fft_twiddles[64 * r + j];
+    dft4(u);
+#pragma unroll
+    for (int r = 0; r < 4; ++r) A[padded_index(j + 64 * r)] = u[r];
+  }
+  team.sync();
+
+  // Power spectrum into B, as compute_frame stores it; then the Mel sums.
+  const PowerScale scale = power_scale<scalar_t>(2 * kFastPoints * windowed_total, c.use_power);
+  const double factor = stored_factor(scale, c.use_power);
+  scalar_t* power = reinterpret_cast<scalar_t*>(b);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int k = lane + L * i;  // bins k and 256 - k; bin 0's partner is Nyquist's, which is dropped
+    const PowerPair p = real_spectrum_powers(A, kFastPoints, k, c.real_twiddles[k]);
+    power[k] = static_cast<scalar_t>(stored_power(p.low, c.use_power, factor));
+    if (k > 0) power[kFastPoints - k] = static_cast<scalar_t>(stored_power(p.high, c.use_power, factor));
+  }
+  if (lane == 0) {
+    // Bin 128 is its own partner: with the twiddle -i, X[128] = conj Z[128], so 4 |X|^2 = 4 |Z[128]|^2.
+    const Complex z = A[padded_index(kFastPoints / 2)];
+    power[kFastPoints / 2] = static_cast<scalar_t>(stored_power(4.0 * (z.re * z.re + z.im * z.im), c.use_power, factor));
+  }
+  team.sync();
+  write_features(team, c, power, scale, energy, out);
+}
+
 // Features of frame `frame` of one clip into out[0..num_mel_bins + use_energy).
 // a and b: scratch_doubles(P) doubles each (16-byte aligned), private to the team.
 FBANK_HD_TEMPLATE
@@ -347,6 +554,10 @@ FBANK_HD void compute_frame(const Team& team, const FrameConfig& c, const scalar
   }
   const int W = c.window_size, n = c.padded_size / 2;
   const int64_t first = frame * c.window_shift - c.reflect_pad;
+  if (fast_frame_applies(team, c, clip, length, first)) {
+    compute_frame_512(team, c, clip, first, a, b, out);
+    return;
+  }
 
   double mean = 0.0;
   if (c.remove_dc_offset) {
@@ -381,28 +592,15 @@ FBANK_HD void compute_frame(const Team& team, const FrameConfig& c, const scalar
   const PowerScale scale = power_scale<scalar_t>(c.padded_size * windowed_total, c.use_power);
   scalar_t* power = reinterpret_cast<scalar_t*>(reinterpret_cast<double*>(spectrum) == a ? b : a);
   // Bins k and n - k together (k = 0 and k = n / 2 are their own partners; bin n, Nyquist, is dropped).
+  const double factor = stored_factor(scale, c.use_power);
   for (int k = team.rank(); k <= n / 2; k += team.size()) {
     const PowerPair p = real_spectrum_powers(spectrum, n, k, c.real_twiddles[k]);
-    power[k] = static_cast<scalar_t>((c.use_power ? p.low : sqrt(p.low)) * scale.to_stored);
-    if (k > 0 && 2 * k < n) power[n - k] = static_cast<scalar_t>((c.use_power ? p.high : sqrt(p.high)) * scale.to_stored);
+    power[k] = static_cast<scalar_t>(stored_power(p.low, c.use_power, factor));
+    if (k > 0 && 2 * k < n) power[n - k] = static_cast<scalar_t>(stored_power(p.high, c.use_power, factor));
   }
   team.sync();
 
-  const int mel_column = c.use_energy && !c.htk_compat ? 1 : 0;
-  for (int m = team.rank(); m < c.num_mel_bins; m += team.size()) {
-    const scalar_t* bins = power + c.mel_start[m];
-    double e = 0.0;
-    for (int i = 0; i < c.mel_len[m]; ++i) {
-      e += static_cast<double>(c.mel_weights[static_cast<int64_t>(i) * c.num_mel_bins + m]) * static_cast<double>(bins[i]);
-    }
-    e *= scale.from_stored;
-    out[mel_column + m] = c.use_log_fbank ? log_floored(e, scalar_t()) : static_cast<scalar_t>(e);
-  }
-  if (c.use_energy && team.rank() == 0) {
-    double log_energy = log(at_least(energy, kLogFloor));
-    if (c.energy_floor > 0.0) log_energy = at_least(log_energy, log(c.energy_floor));
-    out[c.htk_compat ? c.num_mel_bins : 0] = static_cast<scalar_t>(log_energy);
-  }
+  write_features(team, c, power, scale, energy, out);
 }
 
 // The team of one that runs the pipeline serially on the host.
@@ -411,6 +609,7 @@ struct SerialTeam {
   FBANK_HD int size() const { return 1; }
   FBANK_HD void sync() const {}
   FBANK_HD double sum(double v) const { return v; }
+  FBANK_HD double shuffle(double v, int) const { return v; }
 };
 
 }  // namespace fbank

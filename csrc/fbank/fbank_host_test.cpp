@@ -70,6 +70,13 @@ class ThreadTeam {
     sync();  // no lane overwrites its partial before every lane has read them all
     return total;
   }
+  double shuffle(double v, int source_lane) const {
+    partial_[lane_] = v;
+    sync();
+    const double got = partial_[source_lane];
+    sync();
+    return got;
+  }
 
  private:
   int lane_, lanes_;
@@ -78,9 +85,10 @@ class ThreadTeam {
 };
 
 // One warp of the kernel walking every (clip, frame), as the kernel's clip loop does for its frame.
+// `fast_frames` (when not null) gets the number of frames that took compute_frame_512.
 template <class scalar_t>
 void run_lanes(const scalar_t* waveforms, int64_t num_clips, int64_t num_samples, const int64_t* lengths,
-               int64_t num_frames, fbank::FrameConfig config, scalar_t* out, int lanes) {
+               int64_t num_frames, fbank::FrameConfig config, scalar_t* out, int lanes, int64_t* fast_frames) {
   const int num_features = config.num_mel_bins + (config.use_energy ? 1 : 0);
   const int buffer = fbank::scratch_doubles(config.padded_size);
   std::vector<double> scratch(2 * static_cast<size_t>(buffer) + 2);
@@ -93,8 +101,14 @@ void run_lanes(const scalar_t* waveforms, int64_t num_clips, int64_t num_samples
       const ThreadTeam team(lane, lanes, barrier, partial.data());
       for (int64_t clip = 0; clip < num_clips; ++clip) {
         for (int64_t frame = 0; frame < num_frames; ++frame) {
-          fbank::compute_frame(team, config, waveforms + clip * num_samples, lengths[clip], frame, a,
-                               a + buffer, out + (clip * num_frames + frame) * num_features);
+          const scalar_t* samples = waveforms + clip * num_samples;
+          if (fast_frames != nullptr && lane == 0 && frame < fbank::frames_of_clip(config, lengths[clip]) &&
+              fbank::fast_frame_applies(team, config, samples, lengths[clip],
+                                        frame * config.window_shift - config.reflect_pad)) {
+            ++*fast_frames;
+          }
+          fbank::compute_frame(team, config, samples, lengths[clip], frame, a, a + buffer,
+                               out + (clip * num_frames + frame) * num_features);
           team.sync();  // the kernel's __syncwarp before the scratch is reused
         }
       }
@@ -111,12 +125,12 @@ void run_lanes(const scalar_t* waveforms, int64_t num_clips, int64_t num_samples
       double preemphasis_coefficient, int raw_energy, double energy_floor, int use_energy, int htk_compat,   \
       int use_log_fbank, int use_power, int num_mel_bins, int mel_width, const double *window,               \
       const double *fft_twiddles, const double *real_twiddles, const int *mel_start, const int *mel_len,     \
-      const float *mel_weights
+      const float *mel_weights, int fast_path
 #define FBANK_HOST_CONFIG                                                                                    \
   fbank::make_frame_config(window_size, padded_size, window_shift, reflect_pad, snip_edges, remove_dc_offset,            \
               preemphasis_coefficient, raw_energy, energy_floor, use_energy, htk_compat, use_log_fbank,     \
               use_power, num_mel_bins, mel_width, window, fft_twiddles, real_twiddles, mel_start, mel_len,   \
-              mel_weights)
+              mel_weights, fast_path)
 
 extern "C" void fbank_host_float(const float* waveforms, float* out, FBANK_HOST_ARGS) {
   run(waveforms, num_clips, num_samples, lengths, num_frames, FBANK_HOST_CONFIG, out);
@@ -126,12 +140,14 @@ extern "C" void fbank_host_double(const double* waveforms, double* out, FBANK_HO
   run(waveforms, num_clips, num_samples, lengths, num_frames, FBANK_HOST_CONFIG, out);
 }
 
-extern "C" void fbank_host_lanes_float(const float* waveforms, float* out, int lanes, FBANK_HOST_ARGS) {
-  run_lanes(waveforms, num_clips, num_samples, lengths, num_frames, FBANK_HOST_CONFIG, out, lanes);
+extern "C" void fbank_host_lanes_float(const float* waveforms, float* out, int lanes, int64_t* fast_frames,
+                                       FBANK_HOST_ARGS) {
+  run_lanes(waveforms, num_clips, num_samples, lengths, num_frames, FBANK_HOST_CONFIG, out, lanes, fast_frames);
 }
 
-extern "C" void fbank_host_lanes_double(const double* waveforms, double* out, int lanes, FBANK_HOST_ARGS) {
-  run_lanes(waveforms, num_clips, num_samples, lengths, num_frames, FBANK_HOST_CONFIG, out, lanes);
+extern "C" void fbank_host_lanes_double(const double* waveforms, double* out, int lanes, int64_t* fast_frames,
+                                        FBANK_HOST_ARGS) {
+  run_lanes(waveforms, num_clips, num_samples, lengths, num_frames, FBANK_HOST_CONFIG, out, lanes, fast_frames);
 }
 
 // The bare complex FFT of data[0..n) in place, to test the Stockham passes against numpy for every
