@@ -29,8 +29,9 @@ Contract
   built exactly as torchaudio builds it (in the default dtype; the kernel holds it in float32, which
   is exact unless the default dtype is float64), the log floor is float32's epsilon.
   One limit of float32 after the FFT: float32 samples beyond about 1e17 give a power spectrum past
-  float32's range, and the torch path's features become inf or NaN there (the kernel sums and takes
-  the log in double; float64 clips are fine on both).
+  float32's range, and the torch path's features become inf or NaN there (the kernel stores the
+  power spectrum scaled by a power of two, sums its Mel bins in float32 and takes the log in
+  double; float64 clips are fine on both).
 
 Backends
 --------
@@ -729,16 +730,17 @@ def _(waveforms, lengths, num_frames, window, fft_twiddles, real_twiddles, mel_s
 
 
 # The kernel's launch shapes (csrc/fbank/fbank.cu, kLaunchShapes): (frames per block, blocks per
-# SM asked of the register allocator). ptxas (sm_90, CUDA 13.0, 2026-11-28) gives them 126, 94, 80,
-# 72 and 72 registers a thread; the last three spill (36 to 96 bytes stored, 112 to 228 loaded).
-# A 512-point frame takes 9 KiB of shared memory, so an SM holds at most 24 warps whatever the
-# registers allow: 16, 20, 24, 24 and 24 warps an SM. Float32 clips take DEFAULT_LAUNCH_SHAPE, the
-# fastest on the GPU for the general pipeline: on an H200 (2026-11-27, batch 256 ten-second clips,
-# benches/results/gpu_check-h200-2026-11-27.json) the five read 1.152, 0.9995, 1.016, 1.061 and
-# 1.066 ms (before the 512-point specialisation below, which no GPU has timed yet). Float64 clips
-# take shape 0 (no spills at 128 registers). ``forced_launch_shape`` picks another for float32,
-# which the benchmark uses to time each.
-LAUNCH_SHAPES = ((8, 2), (4, 5), (8, 3), (4, 7), (2, 14))
+# SM asked of the register allocator). ptxas (sm_90, CUDA 13.0, 2026-11-28) gives them 126, 96 and
+# 80 registers a thread; the last spills (40 bytes stored, 136 loaded). A 512-point frame takes
+# 9 KiB of shared memory, so an SM holds at most 24 warps whatever the registers allow: 16, 20 and
+# 24 warps an SM. Float32 clips take DEFAULT_LAUNCH_SHAPE, the fastest on the GPU for the general
+# pipeline: on an H200 (2026-11-27, batch 256 ten-second clips,
+# benches/results/gpu_check-h200-2026-11-27.json) the three read 1.152, 0.9995 and 1.016 ms (two
+# more shapes at 72 registers, 1.061 and 1.066 ms, are gone: they spill with the specialisation
+# below), before the 512-point specialisation, which no GPU has timed yet. Float64 clips take
+# shape 0 (no spills at 128 registers). ``forced_launch_shape`` picks another for float32, which
+# the benchmark uses to time each.
+LAUNCH_SHAPES = ((8, 2), (4, 5), (8, 3))
 DEFAULT_LAUNCH_SHAPE = 1
 _LAUNCH_SHAPE = DEFAULT_LAUNCH_SHAPE
 

@@ -473,6 +473,45 @@ def test_fast_frames_match_torchaudio_and_the_general_pipeline(host_lib, name, d
     assert_matches_reference(fast, clips, options, lengths)
 
 
+def test_fast_frames_keep_an_overflowed_mean_infinite(host_lib):
+    """Finite float64 samples whose frame sum overflows (a mean of Inf): the windowed energy is Inf
+    on both pipelines, as torchaudio's; pairs past the window add zero, not 0 * Inf."""
+    options = dict(window_type="rectangular", preemphasis_coefficient=0.0, use_energy=True, raw_energy=False)
+    clips = torch.full((1, 1600), 1e306, dtype=torch.float64)
+    lengths = torch.tensor([1600])
+    counted = []
+    fast = host_fbank(host_lib, clips, lengths, FbankOptions(**options), lanes=32, counted=counted)[0, :, 0]
+    general = host_fbank(host_lib, clips, lengths, FbankOptions(**options), lanes=32, fast_path=False)[0, :, 0]
+    assert counted[0] == len(fast) and kaldi.fbank(clips, **options)[:, 0].isposinf().all()
+    assert fast.isposinf().all() and general.isposinf().all()
+
+
+@pytest.mark.parametrize("use_power", [True, False])
+def test_float64_spectrum_near_overflow_as_torchaudio(host_lib, use_power):
+    """float64 clips whose largest |X| is about 1e154: double features keep the real FFT's halves
+    (computing 2X first would square past double's range at half the amplitude), so they are
+    infinite exactly where torchaudio's are."""
+    clips = 1.5e152 * torch.randn(1, 4000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    want = kaldi.fbank(clips, use_power=use_power)
+    for lanes in (None, 32):
+        got = host_fbank(host_lib, clips, torch.tensor([4000]), FbankOptions(use_power=use_power), lanes=lanes)
+        assert torch.equal(got[0].isinf(), want.isinf()), (lanes, int(got.isinf().sum()), int(want.isinf().sum()))
+
+
+def test_fast_frames_nan_where_the_general_pipeline_has_nan(host_lib):
+    """A tone at a quarter of the rate near double's largest value: Z[128] is infinite, and the
+    general pipeline's bin 128 is Inf - Inf = NaN; the specialisation computes that bin by the same
+    formula, so NaN lands in the same features."""
+    options = dict(window_type="rectangular", frame_length=32.0, preemphasis_coefficient=0.0, remove_dc_offset=False,
+                   low_freq=0.0, use_log_fbank=False)
+    y = torch.zeros(1024, dtype=torch.float64)
+    y[0::2] = 7.5e305 * (-1.0) ** torch.arange(512, dtype=torch.float64)
+    clips, lengths = y.unsqueeze(0), torch.tensor([1024])
+    fast = host_fbank(host_lib, clips, lengths, FbankOptions(**options), lanes=32)
+    general = host_fbank(host_lib, clips, lengths, FbankOptions(**options), lanes=32, fast_path=False)
+    assert general.isnan().any() and torch.equal(fast.isnan(), general.isnan())
+
+
 def test_fast_frames_need_an_even_window(host_lib):
     """A 401-sample window (25.0625 ms at 16 kHz) pads to 512 points but ends inside a pair: the
     general pipeline serves every frame."""

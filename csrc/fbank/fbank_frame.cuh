@@ -155,19 +155,26 @@ FBANK_HD Complex* fft_passes(const Team& team, Complex* a, Complex* b, int n, in
   return a;
 }
 
-// 4 |X[k]|^2 and 4 |X[n - k]|^2 of the real sequence y[0..2n) whose halves were packed as
+// |X[k]|^2 and |X[n - k]|^2 of the real sequence y[0..2n) whose halves were packed as
 // z = y[even] + i y[odd] and transformed to Z (padded layout); real_twiddle = exp(-2 pi i k / (2n)).
 // X[k] = E + t O with E = (Z[k] + conj Z[n-k]) / 2, O = -i (Z[k] - conj Z[n-k]) / 2, t the twiddle;
-// X[n - k] reads the same two values: it is conj(E - t O). One load of each serves both bins. The
-// halves are left out (2X is computed): callers fold the exact 1/4 (1/2 for magnitudes) into the
-// power of two they scale by anyway (stored_power).
+// X[n - k] reads the same two values: it is conj(E - t O). One load of each serves both bins.
+// kHalved = false leaves the halves out and returns 4 |X|^2 (four multiplications fewer; the
+// caller folds the exact 1/4 into its stored scale, stored_factor): for float features, whose
+// frames cannot come near double's range. Double features keep the halves, so that |X|^2 is as
+// far from overflow as it can be.
 struct PowerPair {
-  double low, high;  // 4 |X[k]|^2, 4 |X[n - k]|^2
+  double low, high;  // |X[k]|^2, |X[n - k]|^2 (times 4 unless kHalved)
 };
+template <bool kHalved>
 FBANK_HD PowerPair real_spectrum_powers(const Complex* Z, int n, int k, Complex real_twiddle) {
   const Complex zk = Z[padded_index(k)], zc = conj(Z[padded_index((n - k) & (n - 1))]);
-  const Complex even = zk + zc;
-  const Complex odd = real_twiddle * times_minus_i(zk - zc);
+  Complex even = zk + zc, odd = times_minus_i(zk - zc);
+  if (kHalved) {
+    even = scale(even, 0.5);
+    odd = scale(odd, 0.5);
+  }
+  odd = real_twiddle * odd;
   const Complex low = even + odd, high = even - odd;
   return {low.re * low.re + low.im * low.im, high.re * high.re + high.im * high.im};
 }
@@ -266,11 +273,21 @@ FBANK_HD PowerScale power_scale(double bound, bool use_power) {
   return {ldexp(1.0, 100 - exponent), ldexp(1.0, exponent - 100)};
 }
 
-// The value stored for a bin whose real_spectrum_powers value is `four_power` (4 |X|^2): the power
-// or the magnitude, times the scale. `factor`: stored_factor's.
-FBANK_HD double stored_factor(PowerScale scale, bool use_power) { return scale.to_stored * (use_power ? 0.25 : 0.5); }
-FBANK_HD double stored_power(double four_power, bool use_power, double factor) {
-  return (use_power ? four_power : sqrt(four_power)) * factor;
+// Whether scalar_t features take real_spectrum_powers with the halves (double) or without (float).
+template <class scalar_t>
+struct SpectrumHalved {
+  static constexpr bool value = sizeof(scalar_t) == sizeof(double);
+};
+
+// The value stored for a bin whose real_spectrum_powers<SpectrumHalved<scalar_t>> value is
+// `power` (|X|^2, or 4 |X|^2 for float features): the power or the magnitude, times the scale.
+// `factor`: stored_factor's (the scale, times the exact 1/4 or 1/2 that the missing halves need).
+template <class scalar_t>
+FBANK_HD double stored_factor(PowerScale scale, bool use_power) {
+  return SpectrumHalved<scalar_t>::value ? scale.to_stored : scale.to_stored * (use_power ? 0.25 : 0.5);
+}
+FBANK_HD double stored_power(double power, bool use_power, double factor) {
+  return (use_power ? power : sqrt(power)) * factor;
 }
 
 // Sample j of a frame whose first sample is clip sample `first`, reflected at the clip's ends
@@ -438,7 +455,8 @@ FBANK_HD void windowed_pairs_512(const Team& team, const FrameConfig& c, double 
     if (2 * L * r >= c.window_size) break;  // no lane has a sample here, nor at any later r
     const int m = lane + L * r;
     const bool inside = 2 * m < c.window_size;
-    const double d0 = x0[r] - mean, d1 = x1[r] - mean;
+    // Past the window: zero, not -mean (a mean that overflowed to Inf would give 0 * Inf = NaN).
+    const double d0 = inside ? x0[r] - mean : 0.0, d1 = inside ? x1[r] - mean : 0.0;
     const Complex w = inside ? window[m] : Complex{0.0, 0.0};
     double e0 = d0, e1 = d1;
     if (kEmphasis) {
@@ -523,19 +541,19 @@ FBANK_HD void compute_frame_512(const Team& team, const FrameConfig& c, const sc
 
   // Power spectrum into B, as compute_frame stores it; then the Mel sums.
   const PowerScale scale = power_scale<scalar_t>(2 * kFastPoints * windowed_total, c.use_power);
-  const double factor = stored_factor(scale, c.use_power);
+  const double factor = stored_factor<scalar_t>(scale, c.use_power);
   scalar_t* power = reinterpret_cast<scalar_t*>(b);
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     const int k = lane + L * i;  // bins k and 256 - k; bin 0's partner is Nyquist's, which is dropped
-    const PowerPair p = real_spectrum_powers(A, kFastPoints, k, c.real_twiddles[k]);
+    const PowerPair p = real_spectrum_powers<SpectrumHalved<scalar_t>::value>(A, kFastPoints, k, c.real_twiddles[k]);
     power[k] = static_cast<scalar_t>(stored_power(p.low, c.use_power, factor));
     if (k > 0) power[kFastPoints - k] = static_cast<scalar_t>(stored_power(p.high, c.use_power, factor));
   }
-  if (lane == 0) {
-    // Bin 128 is its own partner: with the twiddle -i, X[128] = conj Z[128], so 4 |X|^2 = 4 |Z[128]|^2.
-    const Complex z = A[padded_index(kFastPoints / 2)];
-    power[kFastPoints / 2] = static_cast<scalar_t>(stored_power(4.0 * (z.re * z.re + z.im * z.im), c.use_power, factor));
+  if (lane == 0) {  // bin 128, its own partner: the fifth round of compute_frame's loop, one lane's
+    const int k = kFastPoints / 2;
+    const PowerPair p = real_spectrum_powers<SpectrumHalved<scalar_t>::value>(A, kFastPoints, k, c.real_twiddles[k]);
+    power[k] = static_cast<scalar_t>(stored_power(p.low, c.use_power, factor));
   }
   team.sync();
   write_features(team, c, power, scale, energy, out);
@@ -592,9 +610,9 @@ FBANK_HD void compute_frame(const Team& team, const FrameConfig& c, const scalar
   const PowerScale scale = power_scale<scalar_t>(c.padded_size * windowed_total, c.use_power);
   scalar_t* power = reinterpret_cast<scalar_t*>(reinterpret_cast<double*>(spectrum) == a ? b : a);
   // Bins k and n - k together (k = 0 and k = n / 2 are their own partners; bin n, Nyquist, is dropped).
-  const double factor = stored_factor(scale, c.use_power);
+  const double factor = stored_factor<scalar_t>(scale, c.use_power);
   for (int k = team.rank(); k <= n / 2; k += team.size()) {
-    const PowerPair p = real_spectrum_powers(spectrum, n, k, c.real_twiddles[k]);
+    const PowerPair p = real_spectrum_powers<SpectrumHalved<scalar_t>::value>(spectrum, n, k, c.real_twiddles[k]);
     power[k] = static_cast<scalar_t>(stored_power(p.low, c.use_power, factor));
     if (k > 0 && 2 * k < n) power[n - k] = static_cast<scalar_t>(stored_power(p.high, c.use_power, factor));
   }
