@@ -2,6 +2,11 @@
 
 The fbank kernel (issue 5) runs at half its target and no longer at the rate of the shared-memory
 pipe its traffic model counted; the window-attention backward (issue 4) at twice its memory floor.
+The fbank kernel is profiled twice: as it runs (its 512-point frames on compute_frame_512) and
+with every frame on the general pipeline (``fbank_general``), so that the instructions each
+issues a frame (InstructionStats: about 2,400 for the general pipeline on the H200, 2026-11-27;
+about 1,000 expected of the specialisation from its SASS) and the pipes they load
+(ComputeWorkloadAnalysis: float64 and conversions) can be compared.
 Timings alone cannot say what holds them: ``ncu`` can (warp stall reasons, issue slot use,
 occupancy, memory throughput). ``python -m benches.ncu_kernels`` runs ``ncu`` on this module once
 per kernel; each run launches that kernel at its issue's shape, warms it up (``WARMUP`` launches,
@@ -24,8 +29,10 @@ import torch
 WARMUP = 2
 TIMEOUT_S = 60  # one ncu run: a Python start, the launches, and ncu's replays of one of them
 # (the kernel's name for ncu's filter, what launches it)
-KERNELS = {"fbank": "regex:fbank_kernel", "window_attention_bwd": "regex:^_window_attention_bwd$"}
-SECTIONS = ("SpeedOfLight", "LaunchStats", "Occupancy", "SchedulerStats", "WarpStateStats", "MemoryWorkloadAnalysis")
+KERNELS = {"fbank": "regex:fbank_kernel", "fbank_general": "regex:fbank_kernel",
+           "window_attention_bwd": "regex:^_window_attention_bwd$"}
+SECTIONS = ("SpeedOfLight", "LaunchStats", "Occupancy", "SchedulerStats", "WarpStateStats", "MemoryWorkloadAnalysis",
+            "ComputeWorkloadAnalysis", "InstructionStats")
 
 
 def _launch_fbank(repeats: int) -> None:
@@ -35,6 +42,13 @@ def _launch_fbank(repeats: int) -> None:
     waveforms = 0.1 * torch.randn(256, 160000, device="cuda")  # the issue's 256 ten-second clips
     for _ in range(repeats):
         fbank(waveforms, backend="cuda", sample_frequency=SAMPLE_RATE, **AUDIOMAE_OPTIONS)
+
+
+def _launch_fbank_general(repeats: int) -> None:
+    from kernels.fbank import forced_general_path
+
+    with forced_general_path():
+        _launch_fbank(repeats)
 
 
 def _launch_window_attention_bwd(repeats: int) -> None:
@@ -49,7 +63,8 @@ def _launch_window_attention_bwd(repeats: int) -> None:
         torch.autograd.grad(out, (qkv, tau, bias), grad)
 
 
-LAUNCHERS = {"fbank": _launch_fbank, "window_attention_bwd": _launch_window_attention_bwd}
+LAUNCHERS = {"fbank": _launch_fbank, "fbank_general": _launch_fbank_general,
+             "window_attention_bwd": _launch_window_attention_bwd}
 
 
 def main(argv=None) -> int:
