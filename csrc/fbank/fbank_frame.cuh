@@ -21,7 +21,9 @@
 #define FBANK_HD __host__ __device__ __forceinline__
 // Templates below also run on a device-only Team (the warp); nvcc must not check them as host code.
 #define FBANK_HD_TEMPLATE _Pragma("nv_exec_check_disable")
+#define FBANK_UNROLL _Pragma("unroll")
 #else
+#define FBANK_UNROLL
 #define FBANK_HD inline
 #define FBANK_HD_TEMPLATE
 #endif
@@ -423,6 +425,7 @@ constexpr int kFastPoints = 256;  // complex FFT points: a 512-sample padded fra
 // Whether frame samples [first, first + W) take compute_frame_512: the whole padded frame is 512
 // samples, the window an even number of them (whole pairs), the frame inside its clip and on a
 // pair's alignment, and the team a warp of 32.
+FBANK_HD_TEMPLATE
 template <class Team, class scalar_t>
 FBANK_HD bool fast_frame_applies(const Team& team, const FrameConfig& c, const scalar_t* clip, int64_t length,
                                  int64_t first) {
@@ -448,9 +451,9 @@ FBANK_HD void windowed_pairs_512(const Team& team, const FrameConfig& c, double 
   const auto* window = reinterpret_cast<const Complex*>(c.window);
   const double coefficient = c.preemphasis_coefficient;
   double last_odd = 0.0;  // this lane's odd sample (less the mean) of the previous r
-#pragma unroll
+FBANK_UNROLL
   for (int r = 0; r < R; ++r) v[r] = Complex{0.0, 0.0};
-#pragma unroll
+FBANK_UNROLL
   for (int r = 0; r < R; ++r) {
     if (2 * L * r >= c.window_size) break;  // no lane has a sample here, nor at any later r
     const int m = lane + L * r;
@@ -483,7 +486,7 @@ FBANK_HD void compute_frame_512(const Team& team, const FrameConfig& c, const sc
 
   // Lane l holds sample pairs m = l + 32 r (r < 8): samples 2m and 2m + 1, zero past the window.
   double x0[R], x1[R], sum = 0.0;
-#pragma unroll
+FBANK_UNROLL
   for (int r = 0; r < R; ++r) {
     const int m = lane + L * r;
     x0[r] = x1[r] = 0.0;
@@ -511,30 +514,30 @@ FBANK_HD void compute_frame_512(const Team& team, const FrameConfig& c, const sc
   Complex* A = reinterpret_cast<Complex*>(a);
   Complex* B = reinterpret_cast<Complex*>(b);
   dft8(v);
-#pragma unroll
+FBANK_UNROLL
   for (int r = 0; r < R; ++r) A[padded_index(R * lane + r)] = v[r];
   team.sync();
   {
     const int k = lane & 7;
-#pragma unroll
+FBANK_UNROLL
     for (int r = 0; r < R; ++r) v[r] = A[padded_index(lane + L * r)];
-#pragma unroll
+FBANK_UNROLL
     for (int r = 1; r < R; ++r) v[r] = v[r] * c.fft_twiddles[8 * r + k];
     dft8(v);
-#pragma unroll
+FBANK_UNROLL
     for (int r = 0; r < R; ++r) B[padded_index(8 * (lane - k) + k + 8 * r)] = v[r];
   }
   team.sync();
-#pragma unroll
+FBANK_UNROLL
   for (int h = 0; h < 2; ++h) {
     const int j = lane + L * h;  // position in the sub-transform of 64: its own base
     Complex u[4];
-#pragma unroll
+FBANK_UNROLL
     for (int r = 0; r < 4; ++r) u[r] = B[padded_index(j + 64 * r)];
-#pragma unroll
+FBANK_UNROLL
     for (int r = 1; r < 4; ++r) u[r] = u[r] * c.fft_twiddles[64 * r + j];
     dft4(u);
-#pragma unroll
+FBANK_UNROLL
     for (int r = 0; r < 4; ++r) A[padded_index(j + 64 * r)] = u[r];
   }
   team.sync();
@@ -543,7 +546,7 @@ FBANK_HD void compute_frame_512(const Team& team, const FrameConfig& c, const sc
   const PowerScale scale = power_scale<scalar_t>(2 * kFastPoints * windowed_total, c.use_power);
   const double factor = stored_factor<scalar_t>(scale, c.use_power);
   scalar_t* power = reinterpret_cast<scalar_t*>(b);
-#pragma unroll
+FBANK_UNROLL
   for (int i = 0; i < 4; ++i) {
     const int k = lane + L * i;  // bins k and 256 - k; bin 0's partner is Nyquist's, which is dropped
     const PowerPair p = real_spectrum_powers<SpectrumHalved<scalar_t>::value>(A, kFastPoints, k, c.real_twiddles[k]);
