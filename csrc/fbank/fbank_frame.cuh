@@ -305,12 +305,21 @@ struct alignas(2 * sizeof(T)) SamplePair {
   T even, odd;
 };
 
-// Whether a frame's samples 2m and 2m + 1 may be read as one SamplePair: the frame lies inside the
-// clip (nothing reflected; always so for snipped edges) and starts on a pair's alignment.
+// Whether a frame lies inside its clip: nothing reflected (always so for snipped edges).
+FBANK_HD bool frame_inside(const FrameConfig& c, int64_t length, int64_t first) {
+  return first >= 0 && first + c.window_size <= length;
+}
+
+// Whether a frame starts on a pair's alignment, so that samples 2m and 2m + 1 are one SamplePair load.
+template <class scalar_t>
+FBANK_HD bool pair_aligned(const scalar_t* clip, int64_t first) {
+  return reinterpret_cast<uintptr_t>(clip + first) % sizeof(SamplePair<scalar_t>) == 0;
+}
+
+// Whether a frame's samples 2m and 2m + 1 may be read as one SamplePair: inside and aligned.
 template <class scalar_t>
 FBANK_HD bool reads_sample_pairs(const FrameConfig& c, const scalar_t* clip, int64_t length, int64_t first) {
-  return first >= 0 && first + c.window_size <= length &&
-         reinterpret_cast<uintptr_t>(clip + first) % sizeof(SamplePair<scalar_t>) == 0;
+  return frame_inside(c, length, first) && pair_aligned(clip, first);
 }
 
 // The FFT input z[m] = y[2m] + i y[2m+1] of Kaldi's frame y = window * (x - c * x_prev), x the
@@ -423,14 +432,16 @@ constexpr int kFastLanes = 32;
 constexpr int kFastPoints = 256;  // complex FFT points: a 512-sample padded frame
 
 // Whether frame samples [first, first + W) take compute_frame_512: the whole padded frame is 512
-// samples, the window an even number of them (whole pairs), the frame inside its clip and on a
-// pair's alignment, and the team a warp of 32.
+// samples, the window an even number of them (whole pairs), the frame inside its clip, and the
+// team a warp of 32. (A frame off a pair's alignment, as every other clip of an odd-length batch
+// starts, reads its samples one at a time.)
 FBANK_HD_TEMPLATE
 template <class Team, class scalar_t>
 FBANK_HD bool fast_frame_applies(const Team& team, const FrameConfig& c, const scalar_t* clip, int64_t length,
                                  int64_t first) {
+  (void)clip;
   return c.fast_path && team.size() == kFastLanes && c.padded_size == 2 * kFastPoints && c.window_size % 2 == 0 &&
-         reads_sample_pairs(c, clip, length, first);
+         frame_inside(c, length, first);
 }
 
 // compute_frame_512's FFT input v[r] = y[2m] + i y[2m + 1] of lane l's pairs m = l + 32 r, from
@@ -482,7 +493,9 @@ FBANK_HD void compute_frame_512(const Team& team, const FrameConfig& c, const sc
                                 double* a, double* b, scalar_t* out) {
   constexpr int R = 8, L = kFastLanes;
   const int lane = team.rank(), W = c.window_size;
-  const auto* pairs = reinterpret_cast<const SamplePair<scalar_t>*>(clip + first);
+  const scalar_t* samples = clip + first;
+  const auto* pairs = reinterpret_cast<const SamplePair<scalar_t>*>(samples);
+  const bool aligned = pair_aligned(clip, first);  // the same for every lane
 
   // Lane l holds sample pairs m = l + 32 r (r < 8): samples 2m and 2m + 1, zero past the window.
   double x0[R], x1[R], sum = 0.0;
@@ -491,9 +504,14 @@ FBANK_UNROLL
     const int m = lane + L * r;
     x0[r] = x1[r] = 0.0;
     if (2 * m < W) {
-      const SamplePair<scalar_t> pair = pairs[m];
-      x0[r] = static_cast<double>(pair.even);
-      x1[r] = static_cast<double>(pair.odd);
+      if (aligned) {
+        const SamplePair<scalar_t> pair = pairs[m];
+        x0[r] = static_cast<double>(pair.even);
+        x1[r] = static_cast<double>(pair.odd);
+      } else {
+        x0[r] = static_cast<double>(samples[2 * m]);
+        x1[r] = static_cast<double>(samples[2 * m + 1]);
+      }
       sum += x0[r] + x1[r];
     }
   }
