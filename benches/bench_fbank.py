@@ -86,18 +86,14 @@ def _impls(waveforms: torch.Tensor, device: str, quick: bool) -> dict:
         impls["cuda_kernel"] = lambda: fbank(waveforms, backend="cuda", sample_frequency=SAMPLE_RATE, **AUDIOMAE_OPTIONS)
         # The kernel's other launch shapes (LAUNCH_SHAPES in kernels/fbank.py), candidates for the default.
         for shape in (shape for shape in range(len(LAUNCH_SHAPES)) if shape != DEFAULT_LAUNCH_SHAPE):
-            impls[f"cuda_kernel_shape{shape}"] = lambda shape=shape: _forced_shape(shape, waveforms)
-        impls["cuda_kernel_general"] = lambda: _general_path(waveforms)
+            impls[f"cuda_kernel_shape{shape}"] = lambda shape=shape: _kernel_under(forced_launch_shape(shape), waveforms)
+        impls["cuda_kernel_general"] = lambda: _kernel_under(forced_general_path(), waveforms)
     return impls
 
 
-def _general_path(waveforms: torch.Tensor) -> torch.Tensor:
-    with forced_general_path():
-        return fbank(waveforms, backend="cuda", sample_frequency=SAMPLE_RATE, **AUDIOMAE_OPTIONS)
-
-
-def _forced_shape(shape: int, waveforms: torch.Tensor) -> torch.Tensor:
-    with forced_launch_shape(shape):
+def _kernel_under(setting, waveforms: torch.Tensor) -> torch.Tensor:
+    """The kernel under one of kernels/fbank.py's forced settings (a launch shape, the general path)."""
+    with setting:
         return fbank(waveforms, backend="cuda", sample_frequency=SAMPLE_RATE, **AUDIOMAE_OPTIONS)
 
 

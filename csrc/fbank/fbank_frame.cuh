@@ -162,7 +162,7 @@ FBANK_HD Complex* fft_passes(const Team& team, Complex* a, Complex* b, int n, in
 // X[k] = E + t O with E = (Z[k] + conj Z[n-k]) / 2, O = -i (Z[k] - conj Z[n-k]) / 2, t the twiddle;
 // X[n - k] reads the same two values: it is conj(E - t O). One load of each serves both bins.
 // kHalved = false leaves the halves out and returns 4 |X|^2 (four multiplications fewer; the
-// caller folds the exact 1/4 into its stored scale, stored_factor): for float features, whose
+// caller folds the exact 1/4 into its stored scale, store_powers): for float features, whose
 // frames cannot come near double's range. Double features keep the halves, so that |X|^2 is as
 // far from overflow as it can be.
 struct PowerPair {
@@ -275,23 +275,6 @@ FBANK_HD PowerScale power_scale(double bound, bool use_power) {
   return {ldexp(1.0, 100 - exponent), ldexp(1.0, exponent - 100)};
 }
 
-// Whether scalar_t features take real_spectrum_powers with the halves (double) or without (float).
-template <class scalar_t>
-struct SpectrumHalved {
-  static constexpr bool value = sizeof(scalar_t) == sizeof(double);
-};
-
-// The value stored for a bin whose real_spectrum_powers<SpectrumHalved<scalar_t>> value is
-// `power` (|X|^2, or 4 |X|^2 for float features): the power or the magnitude, times the scale.
-// `factor`: stored_factor's (the scale, times the exact 1/4 or 1/2 that the missing halves need).
-template <class scalar_t>
-FBANK_HD double stored_factor(PowerScale scale, bool use_power) {
-  return SpectrumHalved<scalar_t>::value ? scale.to_stored : scale.to_stored * (use_power ? 0.25 : 0.5);
-}
-FBANK_HD double stored_power(double power, bool use_power, double factor) {
-  return (use_power ? power : sqrt(power)) * factor;
-}
-
 // Sample j of a frame whose first sample is clip sample `first`, reflected at the clip's ends
 // unless edges are snipped (snipped frames lie inside the clip).
 template <class scalar_t>
@@ -378,6 +361,24 @@ FBANK_HD void first_pass_from_clip(const Team& team, const FrameConfig& c, const
   }
 }
 
+// The power spectrum (or magnitudes) of the transformed frame `spectrum` (n complex points, the
+// real FFT of 2n samples) into `power` [n], in the features' type and scaled by `scale` (bin n,
+// Nyquist, is dropped as Kaldi drops it). Bins k and n - k together (k = 0 and k = n / 2 are their
+// own partners). Float features take real_spectrum_powers without the halves: the exact 1/4 (1/2
+// for magnitudes) joins the scale's power of two.
+FBANK_HD_TEMPLATE
+template <class Team, class scalar_t>
+FBANK_HD void store_powers(const Team& team, const FrameConfig& c, const Complex* spectrum, int n, PowerScale scale,
+                           scalar_t* power) {
+  constexpr bool halved = sizeof(scalar_t) == sizeof(double);  // double features keep the halves
+  const double factor = halved ? scale.to_stored : scale.to_stored * (c.use_power ? 0.25 : 0.5);
+  for (int k = team.rank(); k <= n / 2; k += team.size()) {
+    const PowerPair p = real_spectrum_powers<halved>(spectrum, n, k, c.real_twiddles[k]);
+    power[k] = static_cast<scalar_t>((c.use_power ? p.low : sqrt(p.low)) * factor);
+    if (k > 0 && 2 * k < n) power[n - k] = static_cast<scalar_t>((c.use_power ? p.high : sqrt(p.high)) * factor);
+  }
+}
+
 // What the Mel sums accumulate in: float features in float, double ones in double. The terms are
 // positive (weights times powers), so a float sum of a bin's at most a few dozen terms is within
 // 1e-6 of the exact sum (1e-6 on the log), where converting each term to double cost two of the
@@ -426,8 +427,8 @@ FBANK_HD void write_features(const Team& team, const FrameConfig& c, const scala
 // scheduler). Here every size is a constant: each lane reads its 16 samples once (as 8 pairs, the
 // pairs the FFT's first radix-8 pass takes from it), converts them once, sums them for the mean,
 // takes each pair's pre-emphasis neighbour from the next lane down by a shuffle, and runs the
-// three Stockham passes (8, 8, 4) unrolled. Same arithmetic as compute_frame, term for term, up to
-// the order of the mean's and the energies' sums.
+// three Stockham passes (8, 8, 4) at constant sizes. Same arithmetic as compute_frame, term for
+// term, up to the order of the mean's and the energies' sums.
 constexpr int kFastLanes = 32;
 constexpr int kFastPoints = 256;  // complex FFT points: a 512-sample padded frame
 
@@ -436,10 +437,8 @@ constexpr int kFastPoints = 256;  // complex FFT points: a 512-sample padded fra
 // team a warp of 32. (A frame off a pair's alignment, as every other clip of an odd-length batch
 // starts, reads its samples one at a time.)
 FBANK_HD_TEMPLATE
-template <class Team, class scalar_t>
-FBANK_HD bool fast_frame_applies(const Team& team, const FrameConfig& c, const scalar_t* clip, int64_t length,
-                                 int64_t first) {
-  (void)clip;
+template <class Team>
+FBANK_HD bool fast_frame_applies(const Team& team, const FrameConfig& c, int64_t length, int64_t first) {
   return c.fast_path && team.size() == kFastLanes && c.padded_size == 2 * kFastPoints && c.window_size % 2 == 0 &&
          frame_inside(c, length, first);
 }
@@ -528,54 +527,23 @@ FBANK_UNROLL
   const double windowed_total = team.sum(windowed_energy);
   const double energy = raw ? team.sum(raw_energy) : windowed_total;
 
-  // The three Stockham passes of fft_passes for n = 256 (radix 8 at span 1, 8 at 8, 4 at 64).
+  // The three Stockham passes of fft_passes for n = 256 (radix 8 at span 1, 8 at 8, 4 at 64): the
+  // first from the registers, the others stockham_pass's with every size a constant.
   Complex* A = reinterpret_cast<Complex*>(a);
   Complex* B = reinterpret_cast<Complex*>(b);
   dft8(v);
 FBANK_UNROLL
   for (int r = 0; r < R; ++r) A[padded_index(R * lane + r)] = v[r];
   team.sync();
-  {
-    const int k = lane & 7;
-FBANK_UNROLL
-    for (int r = 0; r < R; ++r) v[r] = A[padded_index(lane + L * r)];
-FBANK_UNROLL
-    for (int r = 1; r < R; ++r) v[r] = v[r] * c.fft_twiddles[8 * r + k];
-    dft8(v);
-FBANK_UNROLL
-    for (int r = 0; r < R; ++r) B[padded_index(8 * (lane - k) + k + 8 * r)] = v[r];
-  }
+  stockham_pass<8>(team, A, B, kFastPoints, 8, c.fft_twiddles);
   team.sync();
-FBANK_UNROLL
-  for (int h = 0; h < 2; ++h) {
-    const int j = lane + L * h;  // position in the sub-transform of 64: its own base
-    Complex u[4];
-FBANK_UNROLL
-    for (int r = 0; r < 4; ++r) u[r] = B[padded_index(j + 64 * r)];
-FBANK_UNROLL
-    for (int r = 1; r < 4; ++r) u[r] = u[r] * c.fft_twiddles[64 * r + j];
-    dft4(u);
-FBANK_UNROLL
-    for (int r = 0; r < 4; ++r) A[padded_index(j + 64 * r)] = u[r];
-  }
+  stockham_pass<4>(team, B, A, kFastPoints, 64, c.fft_twiddles);
   team.sync();
 
   // Power spectrum into B, as compute_frame stores it; then the Mel sums.
   const PowerScale scale = power_scale<scalar_t>(2 * kFastPoints * windowed_total, c.use_power);
-  const double factor = stored_factor<scalar_t>(scale, c.use_power);
   scalar_t* power = reinterpret_cast<scalar_t*>(b);
-FBANK_UNROLL
-  for (int i = 0; i < 4; ++i) {
-    const int k = lane + L * i;  // bins k and 256 - k; bin 0's partner is Nyquist's, which is dropped
-    const PowerPair p = real_spectrum_powers<SpectrumHalved<scalar_t>::value>(A, kFastPoints, k, c.real_twiddles[k]);
-    power[k] = static_cast<scalar_t>(stored_power(p.low, c.use_power, factor));
-    if (k > 0) power[kFastPoints - k] = static_cast<scalar_t>(stored_power(p.high, c.use_power, factor));
-  }
-  if (lane == 0) {  // bin 128, its own partner: the fifth round of compute_frame's loop, one lane's
-    const int k = kFastPoints / 2;
-    const PowerPair p = real_spectrum_powers<SpectrumHalved<scalar_t>::value>(A, kFastPoints, k, c.real_twiddles[k]);
-    power[k] = static_cast<scalar_t>(stored_power(p.low, c.use_power, factor));
-  }
+  store_powers(team, c, A, kFastPoints, scale, power);
   team.sync();
   write_features(team, c, power, scale, energy, out);
 }
@@ -593,7 +561,7 @@ FBANK_HD void compute_frame(const Team& team, const FrameConfig& c, const scalar
   }
   const int W = c.window_size, n = c.padded_size / 2;
   const int64_t first = frame * c.window_shift - c.reflect_pad;
-  if (fast_frame_applies(team, c, clip, length, first)) {
+  if (fast_frame_applies(team, c, length, first)) {
     compute_frame_512(team, c, clip, first, a, b, out);
     return;
   }
@@ -630,13 +598,7 @@ FBANK_HD void compute_frame(const Team& team, const FrameConfig& c, const scalar
   // values are stored as they are. The Mel sums run in double and undo the factor.
   const PowerScale scale = power_scale<scalar_t>(c.padded_size * windowed_total, c.use_power);
   scalar_t* power = reinterpret_cast<scalar_t*>(reinterpret_cast<double*>(spectrum) == a ? b : a);
-  // Bins k and n - k together (k = 0 and k = n / 2 are their own partners; bin n, Nyquist, is dropped).
-  const double factor = stored_factor<scalar_t>(scale, c.use_power);
-  for (int k = team.rank(); k <= n / 2; k += team.size()) {
-    const PowerPair p = real_spectrum_powers<SpectrumHalved<scalar_t>::value>(spectrum, n, k, c.real_twiddles[k]);
-    power[k] = static_cast<scalar_t>(stored_power(p.low, c.use_power, factor));
-    if (k > 0 && 2 * k < n) power[n - k] = static_cast<scalar_t>(stored_power(p.high, c.use_power, factor));
-  }
+  store_powers(team, c, spectrum, n, scale, power);
   team.sync();
 
   write_features(team, c, power, scale, energy, out);

@@ -103,8 +103,7 @@ void run_lanes(const scalar_t* waveforms, int64_t num_clips, int64_t num_samples
         for (int64_t frame = 0; frame < num_frames; ++frame) {
           const scalar_t* samples = waveforms + clip * num_samples;
           if (fast_frames != nullptr && lane == 0 && frame < fbank::frames_of_clip(config, lengths[clip]) &&
-              fbank::fast_frame_applies(team, config, samples, lengths[clip],
-                                        frame * config.window_shift - config.reflect_pad)) {
+              fbank::fast_frame_applies(team, config, lengths[clip], frame * config.window_shift - config.reflect_pad)) {
             ++*fast_frames;
           }
           fbank::compute_frame(team, config, samples, lengths[clip], frame, a, a + buffer,
